@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Stage 04: train HEX (H&E patch -> 40 markers). GPUS>0: torchrun with GPUS processes (NCCL);
+# GPUS=0: one CPU process. Paper settings: BACKBONE=musk WEIGHTS=/path/to/musk.safetensors EPOCHS=120 GPUS=8.
+COHORT=${COHORT:-sample_cohort}          # for clinical.csv and splits/
+OUT=${OUT:-outputs}                      # holds he_patches/ and markers/ from stage 03; run goes to OUT/runs/RUN
+RUN=${RUN:-hex_fold0}
+FOLD=${FOLD:-0}
+BACKBONE=${BACKBONE:-musk}               # musk | dinov2_vits14_reg | timm:<name> | tiny
+WEIGHTS=${WEIGHTS:-}                     # local weights file (or hf_hub:<repo> with internet); empty = random init
+GPUS=${GPUS:-0}
+NNODES=${NNODES:-1}
+EPOCHS=${EPOCHS:-120}
+WORKERS=${WORKERS:-8}
+EXTRA=${EXTRA:-}                         # e.g. "--batch-size 48 --lr 1e-5 --resume auto"
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+require_module hex.train
+ARGS=(--data "$OUT" --out "$OUT" --run "$RUN" --split "$COHORT/splits/splits_${FOLD}.csv"
+      --clinical "$COHORT/clinical.csv" --backbone "$BACKBONE" --epochs "$EPOCHS" --workers "$WORKERS")
+[ -n "$WEIGHTS" ] && ARGS+=(--weights "$WEIGHTS")
+if [ "$GPUS" -gt 0 ]; then
+  # shellcheck disable=SC2086
+  torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS" --max-restarts 3 -m hex.train "${ARGS[@]}" --resume auto $EXTRA
+else
+  # shellcheck disable=SC2086
+  python -m hex.train "${ARGS[@]}" $EXTRA
+fi

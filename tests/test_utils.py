@@ -1,0 +1,102 @@
+"""Shared stage utilities: atomic writes, config JSON, the per-slide stage runner, numbered scripts."""
+
+import json
+import os
+import subprocess
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from preprocess.utils import (
+    PipelineError,
+    atomic_path,
+    run_slides,
+    save_config,
+    select_slides,
+    slide_id_from_path,
+    write_json,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_atomic_path_renames_on_success_and_cleans_on_error(tmp_path):
+    target = tmp_path / "sub" / "a.h5"
+    with atomic_path(target) as tmp:
+        assert tmp != target and tmp.parent == target.parent
+        tmp.write_text("x")
+        assert not target.exists()
+    assert target.read_text() == "x"
+
+    with pytest.raises(ValueError), atomic_path(tmp_path / "b.csv") as tmp:
+        tmp.write_text("half")
+        raise ValueError("crash")
+    assert not (tmp_path / "b.csv").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_write_json_and_config(tmp_path):
+    import argparse
+
+    import numpy as np
+
+    write_json(tmp_path / "a.json", {"m": np.eye(2), "p": tmp_path, "v": np.float32(1.5)})
+    d = json.loads((tmp_path / "a.json").read_text())
+    assert d["m"] == [[1.0, 0.0], [0.0, 1.0]] and d["v"] == 1.5
+    p = save_config(tmp_path, argparse.Namespace(lr=1e-5, out=tmp_path))
+    cfg = json.loads(p.read_text())
+    assert cfg["lr"] == 1e-5 and "_argv" in cfg
+
+
+def test_slide_ids_and_selection():
+    assert slide_id_from_path("/x/slide_000.ome.tif") == "slide_000"
+    assert select_slides(["a", "b"], None, "here") == ["a", "b"]
+    assert select_slides(["a", "b"], ["b"], "here") == ["b"]
+    with pytest.raises(PipelineError, match="here"):
+        select_slides(["a"], ["zz"], "here")
+
+
+def _work(slide: str, out: str) -> str:
+    if slide == "bad":
+        raise PipelineError(f"{slide}: no tissue")
+    with atomic_path(Path(out) / f"{slide}.txt") as tmp:
+        tmp.write_text(slide)
+    return slide.upper()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_slides_skips_done_records_failures(tmp_path, workers):
+    (tmp_path / "a.txt").write_text("old")
+    work = partial(_work, out=str(tmp_path))
+    done = lambda s: (tmp_path / f"{s}.txt").exists()  # noqa: E731
+    rep = run_slides(["a", "b", "c", "bad"], work, done, workers=workers)
+    assert rep.skipped == ["a"] and sorted(rep.done) == ["b", "c"] and list(rep.failed) == ["bad"]
+    assert not rep.ok and rep.results["b"] == "B"
+    assert (tmp_path / "a.txt").read_text() == "old"
+    rep = run_slides(["a"], work, done, overwrite=True)
+    assert rep.done == ["a"] and (tmp_path / "a.txt").read_text() == "a"
+    with pytest.raises(PipelineError):
+        run_slides(["bad"], work, done, skip_errors=False)
+
+
+def test_unimplemented_stage_script_exits_with_clear_message(tmp_path):
+    """A numbered script whose python module is missing stops with exit 3 and says so."""
+    script = tmp_path / "99_fake.sh"
+    script.write_text(
+        f'source "{REPO}/scripts/_common.sh"\nrequire_module mica.does_not_exist\necho should-not-run\n'
+    )
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env={**os.environ})
+    assert r.returncode == 3
+    assert "not implemented yet" in r.stderr and "mica.does_not_exist" in r.stderr
+    assert "should-not-run" not in r.stdout
+
+
+def test_stage_scripts_follow_the_calling_convention():
+    """Every numbered script exists, and its variables are overridable from the environment."""
+    names = ["01_patch", "02_register", "03_quantify", "04_train_hex", "05_test_hex", "06_infer_wsi",
+             "07_features", "08_train_mica", "09_test_mica"]
+    for n in names:
+        text = (REPO / "scripts" / f"{n}.sh").read_text()
+        assert 'COHORT=${COHORT:-' in text and 'OUT=${OUT:-' in text, n
+        assert "python -m" in text or "torchrun" in text, n

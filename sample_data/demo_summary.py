@@ -1,0 +1,113 @@
+"""Print what the demo made, scored against the sample cohort's ground truth.
+
+    python -m sample_data.demo_summary --cohort demo_out/cohort --out demo_out
+
+Each section appears only when its artifacts exist, so the summary also works part-way through the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def registration_error_um(affine_est: np.ndarray, affine_true: np.ndarray, he_points: np.ndarray,
+                          he_mpp: float) -> np.ndarray:
+    """Error (µm) at H&E level-0 points (N,2): map each through the true CODEX←H&E inverse, then the estimate."""
+    pts = np.c_[he_points, np.ones(len(he_points))]
+    codex = pts @ np.linalg.inv(affine_true).T
+    back = codex @ np.asarray(affine_est).T
+    return np.linalg.norm(back[:, :2] - he_points, axis=1) * he_mpp
+
+
+def _section(title: str) -> None:
+    print(f"\n--- {title}")
+
+
+def summarize(cohort: Path, out: Path) -> None:
+    gt_path = cohort / "ground_truth.json"
+    if not gt_path.exists():
+        print(f"no cohort at {cohort}")
+        return
+    gt = json.loads(gt_path.read_text())
+    slides = sorted(gt["slides"])
+    _section("sample cohort")
+    print(f"{cohort}: {len(slides)} slides, {len(gt['patients'])} patients, {len(gt['markers'])} markers "
+          f"({len(gt['visible_markers'])} visible in H&E); preview: {cohort / 'preview.png'}")
+
+    patches = out / "patches"
+    if patches.is_dir():
+        import h5py
+
+        counts = []
+        for s in slides:
+            f = patches / f"{s}.h5"
+            if f.exists():
+                with h5py.File(f, "r") as h:
+                    counts.append(len(h["coords"]))
+        if counts:
+            _section("01 patch grid")
+            print(f"{len(counts)} slides, {sum(counts)} patches (min {min(counts)}, max {max(counts)} per slide)")
+
+    reg = out / "registration"
+    if reg.is_dir() and (patches / f"{slides[0]}.h5").exists():
+        import h5py
+
+        rows = []
+        for s in slides:
+            f = reg / f"{s}.json"
+            if not f.exists() or not (patches / f"{s}.h5").exists():
+                continue
+            rec = json.loads(f.read_text())
+            with h5py.File(patches / f"{s}.h5", "r") as h:
+                centres = h["coords"][:] + h.attrs["patch_size_level0"] / 2.0
+            err = registration_error_um(np.array(rec["affine_codex_to_he"]),
+                                        np.array(gt["slides"][s]["affine_codex_to_he"]), centres,
+                                        gt["slides"][s]["he_mpp"])
+            rows.append((s, rec.get("status"), float(np.median(err)), float(np.percentile(err, 95)),
+                         rec.get("qc", {}).get("ncc_after")))
+        if rows:
+            _section("02 registration vs ground truth (error at patch centres, µm)")
+            for s, st, med, p95, ncc in rows:
+                ncc_s = f"{ncc:.3f}" if isinstance(ncc, float) else "-"
+                print(f"{s}: {st:8s} median {med:.3f}  p95 {p95:.3f}  NCC {ncc_s}")
+            print(f"worst: median {max(r[2] for r in rows):.3f} µm, p95 {max(r[3] for r in rows):.3f} µm")
+
+    markers = out / "markers"
+    csvs = [markers / f"{s}.csv" for s in slides if (markers / f"{s}.csv").exists()]
+    if csvs:
+        import pandas as pd
+
+        n = sum(len(pd.read_csv(c, usecols=["index"])) for c in csvs)
+        _section("03 marker labels")
+        print(f"{len(csvs)} slides, {n} labelled patches in {markers}")
+
+    for run in sorted((out / "runs").glob("*/test/marker_pearson.csv")):
+        import pandas as pd
+
+        df = pd.read_csv(run)
+        df = df[df["marker"].isin(gt["markers"])]
+        vis = df[df["marker"].isin(gt["visible_markers"])]["pearson"]
+        inv = df[~df["marker"].isin(gt["visible_markers"])]["pearson"]
+        _section(f"05 HEX test ({run.parent.parent.name})")
+        print(f"mean Pearson r: visible markers {vis.mean():.3f} (n={len(vis)}), "
+              f"invisible markers {inv.mean():.3f} (n={len(inv)}), all {df['pearson'].mean():.3f}")
+        best = df.sort_values("pearson", ascending=False)
+        print("best: " + ", ".join(f"{m} {r:.2f}" for m, r in zip(best["marker"][:5], best["pearson"][:5])))
+        print(f"plots and tables: {run.parent}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cohort", type=Path, required=True, help="sample cohort folder (has ground_truth.json)")
+    p.add_argument("--out", type=Path, required=True, help="pipeline output root")
+    a = p.parse_args(argv)
+    summarize(a.cohort, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -162,6 +162,21 @@ def _ome_channels_and_mpp(ome_xml: str | None) -> tuple[list[str] | None, float 
     return (names or None), mpp
 
 
+class _AddChannelAxis:
+    """A (H, W) zarr array seen as (1, H, W), slicing lazily."""
+
+    def __init__(self, arr):
+        self._arr = arr
+        self.shape = (1, *arr.shape)
+        self.dtype = arr.dtype
+        self.ndim = 3
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        out = np.asarray(self._arr[key[1:]])[None]
+        return out[key[0] : key[0] + 1] if isinstance(key[0], int) else out[key[0]]
+
+
 class CodexImage:
     """A multi-channel CODEX image (pyramidal OME-TIFF; also .qptiff where tifffile reads it), axes (C, Y, X).
 
@@ -196,7 +211,8 @@ class CodexImage:
         store = series.aszarr()
         grp = zarr.open(store, mode="r")
         self._levels = [grp[str(i)] for i in range(len(series.levels))] if hasattr(grp, "keys") else [grp]
-        self._levels = [lv if lv.ndim == 3 else lv[None] for lv in self._levels]  # type: ignore[index]
+        if self._levels[0].ndim == 2:  # one channel (YX): read every level into (1, H, W) lazily
+            self._levels = [_AddChannelAxis(lv) for lv in self._levels]
         c, h, w = self._levels[0].shape
         self.shape = (int(c), int(h), int(w))
         if names is not None and len(names) != c:
@@ -333,9 +349,11 @@ def read_pairs(path: str | os.PathLike) -> dict[str, tuple[Path, Path]]:
     out: dict[str, tuple[Path, Path]] = {}
     for r in rows:
         he = (path.parent / r["he_slide"]).resolve() if not os.path.isabs(r["he_slide"]) else Path(r["he_slide"])
-        cx = r["codex_image"].strip()
-        codex = (path.parent / cx).resolve() if cx and not os.path.isabs(cx) else Path(cx)
+        cx = (r["codex_image"] or "").strip()
         sid = slide_id_from_path(he)
+        if not cx:
+            raise PipelineError(f"pairing table {path}: slide {sid} has no codex_image; fill the cell or drop the row")
+        codex = (path.parent / cx).resolve() if not os.path.isabs(cx) else Path(cx)
         if sid in out:
             raise PipelineError(f"pairing table {path} lists slide {sid} twice")
         out[sid] = (he, codex)

@@ -89,3 +89,21 @@ def test_panel_and_pairs_errors(tmp_path):
     (tmp_path / "pairs.csv").write_text("he_slide,codex_image\nhe/s1.svs,codex/s1.ome.tif\n")
     pairs = read_pairs(tmp_path / "pairs.csv")
     assert list(pairs) == ["s1"] and pairs["s1"][1] == (tmp_path / "codex/s1.ome.tif").resolve()
+
+
+def test_single_channel_ome_reads_as_cyx(tmp_path):
+    data = np.arange(64 * 80, dtype=np.uint16).reshape(64, 80)
+    path = tmp_path / "one.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(data, subifds=1, tile=(32, 32), metadata={"axes": "YX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+        tw.write(data[::2, ::2], subfiletype=1, tile=(32, 32))
+    with CodexImage(path) as c:
+        assert c.shape == (1, 64, 80) and c.level_count == 2
+        np.testing.assert_array_equal(c.read_region(3, 4, 50, 60)[0], data[4:60, 3:50])
+        np.testing.assert_array_equal(c.read_region(3, 4, 50, 60, channels=[0])[0], data[4:60, 3:50])
+
+
+def test_pairs_with_empty_codex_cell(tmp_path):
+    (tmp_path / "pairs.csv").write_text("he_slide,codex_image\nhe/s1.svs,\n")
+    with pytest.raises(PipelineError, match="s1 has no codex_image"):
+        read_pairs(tmp_path / "pairs.csv")

@@ -100,3 +100,12 @@ def test_stage_scripts_follow_the_calling_convention():
         text = (REPO / "scripts" / f"{n}.sh").read_text()
         assert 'COHORT=${COHORT:-' in text and 'OUT=${OUT:-' in text, n
         assert "python -m" in text or "torchrun" in text, n
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    with atomic_path(tmp_path / "x.json") as tmp:
+        tmp.write_text("{}")
+    mode = (tmp_path / "x.json").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask

@@ -1,0 +1,415 @@
+"""Tests of stage 02 (``preprocess.register``): CODEX -> H&E registration with palom.
+
+Acceptance: on a synthetic cohort (the sample-cohort generator when present, else pairs written here) the
+recovered affine is within 0.5 µm (median) / 1.5 µm (95th percentile) of the ground truth on a grid of tissue
+points; a mismatched pair (another slide's CODEX) is flagged by the NCC score; missing pair / missing CODEX file /
+CODEX without a pixel size fail with messages naming the file; the CLI runs as a subprocess.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HE_MPP, CODEX_MPP = 0.5, 0.377
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a small synthetic H&E / CODEX pair (independent of sample_data, so these tests run before it exists)
+
+
+def _splat_gaussians(shape: tuple[int, int], xy: np.ndarray, weights: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Sum of isotropic Gaussians (sigma in px) centred at sub-pixel ``xy`` (N, 2) on an image of ``shape`` (h, w).
+
+    Bilinear splatting then a Gaussian blur: the centroid of every blob is exact, so two renderings of the same
+    nuclei in two pixel grids agree to far below a pixel.
+    """
+    import scipy.ndimage as ndi
+
+    h, w = shape
+    img = np.zeros((h + 2, w + 2), np.float64)
+    x, y = xy[:, 0] + 1, xy[:, 1] + 1
+    ok = (x >= 0) & (y >= 0) & (x < w + 1) & (y < h + 1)
+    x, y, wt = x[ok], y[ok], weights[ok]
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    fx, fy = x - x0, y - y0
+    for dx, dy, f in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+        np.add.at(img, (np.clip(y0 + dy, 0, h + 1), np.clip(x0 + dx, 0, w + 1)), wt * f)
+    img = ndi.gaussian_filter(img, sigma_px, mode="constant")
+    return (img * 2 * np.pi * sigma_px**2)[1:-1, 1:-1].astype(np.float32)
+
+
+def _area_pyramid(img: np.ndarray, n: int) -> list[np.ndarray]:
+    """Level 0 then ``n`` 2x area-averaged levels; img is (..., h, w)."""
+    out = [img]
+    for _ in range(n):
+        a = out[-1].astype(np.float32)
+        h, w = a.shape[-2] // 2 * 2, a.shape[-1] // 2 * 2
+        a = a[..., :h, :w]
+        a = 0.25 * (a[..., 0::2, 0::2] + a[..., 1::2, 0::2] + a[..., 0::2, 1::2] + a[..., 1::2, 1::2])
+        out.append(a.round().astype(img.dtype))
+    return out
+
+
+def write_he_tif(path: Path, rgb: np.ndarray, mpp: float) -> None:
+    """An Aperio-style tiled JPEG pyramid TIFF (OpenSlide reads its mpp)."""
+    import tifffile
+
+    h, w = rgb.shape[:2]
+    levels = [rgb]
+    while max(levels[-1].shape[:2]) > 512:
+        lv = levels[-1]
+        hh, ww = lv.shape[0] // 4 * 4, lv.shape[1] // 4 * 4
+        levels.append(lv[:hh, :ww].reshape(hh // 4, 4, ww // 4, 4, 3).mean((1, 3)).round().astype(np.uint8))
+    with tifffile.TiffWriter(path) as tw:
+        for i, lv in enumerate(levels):
+            head = f"Aperio Image Library v12.0.15\n{w}x{h}"
+            desc = (f"{head} [0,0 {w}x{h}] (256x256) JPEG/RGB Q=90|AppMag = 20|MPP = {mpp}" if i == 0
+                    else f"{head} -> {lv.shape[1]}x{lv.shape[0]}")
+            tw.write(lv, tile=(256, 256), photometric="rgb", compression="jpeg", description=desc, metadata=None)
+
+
+def write_codex_ome(path: Path, cyx: np.ndarray, names: list[str], mpp: float | None) -> None:
+    """A pyramidal OME-TIFF (CYX, uint16, SubIFD pyramid); ``mpp=None`` leaves PhysicalSizeX out."""
+    import tifffile
+
+    levels = _area_pyramid(cyx, 2)
+    md: dict = {"axes": "CYX", "Channel": {"Name": names}}
+    if mpp is not None:
+        md.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(levels[0], subifds=len(levels) - 1, tile=(256, 256), compression="zlib", photometric="minisblack",
+                 metadata=md)
+        for lv in levels[1:]:
+            tw.write(lv, subfiletype=1, tile=(256, 256), compression="zlib", photometric="minisblack")
+
+
+def synthetic_pair(root: Path, slide: str, seed: int, he_size: tuple[int, int] = (1400, 1200),
+                   rotation_deg: float = 6.0, codex_mpp_in_file: float | None = CODEX_MPP,
+                   n_channels: int = 3) -> np.ndarray:
+    """Write ``root/he/{slide}.tif`` and ``root/codex/{slide}.ome.tif`` of one tissue; return the true 3x3 affine.
+
+    Nuclei (Gaussian blobs of sigma 2 µm) scattered in an irregular tissue region are rendered as haematoxylin in
+    the H&E (0.5 µm/px) and as DAPI in the CODEX (0.377 µm/px, rotated and shifted); the CODEX covers the central
+    ~85% of the H&E.
+    """
+    import scipy.ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    w, h = he_size
+    # tissue: smoothed noise inside an ellipse (H&E px)
+    yy, xx = np.mgrid[0:h, 0:w]
+    ell = ((xx - w / 2) / (0.46 * w)) ** 2 + ((yy - h / 2) / (0.46 * h)) ** 2 < 1
+    blob = ndi.gaussian_filter(rng.standard_normal((h, w)), 40)
+    tissue = ell & (blob > np.quantile(blob[ell], 0.2))
+    # nuclei: Poisson in tissue, ~1 per 120 µm^2
+    n = int(tissue.sum() * HE_MPP**2 / 120)
+    pts = rng.uniform([0, 0], [w, h], size=(3 * n, 2))
+    pts = pts[tissue[pts[:, 1].astype(int), pts[:, 0].astype(int)]][:n]
+    amp = rng.uniform(0.5, 1.0, len(pts))
+    # true affine CODEX px -> H&E px
+    s = CODEX_MPP / HE_MPP
+    th = np.deg2rad(rotation_deg)
+    wc, hc = int(0.85 * w / s), int(0.85 * h / s)
+    lin = s * np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    t = np.array([w / 2, h / 2]) + rng.uniform(-15, 15, 2) - lin @ np.array([wc / 2, hc / 2])
+    affine = np.eye(3)
+    affine[:2, :2], affine[:2, 2] = lin, t
+    # H&E: Beer-Lambert with haematoxylin (nuclei) and eosin (tissue) optical densities
+    hem = _splat_gaussians((h, w), pts, amp, 2.0 / HE_MPP)
+    eos = ndi.gaussian_filter(tissue.astype(np.float32), 3) * (0.35 + 0.1 * ndi.gaussian_filter(
+        rng.standard_normal((h, w)), 4).astype(np.float32))
+    od = hem[..., None] * np.array([0.65, 0.70, 0.29]) * 1.6 + eos[..., None] * np.array([0.07, 0.99, 0.11])
+    rgb = 245 * np.exp(-od) + rng.normal(0, 3, (h, w, 3))
+    (root / "he").mkdir(parents=True, exist_ok=True)
+    write_he_tif(root / "he" / f"{slide}.tif", np.clip(rgb, 0, 255).round().astype(np.uint8), HE_MPP)
+    # CODEX: DAPI = the same nuclei mapped by the inverse affine, plus noise; other channels are noise
+    inv = np.linalg.inv(affine)
+    pc = pts @ inv[:2, :2].T + inv[:2, 2]
+    dapi = _splat_gaussians((hc, wc), pc, amp, 2.0 / CODEX_MPP) * 4000 + 300
+    chans = [dapi + rng.normal(0, 40, dapi.shape)]
+    chans += [rng.normal(500, 50, dapi.shape) for _ in range(n_channels - 1)]
+    cyx = np.clip(np.stack(chans), 0, 65535).round().astype(np.uint16)
+    (root / "codex").mkdir(parents=True, exist_ok=True)
+    names = ["DAPI"] + [f"Marker{i}" for i in range(1, n_channels)]
+    write_codex_ome(root / "codex" / f"{slide}.ome.tif", cyx, names, codex_mpp_in_file)
+    return affine
+
+
+def write_synthetic_cohort(root: Path, n: int = 3, seed: int = 0, **kw) -> None:
+    """A cohort in the sample-cohort layout (he/, codex/, pairs.csv, ground_truth.json) made of synthetic pairs."""
+    slides = {}
+    for i in range(n):
+        sid = f"slide_{i:03d}"
+        aff = synthetic_pair(root, sid, seed=seed + i, rotation_deg=(6.0, -11.0, 23.0, 2.0)[i % 4], **kw)
+        slides[sid] = {"he_mpp": HE_MPP, "codex_mpp": CODEX_MPP, "affine_codex_to_he": aff.tolist()}
+    with open(root / "pairs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["he_slide", "codex_image"])
+        for sid in slides:
+            w.writerow([f"he/{sid}.tif", f"codex/{sid}.ome.tif"])
+    (root / "ground_truth.json").write_text(json.dumps({"seed": seed, "slides": slides}))
+
+
+def _has_generator() -> bool:
+    return (REPO / "sample_data" / "make_cohort.py").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """Three slides: the sample-cohort generator at a small size when it exists, else pairs written here."""
+    root = tmp_path_factory.mktemp("reg_cohort")
+    if _has_generator():
+        cmd = [sys.executable, "-m", "sample_data.make_cohort", "--out", str(root), "--slides", "3", "--seed", "0"]
+        help_text = subprocess.run(cmd[:3] + ["--help"], cwd=REPO, capture_output=True, text=True).stdout
+        for flag, val in (("--tissue-mm", "0.6"), ("--workers", "1")):
+            if flag in help_text:
+                cmd += [flag, val]
+        subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, timeout=600)
+    else:
+        write_synthetic_cohort(root, 3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def registered(cohort, tmp_path_factory) -> tuple[Path, int]:
+    """Stage 02 run once over the cohort: (output root, exit code)."""
+    from preprocess.register import main
+
+    out = tmp_path_factory.mktemp("reg_out")
+    rc = main(["--cohort", str(cohort), "--out", str(out)])
+    return out, rc
+
+
+def _ground_truth(cohort: Path) -> dict:
+    return json.loads((cohort / "ground_truth.json").read_text())["slides"]
+
+
+def affine_errors_um(est: np.ndarray, true: np.ndarray, he_path: Path, codex_dims: tuple[int, int],
+                     he_mpp: float, step_um: float = 20.0) -> np.ndarray:
+    """Distances (µm) between where ``est`` and ``true`` put CODEX points, on a grid over the H&E tissue.
+
+    Grid points p (H&E level-0 px, every ``step_um``) inside the H&E tissue and inside the CODEX image are mapped
+    to CODEX space by ``true``^-1 and back to H&E by ``est``; the error is |est(true^-1 p) - p| in µm.
+    """
+    from preprocess.register import read_he_work
+    from preprocess.registration_qc import apply_affine, tissue_mask
+    from preprocess.slide_io import HESlide
+
+    with HESlide(he_path) as he:
+        work = read_he_work(he, 4.0)
+        w0, h0 = he.dimensions
+    tissue = tissue_mask(work.img, 4.0)
+    step = step_um / he_mpp
+    xs, ys = np.meshgrid(np.arange(step / 2, w0, step), np.arange(step / 2, h0, step))
+    pts = np.c_[xs.ravel(), ys.ravel()]
+    tw = apply_affine(np.linalg.inv(work.to_level0), pts).round().astype(int)
+    th_, tw_ = tissue.shape
+    inside = (tw[:, 0] >= 0) & (tw[:, 1] >= 0) & (tw[:, 0] < tw_) & (tw[:, 1] < th_)
+    pts, tw = pts[inside], tw[inside]
+    pts = pts[tissue[tw[:, 1], tw[:, 0]]]
+    q = apply_affine(np.linalg.inv(true), pts)
+    cover = (q[:, 0] >= 0) & (q[:, 1] >= 0) & (q[:, 0] <= codex_dims[0] - 1) & (q[:, 1] <= codex_dims[1] - 1)
+    assert cover.sum() > 50, "too few tissue grid points covered by the CODEX"
+    return np.linalg.norm(apply_affine(est, q[cover]) - pts[cover], axis=1) * he_mpp
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# acceptance
+
+
+def test_recovers_ground_truth_affine(cohort, registered):
+    from preprocess.slide_io import CodexImage
+
+    out, rc = registered
+    assert rc == 0
+    gt = _ground_truth(cohort)
+    assert (out / "registration" / "config.json").exists()
+    assert (out / "registration" / "register.log").exists()
+    assert (out / "registration" / "summary.csv").exists()
+    for slide, truth in gt.items():
+        rec = json.loads((out / "registration" / f"{slide}.json").read_text())
+        assert (out / "registration" / f"{slide}_qc.png").stat().st_size > 1000
+        assert rec["status"] == "ok", rec["reason"]
+        assert rec["qc"]["ncc_after"] > rec["qc"]["ncc_before"]
+        assert rec["block_shifts"] and {"x", "y", "dx", "dy"} <= set(rec["block_shifts"][0])
+        with CodexImage(rec["codex"]) as cx:
+            dims = cx.dimensions
+        err = affine_errors_um(np.asarray(rec["affine_codex_to_he"]), np.asarray(truth["affine_codex_to_he"]),
+                               Path(rec["he"]), dims, rec["he_mpp"])
+        med, p95 = float(np.median(err)), float(np.percentile(err, 95))
+        print(f"{slide}: median {med:.3f} µm, p95 {p95:.3f} µm over {len(err)} points, NCC "
+              f"{rec['qc']['ncc_before']:.3f} -> {rec['qc']['ncc_after']:.3f}")
+        assert med <= 0.5 and p95 <= 1.5, (slide, med, p95)
+
+
+def test_mismatched_pair_is_flagged(cohort, registered, tmp_path):
+    from preprocess.register import main
+
+    out, _ = registered
+    gt = sorted(_ground_truth(cohort))
+    a, b = gt[0], gt[1]
+    pairs = tmp_path / "pairs.csv"
+    he = next((cohort / "he").glob(f"{a}.*"))
+    cx = next((cohort / "codex").glob(f"{b}.*"))
+    pairs.write_text(f"he_slide,codex_image\n{he},{cx}\n")
+    rc = main(["--pairs", str(pairs), "--out", str(tmp_path / "out")])
+    assert rc == 0, "a flagged slide is not a failure"
+    rec = json.loads((tmp_path / "out" / "registration" / f"{a}.json").read_text())
+    good = json.loads((out / "registration" / f"{a}.json").read_text())
+    print(f"mismatched {a} <- {b}: NCC after {rec['qc']['ncc_after']} (correct pair {good['qc']['ncc_after']:.3f}), "
+          f"reason: {rec['reason']}")
+    assert rec["status"] == "flagged" and "NCC" in rec["reason"]
+    assert rec["qc"]["ncc_after"] is None or rec["qc"]["ncc_after"] < good["qc"]["ncc_threshold"]
+    assert good["qc"]["ncc_after"] > good["qc"]["ncc_threshold"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# errors name the file
+
+
+def _summary(out: Path) -> dict[str, dict]:
+    with open(out / "registration" / "summary.csv", newline="") as f:
+        return {r["slide"]: r for r in csv.DictReader(f)}
+
+
+def test_slide_missing_from_pairs_is_an_error(cohort, tmp_path, caplog):
+    from preprocess.register import main
+
+    rc = main(["--cohort", str(cohort), "--out", str(tmp_path), "--slides", "no_such_slide"])
+    assert rc == 2
+    assert "no_such_slide" in caplog.text and str(cohort / "pairs.csv") in caplog.text
+
+
+def test_empty_pair_and_missing_codex_fail_naming_the_file(cohort, tmp_path):
+    from preprocess.register import main
+
+    he = sorted((cohort / "he").iterdir())
+    pairs = tmp_path / "pairs.csv"
+    missing = tmp_path / "nowhere" / "gone.ome.tif"
+    pairs.write_text(f"he_slide,codex_image\n{he[0]},\n{he[1]},{missing}\n")
+    rc = main(["--pairs", str(pairs), "--out", str(tmp_path / "out")])
+    assert rc == 1
+    rows = _summary(tmp_path / "out")
+    s0, s1 = (p.name.split(".")[0] for p in he[:2])
+    assert rows[s0]["status"] == "failed" and str(pairs) in rows[s0]["reason"] and "codex" in rows[s0]["reason"].lower()
+    assert rows[s1]["status"] == "failed" and str(missing) in rows[s1]["reason"]
+    assert not (tmp_path / "out" / "registration" / f"{s0}.json").exists()
+
+
+def test_codex_without_pixel_size(tmp_path):
+    from preprocess.register import RegParams, register_pair
+    from preprocess.utils import PipelineError
+
+    truth = synthetic_pair(tmp_path, "nopx", seed=7, he_size=(900, 800), codex_mpp_in_file=None, n_channels=2)
+    he, cx = tmp_path / "he" / "nopx.tif", tmp_path / "codex" / "nopx.ome.tif"
+    with pytest.raises(PipelineError, match="--codex-mpp") as e:
+        register_pair(he, cx, RegParams())
+    assert str(cx) in str(e.value)
+    rec = register_pair(he, cx, RegParams(codex_mpp=CODEX_MPP))
+    assert rec["codex_mpp"] == CODEX_MPP
+    assert np.abs(np.asarray(rec["affine_codex_to_he"]) - truth).max() < 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pieces
+
+
+def test_robust_affine_fit_drops_outliers():
+    from preprocess.register import robust_affine_fit
+    from preprocess.registration_qc import apply_affine
+
+    rng = np.random.default_rng(0)
+    true = np.array([[0.75, -0.05, 12.0], [0.05, 0.75, -3.0], [0, 0, 1]])
+    src = rng.uniform(0, 2000, (40, 2))
+    dst = apply_affine(true, src) + rng.normal(0, 0.05, (40, 2))
+    dst[:6] += rng.uniform(5, 40, (6, 2))  # six bad blocks
+    m, inl = robust_affine_fit(src, dst, ransac_px=4, floor_px=0.5, min_points=6)
+    assert not inl[:6].any() and inl[6:].all()
+    assert np.abs(apply_affine(m, src) - apply_affine(true, src)).max() < 0.1
+    assert robust_affine_fit(src[:3], dst[:3], 4, 0.5, 6) is None
+    line = np.c_[np.linspace(0, 1000, 20), np.full(20, 50.0)]
+    assert robust_affine_fit(line, apply_affine(true, line), 4, 0.5, 6) is None, "collinear blocks: undetermined"
+
+
+def test_plausibility_flags_scale_shear_and_flip():
+    from preprocess.registration_qc import decompose_affine, plausibility
+
+    s = CODEX_MPP / HE_MPP
+    th = np.deg2rad(30)
+    rot = np.array([[np.cos(th), -np.sin(th), 5], [np.sin(th), np.cos(th), 7], [0, 0, 1]])
+    good = rot @ np.diag([s, s, 1])
+    parts = decompose_affine(good)
+    assert abs(parts.rotation_deg - 30) < 1e-9 and abs(parts.scale_x - s) < 1e-12 and abs(parts.shear) < 1e-12
+    assert plausibility(good, s, 0.1, 0.05)[0]
+    assert not plausibility(rot @ np.diag([1.0, 1.0, 1]), s, 0.1, 0.05)[0]
+    assert not plausibility(good @ np.array([[1, 0.2, 0], [0, 1, 0], [0, 0, 1]]), s, 0.1, 0.05)[0]
+    ok, why, _ = plausibility(good @ np.diag([1, -1, 1]), s, 0.1, 0.05)
+    assert not ok and "flip" in why
+
+
+def test_constrain_shifts_failure_is_recorded(cohort, tmp_path, monkeypatch):
+    """palom's constrain_shifts raises on identical shifts: the stage records it and still refines."""
+    import palom
+
+    from preprocess.register import RegParams, register_pair
+
+    def boom(self):
+        raise ValueError("all shifts identical")
+
+    monkeypatch.setattr(palom.align.Aligner, "constrain_shifts", boom)
+    gt = _ground_truth(cohort)
+    slide = sorted(gt)[0]
+    rec = register_pair(next((cohort / "he").glob(f"{slide}.*")), next((cohort / "codex").glob(f"{slide}.*")),
+                        RegParams())
+    assert any("constrain_shifts failed" in n for n in rec["qc"]["notes"])
+    assert rec["qc"]["n_blocks_used"] >= 6 and rec["status"] == "ok"
+
+
+def test_write_registered_ome(tmp_path):
+    import tifffile
+
+    from preprocess.registration_export import write_registered_ome
+    from preprocess.registration_qc import haematoxylin, ncc
+    from preprocess.slide_io import CodexImage, HESlide
+
+    truth = synthetic_pair(tmp_path, "reg", seed=3, he_size=(800, 700), n_channels=2)
+    out = tmp_path / "reg_registered.ome.tif"
+    with CodexImage(tmp_path / "codex" / "reg.ome.tif") as cx, HESlide(tmp_path / "he" / "reg.tif") as he:
+        write_registered_ome(cx, truth, he.dimensions, he.mpp, out, tile=256, min_level_px=256)
+        rgb = he.read_region(0, 0, 0, he.dimensions)
+    with CodexImage(out) as r:
+        assert r.shape == (2, 700, 800) and r.mpp == HE_MPP and r.channel_names == ["DAPI", "Marker1"]
+        assert r.level_count == 2 and r.level(0).dtype == np.uint16
+        dapi = r.read_region(0, 0, 800, 700, channels=[0])[0].astype(np.float32)
+    with tifffile.TiffFile(out) as tf:
+        assert tf.series[0].axes == "CYX" and tf.is_ome
+    assert ncc(haematoxylin(rgb), dapi, dapi > 0) > 0.9
+
+
+def test_cli_subprocess(cohort, tmp_path):
+    slide = sorted(_ground_truth(cohort))[-1]
+    cmd = [sys.executable, "-m", "preprocess.register", "--cohort", str(cohort), "--out", str(tmp_path),
+           "--slides", slide, "--workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rec = json.loads((tmp_path / "registration" / f"{slide}.json").read_text())
+    assert rec["status"] == "ok" and len(rec["affine_codex_to_he"]) == 3
+    cfg = json.loads((tmp_path / "registration" / "config.json").read_text())
+    assert cfg["slides"] == [slide] and cfg["resolved_params"]["upsample"] == 10
+    # a second run skips the slide that is done
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0 and "already done" in res.stderr

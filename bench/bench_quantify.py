@@ -1,0 +1,317 @@
+"""Benchmark: CODEX marker quantification and the H&E patch store against per-patch baselines.
+
+    python bench/bench_quantify.py                          # 8000 x 8000 px x 40 ch CODEX, 12000 px H&E (~3 min)
+    python bench/bench_quantify.py --size 4000 --he-size 6000 --threads 2 --keep /tmp/bench_data
+
+Quantification: a synthetic CODEX OME-TIFF (uint16, 40 channels, 512 px tiles, zlib, 3-level pyramid) is written
+to a temporary folder, with a patch grid of 224 px at 0.5 µm/px mapped onto it through a rotation + scale
+affine (CODEX 0.377 µm/px). Timed, on the same machine in the same run:
+  (a) baseline: one zarr read of the 40-channel bounding box per patch, then the masked mean (on a sample of
+      patches; patches/s extrapolates);
+  (b) shipped: ``preprocess.quantify.quantify_patches`` over all patches;
+  (c) the decode floor: level 0 decoded once, without any arithmetic, (c1) through zarr in one thread and
+      (c2) with the shipped tile reader and the same number of threads as (b).
+Patch store: a synthetic Aperio-style tiled-JPEG H&E (0.5 µm/px, 3 levels) is gridded by ``preprocess.patch``;
+timed: the shipped store (``he_patches/{slide}.h5``) vs one ``read_region`` + PNG save per patch (sample).
+
+This module also holds the small writers of synthetic slides that the tests use (``write_codex_ome``,
+``write_aperio_tiff``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# ----------------------------------------------------------------------------------------------------------------
+# synthetic slide writers (also used by the tests)
+
+
+def write_codex_ome(path: str | os.PathLike, data: np.ndarray, names: list[str] | None = None,
+                    mpp: float | None = 0.377, tile: int = 64, levels: int = 2, compression: str = "zlib") -> None:
+    """Write a (C, H, W) array as a pyramidal OME-TIFF (levels in SubIFDs, 2x area-mean downsampling per level)."""
+    import tifffile
+
+    md: dict = {"axes": "CYX"}
+    if mpp:
+        md.update(PhysicalSizeX=mpp, PhysicalSizeY=mpp, PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")
+    if names:
+        md["Channel"] = {"Name": list(names)}
+    opts = dict(tile=(tile, tile), compression=compression, photometric="minisblack")
+    with tifffile.TiffWriter(path, ome=True, bigtiff=True) as tw:
+        tw.write(data, subifds=levels - 1, metadata=md, **opts)
+        lvl = data
+        for _ in range(levels - 1):
+            h, w = lvl.shape[1] // 2 * 2, lvl.shape[2] // 2 * 2
+            lvl = lvl[:, :h, :w].reshape(lvl.shape[0], h // 2, 2, w // 2, 2).mean(axis=(2, 4)).astype(data.dtype)
+            tw.write(lvl, subfiletype=1, **opts)
+
+
+def write_aperio_tiff(path: str | os.PathLike, rgb: np.ndarray, mpp: float | None = 0.5, tile: int = 256,
+                      downsamples: tuple[int, ...] = (4,), quality: int = 90, compression: str = "jpeg") -> None:
+    """Write an RGB image (H, W, 3) uint8 as an Aperio-style tiled TIFF that OpenSlide reads ('aperio' vendor).
+
+    First page: ImageDescription "Aperio Image Library v1.0 ...|MPP = {mpp}|AppMag = 20" (no MPP when ``mpp`` is
+    None); further levels are full tiled pages, downsampled by area averaging by each factor of ``downsamples``.
+    """
+    import tifffile
+
+    h, w = rgb.shape[:2]
+    desc = f"Aperio Image Library v1.0 \n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q={quality}|AppMag = 20"
+    if mpp:
+        desc += f"|MPP = {mpp}"
+    cargs = {"level": quality} if compression == "jpeg" else None
+    opts = dict(tile=(tile, tile), compression=compression, compressionargs=cargs, photometric="rgb",
+                metadata=None, maxworkers=2)
+    with tifffile.TiffWriter(path, bigtiff=rgb.nbytes > 2**31) as tw:
+        tw.write(rgb, description=desc, **opts)
+        for d in downsamples:
+            hh, ww = h // d, w // d
+            small = rgb[: hh * d, : ww * d].reshape(hh, d, ww, d, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+            tw.write(small, **opts)
+
+
+def write_synthetic_codex(path: str | os.PathLike, size: int, channels: int = 40, tile: int = 512,
+                          levels: int = 3, seed: int = 0, mpp: float = 0.377) -> None:
+    """A large synthetic CODEX OME-TIFF written from a pool of pre-compressed zlib tiles (fast to create).
+
+    Each channel draws its tiles from 8 random smooth-plus-Poisson-noise tiles (zlib ratio ~0.65), so decoding
+    costs what real tiles of that size cost while writing gigabytes takes seconds.
+    """
+    import imagecodecs
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:tile, 0:tile] / tile
+    pools = []
+    for c in range(channels):
+        pool = []
+        for k in range(8):
+            f = 800 + 600 * np.sin(2 * np.pi * (xx * rng.uniform(1, 4) + yy * rng.uniform(1, 4)) + k)
+            t = (f * rng.uniform(0.2, 2.0) + rng.poisson(20 + c, (tile, tile))).clip(0, 65535)
+            pool.append(imagecodecs.zlib_encode(t.astype("<u2").tobytes(), level=6))
+        pools.append(pool)
+
+    def tiles(n: int):
+        nt = (n + tile - 1) // tile
+        for c in range(channels):
+            for ty in range(nt):
+                for tx in range(nt):
+                    yield pools[c][(ty * 7 + tx * 3 + c) % 8]
+
+    md = {"axes": "CYX", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp,
+          "Channel": {"Name": [f"marker_{i}" for i in range(channels)]}}
+    opts = dict(dtype=np.uint16, tile=(tile, tile), compression="zlib", photometric="minisblack")
+    with tifffile.TiffWriter(path, ome=True, bigtiff=True, byteorder="<") as tw:
+        tw.write(tiles(size), shape=(channels, size, size), subifds=levels - 1, metadata=md, **opts)
+        for lv in range(1, levels):
+            n = size >> lv
+            tw.write(tiles(n), shape=(channels, n, n), subfiletype=1, **opts)
+
+
+def synthetic_he(size: int, seed: int = 0) -> np.ndarray:
+    """A square RGB H&E-like image (size, size, 3) uint8: a textured pink/purple ellipse on white glass."""
+    rng = np.random.default_rng(seed)
+    tex = rng.integers(0, 60, (1024, 1024), dtype=np.uint8)
+    yy, xx = np.ogrid[0:size, 0:size]
+    inside = ((xx - size / 2) / (0.42 * size)) ** 2 + ((yy - size / 2) / (0.36 * size)) ** 2 < 1
+    img = np.full((size, size, 3), 242, np.uint8)
+    reps = (size + 1023) // 1024
+    t = np.tile(tex, (reps, reps))[:size, :size]
+    for ch, base in enumerate((205, 120, 185)):
+        band = img[..., ch]
+        band[inside] = (base - t[inside]).astype(np.uint8)
+    return img
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# baselines
+
+
+def baseline_means(codex, channels: list[int], coords: np.ndarray, size: int, affine: np.ndarray,
+                   which: np.ndarray) -> np.ndarray:
+    """Per-patch baseline: one zarr read of the patch's CODEX bounding box (all channels), then a masked mean."""
+    arr = codex.level(0)
+    _, h, w = arr.shape
+    inv = np.linalg.inv(affine)
+    out = np.full((len(which), len(channels)), np.nan)
+    c0, c1 = min(channels), max(channels) + 1
+    for k, i in enumerate(which):
+        x, y = coords[i]
+        corners = np.array([[x - 0.5, y - 0.5, 1], [x + size - 0.5, y - 0.5, 1], [x - 0.5, y + size - 0.5, 1],
+                            [x + size - 0.5, y + size - 0.5, 1]]) @ inv.T
+        u0, v0 = np.maximum(np.floor(corners[:, :2].min(0)).astype(int), 0)
+        u1, v1 = np.minimum(np.ceil(corners[:, :2].max(0)).astype(int) + 1, [w, h])
+        block = np.asarray(arr[c0:c1, v0:v1, u0:u1])[np.asarray(channels) - c0]
+        uu, vv = np.meshgrid(np.arange(u0, u1), np.arange(v0, v1))
+        px = affine[0, 0] * uu + affine[0, 1] * vv + affine[0, 2]
+        py = affine[1, 0] * uu + affine[1, 1] * vv + affine[1, 2]
+        m = (px >= x - 0.5) & (px < x + size - 0.5) & (py >= y - 0.5) & (py < y + size - 0.5)
+        if m.any():
+            out[k] = block[:, m].mean(axis=1)
+    return out
+
+
+def _rate(n: int, seconds: float) -> str:
+    return f"{n / seconds:9.1f} patches/s ({n} patches in {seconds:.2f} s)"
+
+
+def bench_quantify(tmp: Path, size: int, threads: int, baseline_patches: int, region_px: int) -> dict:
+    from preprocess.quantify import TiledRegionReader, codex_coverage, quantify_patches
+    from preprocess.slide_io import CodexImage
+
+    path = tmp / f"codex_{size}.ome.tif"
+    t0 = time.perf_counter()
+    if not path.exists():  # reused from an earlier run with --keep
+        write_synthetic_codex(path, size)
+    print(f"[quantify] {size}x{size}x40 CODEX ({path.stat().st_size / 1e9:.2f} GB on disk, "
+          f"{size * size * 80 / 1e9:.2f} GB decoded) ready in {time.perf_counter() - t0:.1f} s")
+    # H&E grid at 0.5 µm/px over the CODEX footprint, CODEX -> H&E: scale 0.377/0.5, 2° rotation, offset
+    s, th = 0.377 / 0.5, np.deg2rad(2.0)
+    affine = np.array([[s * np.cos(th), -s * np.sin(th), 150.0], [s * np.sin(th), s * np.cos(th), 90.0], [0, 0, 1]])
+    ps0 = 224
+    he_extent = int(size * s) + 300
+    xs = np.arange(0, he_extent, ps0)
+    grid = np.stack(np.meshgrid(xs, xs), -1).reshape(-1, 2).astype(np.int64)
+    with CodexImage(path) as codex:
+        cov = codex_coverage(grid, ps0, affine, codex.dimensions)
+        coords = grid[cov > 0]
+        channels = list(range(40))
+        n = len(coords)
+        print(f"[quantify] {n} patches of {ps0} px (H&E level 0) touch the CODEX; {int((cov >= 0.95).sum())} "
+              "with coverage >= 0.95")
+
+        # (c1) decode floor through zarr, one thread
+        arr = codex.level(0)
+        t0 = time.perf_counter()
+        for y in range(0, size, 1024):
+            for x in range(0, size, 1024):
+                np.asarray(arr[:, y : y + 1024, x : x + 1024])
+        floor_zarr = time.perf_counter() - t0
+        # (c2) decode floor with the shipped tile reader, same threads as shipped
+        from concurrent.futures import ThreadPoolExecutor
+
+        reader = TiledRegionReader(path, channels, codex.shape)
+        blocks = [(x, y) for y in range(0, size, 1024) for x in range(0, size, 1024)]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            list(pool.map(lambda b: reader.read(b[0], b[1], min(size, b[0] + 1024), min(size, b[1] + 1024)).shape,
+                          blocks))
+        floor_fast = time.perf_counter() - t0
+        reader.close()
+
+        # (b) shipped
+        t0 = time.perf_counter()
+        res = quantify_patches(codex, channels, coords, ps0, affine, region_px=region_px, threads=threads)
+        t_ship = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        quantify_patches(codex, channels, coords, ps0, affine, region_px=region_px, threads=1)
+        t_ship1 = time.perf_counter() - t0
+
+        # (a) baseline on a sample
+        rng = np.random.default_rng(0)
+        which = np.sort(rng.choice(n, size=min(baseline_patches, n), replace=False))
+        t0 = time.perf_counter()
+        base = baseline_means(codex, channels, coords, ps0, affine, which)
+        t_base = time.perf_counter() - t0
+    err = float(np.nanmax(np.abs(base - res.means[which])))
+    r_base, r_ship = len(which) / t_base, n / t_ship
+    print(f"[quantify] (a) baseline, one zarr read per patch: {_rate(len(which), t_base)}")
+    print(f"[quantify] (b) shipped, {threads} thread(s):          {_rate(n, t_ship)}")
+    print(f"[quantify]     shipped, 1 thread:                {_rate(n, t_ship1)}")
+    print(f"[quantify] speed-up shipped / baseline: {r_ship / r_base:.1f}x ({threads} threads), "
+          f"{(n / t_ship1) / r_base:.1f}x (1 thread)")
+    print(f"[quantify] (c) decode floor, whole level 0 once: zarr 1 thread {floor_zarr:.2f} s; tile reader "
+          f"{threads} thread(s) {floor_fast:.2f} s")
+    print(f"[quantify] shipped time / decode floor: {t_ship / floor_fast:.2f}x (same threads), "
+          f"{t_ship / floor_zarr:.2f}x (vs zarr 1 thread)")
+    print(f"[quantify] max |shipped - baseline| over the sample: {err:.2e}")
+    return {"baseline_pps": r_base, "shipped_pps": r_ship, "ratio": r_ship / r_base, "floor_s": floor_fast,
+            "floor_zarr_s": floor_zarr, "shipped_s": t_ship, "max_abs_diff": err}
+
+
+def bench_patch_store(tmp: Path, he_size: int, baseline_patches: int) -> dict:
+    from PIL import Image
+
+    from preprocess.patch import PatchConfig, patch_slide, read_grid
+    from preprocess.patch_store import StoreConfig, resize_patch, store_slide
+    from preprocess.slide_io import HESlide
+
+    path = tmp / "he" / f"bench_{he_size}.tif"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if not path.exists():
+        write_aperio_tiff(path, synthetic_he(he_size), mpp=0.5, tile=256, downsamples=(4, 16))
+    print(f"[store] {he_size}x{he_size} Aperio JPEG H&E ({path.stat().st_size / 1e6:.0f} MB) ready in "
+          f"{time.perf_counter() - t0:.1f} s")
+    out = tmp / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(tmp / "png", ignore_errors=True)
+    patch_slide("bench", path, PatchConfig(out=out))
+    coords, attrs = read_grid(out / "patches" / "bench.h5")
+    n = len(coords)
+    t0 = time.perf_counter()
+    store_slide("bench", path, StoreConfig(out=out, patches_dir=out / "patches"))
+    t_ship = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    which = np.sort(rng.choice(n, size=min(baseline_patches, n), replace=False))
+    png_dir = tmp / "png"
+    png_dir.mkdir()
+    level, read = int(attrs["patch_level"]), int(attrs["read_size_at_level"])
+    t0 = time.perf_counter()
+    with HESlide(path) as slide:  # as the original HEX extract_he_patch.py: read_region, PIL PNG save
+        for i in which:
+            x, y = coords[i]
+            p = resize_patch(slide.read_region(x, y, level, (read, read)), int(attrs["patch_size"]))
+            Image.fromarray(p).save(png_dir / f"bench_{i}.png")
+    t_base = time.perf_counter() - t0
+    r_base, r_ship = len(which) / t_base, n / t_ship
+    print(f"[store] baseline, read_region + PIL PNG save per patch: {_rate(len(which), t_base)}")
+    print(f"[store] shipped, region reads -> HDF5:               {_rate(n, t_ship)}")
+    print(f"[store] speed-up: {r_ship / r_base:.1f}x")
+    return {"baseline_pps": r_base, "shipped_pps": r_ship, "ratio": r_ship / r_base}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=8000, help="CODEX side in px (40 channels; default 8000)")
+    p.add_argument("--he-size", type=int, default=12000, help="H&E side in px at 0.5 µm/px (default 12000)")
+    p.add_argument("--threads", type=int, default=2, help="threads of the shipped quantification (default 2)")
+    p.add_argument("--region-px", type=int, default=1024, help="CODEX region side of the shipped code (px)")
+    p.add_argument("--baseline-patches", type=int, default=40, help="patches timed for the quantify baseline")
+    p.add_argument("--store-baseline-patches", type=int, default=300, help="patches timed for the store baseline")
+    p.add_argument("--skip", choices=["quantify", "store"], action="append", default=[], help="skip a part")
+    p.add_argument("--keep", type=Path,
+                   help="write the data here and keep it; a later run with the same --keep reuses it "
+                        "(default: a temporary folder, removed)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of the stages would garble the printed results
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        tmp = args.keep
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_quantify_"))
+    print(f"[bench] data in {tmp}; {os.cpu_count()} CPU cores visible")
+    try:
+        if "quantify" not in args.skip:
+            bench_quantify(tmp, args.size, args.threads, args.baseline_patches, args.region_px)
+        if "store" not in args.skip:
+            bench_patch_store(tmp, args.he_size, args.store_baseline_patches)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,292 @@
+"""Stage 01: tissue mask and a non-overlapping grid of 224 px patches at 0.5 µm/px for every H&E slide.
+
+    python -m preprocess.patch --cohort sample_cohort --out outputs --workers 2
+    python -m preprocess.patch --he /data/slides --out outputs --mpp 0.25 --min-tissue 0.6 --slides s1 s2
+
+Writes, per slide (paths relative to ``--out``):
+    patches/{slide}.h5          dataset ``coords`` (N, 2) int64 = level-0 top-left (x, y) of every kept patch, in
+                                row-major grid order; ``tissue_fraction`` (N,) float32. Attributes (on the file and
+                                on ``coords``, CLAM/TRIDENT style): ``patch_size`` (output px, 224), ``patch_level``
+                                (pyramid level to read), ``patch_size_level0`` (level-0 px), ``read_size_at_level``
+                                (px read at ``patch_level`` before resizing to ``patch_size``), ``level_downsample``,
+                                ``mpp`` (target µm/px, 0.5), ``level0_mpp``, ``schema_version``.
+    patches/{slide}_tissue.png  QC thumbnail: tissue contour (green) and kept patches (blue).
+    patches/config.json, patches/run.log
+
+Geometry: patch_size_level0 = round(patch_size * target_mpp / level0_mpp) (0.25 µm/px -> 448); the grid starts at
+level-0 pixel (0, 0) with step patch_size_level0 and holds only patches fully inside the slide; a patch is kept
+when the fraction of its area covered by the tissue mask is >= ``--min-tissue``. The level to read is the
+coarsest whose downsample does not exceed patch_size_level0 / patch_size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from preprocess.slide_io import HESlide, list_he_slides
+from preprocess.tissue import TissueParams, patch_tissue_fraction, tissue_mask
+from preprocess.utils import PipelineError, atomic_path, run_slides, save_config, select_slides, setup_logging
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GridGeometry:
+    """Patch geometry of one slide.
+
+    Attributes:
+        patch_size: output patch side in px at ``target_mpp`` (224).
+        target_mpp: µm per output pixel (0.5 = 20x).
+        level0_mpp: µm per level-0 pixel of the slide.
+        patch_size_level0: patch side in level-0 px, round(patch_size * target_mpp / level0_mpp).
+        patch_level: pyramid level to read from.
+        level_downsample: downsample of ``patch_level`` (level-0 px per level px).
+        read_size_at_level: px read at ``patch_level``, round(patch_size_level0 / level_downsample); resized to
+            ``patch_size`` when different.
+    """
+
+    patch_size: int
+    target_mpp: float
+    level0_mpp: float
+    patch_size_level0: int
+    patch_level: int
+    level_downsample: float
+    read_size_at_level: int
+
+    def attrs(self) -> dict:
+        """HDF5 attributes of a grid / patch-store file."""
+        return {
+            "patch_size": self.patch_size,
+            "patch_level": self.patch_level,
+            "patch_size_level0": self.patch_size_level0,
+            "read_size_at_level": self.read_size_at_level,
+            "level_downsample": self.level_downsample,
+            "mpp": self.target_mpp,
+            "level0_mpp": self.level0_mpp,
+            "schema_version": SCHEMA_VERSION,
+            "coords_units": "level-0 pixels, top-left (x, y)",
+        }
+
+
+def grid_geometry(slide: HESlide, patch_size: int = 224, target_mpp: float = 0.5) -> GridGeometry:
+    """Patch geometry of ``slide`` from its own level-0 mpp (see :class:`GridGeometry`)."""
+    ps0 = int(round(patch_size * target_mpp / slide.mpp))
+    if ps0 < 1:
+        raise PipelineError(f"{slide.path}: patch of {patch_size} px at {target_mpp} µm/px is < 1 level-0 px "
+                            f"at {slide.mpp} µm/px; check --mpp")
+    level = slide.best_level_for_downsample(ps0 / patch_size)
+    ds = slide.level_downsamples[level]
+    return GridGeometry(patch_size=int(patch_size), target_mpp=float(target_mpp), level0_mpp=float(slide.mpp),
+                        patch_size_level0=ps0, patch_level=int(level), level_downsample=float(ds),
+                        read_size_at_level=max(1, int(round(ps0 / ds))))
+
+
+def full_grid(width: int, height: int, size_level0: int) -> np.ndarray:
+    """All non-overlapping patches fully inside a (width, height) level-0 image, row-major: (N, 2) int64 (x, y)."""
+    xs = np.arange(0, width - size_level0 + 1, size_level0, dtype=np.int64)
+    ys = np.arange(0, height - size_level0 + 1, size_level0, dtype=np.int64)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([xx.ravel(), yy.ravel()], axis=1)
+
+
+def read_grid(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Read a grid file ``patches/{slide}.h5`` -> (coords (N, 2) int64, attrs dict)."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"patch grid not found: {path}; run `python -m preprocess.patch` first")
+    with h5py.File(path, "r") as f:
+        if "coords" not in f:
+            raise PipelineError(f"patch grid {path} has no 'coords' dataset")
+        coords = f["coords"][:].astype(np.int64)
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+    for key in ("patch_size", "patch_level", "patch_size_level0"):
+        if key not in attrs:
+            raise PipelineError(f"patch grid {path} lacks the attribute {key!r}")
+    return coords, attrs
+
+
+def _qc_image(thumb: np.ndarray, mask: np.ndarray, coords: np.ndarray, ds: float, ps0: int) -> np.ndarray:
+    import cv2
+
+    img = np.ascontiguousarray(thumb[..., :3][..., ::-1])  # BGR for OpenCV
+    overlay = img.copy()
+    for x, y in coords:
+        p0 = (int(round(x / ds)), int(round(y / ds)))
+        p1 = (int(round((x + ps0) / ds)) - 1, int(round((y + ps0) / ds)) - 1)
+        cv2.rectangle(overlay, p0, p1, (200, 80, 0), 1)
+    img = cv2.addWeighted(overlay, 0.6, img, 0.4, 0)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(img, contours, -1, (0, 200, 0), 2)
+    return img
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """Everything one slide's job needs (picklable for the process pool)."""
+
+    out: Path
+    patch_size: int = 224
+    target_mpp: float = 0.5
+    min_tissue: float = 0.5
+    mpp: float | None = None
+    thumb_size: int = 2048
+    tissue: TissueParams = TissueParams()
+
+
+def patch_slide(slide_id: str, he_path: str | os.PathLike, cfg: PatchConfig) -> dict:
+    """Segment tissue, build the grid and write ``patches/{slide}.h5`` + ``patches/{slide}_tissue.png``.
+
+    Returns a summary dict (number of patches, tissue threshold, geometry). Raises :class:`PipelineError` when
+    the slide has no tissue or no patch reaches ``min_tissue``.
+    """
+    import cv2
+    import h5py
+
+    out_dir = Path(cfg.out) / "patches"
+    with HESlide(he_path, mpp=cfg.mpp) as slide:
+        geom = grid_geometry(slide, cfg.patch_size, cfg.target_mpp)
+        thumb, ds = slide.thumbnail(cfg.thumb_size)
+        mask, thr = tissue_mask(thumb, slide.mpp * ds, cfg.tissue)
+        if not mask.any():
+            raise PipelineError(
+                f"no tissue found in {slide.path} (saturation threshold {thr:.3f}); lower --min-saturation / "
+                "--sat-threshold or --min-area-um2 if the stain is faint, or check the slide is not blank"
+            )
+        w0, h0 = slide.dimensions
+        grid = full_grid(w0, h0, geom.patch_size_level0)
+        frac = patch_tissue_fraction(mask, ds, grid, geom.patch_size_level0)
+        keep = frac >= cfg.min_tissue
+        coords, frac = grid[keep], frac[keep].astype(np.float32)
+        if len(coords) == 0:
+            raise PipelineError(
+                f"{slide.path}: tissue found ({mask.mean():.1%} of the thumbnail) but no {geom.patch_size_level0} "
+                f"px patch has a tissue fraction >= --min-tissue {cfg.min_tissue}; lower --min-tissue"
+            )
+        attrs = geom.attrs() | {"min_tissue": cfg.min_tissue, "tissue_threshold": thr, "slide_id": slide_id,
+                                "he_path": str(slide.path), "level_dimensions": np.asarray(slide.level_dimensions)}
+        with atomic_path(out_dir / f"{slide_id}.h5") as tmp, h5py.File(tmp, "w") as f:
+            dset = f.create_dataset("coords", data=coords.astype(np.int64))
+            f.create_dataset("tissue_fraction", data=frac)
+            for k, v in attrs.items():
+                f.attrs[k] = v
+                dset.attrs[k] = v
+        qc = _qc_image(thumb, mask, coords, ds, geom.patch_size_level0)
+        with atomic_path(out_dir / f"{slide_id}_tissue.png") as tmp:
+            if not cv2.imwrite(str(tmp), qc):
+                raise OSError(f"could not write {tmp}")
+    log.info("%s: %d patches (%d px at level %d, level-0 %d px), tissue threshold %.3f", slide_id, len(coords),
+             geom.read_size_at_level, geom.patch_level, geom.patch_size_level0, thr)
+    return {"patches": int(len(coords)), "tissue_threshold": thr, "patch_size_level0": geom.patch_size_level0,
+            "patch_level": geom.patch_level}
+
+
+def _work(slide_id: str, he_paths: dict[str, Path], cfg: PatchConfig) -> dict:
+    return patch_slide(slide_id, he_paths[slide_id], cfg)
+
+
+def _is_done(slide_id: str, out: Path) -> bool:
+    d = Path(out) / "patches"
+    return (d / f"{slide_id}.h5").exists() and (d / f"{slide_id}_tissue.png").exists()
+
+
+def collect_he_slides(cohort: Path | None, he: list[Path] | None) -> tuple[dict[str, Path], str]:
+    """H&E slides by id from ``--he`` (files or folders) or ``COHORT/he``; also returns a description of the source."""
+    from preprocess.utils import slide_id_from_path
+
+    slides: dict[str, Path] = {}
+    if he:
+        for p in he:
+            if p.is_dir():
+                slides.update(list_he_slides(p))
+            elif p.exists():
+                slides[slide_id_from_path(p)] = p
+            else:
+                raise PipelineError(f"H&E slide or folder not found: {p}")
+        return slides, ", ".join(str(p) for p in he)
+    if cohort is None:
+        raise PipelineError("give --cohort (a folder with he/) or --he (slide files or folders)")
+    return list_he_slides(cohort / "he"), str(cohort / "he")
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by the per-slide preprocessing stages."""
+    p.add_argument("--cohort", type=Path, help="cohort folder (he/, codex/, pairs.csv, marker_panel.csv)")
+    p.add_argument("--out", type=Path, required=True, help="output root; artifact paths are relative to it")
+    p.add_argument("--slides", nargs="+", help="only these slide ids (default: all)")
+    p.add_argument("--overwrite", action="store_true", help="redo slides whose outputs exist (default: skip them)")
+    p.add_argument("--workers", type=int, default=1, help="slides processed in parallel (processes)")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failing slide")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m preprocess.patch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--he", type=Path, nargs="+", help="H&E slide files or folders (instead of COHORT/he)")
+    p.add_argument("--mpp", type=float, help="level-0 µm/px of the H&E slides (overrides their metadata)")
+    g = p.add_argument_group("patch grid")
+    g.add_argument("--patch-size", type=int, default=224, help="output patch side in px (default 224)")
+    g.add_argument("--target-mpp", type=float, default=0.5, help="µm per output pixel (default 0.5 = 20x)")
+    g.add_argument("--min-tissue", type=float, default=0.5,
+                   help="keep a patch when this fraction of its area is tissue, in [0, 1] (default 0.5)")
+    t = p.add_argument_group("tissue mask (on a thumbnail; sizes in µm so they do not depend on its scale)")
+    d = TissueParams()
+    t.add_argument("--thumb-size", type=int, default=2048, help="longest thumbnail side in px (default 2048)")
+    t.add_argument("--sat-threshold", type=float, default=None,
+                   help="fixed HSV-saturation threshold in [0, 1] (default: Otsu's threshold per slide)")
+    t.add_argument("--min-saturation", type=float, default=d.min_saturation,
+                   help=f"floor of the saturation threshold in [0, 1] (default {d.min_saturation})")
+    t.add_argument("--median-um", type=float, default=d.median_um,
+                   help=f"median blur before thresholding, µm (default {d.median_um})")
+    t.add_argument("--close-um", type=float, default=d.close_um,
+                   help=f"radius of the morphological closing, µm (default {d.close_um})")
+    t.add_argument("--min-area-um2", type=float, default=d.min_area_um2,
+                   help=f"remove tissue fragments smaller than this, µm² (default {d.min_area_um2:g})")
+    t.add_argument("--max-hole-um2", type=float, default=d.max_hole_um2,
+                   help=f"fill holes smaller than this, µm² (default {d.max_hole_um2:g})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out_dir = args.out / "patches"
+    setup_logging(out_dir / "run.log")
+    try:
+        he_paths, source = collect_he_slides(args.cohort, args.he)
+        if not he_paths:
+            raise PipelineError(f"no H&E slides found in {source}")
+        slides = select_slides(sorted(he_paths), args.slides, source)
+    except PipelineError as e:
+        log.error("%s", e)
+        return 2
+    tissue = TissueParams(sat_threshold=args.sat_threshold, min_saturation=args.min_saturation,
+                          median_um=args.median_um, close_um=args.close_um, min_area_um2=args.min_area_um2,
+                          max_hole_um2=args.max_hole_um2)
+    cfg = PatchConfig(out=args.out, patch_size=args.patch_size, target_mpp=args.target_mpp,
+                      min_tissue=args.min_tissue, mpp=args.mpp, thumb_size=args.thumb_size, tissue=tissue)
+    save_config(out_dir, vars(args) | {"slides_resolved": slides, "schema_version": SCHEMA_VERSION})
+    try:
+        report = run_slides(slides, functools.partial(_work, he_paths=he_paths, cfg=cfg),
+                            functools.partial(_is_done, out=args.out), overwrite=args.overwrite,
+                            workers=args.workers, skip_errors=not args.fail_fast, desc="patch grid")
+    except PipelineError as e:  # --fail-fast
+        log.error("%s", e)
+        return 1
+    n = sum(r["patches"] for r in report.results.values())
+    log.info("%d patches written for %d slides into %s", n, len(report.done), out_dir)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,324 @@
+"""Generate the synthetic paired H&E / CODEX lung-cancer cohort that every stage of the pipeline is scored against.
+
+    python -m sample_data.make_cohort --out sample_cohort --slides 12 --seed 0
+    python -m sample_data.make_cohort --out /tmp/tiny --slides 3 --tissue-mm 0.6 --workers 1
+    python -m sample_data.make_cohort --out /tmp/tables --slides 200 --tables-only   # outcomes only, no images
+
+Each slide is a latent tissue (tumour nests, stroma, lymphoid aggregates, vessels, air spaces, myeloid foci) filled
+with individual cells (sample_data/tissue.py), rendered twice from the same cells (sample_data/render.py): an H&E
+at 0.5 µm/px and a 40-channel CODEX at 0.377 µm/px placed by a known random affine. Layout of ``--out``
+(docs/FORMATS.md, "Sample cohort layout"):
+
+    he/{slide}.tif            Aperio-style tiled JPEG pyramid (OpenSlide: all levels, openslide.mpp-x = 0.5)
+    codex/{slide}.ome.tif     pyramidal OME-TIFF, uint16, CYX, 40 named channels, PhysicalSizeX/Y = 0.377 µm
+    pairs.csv                 he_slide,codex_image (paths relative to --out)
+    marker_panel.csv          channel,marker
+    clinical.csv              case_id,slide_id,survival_months,censorship,response,age,stage
+    splits/splits_{k}.csv     train,val slide ids, patient-level folds, k = 0..4
+    ground_truth.json         seed, markers, visible_markers, per-slide affine_codex_to_he, per-patient true risk
+    risk_masks/{slide}.png    uint8 map at H&E downsample 32: 128 neutral, > 128 cells that raise the hazard
+                              (myeloid foci), < 128 cells that lower it (CD8 / TCF-1+ T cells at tumour nests)
+    preview.png               first slide: H&E thumbnail, DAPI and three markers
+
+The same seed gives the same files (no timestamps in any of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import multiprocessing as mp
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from . import outcomes, render, tissue
+from .panel import MARKERS, PANEL_CSV
+from .writers import write_aperio_tiff, write_ome_pyramid
+
+log = logging.getLogger("sample_data.make_cohort")
+
+HE_MPP = 0.5
+CODEX_MPP = 0.377
+RISK_MASK_DOWNSAMPLE = 32
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """Everything one worker needs to generate one slide."""
+
+    out: str
+    slide_id: str
+    patient: tissue.Patient
+    entropy: int
+    spawn_key: tuple[int, ...]
+    tissue_um: float
+    margin_um: float
+    density: float
+    rotation_deg: float
+    shift_um: float
+    codex_coverage: float
+    images: bool
+
+
+def _rng(job: SlideJob) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(job.entropy, spawn_key=job.spawn_key))
+
+
+def generate_slide(job: SlideJob) -> dict:
+    """Generate one slide (layout, cells, images, risk mask); returns its ground truth and outcome features."""
+    cv2.setNumThreads(1)
+    t0, c0 = time.perf_counter(), time.process_time()
+    rng = _rng(job)
+    p = job.patient
+    jitter = tissue.Patient(case_id=p.case_id, age=p.age, stage=p.stage, hot=p.hot + rng.normal(0, 0.25),
+                            myeloid=p.myeloid + rng.normal(0, 0.25),
+                            tumour_frac=float(np.clip(p.tumour_frac + rng.normal(0, 0.04), 0.15, 0.6)),
+                            offsets=p.offsets)
+    slide_offsets = {k: float(rng.normal(0, 0.3)) for k in tissue.PROGRAMMES}
+    layout = tissue.make_layout(rng, jitter, job.tissue_um, job.margin_um)
+    cells = tissue.place_cells(rng, layout, jitter, job.density)
+    cells.expr = tissue.express(rng, cells, layout, jitter, slide_offsets)
+
+    # CODEX field: a square of codex_coverage x the tissue diameter, shifted and rotated
+    he = render.he_frame(layout.side_um, HE_MPP)
+    theta = np.deg2rad(rng.uniform(-job.rotation_deg, job.rotation_deg))
+    centre = (layout.side_um / 2 + rng.uniform(-job.shift_um, job.shift_um),
+              layout.side_um / 2 + rng.uniform(-job.shift_um, job.shift_um))
+    n_cx = 16 * max(4, int(round(job.codex_coverage * job.tissue_um / CODEX_MPP / 16)))  # even pyramid levels
+    cx = render.codex_frame(centre, theta, (n_cx, n_cx), CODEX_MPP)
+    affine = he.um_to_px @ cx.px_to_um
+    coverage = _codex_tissue_coverage(layout, cx)
+
+    # risk mask (H&E downsample 32)
+    contrib = outcomes.risk_contributions(cells, layout)
+    d = RISK_MASK_DOWNSAMPLE * HE_MPP
+    nm = -(-he.shape[0] // RISK_MASK_DOWNSAMPLE)
+    hist, _, _ = np.histogram2d(cells.y, cells.x, bins=nm, range=[[0, nm * d], [0, nm * d]], weights=contrib)
+    hist = cv2.GaussianBlur(hist.astype(np.float32), (0, 0), 1.5)
+    mask = np.clip(np.rint(128 + 127 * np.tanh(hist / 0.3)), 0, 255).astype(np.uint8)
+    mask_rel = f"risk_masks/{job.slide_id}.png"
+    out = Path(job.out)
+    cv2.imwrite(str(out / mask_rel), mask)
+
+    timing = {"cells": time.perf_counter() - t0}
+    if job.images:
+        ras = render.rasterise(cells, layout, he)
+        rgb = render.render_he(rng, cells, layout, he, ras)
+        del ras
+        write_aperio_tiff(out / "he" / f"{job.slide_id}.tif", rgb, HE_MPP)
+        del rgb
+        timing["he"] = time.perf_counter() - t0 - sum(timing.values())
+        ras = render.rasterise(cells, layout, cx)
+        chans = render.codex_channels(rng, cells, layout, cx, ras)
+        write_ome_pyramid(out / "codex" / f"{job.slide_id}.ome.tif", chans, MARKERS, cx.shape, CODEX_MPP,
+                          uid_seed=f"{job.entropy}/{job.slide_id}")
+        timing["codex"] = time.perf_counter() - t0 - sum(timing.values())
+    timing["cpu"] = time.process_time() - c0
+    log.debug("%s: %d cells, %s", job.slide_id, len(cells), {k: round(v, 2) for k, v in timing.items()})
+    return {
+        "slide_id": job.slide_id,
+        "case_id": p.case_id,
+        "n_cells": len(cells),
+        "features": outcomes.slide_features(cells, layout),
+        "ground_truth": {
+            "he_mpp": HE_MPP,
+            "codex_mpp": CODEX_MPP,
+            "affine_codex_to_he": [[round(float(v), 10) for v in row] for row in affine],
+            "risk_mask_png": mask_rel,
+            "risk_mask_downsample": RISK_MASK_DOWNSAMPLE,
+            "he_shape": list(he.shape),
+            "codex_shape": list(cx.shape),
+            "codex_rotation_deg": round(float(np.rad2deg(theta)), 6),
+            "codex_tissue_coverage": round(coverage, 4),
+            "n_cells": len(cells),
+        },
+        "timing": timing,
+    }
+
+
+def _codex_tissue_coverage(layout: tissue.Layout, frame: render.Frame) -> float:
+    """Fraction of the tissue (coarse layout grid) that falls inside the CODEX field."""
+    ys, xs = np.nonzero(layout.tissue > 0)
+    g = layout.grid_um
+    pts = np.stack([(xs + 0.5) * g, (ys + 0.5) * g, np.ones_like(xs, float)])
+    px = frame.um_to_px @ pts
+    h, w = frame.shape
+    inside = (px[0] >= -0.5) & (px[0] < w - 0.5) & (px[1] >= -0.5) & (px[1] < h - 0.5)
+    return float(inside.mean()) if inside.size else 0.0
+
+
+def _assign_slides(rng: np.random.Generator, n_slides: int, n_patients: int) -> list[int]:
+    """Patient index of every slide: each patient gets one slide, the rest go to random patients (≤ 3 each)."""
+    owners = list(range(n_patients))
+    counts = [1] * n_patients
+    while len(owners) < n_slides:
+        i = int(rng.integers(n_patients))
+        if counts[i] < 3:
+            counts[i] += 1
+            owners.append(i)
+    return sorted(owners)
+
+
+def _write_preview(out: Path, slide_id: str, markers: tuple[str, ...] = ("Pan-Cytokeratin", "CD8", "CD68")) -> None:
+    """H&E thumbnail, DAPI and three markers of one slide, read back from its files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import openslide
+    import tifffile
+
+    slide = openslide.OpenSlide(str(out / "he" / f"{slide_id}.tif"))
+    lvl = slide.level_count - 1 if max(slide.level_dimensions[-1]) >= 400 else slide.level_count - 2
+    lvl = max(lvl, 0)
+    thumb = np.asarray(slide.read_region((0, 0), lvl, slide.level_dimensions[lvl]).convert("RGB"))
+    slide.close()
+    with tifffile.TiffFile(out / "codex" / f"{slide_id}.ome.tif") as tf:
+        levels = tf.series[0].levels
+        lev = next((lv for lv in reversed(levels) if max(lv.shape[1:]) >= 400), levels[0])
+        idx = [MARKERS.index(m) for m in ("DAPI", *markers)]
+        chans = lev.asarray()[idx].astype(np.float32)
+    fig, axes = plt.subplots(1, 5, figsize=(20, 4.6))
+    axes[0].imshow(thumb)
+    axes[0].set_title(f"{slide_id} H&E (0.5 µm/px, level {lvl})")
+    cmaps = ("Blues_r", "magma", "magma", "magma")
+    for ax, name, img, cm in zip(axes[1:], ("DAPI", *markers), chans, cmaps):
+        lo, hi = np.percentile(img, [1, 99.7])
+        ax.imshow(np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1), cmap=cm if name != "DAPI" else "gray")
+        ax.set_title(f"CODEX {name} (own frame)")
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle("Synthetic H&E / CODEX pair (same cells; CODEX rotated and shifted by a known affine)")
+    fig.tight_layout()
+    fig.savefig(out / "preview.png", dpi=80, metadata={"Software": None})
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options (see the module docstring)."""
+    ap = argparse.ArgumentParser(prog="python -m sample_data.make_cohort", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path, help="output folder")
+    ap.add_argument("--slides", type=int, default=12, help="number of slides")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same files)")
+    ap.add_argument("--patients", type=int, default=None,
+                    help="number of patients (default: max(min(slides, 5), ceil(0.75 x slides)))")
+    ap.add_argument("--tissue-mm", type=float, default=1.5, help="tissue diameter (mm)")
+    ap.add_argument("--margin-um", type=float, default=50.0, help="extra glass around the tissue frame (µm)")
+    ap.add_argument("--cell-density", type=float, default=1.0, help="multiplier of all cell densities")
+    ap.add_argument("--rotation-deg", type=float, default=5.0, help="CODEX rotation drawn from ±this (deg)")
+    ap.add_argument("--shift-um", type=float, default=150.0,
+                    help="CODEX field centre offset from the tissue centre, drawn from ±this per axis (µm)")
+    ap.add_argument("--codex-coverage", type=float, default=0.9,
+                    help="CODEX field side as a fraction of the tissue diameter")
+    ap.add_argument("--censoring", type=float, default=0.3, help="target fraction of censored patients")
+    ap.add_argument("--workers", type=int, default=2, help="processes (slides in parallel)")
+    ap.add_argument("--tables-only", action="store_true",
+                    help="skip the H&E/CODEX images (clinical tables, splits, ground truth, risk masks only)")
+    ap.add_argument("--log-level", default="INFO")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Generate the cohort; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.slides < 1:
+        raise SystemExit("--slides must be >= 1")
+    n_pat = args.patients or max(min(args.slides, 5), math.ceil(0.75 * args.slides))
+    if not 1 <= n_pat <= args.slides:
+        raise SystemExit("--patients must be between 1 and --slides")
+    out: Path = args.out
+    for sub in ("he", "codex", "splits", "risk_masks"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    root = np.random.SeedSequence(args.seed)
+    rng_pat, rng_out, rng_split = (np.random.default_rng(s) for s in root.spawn(3))
+    patients = [tissue.sample_patient(rng_pat, f"case_{i:03d}") for i in range(n_pat)]
+    owners = _assign_slides(rng_pat, args.slides, n_pat)
+    jobs = [SlideJob(out=str(out), slide_id=f"slide_{i:03d}", patient=patients[owners[i]], entropy=args.seed,
+                     spawn_key=(1000 + i,), tissue_um=1000.0 * args.tissue_mm, margin_um=args.margin_um,
+                     density=args.cell_density, rotation_deg=args.rotation_deg, shift_um=args.shift_um,
+                     codex_coverage=args.codex_coverage, images=not args.tables_only) for i in range(args.slides)]
+    log.info("generating %d slides of %d patients into %s (%d workers)", len(jobs), n_pat, out, args.workers)
+    if args.workers > 1 and len(jobs) > 1:
+        ctx = mp.get_context("forkserver")
+        with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as ex:
+            results = list(tqdm(ex.map(generate_slide, jobs), total=len(jobs), desc="slides", unit="slide"))
+    else:
+        results = [generate_slide(j) for j in tqdm(jobs, desc="slides", unit="slide")]
+
+    # outcomes per patient
+    by_case: dict[str, list[dict]] = {}
+    for r in results:
+        by_case.setdefault(r["case_id"], []).append(r)
+    risk, resp_p, scores = [], [], []
+    for p in patients:
+        sc = outcomes.patient_scores([r["features"] for r in by_case[p.case_id]])
+        scores.append(sc)
+        risk.append(outcomes.true_risk(sc, p.age, p.stage, float(rng_out.normal(0, 0.3))))
+        resp_p.append(outcomes.response_prob(sc, p.stage))
+    months, cens = outcomes.survival(rng_out, np.array(risk), args.censoring)
+    response = (rng_out.uniform(size=n_pat) < np.array(resp_p)).astype(int)
+    idx = {p.case_id: i for i, p in enumerate(patients)}
+
+    with open(out / "clinical.csv", "w", newline="") as f:
+        wr = csv.writer(f, lineterminator="\n")
+        wr.writerow(["case_id", "slide_id", "survival_months", "censorship", "response", "age", "stage"])
+        for r in results:
+            i = idx[r["case_id"]]
+            p = patients[i]
+            wr.writerow([p.case_id, r["slide_id"], f"{months[i]:.1f}", int(cens[i]), int(response[i]), p.age, p.stage])
+    with open(out / "pairs.csv", "w", newline="") as f:
+        wr = csv.writer(f, lineterminator="\n")
+        wr.writerow(["he_slide", "codex_image"])
+        for r in results:
+            wr.writerow([f"he/{r['slide_id']}.tif", f"codex/{r['slide_id']}.ome.tif"])
+    shutil.copyfile(PANEL_CSV, out / "marker_panel.csv")
+    folds = outcomes.patient_folds(rng_split, [p.case_id for p in patients])
+    outcomes.write_splits(out / "splits", {r["slide_id"]: r["case_id"] for r in results}, folds)
+
+    gt = {
+        "seed": args.seed,
+        "markers": list(MARKERS),
+        "visible_markers": [m for m in MARKERS if m in tissue.VISIBLE_MARKERS],
+        "slides": {r["slide_id"]: r["ground_truth"] | {"case_id": r["case_id"]} for r in results},
+        "patients": {
+            p.case_id: {
+                "true_risk": round(risk[i], 6),
+                "true_response_prob": round(resp_p[i], 6),
+                "scores": {k: round(v, 6) for k, v in scores[i].items()},
+                "latents": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(p).items()
+                            if k not in ("case_id", "offsets")},
+                "fold": folds[p.case_id],
+            }
+            for i, p in enumerate(patients)
+        },
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                   if k not in ("out", "workers", "log_level")},
+    }
+    with open(out / "ground_truth.json", "w") as f:
+        json.dump(gt, f, indent=1)
+        f.write("\n")
+    if not args.tables_only:
+        _write_preview(out, results[0]["slide_id"])
+    dt = time.perf_counter() - t0
+    tot = {k: sum(r["timing"].get(k, 0.0) for r in results) for k in ("cells", "he", "codex", "cpu")}
+    log.info("done: %d slides, %d cells in %.1f s (summed worker seconds: %s), %.0f%% censored", len(results),
+             sum(r["n_cells"] for r in results), dt, {k: round(v, 1) for k, v in tot.items()}, 100 * cens.mean())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

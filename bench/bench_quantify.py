@@ -14,8 +14,7 @@ affine (CODEX 0.377 µm/px). Timed, on the same machine in the same run:
 Patch store: a synthetic Aperio-style tiled-JPEG H&E (0.5 µm/px, 3 levels) is gridded by ``preprocess.patch``;
 timed: the shipped store (``he_patches/{slide}.h5``) vs one ``read_region`` + PNG save per patch (sample).
 
-This module also holds the small writers of synthetic slides that the tests use (``write_codex_ome``,
-``write_aperio_tiff``).
+The synthetic slides are written with ``sample_data.writers`` (the writers of the sample cohort and the tests).
 """
 
 from __future__ import annotations
@@ -34,51 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # ----------------------------------------------------------------------------------------------------------------
-# synthetic slide writers (also used by the tests)
-
-
-def write_codex_ome(path: str | os.PathLike, data: np.ndarray, names: list[str] | None = None,
-                    mpp: float | None = 0.377, tile: int = 64, levels: int = 2, compression: str = "zlib") -> None:
-    """Write a (C, H, W) array as a pyramidal OME-TIFF (levels in SubIFDs, 2x area-mean downsampling per level)."""
-    import tifffile
-
-    md: dict = {"axes": "CYX"}
-    if mpp:
-        md.update(PhysicalSizeX=mpp, PhysicalSizeY=mpp, PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")
-    if names:
-        md["Channel"] = {"Name": list(names)}
-    opts = dict(tile=(tile, tile), compression=compression, photometric="minisblack")
-    with tifffile.TiffWriter(path, ome=True, bigtiff=True) as tw:
-        tw.write(data, subifds=levels - 1, metadata=md, **opts)
-        lvl = data
-        for _ in range(levels - 1):
-            h, w = lvl.shape[1] // 2 * 2, lvl.shape[2] // 2 * 2
-            lvl = lvl[:, :h, :w].reshape(lvl.shape[0], h // 2, 2, w // 2, 2).mean(axis=(2, 4)).astype(data.dtype)
-            tw.write(lvl, subfiletype=1, **opts)
-
-
-def write_aperio_tiff(path: str | os.PathLike, rgb: np.ndarray, mpp: float | None = 0.5, tile: int = 256,
-                      downsamples: tuple[int, ...] = (4,), quality: int = 90, compression: str = "jpeg") -> None:
-    """Write an RGB image (H, W, 3) uint8 as an Aperio-style tiled TIFF that OpenSlide reads ('aperio' vendor).
-
-    First page: ImageDescription "Aperio Image Library v1.0 ...|MPP = {mpp}|AppMag = 20" (no MPP when ``mpp`` is
-    None); further levels are full tiled pages, downsampled by area averaging by each factor of ``downsamples``.
-    """
-    import tifffile
-
-    h, w = rgb.shape[:2]
-    desc = f"Aperio Image Library v1.0 \n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q={quality}|AppMag = 20"
-    if mpp:
-        desc += f"|MPP = {mpp}"
-    cargs = {"level": quality} if compression == "jpeg" else None
-    opts = dict(tile=(tile, tile), compression=compression, compressionargs=cargs, photometric="rgb",
-                metadata=None, maxworkers=2)
-    with tifffile.TiffWriter(path, bigtiff=rgb.nbytes > 2**31) as tw:
-        tw.write(rgb, description=desc, **opts)
-        for d in downsamples:
-            hh, ww = h // d, w // d
-            small = rgb[: hh * d, : ww * d].reshape(hh, d, ww, d, 3).mean(axis=(1, 3)).round().astype(np.uint8)
-            tw.write(small, **opts)
+# synthetic data (the file writers are those of sample_data.writers)
 
 
 def write_synthetic_codex(path: str | os.PathLike, size: int, channels: int = 40, tile: int = 512,
@@ -89,7 +44,8 @@ def write_synthetic_codex(path: str | os.PathLike, size: int, channels: int = 40
     costs what real tiles of that size cost while writing gigabytes takes seconds.
     """
     import imagecodecs
-    import tifffile
+
+    from sample_data.writers import write_ome_tiles
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:tile, 0:tile] / tile
@@ -101,22 +57,17 @@ def write_synthetic_codex(path: str | os.PathLike, size: int, channels: int = 40
             t = (f * rng.uniform(0.2, 2.0) + rng.poisson(20 + c, (tile, tile))).clip(0, 65535)
             pool.append(imagecodecs.zlib_encode(t.astype("<u2").tobytes(), level=6))
         pools.append(pool)
+    sides = [-(-size // 2**lv) for lv in range(levels)]
 
-    def tiles(n: int):
-        nt = (n + tile - 1) // tile
+    def tiles(lev: int):
+        nt = -(-sides[lev] // tile)
         for c in range(channels):
             for ty in range(nt):
                 for tx in range(nt):
                     yield pools[c][(ty * 7 + tx * 3 + c) % 8]
 
-    md = {"axes": "CYX", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp,
-          "Channel": {"Name": [f"marker_{i}" for i in range(channels)]}}
-    opts = dict(dtype=np.uint16, tile=(tile, tile), compression="zlib", photometric="minisblack")
-    with tifffile.TiffWriter(path, ome=True, bigtiff=True, byteorder="<") as tw:
-        tw.write(tiles(size), shape=(channels, size, size), subifds=levels - 1, metadata=md, **opts)
-        for lv in range(1, levels):
-            n = size >> lv
-            tw.write(tiles(n), shape=(channels, n, n), subfiletype=1, **opts)
+    write_ome_tiles(path, tiles, [(n, n) for n in sides], [f"marker_{i}" for i in range(channels)], mpp,
+                    tile=tile, compression="zlib", compression_level=None)
 
 
 def synthetic_he(size: int, seed: int = 0) -> np.ndarray:
@@ -246,6 +197,7 @@ def bench_patch_store(tmp: Path, he_size: int, baseline_patches: int) -> dict:
     from preprocess.patch import PatchConfig, patch_slide, read_grid
     from preprocess.patch_store import StoreConfig, resize_patch, store_slide
     from preprocess.slide_io import HESlide
+    from sample_data.writers import write_aperio_tiff
 
     path = tmp / "he" / f"bench_{he_size}.tif"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -200,12 +200,14 @@ def _is_done(slide_id: str, out: Path) -> bool:
     return (d / f"{slide_id}.h5").exists() and (d / f"{slide_id}_tissue.png").exists()
 
 
-def collect_he_slides(cohort: Path | None, he: list[Path] | None) -> tuple[dict[str, Path], str]:
-    """H&E slides by id from ``--he`` (files or folders) or ``COHORT/he``; also returns a description of the source."""
+def collect_he_slides(cohort: Path | None, he: list[Path] | None,
+                      wanted: list[str] | None = None) -> tuple[dict[str, Path], list[str]]:
+    """H&E slides by id from ``--he`` (files or folders) or ``COHORT/he``, and the sorted ids to run (``wanted``
+    as in ``--slides``, else all); raises :class:`PipelineError` when there is none or a wanted id is missing."""
     from preprocess.utils import slide_id_from_path
 
-    slides: dict[str, Path] = {}
     if he:
+        slides: dict[str, Path] = {}
         for p in he:
             if p.is_dir():
                 slides.update(list_he_slides(p))
@@ -213,10 +215,14 @@ def collect_he_slides(cohort: Path | None, he: list[Path] | None) -> tuple[dict[
                 slides[slide_id_from_path(p)] = p
             else:
                 raise PipelineError(f"H&E slide or folder not found: {p}")
-        return slides, ", ".join(str(p) for p in he)
-    if cohort is None:
+        source = ", ".join(str(p) for p in he)
+    elif cohort is None:
         raise PipelineError("give --cohort (a folder with he/) or --he (slide files or folders)")
-    return list_he_slides(cohort / "he"), str(cohort / "he")
+    else:
+        slides, source = list_he_slides(cohort / "he"), str(cohort / "he")
+    if not slides:
+        raise PipelineError(f"no H&E slides found in {source}")
+    return slides, select_slides(sorted(slides), wanted, source)
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -263,10 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out / "patches"
     setup_logging(out_dir / "run.log")
     try:
-        he_paths, source = collect_he_slides(args.cohort, args.he)
-        if not he_paths:
-            raise PipelineError(f"no H&E slides found in {source}")
-        slides = select_slides(sorted(he_paths), args.slides, source)
+        he_paths, slides = collect_he_slides(args.cohort, args.he, args.slides)
     except PipelineError as e:
         log.error("%s", e)
         return 2

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from preprocess.patch import add_common_args, collect_he_slides, read_grid
 from preprocess.slide_io import HESlide
-from preprocess.utils import PipelineError, atomic_path, run_slides, save_config, select_slides, setup_logging
+from preprocess.utils import PipelineError, atomic_path, run_slides, save_config, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -229,10 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(out_dir / "run.log")
     patches_dir = args.patches or args.out / "patches"
     try:
-        he_paths, source = collect_he_slides(args.cohort, args.he)
-        if not he_paths:
-            raise PipelineError(f"no H&E slides found in {source}")
-        slides = select_slides(sorted(he_paths), args.slides, source)
+        he_paths, slides = collect_he_slides(args.cohort, args.he, args.slides)
     except PipelineError as e:
         log.error("%s", e)
         return 2

@@ -481,7 +481,7 @@ def raw_csv_path(out: Path, slide_id: str) -> Path:
     return Path(out) / "markers" / "raw" / f"{slide_id}.csv"
 
 
-def quantify_slide(slide_id: str, codex_path: str | os.PathLike, cfg: QuantConfig) -> dict:
+def quantify_slide(slide_id: str, codex_path: str | os.PathLike | None, cfg: QuantConfig) -> dict:
     """Pass 1 for one slide: raw per-patch means -> ``markers/raw/{slide}.csv``; returns a summary dict."""
     import pandas as pd
 
@@ -489,7 +489,7 @@ def quantify_slide(slide_id: str, codex_path: str | os.PathLike, cfg: QuantConfi
     coords, attrs = read_grid(grid_path)
     affine = load_affine(Path(cfg.registration_dir) / f"{slide_id}.json", cfg.allow_flagged)
     size = int(attrs["patch_size_level0"])
-    if not str(codex_path).strip() or Path(codex_path).is_dir():
+    if codex_path is None or not str(codex_path).strip() or Path(codex_path).is_dir():
         raise PipelineError(f"slide {slide_id} has no CODEX image in the pairing table")
     with CodexImage(codex_path, mpp=cfg.codex_mpp) as codex:
         channels = resolve_channels(codex, list(cfg.markers), [tuple(p) for p in cfg.panel] if cfg.panel else None,
@@ -521,7 +521,7 @@ def quantify_slide(slide_id: str, codex_path: str | os.PathLike, cfg: QuantConfi
     return {"patches": len(coords), "covered": int((res.coverage > 0).sum())}
 
 
-def _work(slide_id: str, pairs: dict[str, tuple[Path, Path]], cfg: QuantConfig) -> dict:
+def _work(slide_id: str, pairs: dict[str, tuple[Path, Path | None]], cfg: QuantConfig) -> dict:
     return quantify_slide(slide_id, pairs[slide_id][1], cfg)
 
 

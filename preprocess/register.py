@@ -648,7 +648,7 @@ def register_slide(slide: str, pairs: dict[str, tuple[Path, Path]], pairs_path: 
     if slide not in pairs:
         raise PipelineError(f"slide {slide} has no row in the pairing table {pairs_path}")
     he_path, codex_path = pairs[slide]
-    if not str(codex_path) or str(codex_path) == "." or codex_path.is_dir():
+    if codex_path is None or codex_path.is_dir():
         raise PipelineError(f"slide {slide} has no CODEX image in the pairing table {pairs_path} (empty codex_image)")
     if not he_path.exists():
         raise PipelineError(f"H&E slide not found: {he_path} (listed for {slide} in {pairs_path})")

@@ -335,8 +335,12 @@ def resolve_channels(codex: CodexImage, markers: list[str], panel: list[tuple[in
     return [by_name[_norm_name(m)] for m in markers]
 
 
-def read_pairs(path: str | os.PathLike) -> dict[str, tuple[Path, Path]]:
-    """Read ``pairs.csv`` (``he_slide,codex_image``, paths relative to the CSV's folder) -> {slide: (he, codex)}."""
+def read_pairs(path: str | os.PathLike) -> dict[str, tuple[Path, Path | None]]:
+    """Read ``pairs.csv`` (``he_slide,codex_image``, paths relative to the CSV's folder) -> {slide: (he, codex)}.
+
+    An empty ``codex_image`` cell gives ``None``: that slide fails in the stages that need its CODEX (with a
+    message naming the table), the others go on.
+    """
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"pairing table not found: {path} (a CSV with columns he_slide,codex_image)")
@@ -346,14 +350,12 @@ def read_pairs(path: str | os.PathLike) -> dict[str, tuple[Path, Path]]:
         raise PipelineError(f"pairing table {path} must have the columns he_slide,codex_image")
     from preprocess.utils import slide_id_from_path
 
-    out: dict[str, tuple[Path, Path]] = {}
+    out: dict[str, tuple[Path, Path | None]] = {}
     for r in rows:
         he = (path.parent / r["he_slide"]).resolve() if not os.path.isabs(r["he_slide"]) else Path(r["he_slide"])
         cx = (r["codex_image"] or "").strip()
         sid = slide_id_from_path(he)
-        if not cx:
-            raise PipelineError(f"pairing table {path}: slide {sid} has no codex_image; fill the cell or drop the row")
-        codex = (path.parent / cx).resolve() if not os.path.isabs(cx) else Path(cx)
+        codex = None if not cx else (path.parent / cx).resolve() if not os.path.isabs(cx) else Path(cx)
         if sid in out:
             raise PipelineError(f"pairing table {path} lists slide {sid} twice")
         out[sid] = (he, codex)

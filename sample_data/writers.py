@@ -1,20 +1,22 @@
-"""Deterministic writers for the sample-cohort images.
+"""Deterministic writers of synthetic slides: the sample-cohort images, the tests' slides and the benchmark's data.
 
 - :func:`write_aperio_tiff`: an RGB H&E pyramid as an Aperio-style tiled JPEG TIFF (every level a tiled page of the
-  main IFD chain, downsample 4 per level, ``MPP``/``AppMag`` in the first ImageDescription) so that OpenSlide reports
-  all levels and ``openslide.mpp-x``.
+  main IFD chain, area averaged, downsample 4 per level unless given, ``MPP``/``AppMag`` in the first
+  ImageDescription) so that OpenSlide reports all levels and ``openslide.mpp-x``.
 - :func:`write_ome_pyramid`: a multi-channel uint16 OME-TIFF, one OME Image with axes CYX, pyramid levels in
-  SubIFDs (downsample 2 per level, area averaged), tiled and zstd-compressed, with its own OME-XML (fixed UUID, no
-  timestamps), streamed channel by channel.
+  SubIFDs (downsample 2 per level, area averaged), tiled and compressed (zstd unless given), with its own OME-XML
+  (deterministic UUID, no timestamps), streamed channel by channel from an iterable or a (C, H, W) array.
+- :func:`write_ome_tiles`: the OME-TIFF container of :func:`write_ome_pyramid` filled from tiles the caller yields
+  per level (arrays, or bytes already encoded with ``compression``: fast synthetic data for benchmarks).
 
-Both write to ``path + ".tmp"`` and ``os.replace`` it, so a crash never leaves a half-written file at ``path``.
+All write to ``path + ".tmp"`` and ``os.replace`` it, so a crash never leaves a half-written file at ``path``.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
@@ -26,10 +28,12 @@ from .render import downsample_mean
 APERIO_HEADER = "Aperio Image Library v12.0.15"
 
 
-def _level_shapes(shape: tuple[int, int], factor: int, min_side: int, min_levels: int) -> list[tuple[int, int]]:
-    """Shapes of pyramid levels: level 0 = shape, each next ceil-divided by factor, until max side < min_side."""
+def _level_shapes(shape: tuple[int, int], factor: int, min_side: int, min_levels: int,
+                  n_levels: int | None = None) -> list[tuple[int, int]]:
+    """Shapes of pyramid levels: level 0 = shape, each next ceil-divided by factor, until max side < min_side
+    (at least ``min_levels``), or exactly ``n_levels`` levels when given."""
     shapes = [shape]
-    while max(shapes[-1]) >= min_side or len(shapes) < min_levels:
+    while len(shapes) < n_levels if n_levels else (max(shapes[-1]) >= min_side or len(shapes) < min_levels):
         h, w = shapes[-1]
         if h == 1 and w == 1:
             break
@@ -37,42 +41,58 @@ def _level_shapes(shape: tuple[int, int], factor: int, min_side: int, min_levels
     return shapes
 
 
-def write_aperio_tiff(path: str | Path, rgb: np.ndarray, mpp: float, app_mag: int = 20, quality: int = 90,
-                      tile: int = 256, min_side: int = 512) -> list[tuple[int, int]]:
+def _tmp_path(path: str | os.PathLike) -> tuple[Path, Path]:
+    path = Path(path)
+    return path, path.with_name(path.name + ".tmp")
+
+
+def write_aperio_tiff(path: str | os.PathLike, rgb: np.ndarray, mpp: float | None, app_mag: int = 20,
+                      quality: int = 90, tile: int = 256, min_side: int = 512,
+                      downsamples: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """Write ``rgb`` (H, W, 3) uint8 as an Aperio-style pyramidal JPEG TIFF; returns the (H, W) of every level.
 
-    Levels are area-averaged by 4 until the longest side is < ``min_side`` (at least 2 levels). Level 0 carries
-    ``MPP = mpp|AppMag = app_mag`` in its ImageDescription; ``mpp`` is µm per level-0 pixel.
+    Levels are area-averaged by 4 until the longest side is < ``min_side`` (at least 2 levels), or, when given,
+    at the ``downsamples`` of level 0 (increasing, each a multiple of the one before, e.g. ``(4, 16)``). Level 0
+    carries ``MPP = mpp|AppMag = app_mag`` in its ImageDescription (no ``MPP`` when ``mpp`` is None); ``mpp`` is
+    µm per level-0 pixel.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    path, tmp = _tmp_path(path)
     h, w = rgb.shape[:2]
-    shapes = _level_shapes((h, w), 4, min_side, 2)
-    levels = [rgb]
-    for _ in shapes[1:]:
-        levels.append(downsample_mean(levels[-1], 4))
+    if downsamples is None:
+        downsamples = [4**i for i in range(1, len(_level_shapes((h, w), 4, min_side, 2)))]
+    levels, prev = [rgb], 1
+    for d in downsamples:
+        if d % prev:
+            raise ValueError(f"downsample {d} is not a multiple of {prev}")
+        levels.append(downsample_mean(levels[-1], d // prev))
+        prev = d
+    tail = f"|AppMag = {app_mag}" + (f"|MPP = {mpp:g}" if mpp else "")
     opts = dict(photometric="rgb", tile=(tile, tile), compression="jpeg", compressionargs={"level": quality},
                 metadata=None, software=False)
     with tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as tif:
         for i, lev in enumerate(levels):
             lh, lw = lev.shape[:2]
             if i == 0:
-                desc = (f"{APERIO_HEADER}\r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q={quality}"
-                        f"|AppMag = {app_mag}|MPP = {mpp:g}")
+                desc = f"{APERIO_HEADER}\r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q={quality}{tail}"
             else:
-                desc = f"{APERIO_HEADER}\r\n{w}x{h} -> {lw}x{lh} - |AppMag = {app_mag}|MPP = {mpp:g}"
+                desc = f"{APERIO_HEADER}\r\n{w}x{h} -> {lw}x{lh} - {tail}"
             tif.write(lev, description=desc, subfiletype=0 if i == 0 else 1, **opts)
     os.replace(tmp, path)
     return [lev.shape[:2] for lev in levels]
 
 
-def ome_xml(name: str, channels: Sequence[str], shape: tuple[int, int], mpp: float, uid: str) -> str:
-    """OME-XML of one uint16 Image with ``len(channels)`` channels (axes CYX, one IFD per channel), pixel size µm."""
+def ome_xml(name: str, channels: Sequence[str | None], shape: tuple[int, int], mpp: float | None, uid: str) -> str:
+    """OME-XML of one uint16 Image with ``len(channels)`` channels (axes CYX, one IFD per channel), pixel size µm.
+
+    A channel name of None leaves that channel's ``Name`` out; ``mpp`` None leaves ``PhysicalSizeX/Y`` out.
+    """
     h, w = shape
-    ch = "".join(f'<Channel ID="Channel:0:{i}" Name={quoteattr(c)} SamplesPerPixel="1"/>'
+    ch = "".join(f'<Channel ID="Channel:0:{i}"{"" if c is None else " Name=" + quoteattr(c)} SamplesPerPixel="1"/>'
                  for i, c in enumerate(channels))
     td = "".join(f'<TiffData FirstC="{i}" FirstT="0" FirstZ="0" IFD="{i}" PlaneCount="1"/>'
                  for i in range(len(channels)))
+    px = (f'PhysicalSizeX="{mpp:g}" PhysicalSizeXUnit="µm" PhysicalSizeY="{mpp:g}" PhysicalSizeYUnit="µm" '
+          if mpp else "")
     return (
         '<?xml version="1.0" encoding="UTF-8"?>'
         '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
@@ -82,29 +102,62 @@ def ome_xml(name: str, channels: Sequence[str], shape: tuple[int, int], mpp: flo
         f'UUID="urn:uuid:{uid}" Creator="hex-pipeline sample_data">'
         f'<Image ID="Image:0" Name={quoteattr(name)}>'
         f'<Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint16" SizeX="{w}" SizeY="{h}" '
-        f'SizeC="{len(channels)}" SizeZ="1" SizeT="1" PhysicalSizeX="{mpp:g}" PhysicalSizeXUnit="µm" '
-        f'PhysicalSizeY="{mpp:g}" PhysicalSizeYUnit="µm" BigEndian="false" Interleaved="false">'
+        f'SizeC="{len(channels)}" SizeZ="1" SizeT="1" {px}BigEndian="false" Interleaved="false">'
         f"{ch}{td}</Pixels></Image></OME>"
     )
 
 
-def write_ome_pyramid(path: str | Path, channels: Iterable[np.ndarray], names: Sequence[str], shape: tuple[int, int],
-                      mpp: float, uid_seed: str, tile: int = 512, min_side: int = 1000,
-                      zstd_level: int = 1) -> list[tuple[int, int]]:
+def write_ome_tiles(path: str | os.PathLike, level_tiles: Callable[[int], Iterable[np.ndarray | bytes]],
+                    shapes: Sequence[tuple[int, int]], names: Sequence[str | None], mpp: float | None,
+                    uid_seed: str | None = None, tile: int = 512, compression: str = "zstd",
+                    compression_level: int | None = 1) -> None:
+    """Write a pyramidal uint16 OME-TIFF (axes CYX) of ``len(names)`` channels, levels of ``shapes`` (H, W).
+
+    ``level_tiles(lev)`` is called once per level, in order, after the level before is written, and yields the
+    level's tiles channel by channel, rows of tiles top to bottom: (tile, tile) arrays (edge ones may be smaller)
+    or bytes already encoded with ``compression``. Level 0 is one IFD per channel; each has SubIFDs with the
+    lower levels. ``uid_seed`` (default: the file name) makes the OME UUID deterministic; ``mpp`` None writes no
+    pixel size.
+    """
+    path, tmp = _tmp_path(path)
+    uid = str(uuid.uuid5(uuid.NAMESPACE_URL, "hex-sample-data/" + (uid_seed or path.name)))
+    n_sub, nc = len(shapes) - 1, len(names)
+    res = 1e4 / mpp if mpp else 1.0  # pixels per cm
+    opts = dict(photometric="minisblack", tile=(tile, tile), compression=compression, metadata=None, software=False,
+                compressionargs=None if compression_level is None else {"level": compression_level},
+                resolutionunit="CENTIMETER" if mpp else "NONE")
+    with tifffile.TiffWriter(tmp, bigtiff=True, byteorder="<") as tif:
+        tif.write(level_tiles(0), shape=(nc, *shapes[0]), dtype=np.uint16, subifds=n_sub, resolution=(res, res),
+                  description=ome_xml(path.name.split(".")[0], names, shapes[0], mpp, uid).encode(), **opts)
+        for lev in range(n_sub):
+            f = 2 ** (lev + 1)
+            tif.write(level_tiles(lev + 1), shape=(nc, *shapes[lev + 1]), dtype=np.uint16, subfiletype=1,
+                      resolution=(res / f, res / f), **opts)
+    os.replace(tmp, path)
+
+
+def write_ome_pyramid(path: str | os.PathLike, channels: np.ndarray | Iterable[np.ndarray],
+                      names: Sequence[str] | None = None, shape: tuple[int, int] | None = None,
+                      mpp: float | None = None, uid_seed: str | None = None, tile: int = 512, min_side: int = 1000,
+                      levels: int | None = None, compression: str = "zstd",
+                      compression_level: int | None = 1) -> list[tuple[int, int]]:
     """Stream uint16 channel images (each ``shape`` (H, W), in ``names`` order) into a pyramidal OME-TIFF.
 
-    Level 0 holds one IFD per channel; each IFD has SubIFDs with the channel downsampled by 2, 4, ... (area mean)
-    until the longest side is < ``min_side`` (at least one SubIFD level). ``uid_seed`` makes the OME UUID
-    deterministic. Returns the (H, W) of every level.
+    ``channels`` may also be a (C, H, W) uint16 array; then ``shape`` defaults to its (H, W) and ``names`` may be
+    None (channels without names). Level 0 holds one IFD per channel; each IFD has SubIFDs with the channel
+    downsampled by 2, 4, ... (area mean) until the longest side is < ``min_side`` (at least one SubIFD level), or
+    ``levels`` levels in all when given. ``mpp`` (µm/px) None writes no pixel size. Returns the (H, W) of every
+    level.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(channels, np.ndarray):
+        shape = shape or channels.shape[1:]
+        names = [None] * len(channels) if names is None else names
+    if shape is None or names is None:
+        raise ValueError("give names and shape with an iterable of channels")
     h, w = shape
-    shapes = _level_shapes((h, w), 2, min_side, 2)
+    shapes = _level_shapes((h, w), 2, min_side, 2, levels)
     n_sub = len(shapes) - 1
     lower: list[list[np.ndarray]] = [[] for _ in range(n_sub)]
-    uid = str(uuid.uuid5(uuid.NAMESPACE_URL, "hex-sample-data/" + uid_seed))
-    res = 1e4 / mpp  # pixels per cm
 
     def tiles(images: Iterable[np.ndarray], lev: int) -> Iterable[np.ndarray]:
         n = 0
@@ -124,16 +177,6 @@ def write_ome_pyramid(path: str | Path, channels: Iterable[np.ndarray], names: S
         while lower[lev]:
             yield lower[lev].pop(0)
 
-    opts = dict(photometric="minisblack", tile=(tile, tile), compression="zstd",
-                compressionargs={"level": zstd_level}, metadata=None, software=False,
-                resolutionunit="CENTIMETER")
-    with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
-        tif.write(tiles(channels, 0), shape=(len(names), h, w), dtype=np.uint16, subifds=n_sub,
-                  resolution=(res, res), description=ome_xml(path.name.split(".")[0], names, shape, mpp, uid).encode(),
-                  **opts)
-        for lev in range(n_sub):
-            f = 2 ** (lev + 1)
-            tif.write(tiles(drain(lev), lev + 1), shape=(len(names), *shapes[lev + 1]), dtype=np.uint16,
-                      subfiletype=1, resolution=(res / f, res / f), **opts)
-    os.replace(tmp, path)
+    write_ome_tiles(path, lambda lev: tiles(channels if lev == 0 else drain(lev - 1), lev), shapes, names, mpp,
+                    uid_seed, tile, compression, compression_level)
     return shapes

@@ -8,9 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
-from bench.bench_quantify import write_aperio_tiff
 from preprocess import patch, patch_store
 from preprocess.slide_io import HESlide
+from sample_data.writers import write_aperio_tiff
 
 
 def _slide(w, h, seed):

@@ -10,10 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.bench_quantify import write_codex_ome
 from preprocess import quantify as q
 from preprocess.slide_io import CodexImage
 from preprocess.utils import PipelineError
+from sample_data.writers import write_ome_pyramid
+
+CODEX_MPP = 0.377
 
 
 def _affine(scale=1.0, deg=0.0, tx=0.0, ty=0.0):
@@ -42,7 +44,7 @@ def codex_small(tmp_path_factory):
     rng = np.random.default_rng(1)
     data = rng.integers(0, 65535, (5, 230, 270), dtype=np.uint16)
     path = tmp_path_factory.mktemp("codex") / "small.ome.tif"
-    write_codex_ome(path, data, ["DAPI", "CD8", "CD4", "CD20", "Ki67"], tile=32)
+    write_ome_pyramid(path, data, ["DAPI", "CD8", "CD4", "CD20", "Ki67"], mpp=CODEX_MPP, tile=32)
     return path, data
 
 
@@ -136,7 +138,7 @@ def test_matches_labels_from_a_prewarped_image(tmp_path):
     data = np.stack([1000 + 800 * np.sin(xx) * np.cos(0.7 * yy), 500 + 300 * xx + 200 * yy,
                      3000 + 1000 * np.cos(1.3 * xx + 0.4 * yy)]).astype(np.uint16)
     path = tmp_path / "smooth.ome.tif"
-    write_codex_ome(path, data, ["a", "b", "c"], tile=64)
+    write_ome_pyramid(path, data, ["a", "b", "c"], mpp=CODEX_MPP, tile=64)
     affine = _affine(0.754, 9.0, 60.0, 10.0)
     he_h, he_w = 420, 420
     inv = np.linalg.inv(affine)
@@ -191,7 +193,7 @@ def stage(tmp_path):
         d = rng.integers(100, 5000, (40, 150, 170), dtype=np.uint16)
         d[5] = d[5] // 50  # a dim marker
         data[s] = d
-        write_codex_ome(tmp_path / "codex" / f"{s}.ome.tif", d, MARKERS, tile=64)
+        write_ome_pyramid(tmp_path / "codex" / f"{s}.ome.tif", d, MARKERS, mpp=CODEX_MPP, tile=64)
         _write_grid(out / "patches" / f"{s}.h5", _grid(150, 140, 30), 30)
         _write_reg(out / "registration" / f"{s}.json", affines[s])
     (tmp_path / "pairs.csv").write_text("he_slide,codex_image\n" + "".join(
@@ -264,12 +266,13 @@ def test_errors_name_the_file(stage, caplog):
                          markers=tuple(MARKERS), panel=tuple(enumerate(MARKERS)), panel_path="panel.csv")
     # wrong channel count: a 39-channel CODEX against a 40-marker panel
     bad = cohort / "codex" / "short.ome.tif"
-    write_codex_ome(bad, np.zeros((39, 64, 64), np.uint16), MARKERS[:39], tile=32)
+    write_ome_pyramid(bad, np.zeros((39, 64, 64), np.uint16), MARKERS[:39], mpp=CODEX_MPP, tile=32)
     with pytest.raises(PipelineError, match="short.ome.tif.*39 channels"):
         q.quantify_slide("s1", bad, base)
     # unknown marker names: matched by name they fail, a panel mapping by index accepts them
     renamed = cohort / "codex" / "renamed.ome.tif"
-    write_codex_ome(renamed, np.ones((40, 100, 100), np.uint16), [f"ch{i}" for i in range(40)], tile=32)
+    write_ome_pyramid(renamed, np.ones((40, 100, 100), np.uint16), [f"ch{i}" for i in range(40)], mpp=CODEX_MPP,
+                      tile=32)
     by_name = q.QuantConfig(**{**base.__dict__, "panel": None})
     with pytest.raises(PipelineError, match="renamed.ome.tif.*lacks the markers"):
         q.quantify_slide("s1", renamed, by_name)

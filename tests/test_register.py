@@ -1,6 +1,6 @@
 """Tests of stage 02 (``preprocess.register``): CODEX -> H&E registration with palom.
 
-Acceptance: on a synthetic cohort (the sample-cohort generator when present, else pairs written here) the
+Acceptance: on the small sample cohort (conftest's ``small_cohort``: 3 slides, seed 0, 0.6 mm tissue) the
 recovered affine is within 0.5 µm (median) / 1.5 µm (95th percentile) of the ground truth on a grid of tissue
 points; a mismatched pair (another slide's CODEX) is flagged by the NCC score; missing pair / missing CODEX file /
 CODEX without a pixel size fail with messages naming the file; the CLI runs as a subprocess.
@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sample_data.writers import write_aperio_tiff, write_ome_pyramid
+
 REPO = Path(__file__).resolve().parents[1]
 HE_MPP, CODEX_MPP = 0.5, 0.377
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# a small synthetic H&E / CODEX pair (independent of sample_data, so these tests run before it exists)
+# a small synthetic H&E / CODEX pair, for what the cohort lacks (a CODEX without a pixel size, a quick export)
 
 
 def _splat_gaussians(shape: tuple[int, int], xy: np.ndarray, weights: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -45,51 +47,6 @@ def _splat_gaussians(shape: tuple[int, int], xy: np.ndarray, weights: np.ndarray
         np.add.at(img, (np.clip(y0 + dy, 0, h + 1), np.clip(x0 + dx, 0, w + 1)), wt * f)
     img = ndi.gaussian_filter(img, sigma_px, mode="constant")
     return (img * 2 * np.pi * sigma_px**2)[1:-1, 1:-1].astype(np.float32)
-
-
-def _area_pyramid(img: np.ndarray, n: int) -> list[np.ndarray]:
-    """Level 0 then ``n`` 2x area-averaged levels; img is (..., h, w)."""
-    out = [img]
-    for _ in range(n):
-        a = out[-1].astype(np.float32)
-        h, w = a.shape[-2] // 2 * 2, a.shape[-1] // 2 * 2
-        a = a[..., :h, :w]
-        a = 0.25 * (a[..., 0::2, 0::2] + a[..., 1::2, 0::2] + a[..., 0::2, 1::2] + a[..., 1::2, 1::2])
-        out.append(a.round().astype(img.dtype))
-    return out
-
-
-def write_he_tif(path: Path, rgb: np.ndarray, mpp: float) -> None:
-    """An Aperio-style tiled JPEG pyramid TIFF (OpenSlide reads its mpp)."""
-    import tifffile
-
-    h, w = rgb.shape[:2]
-    levels = [rgb]
-    while max(levels[-1].shape[:2]) > 512:
-        lv = levels[-1]
-        hh, ww = lv.shape[0] // 4 * 4, lv.shape[1] // 4 * 4
-        levels.append(lv[:hh, :ww].reshape(hh // 4, 4, ww // 4, 4, 3).mean((1, 3)).round().astype(np.uint8))
-    with tifffile.TiffWriter(path) as tw:
-        for i, lv in enumerate(levels):
-            head = f"Aperio Image Library v12.0.15\n{w}x{h}"
-            desc = (f"{head} [0,0 {w}x{h}] (256x256) JPEG/RGB Q=90|AppMag = 20|MPP = {mpp}" if i == 0
-                    else f"{head} -> {lv.shape[1]}x{lv.shape[0]}")
-            tw.write(lv, tile=(256, 256), photometric="rgb", compression="jpeg", description=desc, metadata=None)
-
-
-def write_codex_ome(path: Path, cyx: np.ndarray, names: list[str], mpp: float | None) -> None:
-    """A pyramidal OME-TIFF (CYX, uint16, SubIFD pyramid); ``mpp=None`` leaves PhysicalSizeX out."""
-    import tifffile
-
-    levels = _area_pyramid(cyx, 2)
-    md: dict = {"axes": "CYX", "Channel": {"Name": names}}
-    if mpp is not None:
-        md.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
-    with tifffile.TiffWriter(path, ome=True) as tw:
-        tw.write(levels[0], subifds=len(levels) - 1, tile=(256, 256), compression="zlib", photometric="minisblack",
-                 metadata=md)
-        for lv in levels[1:]:
-            tw.write(lv, subfiletype=1, tile=(256, 256), compression="zlib", photometric="minisblack")
 
 
 def synthetic_pair(root: Path, slide: str, seed: int, he_size: tuple[int, int] = (1400, 1200),
@@ -130,7 +87,7 @@ def synthetic_pair(root: Path, slide: str, seed: int, he_size: tuple[int, int] =
     od = hem[..., None] * np.array([0.65, 0.70, 0.29]) * 1.6 + eos[..., None] * np.array([0.07, 0.99, 0.11])
     rgb = 245 * np.exp(-od) + rng.normal(0, 3, (h, w, 3))
     (root / "he").mkdir(parents=True, exist_ok=True)
-    write_he_tif(root / "he" / f"{slide}.tif", np.clip(rgb, 0, 255).round().astype(np.uint8), HE_MPP)
+    write_aperio_tiff(root / "he" / f"{slide}.tif", np.clip(rgb, 0, 255).round().astype(np.uint8), HE_MPP)
     # CODEX: DAPI = the same nuclei mapped by the inverse affine, plus noise; other channels are noise
     inv = np.linalg.inv(affine)
     pc = pts @ inv[:2, :2].T + inv[:2, 2]
@@ -140,27 +97,8 @@ def synthetic_pair(root: Path, slide: str, seed: int, he_size: tuple[int, int] =
     cyx = np.clip(np.stack(chans), 0, 65535).round().astype(np.uint16)
     (root / "codex").mkdir(parents=True, exist_ok=True)
     names = ["DAPI"] + [f"Marker{i}" for i in range(1, n_channels)]
-    write_codex_ome(root / "codex" / f"{slide}.ome.tif", cyx, names, codex_mpp_in_file)
+    write_ome_pyramid(root / "codex" / f"{slide}.ome.tif", cyx, names, mpp=codex_mpp_in_file, tile=256, levels=3)
     return affine
-
-
-def write_synthetic_cohort(root: Path, n: int = 3, seed: int = 0, **kw) -> None:
-    """A cohort in the sample-cohort layout (he/, codex/, pairs.csv, ground_truth.json) made of synthetic pairs."""
-    slides = {}
-    for i in range(n):
-        sid = f"slide_{i:03d}"
-        aff = synthetic_pair(root, sid, seed=seed + i, rotation_deg=(6.0, -11.0, 23.0, 2.0)[i % 4], **kw)
-        slides[sid] = {"he_mpp": HE_MPP, "codex_mpp": CODEX_MPP, "affine_codex_to_he": aff.tolist()}
-    with open(root / "pairs.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["he_slide", "codex_image"])
-        for sid in slides:
-            w.writerow([f"he/{sid}.tif", f"codex/{sid}.ome.tif"])
-    (root / "ground_truth.json").write_text(json.dumps({"seed": seed, "slides": slides}))
-
-
-def _has_generator() -> bool:
-    return (REPO / "sample_data" / "make_cohort.py").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,28 +106,12 @@ def _has_generator() -> bool:
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    """Three slides: the sample-cohort generator at a small size when it exists, else pairs written here."""
-    root = tmp_path_factory.mktemp("reg_cohort")
-    if _has_generator():
-        cmd = [sys.executable, "-m", "sample_data.make_cohort", "--out", str(root), "--slides", "3", "--seed", "0"]
-        help_text = subprocess.run(cmd[:3] + ["--help"], cwd=REPO, capture_output=True, text=True).stdout
-        for flag, val in (("--tissue-mm", "0.6"), ("--workers", "1")):
-            if flag in help_text:
-                cmd += [flag, val]
-        subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, timeout=600)
-    else:
-        write_synthetic_cohort(root, 3)
-    return root
-
-
-@pytest.fixture(scope="module")
-def registered(cohort, tmp_path_factory) -> tuple[Path, int]:
-    """Stage 02 run once over the cohort: (output root, exit code)."""
+def registered(small_cohort, tmp_path_factory) -> tuple[Path, int]:
+    """Stage 02 run once over the small cohort: (output root, exit code)."""
     from preprocess.register import main
 
     out = tmp_path_factory.mktemp("reg_out")
-    rc = main(["--cohort", str(cohort), "--out", str(out)])
+    rc = main(["--cohort", str(small_cohort), "--out", str(out)])
     return out, rc
 
 
@@ -230,12 +152,12 @@ def affine_errors_um(est: np.ndarray, true: np.ndarray, he_path: Path, codex_dim
 # acceptance
 
 
-def test_recovers_ground_truth_affine(cohort, registered):
+def test_recovers_ground_truth_affine(small_cohort, registered):
     from preprocess.slide_io import CodexImage
 
     out, rc = registered
     assert rc == 0
-    gt = _ground_truth(cohort)
+    gt = _ground_truth(small_cohort)
     assert (out / "registration" / "config.json").exists()
     assert (out / "registration" / "register.log").exists()
     assert (out / "registration" / "summary.csv").exists()
@@ -255,15 +177,15 @@ def test_recovers_ground_truth_affine(cohort, registered):
         assert med <= 0.5 and p95 <= 1.5, (slide, med, p95)
 
 
-def test_mismatched_pair_is_flagged(cohort, registered, tmp_path):
+def test_mismatched_pair_is_flagged(small_cohort, registered, tmp_path):
     from preprocess.register import main
 
     out, _ = registered
-    gt = sorted(_ground_truth(cohort))
+    gt = sorted(_ground_truth(small_cohort))
     a, b = gt[0], gt[1]
     pairs = tmp_path / "pairs.csv"
-    he = next((cohort / "he").glob(f"{a}.*"))
-    cx = next((cohort / "codex").glob(f"{b}.*"))
+    he = next((small_cohort / "he").glob(f"{a}.*"))
+    cx = next((small_cohort / "codex").glob(f"{b}.*"))
     pairs.write_text(f"he_slide,codex_image\n{he},{cx}\n")
     rc = main(["--pairs", str(pairs), "--out", str(tmp_path / "out")])
     assert rc == 0, "a flagged slide is not a failure"
@@ -285,18 +207,18 @@ def _summary(out: Path) -> dict[str, dict]:
         return {r["slide"]: r for r in csv.DictReader(f)}
 
 
-def test_slide_missing_from_pairs_is_an_error(cohort, tmp_path, caplog):
+def test_slide_missing_from_pairs_is_an_error(small_cohort, tmp_path, caplog):
     from preprocess.register import main
 
-    rc = main(["--cohort", str(cohort), "--out", str(tmp_path), "--slides", "no_such_slide"])
+    rc = main(["--cohort", str(small_cohort), "--out", str(tmp_path), "--slides", "no_such_slide"])
     assert rc == 2
-    assert "no_such_slide" in caplog.text and str(cohort / "pairs.csv") in caplog.text
+    assert "no_such_slide" in caplog.text and str(small_cohort / "pairs.csv") in caplog.text
 
 
-def test_empty_pair_and_missing_codex_fail_naming_the_file(cohort, tmp_path):
+def test_empty_pair_and_missing_codex_fail_naming_the_file(small_cohort, tmp_path):
     from preprocess.register import main
 
-    he = sorted((cohort / "he").iterdir())
+    he = sorted((small_cohort / "he").iterdir())
     pairs = tmp_path / "pairs.csv"
     missing = tmp_path / "nowhere" / "gone.ome.tif"
     pairs.write_text(f"he_slide,codex_image\n{he[0]},\n{he[1]},{missing}\n")
@@ -360,7 +282,7 @@ def test_plausibility_flags_scale_shear_and_flip():
     assert not ok and "flip" in why
 
 
-def test_constrain_shifts_failure_is_recorded(cohort, tmp_path, monkeypatch):
+def test_constrain_shifts_failure_is_recorded(small_cohort, tmp_path, monkeypatch):
     """palom's constrain_shifts raises on identical shifts: the stage records it and still refines."""
     import palom
 
@@ -370,10 +292,10 @@ def test_constrain_shifts_failure_is_recorded(cohort, tmp_path, monkeypatch):
         raise ValueError("all shifts identical")
 
     monkeypatch.setattr(palom.align.Aligner, "constrain_shifts", boom)
-    gt = _ground_truth(cohort)
+    gt = _ground_truth(small_cohort)
     slide = sorted(gt)[0]
-    rec = register_pair(next((cohort / "he").glob(f"{slide}.*")), next((cohort / "codex").glob(f"{slide}.*")),
-                        RegParams())
+    he, cx = (next((small_cohort / d).glob(f"{slide}.*")) for d in ("he", "codex"))
+    rec = register_pair(he, cx, RegParams())
     assert any("constrain_shifts failed" in n for n in rec["qc"]["notes"])
     assert rec["qc"]["n_blocks_used"] >= 6 and rec["status"] == "ok"
 
@@ -399,9 +321,9 @@ def test_write_registered_ome(tmp_path):
     assert ncc(haematoxylin(rgb), dapi, dapi > 0) > 0.9
 
 
-def test_cli_subprocess(cohort, tmp_path):
-    slide = sorted(_ground_truth(cohort))[-1]
-    cmd = [sys.executable, "-m", "preprocess.register", "--cohort", str(cohort), "--out", str(tmp_path),
+def test_cli_subprocess(small_cohort, tmp_path):
+    slide = sorted(_ground_truth(small_cohort))[-1]
+    cmd = [sys.executable, "-m", "preprocess.register", "--cohort", str(small_cohort), "--out", str(tmp_path),
            "--slides", slide, "--workers", "1"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)

@@ -7,11 +7,11 @@ import h5py
 import numpy as np
 import pytest
 
-from bench.bench_quantify import write_aperio_tiff
 from preprocess import patch
 from preprocess.slide_io import HESlide
 from preprocess.tissue import TissueParams, patch_tissue_fraction, tissue_mask
 from preprocess.utils import PipelineError
+from sample_data.writers import write_aperio_tiff
 
 
 def he_image(w, h, seed=0, blank=False):

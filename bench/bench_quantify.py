@@ -3,7 +3,8 @@
     python bench/bench_quantify.py                          # 8000 x 8000 px x 40 ch CODEX, 12000 px H&E (~3 min)
     python bench/bench_quantify.py --size 4000 --he-size 6000 --threads 2 --keep /tmp/bench_data
 
-Quantification: a synthetic CODEX OME-TIFF (uint16, 40 channels, 512 px tiles, zlib, 3-level pyramid) is written
+Quantification: a synthetic CODEX OME-TIFF (uint16, 40 channels, 512 px tiles by default
+(``--tile``; ASHLAR and palom write 1024), zlib, 3-level pyramid) is written
 to a temporary folder, with a patch grid of 224 px at 0.5 µm/px mapped onto it through a rotation + scale
 affine (CODEX 0.377 µm/px). Timed, on the same machine in the same run:
   (a) baseline: one zarr read of the 40-channel bounding box per patch, then the masked mean (on a sample of
@@ -117,15 +118,16 @@ def _rate(n: int, seconds: float) -> str:
     return f"{n / seconds:9.1f} patches/s ({n} patches in {seconds:.2f} s)"
 
 
-def bench_quantify(tmp: Path, size: int, threads: int, baseline_patches: int, region_px: int) -> dict:
+def bench_quantify(tmp: Path, size: int, threads: int, baseline_patches: int, region_px: int,
+                   tile: int = 512) -> dict:
     from preprocess.quantify import TiledRegionReader, codex_coverage, quantify_patches
     from preprocess.slide_io import CodexImage
 
-    path = tmp / f"codex_{size}.ome.tif"
+    path = tmp / f"codex_{size}_t{tile}.ome.tif"
     t0 = time.perf_counter()
     if not path.exists():  # reused from an earlier run with --keep
-        write_synthetic_codex(path, size)
-    print(f"[quantify] {size}x{size}x40 CODEX ({path.stat().st_size / 1e9:.2f} GB on disk, "
+        write_synthetic_codex(path, size, tile=tile)
+    print(f"[quantify] {size}x{size}x40 CODEX, {tile} px tiles ({path.stat().st_size / 1e9:.2f} GB on disk, "
           f"{size * size * 80 / 1e9:.2f} GB decoded) ready in {time.perf_counter() - t0:.1f} s")
     # H&E grid at 0.5 µm/px over the CODEX footprint, CODEX -> H&E: scale 0.377/0.5, 2° rotation, offset
     s, th = 0.377 / 0.5, np.deg2rad(2.0)
@@ -239,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=8000, help="CODEX side in px (40 channels; default 8000)")
     p.add_argument("--he-size", type=int, default=12000, help="H&E side in px at 0.5 µm/px (default 12000)")
     p.add_argument("--threads", type=int, default=2, help="threads of the shipped quantification (default 2)")
+    p.add_argument("--tile", type=int, default=512, help="tile side of the synthetic CODEX, px (default 512)")
     p.add_argument("--region-px", type=int, default=1024, help="CODEX region side of the shipped code (px)")
     p.add_argument("--baseline-patches", type=int, default=40, help="patches timed for the quantify baseline")
     p.add_argument("--store-baseline-patches", type=int, default=300, help="patches timed for the store baseline")
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench] data in {tmp}; {os.cpu_count()} CPU cores visible")
     try:
         if "quantify" not in args.skip:
-            bench_quantify(tmp, args.size, args.threads, args.baseline_patches, args.region_px)
+            bench_quantify(tmp, args.size, args.threads, args.baseline_patches, args.region_px, args.tile)
         if "store" not in args.skip:
             bench_patch_store(tmp, args.he_size, args.store_baseline_patches)
     finally:

@@ -1,0 +1,266 @@
+"""HEX: an H&E patch encoder (``visual``) with a two-layer regression head to M CODEX marker intensities.
+
+Layout (state-dict keys match the original HEX code, so its checkpoints load)::
+
+    visual             backbone, (B,3,S,S) -> (B,D)                         keys visual.*
+    regression_head    Linear(D,256)-ReLU-Dropout(.5)-Linear(256,128)-ReLU-Dropout(.5), (B,D) -> (B,128)
+    regression_head1   Linear(128,M): weight (M,128), bias (M,)              keys regression_head1.weight/.bias
+    fds                optional feature distribution smoothing (buffers only), keys fds.*
+
+With FDS active (training, labels and epoch given) every marker gets its own calibrated copy of the 128-d feature,
+f (B,M,128), and ``pred[:, m] = f[:, m] @ W[m] + b[m]``; otherwise ``pred = regression_head1(feat)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from hex import backbones
+from preprocess.utils import PipelineError
+
+log = logging.getLogger(__name__)
+
+FEATURE_DIM = 128
+FDS_DEFAULTS: dict[str, Any] = {"bucket_num": 50, "start_update": 0, "start_smooth": 10, "kernel": "gaussian",
+                                "ks": 9, "sigma": 2, "momentum": 0.9}
+
+
+class HEX(nn.Module):
+    """HEX regressor. ``forward(x (B,3,S,S) float, labels (B,M) | None, epoch | None) -> (pred (B,M), feat (B,128))``.
+
+    Args:
+        backbone_name: a name from :func:`hex.backbones.list_backbones` or ``timm:<name>``.
+        num_markers: M, the number of regression outputs.
+        weights: backbone weights (local file or ``hf_hub:<repo>``), None = random init.
+        unfreeze_last: trainable trailing backbone blocks (+ final norm); -1 = all, 0 = none.
+        fds: None (no FDS) or a dict of :class:`hex.fds.FDS` options overriding :data:`FDS_DEFAULTS`.
+        head_dropout: dropout of the two head layers (paper 0.5).
+        **backbone_kw: builder options of the backbone (e.g. tiny MUSK sizes).
+    """
+
+    def __init__(self, backbone_name: str = "musk", num_markers: int = 40, weights: str | os.PathLike | None = None,
+                 unfreeze_last: int = 4, fds: dict | None = None, head_dropout: float = 0.5, **backbone_kw: Any):
+        super().__init__()
+        self.visual = backbones.create(backbone_name, weights=weights, **backbone_kw)
+        d = int(self.visual.embed_dim)
+        self.regression_head = nn.Sequential(
+            nn.Linear(d, 256), nn.ReLU(), nn.Dropout(head_dropout),
+            nn.Linear(256, FEATURE_DIM), nn.ReLU(), nn.Dropout(head_dropout),
+        )
+        self.regression_head1 = nn.Linear(FEATURE_DIM, num_markers)
+        self.fds: nn.Module | None = None
+        fds_cfg = None
+        if fds is not None:
+            from hex.fds import FDS
+
+            fds_cfg = {**FDS_DEFAULTS, **fds}
+            self.fds = FDS(feature_dim=FEATURE_DIM, num_markers=num_markers, **fds_cfg)
+        self.fds_active = self.fds is not None  # the training loop switches it off (paper: from epoch 50)
+        self.backbone_frozen = False
+        self.num_markers = num_markers
+        self.unfreeze_last = unfreeze_last
+        self.model_args: dict[str, Any] = {"backbone_name": backbone_name, "num_markers": num_markers,
+                                           "unfreeze_last": unfreeze_last, "fds": fds_cfg,
+                                           "head_dropout": head_dropout, "backbone_kw": dict(backbone_kw)}
+        backbones.set_trainable(self.visual, unfreeze_last)
+
+    # --------------------------------------------------------------------------------------------------------------
+    @property
+    def input_size(self) -> int:
+        """Square input side S in pixels."""
+        return int(self.visual.input_size)
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return tuple(self.visual.mean)  # type: ignore[return-value]
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return tuple(self.visual.std)  # type: ignore[return-value]
+
+    def freeze_backbone(self) -> None:
+        """Stop training the backbone (paper: from epoch 100): no gradients, eval mode from now on."""
+        self.visual.requires_grad_(False)
+        self.backbone_frozen = True
+        self.visual.eval()
+
+    def train(self, mode: bool = True) -> HEX:
+        """Like ``nn.Module.train``, but a frozen backbone stays in eval mode, and so do BatchNorm layers whose
+        parameters are all frozen (their running statistics must not drift while their weights are fixed)."""
+        super().train(mode)
+        if mode:
+            if self.backbone_frozen:
+                self.visual.eval()
+            else:
+                for m in self.visual.modules():
+                    params = list(m.parameters())
+                    if isinstance(m, _BatchNorm) and params and not any(p.requires_grad for p in params):
+                        m.eval()
+        return self
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by group: ``backbone`` and ``heads``."""
+        return {"backbone": [p for p in self.visual.parameters() if p.requires_grad],
+                "heads": [p for n, p in self.named_parameters() if n.startswith("regression_head")
+                          and p.requires_grad]}
+
+    # --------------------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+                epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B,3,S,S) normalised images -> (pred (B,M), feat (B,128) head features before any FDS calibration)."""
+        emb = self.visual(x)  # (B,D)
+        feat = self.regression_head(emb)  # (B,128)
+        use_fds = (self.training and self.fds is not None and self.fds_active and labels is not None
+                   and epoch is not None and epoch >= int(getattr(self.fds, "start_smooth", 0)))
+        if not use_fds:
+            return self.regression_head1(feat), feat
+        f = self.fds.smooth(feat, labels, epoch)  # (B,M,128) per-marker calibrated features
+        w, b = self.regression_head1.weight, self.regression_head1.bias  # (M,128), (M,)
+        if f.dim() == 2:  # smoothing returned the shared feature unchanged
+            return self.regression_head1(f), feat
+        pred = torch.einsum("bmf,mf->bm", f, w) + b  # autocast casts both operands when on
+        return pred, feat
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def read_checkpoint_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensor dict of a HEX checkpoint: ``.safetensors``, our ``epoch_{k}.pt`` (``model`` entry) or an original
+    HEX ``.pth`` (possibly wrapped in ``state_dict``/``model``/``module``); read with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in ("model", "state_dict", "module") if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise PipelineError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def normalize_hex_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip ``module.`` / ``_orig_mod.`` prefixes, map the original ``regression_head1.0.*`` to
+    ``regression_head1.*`` and move the original per-marker ``FDS.{j}.*`` buffers out of the way (``_orig_fds.``)."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
+        k = re.sub(r"^regression_head1\.0\.", "regression_head1.", k)
+        if k.startswith("FDS."):
+            k = "_orig_fds." + k[4:]
+        out[k] = v
+    return out
+
+
+def load_hex_checkpoint(model: HEX, path: str | os.PathLike, strict_backbone: bool = True,
+                        load_fds: bool = True) -> dict[str, Any]:
+    """Load a HEX checkpoint (ours or the original code's) into ``model``; returns what was loaded.
+
+    Heads must be present (``regression_head.*``, ``regression_head1.*``); their marker count must match the model.
+    A file without ``visual.*`` keys loads into the heads only and the backbone keeps its initialisation (logged).
+    Backbone keys are loaded directly when they match, else through the backbone's own checkpoint filter (which
+    drops e.g. MUSK's text branch); FDS buffers load when ``load_fds`` and the model has FDS with the same shapes.
+    ``strict_backbone=False`` logs (instead of raising) backbone weights that do not fit.
+    """
+    path = Path(path)
+    model = unwrap_model(model)  # type: ignore[assignment]
+    sd = normalize_hex_keys(read_checkpoint_state(path))
+    own = model.state_dict()
+    head_keys = [k for k in own if k.startswith("regression_head")]
+    missing_heads = [k for k in head_keys if k not in sd]
+    if missing_heads:
+        raise PipelineError(f"checkpoint {path} lacks head weights {missing_heads[:4]}: not a HEX checkpoint "
+                            "(backbone-only weights go to --weights)")
+    w = sd["regression_head1.weight"]
+    if w.shape[0] != model.num_markers:
+        raise PipelineError(f"checkpoint {path} predicts {w.shape[0]} markers but the model has {model.num_markers}; "
+                            "use the same marker panel (or build the model with num_markers="
+                            f"{w.shape[0]})")
+    for k in head_keys:
+        if sd[k].shape != own[k].shape:
+            raise PipelineError(f"checkpoint {path}: {k} has shape {tuple(sd[k].shape)}, model expects "
+                                f"{tuple(own[k].shape)} (different backbone embedding size?)")
+    heads = {k: sd[k] for k in head_keys}
+    model.load_state_dict(heads, strict=False)
+    report: dict[str, Any] = {"path": str(path), "heads": len(heads), "backbone": "initialised", "fds": False}
+
+    visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    if not visual:
+        log.info("%s holds heads only: loaded %d head tensors; the backbone was left as initialised", path, len(heads))
+    else:
+        vown = model.visual.state_dict()
+        if set(vown) <= set(visual) and all(visual[k].shape == vown[k].shape for k in vown):
+            extra = sorted(set(visual) - set(vown))
+            model.visual.load_state_dict({k: visual[k] for k in vown}, strict=True)
+            if extra:
+                log.info("%s: ignored %d backbone keys the model does not use (e.g. %s)", path, len(extra),
+                         ", ".join(extra[:3]))
+        else:
+            try:
+                backbones.load_state_dict_into(model.visual, visual, source=str(path))
+            except RuntimeError as e:
+                if strict_backbone:
+                    raise PipelineError(f"backbone weights in {path} do not fit {model.model_args['backbone_name']!r} "
+                                        f"with {model.model_args['backbone_kw']}: {e}") from e
+                log.warning("%s: backbone not loaded (%s)", path, e)
+                return report
+        report["backbone"] = "loaded"
+        log.info("loaded backbone (%d tensors) and heads from %s", len(vown), path)
+
+    fds_sd = {k[len("fds."):]: v for k, v in sd.items() if k.startswith("fds.")}
+    if model.fds is not None and fds_sd and load_fds:
+        fown = model.fds.state_dict()
+        if set(fown) == set(fds_sd) and all(fown[k].shape == fds_sd[k].shape for k in fown):
+            model.fds.load_state_dict(fds_sd)
+            report["fds"] = True
+        else:
+            log.info("%s: FDS statistics do not match this model's FDS; left as initialised", path)
+    ignored = sorted(k for k in sd if not k.startswith(("visual.", "regression_head", "fds.")))
+    if ignored:
+        log.info("%s: ignored %d keys (e.g. %s)", path, len(ignored), ", ".join(ignored[:3]))
+    return report
+
+
+def inference_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Backbone + heads tensors (no FDS buffers), contiguous CPU copies ready for ``safetensors``."""
+    sd = unwrap_model(model).state_dict()
+    return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items() if not k.startswith("fds.")}
+
+
+def build_from_args(model_args: Mapping[str, Any], weights: str | os.PathLike | None = None,
+                    with_fds: bool = True) -> HEX:
+    """Rebuild a model from the ``model_args`` saved in a checkpoint / ``best.json`` (FDS dropped unless
+    ``with_fds``)."""
+    a = dict(model_args)
+    return HEX(a["backbone_name"], num_markers=int(a["num_markers"]), weights=weights,
+               unfreeze_last=int(a.get("unfreeze_last", 4)), fds=a.get("fds") if with_fds else None,
+               head_dropout=float(a.get("head_dropout", 0.5)), **dict(a.get("backbone_kw") or {}))

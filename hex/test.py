@@ -1,0 +1,312 @@
+"""Evaluate a trained HEX model on labelled patches: per-patch predictions, per-marker and per-slide correlations.
+
+Commands (run from the repository root)::
+
+    # validation slides of a split, best model of run RUN -> OUT/runs/RUN/test/
+    python -m hex.test --out OUT --run RUN --data OUT --split COHORT/splits/splits_0.csv --split-column val \\
+        --visible-markers COHORT/ground_truth.json
+    # every labelled slide in OUT/markers, from an epoch checkpoint
+    python -m hex.test --out OUT --run RUN --data OUT --checkpoint OUT/runs/RUN/checkpoints/epoch_120.pt
+    # several processes / GPUs (each sample predicted exactly once, gathered by index on rank 0)
+    torchrun --standalone --nproc-per-node=4 -m hex.test --out OUT --run-name RUN --data OUT --split ...
+
+Outputs (rank 0, atomic): ``patch_predictions.csv`` (``slide,index,x,y,true_<m>...,pred_<m>...``),
+``marker_pearson.csv`` (``marker,pearson,spearman,mse,n[,visible]`` + ``mean``/``median`` rows and, with
+``--visible-markers``, ``mean_visible``/``mean_invisible``), ``slide_pearson.csv`` (per-slide per-marker r),
+``summary.json``, ``marker_pearson_bar.png`` and ``scatter_grid.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from hex.data import BatchTransform, PatchDataset, build_dataset, list_labelled_slides, read_split, resolve_markers_dir
+from hex.dist import all_gather_objects, barrier, cleanup_dist, close_log_file, setup_dist, shard_indices
+from hex.metrics import marker_table, slide_table
+from hex.model import HEX, build_from_args, load_hex_checkpoint
+from preprocess.utils import PipelineError, atomic_path, save_config, setup_logging, write_json
+
+log = logging.getLogger("hex.test")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prediction (shared with hex.train's validation)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``--amp``: CUDA only (``auto`` = bf16 where supported, else fp16); None on CPU."""
+    if device.type != "cuda":
+        if amp not in ("auto", "none"):
+            log.warning("--amp %s ignored: mixed precision is used on CUDA only (CPU bf16 autocast is much slower "
+                        "than fp32 here)", amp)
+        return None
+    if amp == "none":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``dtype``, or a no-op when None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def predict(model: HEX, dataset: PatchDataset, indices: Sequence[int], transform: BatchTransform,
+            device: torch.device, batch_size: int = 128, workers: int = 0, amp: torch.dtype | None = None,
+            progress: bool = False, desc: str = "predict") -> np.ndarray:
+    """Predictions (len(indices), M) float32 for ``dataset[indices]`` in that order (model in eval mode)."""
+    model.eval()
+    out = np.zeros((len(indices), len(dataset.markers)), np.float32)
+    if not len(indices):
+        return out
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        generator=torch.Generator().manual_seed(0))
+    pos = 0
+    for img, _, _ in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+        x = transform(img.to(device, non_blocking=True))
+        with autocast(device, amp):
+            pred, _ = model(x)
+        n = pred.shape[0]
+        out[pos:pos + n] = pred.float().cpu().numpy()
+        pos += n
+    return out
+
+
+def predict_distributed(model: HEX, dataset: PatchDataset, transform: BatchTransform, device: torch.device,
+                        rank: int, world_size: int, **kw: Any) -> np.ndarray:
+    """Predictions (N,M) for the whole dataset on every rank: each rank predicts a contiguous shard (no padding,
+    no duplicates), shards are gathered and placed by sample index."""
+    mine = shard_indices(len(dataset), rank, world_size)
+    pred = predict(model, dataset, mine, transform, device, **kw)
+    full = np.full((len(dataset), len(dataset.markers)), np.nan, np.float32)
+    seen = np.zeros(len(dataset), np.int64)
+    for idx, p in all_gather_objects((np.asarray(mine, np.int64), pred)):
+        full[idx] = p
+        seen[idx] += 1
+    if not (seen == 1).all():
+        raise RuntimeError(f"distributed prediction covered {int((seen == 1).sum())}/{len(dataset)} samples once")
+    return full
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading a trained model
+
+
+def load_trained(checkpoint: str | os.PathLike) -> tuple[HEX, dict[str, Any]]:
+    """Model (eval mode, no FDS) and its metadata from ``best.safetensors`` (+ ``best.json`` beside it) or an
+    ``epoch_{k}.pt`` checkpoint. Metadata keys: ``markers``, ``normalization``, ``model_args``, ``input_size``,
+    ``mean``, ``std``, ``epoch``."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise PipelineError(f"checkpoint {path} does not exist (train first, or pass --checkpoint)")
+    if path.suffix == ".safetensors":
+        meta_path = path.with_suffix(".json")
+        if not meta_path.is_file():
+            raise PipelineError(f"{meta_path} (model description next to {path.name}) does not exist")
+        meta = json.loads(meta_path.read_text())
+    else:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ck, dict) or "model_args" not in ck:
+            raise PipelineError(f"{path} is not a hex.train checkpoint (no model_args); original HEX weights: build "
+                                "HEX(...) and use hex.model.load_hex_checkpoint")
+        meta = {k: ck.get(k) for k in ("markers", "normalization", "model_args", "input_size", "interpolation",
+                                        "mean", "std", "epoch")}
+    model = build_from_args(meta["model_args"], weights=None, with_fds=False)
+    load_hex_checkpoint(model, path)
+    model.eval()
+    return model, meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reports
+
+
+def write_reports(test_dir: Path, ds: PatchDataset, pred: np.ndarray, visible: Sequence[str] | None = None,
+                  plots: bool = True) -> dict[str, Any]:
+    """Write the CSV tables, summary and plots for predictions ``pred`` (N,M) of ``ds``; returns the summary."""
+    y, markers = ds.labels, ds.markers
+    slides = ds.slide_of_sample
+    df = pd.DataFrame({"slide": slides, "index": ds.rows, "x": ds.coords[:, 0], "y": ds.coords[:, 1]})
+    df = pd.concat([df, pd.DataFrame(y, columns=[f"true_{m}" for m in markers]),
+                    pd.DataFrame(pred, columns=[f"pred_{m}" for m in markers])], axis=1)
+    with atomic_path(test_dir / "patch_predictions.csv") as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+    if visible is not None:
+        unknown = sorted(set(visible) - set(markers))
+        if unknown:
+            log.warning("visible markers not in the model's marker list: %s", unknown)
+    table = marker_table(y, pred, markers, visible)
+    with atomic_path(test_dir / "marker_pearson.csv") as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    st = slide_table(y, pred, slides, markers)
+    with atomic_path(test_dir / "slide_pearson.csv") as tmp:
+        st.to_csv(tmp, index=False, float_format="%.6g")
+    summ = table.set_index("marker")
+    summary: dict[str, Any] = {"n_patches": int(len(y)), "n_slides": int(len(st)),
+                               "mean_pearson": float(summ.loc["mean", "pearson"]),
+                               "median_pearson": float(summ.loc["median", "pearson"]),
+                               "mean_spearman": float(summ.loc["mean", "spearman"]),
+                               "mean_mse": float(summ.loc["mean", "mse"])}
+    if visible is not None:
+        summary["mean_pearson_visible"] = float(summ.loc["mean_visible", "pearson"])
+        summary["mean_pearson_invisible"] = float(summ.loc["mean_invisible", "pearson"])
+        summary["visible_markers"] = [m for m in markers if m in set(visible)]
+    write_json(test_dir / "summary.json", summary)
+    if plots:
+        _plots(test_dir, table.iloc[: len(markers)], y, pred, markers, visible)
+    return summary
+
+
+def _plots(test_dir: Path, table: pd.DataFrame, y: np.ndarray, pred: np.ndarray, markers: Sequence[str],
+           visible: Sequence[str] | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = table.sort_values("pearson", ascending=False, na_position="last")
+    vis = set(visible or [])
+    colors = ["tab:green" if m in vis else "tab:blue" for m in t["marker"]]
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(t)), 4))
+    ax.bar(range(len(t)), t["pearson"].fillna(0), color=colors)
+    ax.set_xticks(range(len(t)), t["marker"], rotation=90, fontsize=7)
+    ax.set_ylabel("Pearson r")
+    ax.set_title(f"per-marker Pearson r (mean {np.nanmean(t['pearson']):.3f})" +
+                 (" - green: visible" if vis else ""))
+    fig.tight_layout()
+    with atomic_path(test_dir / "marker_pearson_bar.png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+    n = len(markers)
+    cols = min(8, n)
+    rows = (n + cols - 1) // cols
+    rng = np.random.default_rng(0)
+    sel = rng.choice(len(y), size=min(len(y), 2000), replace=False) if len(y) else np.arange(0)
+    r = dict(zip(table["marker"], table["pearson"]))
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= n:
+            ax.axis("off")
+            continue
+        ax.scatter(y[sel, k], pred[sel, k], s=2, alpha=0.3, rasterized=True)
+        lo = float(min(y[sel, k].min(initial=0), pred[sel, k].min(initial=0)))
+        hi = float(max(y[sel, k].max(initial=1), pred[sel, k].max(initial=1)))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.5)
+        ax.set_title(f"{markers[k]} r={r.get(markers[k], np.nan):.2f}", fontsize=7)
+        ax.tick_params(labelsize=5)
+    fig.supxlabel("true")
+    fig.supylabel("predicted")
+    fig.tight_layout()
+    with atomic_path(test_dir / "scatter_grid.png") as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def read_visible_markers(path: str | os.PathLike) -> list[str]:
+    """``visible_markers`` of a ``ground_truth.json`` (or a JSON list)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"--visible-markers file {path} does not exist")
+    obj = json.loads(path.read_text())
+    vis = obj.get("visible_markers") if isinstance(obj, dict) else obj
+    if not isinstance(vis, list):
+        raise PipelineError(f"{path} has no 'visible_markers' list")
+    return [str(v) for v in vis]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hex.test", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="output root OUT (runs live in OUT/runs/RUN)")
+    p.add_argument("--run-name", "--run", dest="run", default="hex",
+                   help="run name under OUT/runs/ (--run-name under torchrun, which reads --run itself)")
+    p.add_argument("--data", type=Path, help="data root holding he_patches/ and markers/ (default: OUT)")
+    p.add_argument("--markers-dir", type=Path, help="label CSV folder (default DATA/markers)")
+    p.add_argument("--patches-dir", type=Path, help="patch folder (default DATA/he_patches)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="best.safetensors (default OUT/runs/RUN/best.safetensors) or checkpoints/epoch_{k}.pt")
+    p.add_argument("--split", type=Path, help="split CSV; without it every labelled slide in the marker folder")
+    p.add_argument("--split-column", default="val", help="column of --split to evaluate (default val)")
+    p.add_argument("--slides", nargs="+", help="explicit slide ids (instead of --split)")
+    p.add_argument("--visible-markers", type=Path, help="ground_truth.json with visible_markers: report means")
+    p.add_argument("--test-dir", type=Path, help="output folder (default OUT/runs/RUN/test)")
+    p.add_argument("--batch-size", type=int, default=128, help="patches per forward per process")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank")
+    p.add_argument("--amp", choices=("auto", "fp16", "bf16", "none"), default="auto", help="autocast (CUDA only)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ctx = setup_dist(args.device)
+    run_dir = args.out / "runs" / args.run
+    test_dir = args.test_dir or run_dir / "test"
+    setup_logging(test_dir / "test.log" if ctx.is_main else None, rank=ctx.rank)
+    try:
+        data = args.data or args.out
+        ckpt = args.checkpoint or run_dir / "best.safetensors"
+        model, meta = load_trained(ckpt)
+        model.to(ctx.device)
+        if args.slides:
+            slides = list(args.slides)
+        elif args.split is not None:
+            slides = read_split(args.split, args.split_column)
+        else:
+            slides = list_labelled_slides(resolve_markers_dir(data, args.markers_dir))
+            if not slides:
+                raise PipelineError(f"no label CSVs in {resolve_markers_dir(data, args.markers_dir)}")
+        ds = build_dataset(data, slides, markers=meta["markers"], markers_dir=args.markers_dir,
+                           patches_dir=args.patches_dir)
+        visible = read_visible_markers(args.visible_markers) if args.visible_markers else None
+        tf = BatchTransform(int(meta["input_size"]), meta["mean"], meta["std"], train=False,
+                            interpolation=meta.get("interpolation") or "bilinear")
+        amp = resolve_amp(args.amp, ctx.device)
+        if ctx.is_main:
+            log.info("model %s (epoch %s) on %d patches of %d slides, %d rank(s)", ckpt, meta.get("epoch"), len(ds),
+                     len(slides), ctx.world_size)
+        pred = predict_distributed(model, ds, tf, ctx.device, ctx.rank, ctx.world_size, batch_size=args.batch_size,
+                                   workers=args.workers, amp=amp, progress=ctx.is_main)
+        if ctx.is_main:
+            save_config(test_dir, {**vars(args), "checkpoint": str(ckpt), "world_size": ctx.world_size,
+                                   "slides": slides}, name="test_config.json")
+            s = write_reports(test_dir, ds, pred, visible, plots=not args.no_plots)
+            msg = f"mean Pearson r {s['mean_pearson']:.4f} (median {s['median_pearson']:.4f})"
+            if visible is not None:
+                msg += (f"; visible {s['mean_pearson_visible']:.4f}, invisible {s['mean_pearson_invisible']:.4f}")
+            log.info("%s over %d patches -> %s", msg, len(ds), test_dir)
+        barrier()
+        return 0
+    except PipelineError as e:
+        log.error("%s", e)
+        return 2
+    finally:
+        close_log_file(test_dir / "test.log")
+        cleanup_dist()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -430,8 +430,9 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path) -> int:
                 writer.add_scalar("val/pearson_mean", score, epoch + 1)
                 writer.add_scalar("val/mse_mean", float(np.nanmean(e)), epoch + 1)
                 for name, rv, ev in zip(val_ds.markers, r, e):
-                    writer.add_scalar(f"val_pearson/{name}", float(rv), epoch + 1)
-                    writer.add_scalar(f"val_mse/{name}", float(ev), epoch + 1)
+                    tag = re.sub(r"[^A-Za-z0-9_.\-]", "_", name)  # TensorBoard tags: no spaces or slashes
+                    writer.add_scalar(f"val_pearson/{tag}", float(rv), epoch + 1)
+                    writer.add_scalar(f"val_mse/{tag}", float(ev), epoch + 1)
                 log.info("epoch %d/%d: train loss %.4f (%.0f samples/s, data wait %.0f%%), val mean r %.4f, "
                          "mse %.5f", epoch + 1, args.epochs, tr["loss"], tr["samples"] / train_time,
                          100 * tr["data_wait"] / max(train_time, 1e-9), score, float(np.nanmean(e)))

@@ -14,7 +14,7 @@ WORKERS=${WORKERS:-8}
 EXTRA=${EXTRA:-}                         # e.g. "--batch-size 48 --lr 1e-5 --resume auto"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_module hex.train
-ARGS=(--data "$OUT" --out "$OUT" --run "$RUN" --split "$COHORT/splits/splits_${FOLD}.csv"
+ARGS=(--data "$OUT" --out "$OUT" --run-name "$RUN" --split "$COHORT/splits/splits_${FOLD}.csv"
       --clinical "$COHORT/clinical.csv" --backbone "$BACKBONE" --epochs "$EPOCHS" --workers "$WORKERS")
 [ -n "$WEIGHTS" ] && ARGS+=(--weights "$WEIGHTS")
 if [ "$GPUS" -gt 0 ]; then

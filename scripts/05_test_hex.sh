@@ -10,7 +10,7 @@ WORKERS=${WORKERS:-4}
 EXTRA=${EXTRA:-}                         # e.g. "--visible-markers COHORT/ground_truth.json"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_module hex.test
-ARGS=(--data "$OUT" --out "$OUT" --run "$RUN" --split "$COHORT/splits/splits_${FOLD}.csv" --workers "$WORKERS")
+ARGS=(--data "$OUT" --out "$OUT" --run-name "$RUN" --split "$COHORT/splits/splits_${FOLD}.csv" --workers "$WORKERS")
 if [ "$GPUS" -gt 0 ]; then
   # shellcheck disable=SC2086
   torchrun --nproc-per-node "$GPUS" -m hex.test "${ARGS[@]}" $EXTRA

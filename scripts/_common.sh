@@ -7,6 +7,7 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "$_repo/.venv/bin/activate" ]; then
   # shellcheck disable=SC1091
   source "$_repo/.venv/bin/activate"
 fi
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 export PYTHONPATH="$_repo${PYTHONPATH:+:$PYTHONPATH}"
 # A stage whose python module is not in this checkout yet stops here with a clear message.
 require_module() {

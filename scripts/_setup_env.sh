@@ -22,4 +22,6 @@ fi
 # shellcheck disable=SC1091
 source "$_venv/bin/activate"
 cd "$_repo"
+# idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning slows training up to 20x
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 export PYTHONPATH="$_repo${PYTHONPATH:+:$PYTHONPATH}"

@@ -3,8 +3,8 @@
     python bench/bench_quantify.py                          # 8000 x 8000 px x 40 ch CODEX, 12000 px H&E (~3 min)
     python bench/bench_quantify.py --size 4000 --he-size 6000 --threads 2 --keep /tmp/bench_data
 
-Quantification: a synthetic CODEX OME-TIFF (uint16, 40 channels, 512 px tiles by default
-(``--tile``; ASHLAR and palom write 1024), zlib, 3-level pyramid) is written
+Quantification: a synthetic CODEX OME-TIFF (uint16, 40 channels, 1024 px tiles by default as palom and ASHLAR
+write them (``--tile 512`` for smaller tiles), zlib, 3-level pyramid) is written
 to a temporary folder, with a patch grid of 224 px at 0.5 µm/px mapped onto it through a rotation + scale
 affine (CODEX 0.377 µm/px). Timed, on the same machine in the same run:
   (a) baseline: one zarr read of the 40-channel bounding box per patch, then the masked mean (on a sample of
@@ -119,7 +119,7 @@ def _rate(n: int, seconds: float) -> str:
 
 
 def bench_quantify(tmp: Path, size: int, threads: int, baseline_patches: int, region_px: int,
-                   tile: int = 512) -> dict:
+                   tile: int = 1024) -> dict:
     from preprocess.quantify import TiledRegionReader, codex_coverage, quantify_patches
     from preprocess.slide_io import CodexImage
 
@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=8000, help="CODEX side in px (40 channels; default 8000)")
     p.add_argument("--he-size", type=int, default=12000, help="H&E side in px at 0.5 µm/px (default 12000)")
     p.add_argument("--threads", type=int, default=2, help="threads of the shipped quantification (default 2)")
-    p.add_argument("--tile", type=int, default=512, help="tile side of the synthetic CODEX, px (default 512)")
+    p.add_argument("--tile", type=int, default=1024,
+                   help="tile side of the synthetic CODEX, px (default 1024, as palom and ASHLAR write; try 512)")
     p.add_argument("--region-px", type=int, default=1024, help="CODEX region side of the shipped code (px)")
     p.add_argument("--baseline-patches", type=int, default=40, help="patches timed for the quantify baseline")
     p.add_argument("--store-baseline-patches", type=int, default=300, help="patches timed for the store baseline")

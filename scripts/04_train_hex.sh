@@ -15,11 +15,12 @@ EXTRA=${EXTRA:-}                         # e.g. "--batch-size 48 --lr 1e-5 --res
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_module hex.train
 ARGS=(--data "$OUT" --out "$OUT" --run-name "$RUN" --split "$COHORT/splits/splits_${FOLD}.csv"
-      --clinical "$COHORT/clinical.csv" --backbone "$BACKBONE" --epochs "$EPOCHS" --workers "$WORKERS")
+      --clinical "$COHORT/clinical.csv" --backbone "$BACKBONE" --epochs "$EPOCHS" --workers "$WORKERS"
+      --resume auto)  # continue a run that has checkpoints (a finished run is left as it is)
 [ -n "$WEIGHTS" ] && ARGS+=(--weights "$WEIGHTS")
 if [ "$GPUS" -gt 0 ]; then
   # shellcheck disable=SC2086
-  torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS" --max-restarts 3 -m hex.train "${ARGS[@]}" --resume auto $EXTRA
+  torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS" --max-restarts 3 -m hex.train "${ARGS[@]}" $EXTRA
 else
   # shellcheck disable=SC2086
   python -m hex.train "${ARGS[@]}" $EXTRA

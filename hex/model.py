@@ -152,19 +152,10 @@ def read_checkpoint_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in ("model", "state_dict", "module") if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, Mapping):
-        raise PipelineError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
-    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    try:
+        return backbones.read_state_dict(path)
+    except ValueError as e:
+        raise PipelineError(f"checkpoint {path}: {e}") from e
 
 
 def normalize_hex_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

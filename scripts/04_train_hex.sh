@@ -11,7 +11,8 @@ GPUS=${GPUS:-0}
 NNODES=${NNODES:-1}
 EPOCHS=${EPOCHS:-120}
 WORKERS=${WORKERS:-8}
-EXTRA=${EXTRA:-}                         # e.g. "--batch-size 48 --lr 1e-5 --resume auto"
+EXTRA=${EXTRA:-}                         # flags for hex.train, e.g. "--batch-size 48 --lr 1e-5"
+TORCHRUN_ARGS=${TORCHRUN_ARGS:-}         # multi-node: "--node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29500"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_module hex.train
 ARGS=(--data "$OUT" --out "$OUT" --run-name "$RUN" --split "$COHORT/splits/splits_${FOLD}.csv"
@@ -20,7 +21,7 @@ ARGS=(--data "$OUT" --out "$OUT" --run-name "$RUN" --split "$COHORT/splits/split
 [ -n "$WEIGHTS" ] && ARGS+=(--weights "$WEIGHTS")
 if [ "$GPUS" -gt 0 ]; then
   # shellcheck disable=SC2086
-  torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS" --max-restarts 3 -m hex.train "${ARGS[@]}" $EXTRA
+  torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS" --max-restarts 3 $TORCHRUN_ARGS -m hex.train "${ARGS[@]}" $EXTRA
 else
   # shellcheck disable=SC2086
   python -m hex.train "${ARGS[@]}" $EXTRA

@@ -72,6 +72,7 @@ from hex.dist import (
     all_reduce_sum,
     barrier,
     broadcast_buffers,
+    broadcast_object,
     cleanup_dist,
     close_log_file,
     rng_state,
@@ -284,7 +285,12 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path) -> int:
     rank, world, device, is_main = ctx.rank, ctx.world_size, ctx.device, ctx.is_main
     if args.epochs < 1 or args.batch_size < 1:
         raise PipelineError("--epochs and --batch-size must be >= 1")
-    resume_path = find_resume(args.resume, run_dir)
+    # rank 0 picks the checkpoint and every rank loads that one (a rank that cannot read it fails loudly), so ranks
+    # never resume from different epochs
+    resume_path = broadcast_object(find_resume(args.resume, run_dir) if is_main else None)
+    if resume_path is not None and not Path(resume_path).is_file():
+        raise PipelineError(f"rank {rank}: resume checkpoint {resume_path} is not readable here; OUT must be on a "
+                            "filesystem that every node sees")
     if resume_path is None:
         check_model_flags(args)
     # ---- data
@@ -326,6 +332,11 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path) -> int:
         scheduler.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         start_epoch, best = int(ck["epoch"]), dict(ck["best"])
+        best_json = run_dir / "best.json"  # a better model may have been saved after this checkpoint
+        if best_json.is_file():
+            saved = json.loads(best_json.read_text())
+            if float(saved.get("val_mean_pearson", -math.inf)) > best["pearson"]:
+                best = {"pearson": float(saved["val_mean_pearson"]), "epoch": int(saved.get("epoch", -1))}
         if ck.get("backbone_frozen"):
             model.freeze_backbone()
     accum = 1
@@ -436,7 +447,8 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path) -> int:
                 log.info("epoch %d/%d: train loss %.4f (%.0f samples/s, data wait %.0f%%), val mean r %.4f, "
                          "mse %.5f", epoch + 1, args.epochs, tr["loss"], tr["samples"] / train_time,
                          100 * tr["data_wait"] / max(train_time, 1e-9), score, float(np.nanmean(e)))
-            if score > best["pearson"]:
+            # the first evaluated epoch always writes best.* (even when every r is undefined), later ones must beat it
+            if score > best["pearson"] or best["epoch"] < 0:
                 best = {"pearson": score, "epoch": epoch + 1}
                 if is_main:
                     save_best(run_dir, model, {**meta, "epoch": epoch + 1, "val_mean_pearson": score,

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import multiprocessing as mp
+import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -308,11 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                    if k not in ("out", "workers", "log_level")},
     }
-    with open(out / "ground_truth.json", "w") as f:
-        json.dump(gt, f, indent=1)
-        f.write("\n")
     if not args.tables_only:
         _write_preview(out, results[0]["slide_id"])
+    # last and atomic: ground_truth.json is what marks a finished cohort (scripts/demo.sh reuses one that has it)
+    tmp = out / ".ground_truth.json.tmp"
+    tmp.write_text(json.dumps(gt, indent=1) + "\n")
+    os.replace(tmp, out / "ground_truth.json")
     dt = time.perf_counter() - t0
     tot = {k: sum(r["timing"].get(k, 0.0) for r in results) for k in ("cells", "he", "codex", "cpu")}
     log.info("done: %d slides, %d cells in %.1f s (summed worker seconds: %s), %.0f%% censored", len(results),

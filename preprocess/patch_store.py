@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from preprocess.patch import add_common_args, collect_he_slides, read_grid
 from preprocess.slide_io import HESlide
-from preprocess.utils import PipelineError, atomic_path, run_slides, save_config, setup_logging
+from preprocess.utils import PipelineError, atomic_path, default_threads, run_slides, save_config, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = StoreConfig(out=args.out, patches_dir=patches_dir, mpp=args.mpp, png=args.png, region_px=args.region_px,
                       compression=None if args.compression == "none" else args.compression,
-                      threads=args.threads or max(1, min(4, (os.cpu_count() or 1) // max(1, args.workers))))
+                      threads=args.threads or default_threads(args.workers))
     save_config(out_dir, vars(args) | {"patches_dir": patches_dir, "slides_resolved": slides,
                                        "schema_version": SCHEMA_VERSION})
     try:

@@ -51,6 +51,7 @@ from preprocess.slide_io import CodexImage, read_marker_panel, read_pairs, resol
 from preprocess.utils import (
     PipelineError,
     atomic_path,
+    default_threads,
     run_slides,
     save_config,
     select_slides,
@@ -671,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         log.error("%s", e)
         return 2
-    threads = args.threads or max(1, min(4, (os.cpu_count() or 1) // max(1, args.workers)))
+    threads = args.threads or default_threads(args.workers)
     cfg = QuantConfig(out=args.out, patches_dir=args.patches or args.out / "patches",
                       registration_dir=args.registration or args.out / "registration", markers=tuple(markers),
                       panel=tuple(panel) if args.channels_by == "index" else None, panel_path=str(panel_path),

@@ -13,8 +13,8 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -24,8 +24,6 @@ from typing import Any
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class PipelineError(RuntimeError):
@@ -45,12 +43,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = suffix if suffix is not None else "".join(path.suffixes[-1:])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    # a unique name that the writer creates itself, so the file gets the usual umask permissions (mkstemp: 0600)
+    tmp_path = path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give outputs the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -87,6 +83,11 @@ def save_config(out_dir: str | os.PathLike, config: Any, name: str = "config.jso
     path = Path(out_dir) / name
     write_json(path, cfg)
     return path
+
+
+def default_threads(workers: int, cap: int = 4) -> int:
+    """Threads per slide when ``workers`` slides run in parallel: the cores left to each, between 1 and ``cap``."""
+    return max(1, min(cap, (os.cpu_count() or 1) // max(1, workers)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

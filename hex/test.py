@@ -7,6 +7,10 @@ Commands (run from the repository root)::
         --visible-markers COHORT/ground_truth.json
     # every labelled slide in OUT/markers, from an epoch checkpoint
     python -m hex.test --out OUT --run RUN --data OUT --checkpoint OUT/runs/RUN/checkpoints/epoch_120.pt
+    # the original release's checkpoint.pth (heads only): backbone weights from --weights, its 40 marker names
+    # from hex/markers_original.csv, matched to the label columns by name
+    python -m hex.test --out OUT --run orig --data OUT --checkpoint checkpoint.pth --backbone musk \
+        --weights musk/model.safetensors
     # several processes / GPUs (each sample predicted exactly once, gathered by index on rank 0)
     torchrun --standalone --nproc-per-node=4 -m hex.test --out OUT --run-name RUN --data OUT --split ...
 
@@ -19,7 +23,6 @@ Outputs (rank 0, atomic): ``patch_predictions.csv`` (``slide,index,x,y,true_<m>.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -31,107 +34,65 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
-from hex.data import BatchTransform, PatchDataset, build_dataset, list_labelled_slides, read_split, resolve_markers_dir
-from hex.dist import all_gather_objects, barrier, cleanup_dist, close_log_file, setup_dist, shard_indices
+from hex.data import (
+    LEGACY_PREFIX,
+    BatchTransform,
+    PatchDataset,
+    build_dataset,
+    list_labelled_slides,
+    marker_columns,
+    read_split,
+    resolve_markers_dir,
+)
+from hex.dist import barrier, cleanup_dist, close_log_file, setup_dist
+from hex.evaluate import autocast, predict, predict_distributed, resolve_amp, wants_channels_last
 from hex.metrics import marker_table, slide_table
-from hex.model import HEX, build_from_args, load_hex_checkpoint
+from hex.trained import add_checkpoint_args, load_from_args, load_trained
 from preprocess.utils import PipelineError, atomic_path, save_config, setup_logging, write_json
 
 log = logging.getLogger("hex.test")
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# prediction (shared with hex.train's validation)
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``--amp``: CUDA only (``auto`` = bf16 where supported, else fp16); None on CPU."""
-    if device.type != "cuda":
-        if amp not in ("auto", "none"):
-            log.warning("--amp %s ignored: mixed precision is used on CUDA only (CPU bf16 autocast is much slower "
-                        "than fp32 here)", amp)
-        return None
-    if amp == "none":
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``dtype``, or a no-op when None."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-@torch.inference_mode()
-def predict(model: HEX, dataset: PatchDataset, indices: Sequence[int], transform: BatchTransform,
-            device: torch.device, batch_size: int = 128, workers: int = 0, amp: torch.dtype | None = None,
-            progress: bool = False, desc: str = "predict") -> np.ndarray:
-    """Predictions (len(indices), M) float32 for ``dataset[indices]`` in that order (model in eval mode)."""
-    model.eval()
-    out = np.zeros((len(indices), len(dataset.markers)), np.float32)
-    if not len(indices):
-        return out
-    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False,
-                        generator=torch.Generator().manual_seed(0))
-    pos = 0
-    for img, _, _ in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
-        x = transform(img.to(device, non_blocking=True))
-        with autocast(device, amp):
-            pred, _ = model(x)
-        n = pred.shape[0]
-        out[pos:pos + n] = pred.float().cpu().numpy()
-        pos += n
-    return out
-
-
-def predict_distributed(model: HEX, dataset: PatchDataset, transform: BatchTransform, device: torch.device,
-                        rank: int, world_size: int, **kw: Any) -> np.ndarray:
-    """Predictions (N,M) for the whole dataset on every rank: each rank predicts a contiguous shard (no padding,
-    no duplicates), shards are gathered and placed by sample index."""
-    mine = shard_indices(len(dataset), rank, world_size)
-    pred = predict(model, dataset, mine, transform, device, **kw)
-    full = np.full((len(dataset), len(dataset.markers)), np.nan, np.float32)
-    seen = np.zeros(len(dataset), np.int64)
-    for idx, p in all_gather_objects((np.asarray(mine, np.int64), pred)):
-        full[idx] = p
-        seen[idx] += 1
-    if not (seen == 1).all():
-        raise RuntimeError(f"distributed prediction covered {int((seen == 1).sum())}/{len(dataset)} samples once")
-    return full
+# re-exported: older code imports the prediction loop and the loader from here
+__all__ = ["autocast", "load_trained", "match_label_markers", "predict", "predict_distributed", "read_visible_markers",
+           "resolve_amp", "write_reports"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# loading a trained model
+# markers: the model's outputs matched to the label CSV's columns by name
 
 
-def load_trained(checkpoint: str | os.PathLike) -> tuple[HEX, dict[str, Any]]:
-    """Model (eval mode, no FDS) and its metadata from ``best.safetensors`` (+ ``best.json`` beside it) or an
-    ``epoch_{k}.pt`` checkpoint. Metadata keys: ``markers``, ``normalization``, ``model_args``, ``input_size``,
-    ``mean``, ``std``, ``epoch``."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise PipelineError(f"checkpoint {path} does not exist (train first, or pass --checkpoint)")
-    if path.suffix == ".safetensors":
-        meta_path = path.with_suffix(".json")
-        if not meta_path.is_file():
-            raise PipelineError(f"{meta_path} (model description next to {path.name}) does not exist")
-        meta = json.loads(meta_path.read_text())
-    else:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ck, dict) or "model_args" not in ck:
-            raise PipelineError(f"{path} is not a hex.train checkpoint (no model_args); original HEX weights: build "
-                                "HEX(...) and use hex.model.load_hex_checkpoint")
-        meta = {k: ck.get(k) for k in ("markers", "normalization", "model_args", "input_size", "interpolation",
-                                        "mean", "std", "epoch")}
-    model = build_from_args(meta["model_args"], weights=None, with_fds=False)
-    load_hex_checkpoint(model, path)
-    model.eval()
-    return model, meta
+def match_label_markers(model_markers: Sequence[str], csv_markers: Sequence[str],
+                        original: bool = False) -> tuple[list[str], list[int]]:
+    """Label columns to read and the model outputs they correspond to: ``(columns, output indices)``.
+
+    Markers are matched by name; the model's order is kept and markers the labels lack are left out (warning).
+    An original checkpoint (``original``) evaluated on legacy ``mean_intensity_channel{k}`` columns maps output k-1
+    to channel k, as the release trained it. No marker in common is an error.
+    """
+    have = set(csv_markers)
+    if original and csv_markers and all(c.startswith(LEGACY_PREFIX) for c in csv_markers) and \
+            len(csv_markers) == len(model_markers):
+        log.info("original checkpoint on legacy label columns: output k -> %s{k+1}", LEGACY_PREFIX)
+        return list(csv_markers), list(range(len(model_markers)))
+    cols = [m for m in model_markers if m in have]
+    if not cols:
+        raise PipelineError(f"the label CSVs share no marker with the model (model: {list(model_markers)[:5]}..., "
+                            f"labels: {list(csv_markers)[:5]}...); use labels with the model's marker names")
+    if len(cols) < len(model_markers):
+        log.warning("labels lack %d of the model's %d markers (%s...): evaluating the %d in common",
+                    len(model_markers) - len(cols), len(model_markers),
+                    [m for m in model_markers if m not in have][:5], len(cols))
+    pos = {m: i for i, m in enumerate(model_markers)}
+    return cols, [pos[m] for m in cols]
+
+
+def _first_csv_markers(markers_dir: Path, slides: Sequence[str]) -> list[str]:
+    for s in slides:
+        p = markers_dir / f"{s}.csv"
+        if p.is_file():
+            return marker_columns(pd.read_csv(p, nrows=0).columns)
+    raise PipelineError(f"no label CSV for slides {list(slides)[:5]} in {markers_dir} (run the quantification stage)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,8 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="data root holding he_patches/ and markers/ (default: OUT)")
     p.add_argument("--markers-dir", type=Path, help="label CSV folder (default DATA/markers)")
     p.add_argument("--patches-dir", type=Path, help="patch folder (default DATA/he_patches)")
-    p.add_argument("--checkpoint", type=Path,
-                   help="best.safetensors (default OUT/runs/RUN/best.safetensors) or checkpoints/epoch_{k}.pt")
     p.add_argument("--split", type=Path, help="split CSV; without it every labelled slide in the marker folder")
     p.add_argument("--split-column", default="val", help="column of --split to evaluate (default val)")
     p.add_argument("--slides", nargs="+", help="explicit slide ids (instead of --split)")
@@ -257,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("auto", "fp16", "bf16", "none"), default="auto", help="autocast (CUDA only)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    add_checkpoint_args(p, "best.safetensors (default OUT/runs/RUN/best.safetensors)")
     return p
 
 
@@ -269,8 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         data = args.data or args.out
         ckpt = args.checkpoint or run_dir / "best.safetensors"
-        model, meta = load_trained(ckpt)
+        model, meta = load_from_args(args, run_dir / "best.safetensors")
         model.to(ctx.device)
+        channels_last = wants_channels_last(model, ctx.device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
         if args.slides:
             slides = list(args.slides)
         elif args.split is not None:
@@ -279,8 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             slides = list_labelled_slides(resolve_markers_dir(data, args.markers_dir))
             if not slides:
                 raise PipelineError(f"no label CSVs in {resolve_markers_dir(data, args.markers_dir)}")
-        ds = build_dataset(data, slides, markers=meta["markers"], markers_dir=args.markers_dir,
-                           patches_dir=args.patches_dir)
+        mdir = resolve_markers_dir(data, args.markers_dir)
+        cols, outputs = match_label_markers(meta["markers"], _first_csv_markers(mdir, slides),
+                                            original=meta.get("checkpoint_kind") == "original")
+        ds = build_dataset(data, slides, markers=cols, markers_dir=args.markers_dir, patches_dir=args.patches_dir)
+        ds.markers = [meta["markers"][k] for k in outputs]  # report under the model's names
         visible = read_visible_markers(args.visible_markers) if args.visible_markers else None
         tf = BatchTransform(int(meta["input_size"]), meta["mean"], meta["std"], train=False,
                             interpolation=meta.get("interpolation") or "bilinear")
@@ -289,10 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("model %s (epoch %s) on %d patches of %d slides, %d rank(s)", ckpt, meta.get("epoch"), len(ds),
                      len(slides), ctx.world_size)
         pred = predict_distributed(model, ds, tf, ctx.device, ctx.rank, ctx.world_size, batch_size=args.batch_size,
-                                   workers=args.workers, amp=amp, progress=ctx.is_main)
+                                   workers=args.workers, amp=amp, progress=ctx.is_main, channels_last=channels_last)
+        pred = pred[:, outputs]
         if ctx.is_main:
             save_config(test_dir, {**vars(args), "checkpoint": str(ckpt), "world_size": ctx.world_size,
-                                   "slides": slides}, name="test_config.json")
+                                   "slides": slides, "checkpoint_sha256": meta["checkpoint_sha256"],
+                                   "checkpoint_kind": meta["checkpoint_kind"], "markers": ds.markers},
+                        name="test_config.json")
             s = write_reports(test_dir, ds, pred, visible, plots=not args.no_plots)
             msg = f"mean Pearson r {s['mean_pearson']:.4f} (median {s['median_pearson']:.4f})"
             if visible is not None:

@@ -80,11 +80,11 @@ from hex.dist import (
     set_rng_state,
     setup_dist,
 )
+from hex.evaluate import autocast, predict_distributed, resolve_amp
 from hex.losses import LOSSES, build_loss
 from hex.metrics import mse as mse_per_marker
 from hex.metrics import pearson as pearson_per_marker
 from hex.model import HEX, build_from_args, inference_state_dict, load_hex_checkpoint
-from hex.test import autocast, predict_distributed, resolve_amp
 from preprocess.utils import PipelineError, atomic_path, save_config, setup_logging, write_json
 
 log = logging.getLogger("hex.train")

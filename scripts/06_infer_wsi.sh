@@ -1,12 +1,31 @@
 #!/usr/bin/env bash
-# Stage 06: whole-slide HEX inference -> OUT/hex_pred/{slide}.h5 and OUT/virtual_codex/
-COHORT=${COHORT:-sample_cohort}
-OUT=${OUT:-outputs}
-RUN=${RUN:-mica_run}
+# Stage 06: whole-slide HEX inference -> OUT/hex_pred/{slide}.h5, then the virtual CODEX maps -> OUT/virtual_codex/.
+# GPUS>0: torchrun with GPUS processes (slides shared among them, NCCL); GPUS=0: one CPU process.
+# Original release checkpoint: CHECKPOINT=/path/checkpoint.pth BACKBONE=musk WEIGHTS=/path/musk/model.safetensors
+COHORT=${COHORT:-sample_cohort}          # slides in COHORT/he/
+OUT=${OUT:-outputs}                      # OUT/patches/ (stage 01 grid, used when STRIDE is empty) and OUT/runs/RUN
+RUN=${RUN:-hex_fold0}                    # checkpoint OUT/runs/RUN/best.safetensors unless CHECKPOINT is set
+CHECKPOINT=${CHECKPOINT:-}               # best.safetensors, checkpoints/epoch_k.pt, or the original checkpoint.pth
+BACKBONE=${BACKBONE:-}                   # original checkpoint.pth only (default musk)
+WEIGHTS=${WEIGHTS:-}                     # original heads-only checkpoint.pth: backbone weights file
+STRIDE=${STRIDE:-}                       # tile step in px at 0.5 µm/px; empty = patch size (stage-01 grid), e.g. 56
 GPUS=${GPUS:-0}
-WORKERS=${WORKERS:-4}
-EXTRA=${EXTRA:-}
+NNODES=${NNODES:-1}
+WORKERS=${WORKERS:-4}                    # DataLoader workers reading regions, per process
+EXTRA=${EXTRA:-}                         # e.g. "--raw-units --batch-size 256 --shard 0/4 --no-maps"
+TORCHRUN_ARGS=${TORCHRUN_ARGS:-}         # multi-node (NNODES>1): "--node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29500"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_module hex.infer_wsi
-# shellcheck disable=SC2086
-python -m hex.infer_wsi --cohort "$COHORT" --out "$OUT" --workers "$WORKERS" $EXTRA
+ARGS=(--cohort "$COHORT" --out "$OUT" --run-name "$RUN" --workers "$WORKERS")
+[ -n "$CHECKPOINT" ] && ARGS+=(--checkpoint "$CHECKPOINT")
+[ -n "$BACKBONE" ] && ARGS+=(--backbone "$BACKBONE")
+[ -n "$WEIGHTS" ] && ARGS+=(--weights "$WEIGHTS")
+[ -n "$STRIDE" ] && ARGS+=(--stride "$STRIDE")
+if [ "$GPUS" -gt 0 ]; then
+  if [ "$NNODES" -eq 1 ] && [ -z "$TORCHRUN_ARGS" ]; then TORCHRUN_ARGS="--standalone"; fi
+  # shellcheck disable=SC2086
+  torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS" $TORCHRUN_ARGS -m hex.infer_wsi "${ARGS[@]}" $EXTRA
+else
+  # shellcheck disable=SC2086
+  python -m hex.infer_wsi "${ARGS[@]}" $EXTRA
+fi

@@ -17,6 +17,10 @@ This module keeps exactly the parameters the vision path uses (303,938,560 at fu
 multiway ``B``), ``text_embed`` and ``vision_embed.mask_token`` (masked-image pretraining only) are removed after a
 meta-device build, so their checkpoint keys are dropped (and reported) by :meth:`MuskBackbone.checkpoint_filter`.
 Module paths stay ``beit3.encoder.layers.{i}`` / ``beit3.encoder.layer_norm`` so the official file loads unchanged.
+
+Attention runs through ``F.scaled_dot_product_attention`` by default (``attention="sdpa"``, see
+:mod:`hex.backbones.musk_attention`: same parameters and keys, fp32 outputs equal to torchscale's own matmul +
+softmax path to rounding); ``attention="eager"`` keeps torchscale's forward.
 """
 
 from __future__ import annotations
@@ -120,8 +124,13 @@ class MuskBackbone(Backbone):
         img_size: int = 384,
         patch_size: int = 16,
         drop_path_rate: float = 0.0,
+        attention: str = "sdpa",
     ) -> None:
         super().__init__()
+        from .musk_attention import ATTENTION_MODES
+
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"MUSK attention must be one of {ATTENTION_MODES}, got {attention!r}")
         EncoderConfig, BEiT3 = _import_beit3()
         args = EncoderConfig(
             img_size=img_size,
@@ -143,10 +152,20 @@ class MuskBackbone(Backbone):
         beit3.to_empty(device="cpu")
         _init_weights(beit3)
         self.beit3 = beit3
+        self.set_attention(attention)
         spec = MUSK_SPEC
         if (embed_dim, img_size) != (spec.embed_dim, spec.input_size):
             spec = BackboneSpec(**{**spec.to_dict(), "embed_dim": embed_dim, "input_size": img_size})
         self._set_spec(spec)
+
+    def set_attention(self, mode: str) -> None:
+        """``"sdpa"`` (fused ``scaled_dot_product_attention``) or ``"eager"`` (torchscale's matmul + softmax), in
+        place; parameters and state-dict keys do not change. Image tokens are never padded, so the SDPA path skips
+        torchscale's all-False key padding mask."""
+        from .musk_attention import set_attention
+
+        set_attention(self.beit3, mode, assume_unpadded=True)
+        self.attention = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (B, 3, S, S) normalised image -> (B, D) CLS embedding after the final LayerNorm (branch A)."""
@@ -175,5 +194,5 @@ class MuskBackbone(Backbone):
 @register_backbone(MUSK_SPEC)
 def musk(**kw) -> MuskBackbone:
     """MUSK-large (``embed_dim``, ``depth``, ``num_heads``, ``mlp_dim``, ``img_size``, ``patch_size`` override the
-    size: same code path, e.g. 64-d / 2 layers / 64 px in tests)."""
+    size: same code path, e.g. 64-d / 2 layers / 64 px in tests; ``attention="sdpa"|"eager"``, default sdpa)."""
     return MuskBackbone(**kw)

@@ -1,0 +1,238 @@
+"""Writers of the virtual CODEX outputs: pyramidal OME-TIFF, QuPath GeoJSON detections and the preview figure.
+
+Each writer takes arrays that :func:`hex.virtual_codex.accumulate_map` produced (a map (H', W', M) whose pixel is
+one stride step s of the slide's level 0) and writes one file atomically (temp file, then ``os.replace``).
+
+- OME-TIFF: one Image, axes CYX, float32, M channels named with the markers in the OME-XML, tiled and
+  zlib-compressed, lower resolutions (2x area means) in SubIFDs, ``PhysicalSizeX/Y`` = s x mpp in µm. QuPath
+  (Bio-Formats) and napari (tifffile) then scale it onto the H&E without manual settings.
+- GeoJSON: a FeatureCollection with one Polygon per tile in level-0 px, ``properties.objectType = "detection"``
+  and ``properties.measurements = {marker: value}`` (QuPath >= 0.4 conventions, read by *File > Import objects*;
+  the feature ``id`` is a UUID, which QuPath keeps as the object's id). Features follow the rows of the
+  prediction file, so feature i is tile i.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from preprocess.utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OME-TIFF
+
+
+def downsample2(img: np.ndarray) -> np.ndarray:
+    """Area mean of 2x2 blocks of a 2-D image -> (ceil(h/2), ceil(w/2)) float32; edge blocks average the pixels
+    they have (odd sizes are not padded with zeros)."""
+    h, w = img.shape
+    ph, pw = h + (h % 2), w + (w % 2)
+    s = np.zeros((ph, pw), np.float32)
+    s[:h, :w] = img
+    n = np.zeros((ph, pw), np.float32)
+    n[:h, :w] = 1.0
+    s = s.reshape(ph // 2, 2, pw // 2, 2).sum(axis=(1, 3))
+    n = n.reshape(ph // 2, 2, pw // 2, 2).sum(axis=(1, 3))
+    return s / n
+
+
+def pyramid_shapes(shape: tuple[int, int], min_side: int = 256) -> list[tuple[int, int]]:
+    """(H, W) of every pyramid level: level 0 = ``shape``, each next one halved (ceil) while the previous level's
+    longest side exceeds ``min_side``."""
+    shapes = [(int(shape[0]), int(shape[1]))]
+    while max(shapes[-1]) > min_side:
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+def write_ome_pyramid(path: str | os.PathLike, image: np.ndarray, channel_names: Sequence[str],
+                      pixel_size_um: float, *, name: str | None = None, description: str | None = None,
+                      tile: int = 256, compression: str = "zlib") -> list[tuple[int, int]]:
+    """Write ``image`` (H, W, C) as a pyramidal float32 OME-TIFF with axes CYX.
+
+    Args:
+        path: the ``.ome.tif`` file (written atomically).
+        image: (H, W, C) array, rows = y; written channel by channel (no full (C, H, W) copy is made).
+        channel_names: C names, stored as OME ``Channel/@Name``.
+        pixel_size_um: level-0 pixel side in µm (``PhysicalSizeX/Y``, also the TIFF resolution tags).
+        name: OME ``Image/@Name``; description: OME ``Image/Description``.
+        tile: TIFF tile side (multiple of 16); levels halve until the longest side is <= ``tile``.
+        compression: a tifffile compression name (zlib: readable by Bio-Formats/QuPath and every tifffile).
+
+    Returns the (H, W) of every level (level 0 first).
+    """
+    import tifffile
+
+    h, w, c = image.shape
+    if len(channel_names) != c:
+        raise ValueError(f"{c} channels but {len(channel_names)} names")
+    if not pixel_size_um > 0:
+        raise ValueError(f"pixel size must be > 0 µm, got {pixel_size_um}")
+    shapes = pyramid_shapes((h, w), min_side=tile)
+    res = 1e4 / pixel_size_um  # pixels per cm
+    opts = dict(photometric="minisblack", tile=(tile, tile), compression=compression, dtype=np.float32,
+                resolutionunit="CENTIMETER")
+
+    def tiles(level: int) -> Iterator[np.ndarray]:
+        for ci in range(c):
+            plane = np.ascontiguousarray(image[:, :, ci], dtype=np.float32)
+            for _ in range(level):
+                plane = downsample2(plane)
+            for y in range(0, plane.shape[0], tile):
+                for x in range(0, plane.shape[1], tile):
+                    yield plane[y:y + tile, x:x + tile]
+
+    metadata = {"axes": "CYX", "Channel": {"Name": [str(n) for n in channel_names]},
+                "PhysicalSizeX": float(pixel_size_um), "PhysicalSizeXUnit": "µm",
+                "PhysicalSizeY": float(pixel_size_um), "PhysicalSizeYUnit": "µm"}
+    if name:
+        metadata["Name"] = name
+    if description:
+        metadata["Description"] = description
+    with atomic_path(path, suffix=".ome.tif") as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
+        tif.write(tiles(0), shape=(c, *shapes[0]), subifds=len(shapes) - 1, resolution=(res, res),
+                  metadata=metadata, **opts)
+        for lev in range(1, len(shapes)):
+            f = 2**lev
+            tif.write(tiles(lev), shape=(c, *shapes[lev]), subfiletype=1, resolution=(res / f, res / f),
+                      metadata=None, **opts)
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GeoJSON (QuPath detections)
+
+
+def _tile_uuid(slide_id: str, index: int) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"hex-virtual-codex/{slide_id}/{index}"))
+
+
+def write_geojson(path: str | os.PathLike, coords: np.ndarray, values: np.ndarray, patch_size_level0: float,
+                  markers: Sequence[str], slide_id: str, decimals: int = 4) -> int:
+    """Write one FeatureCollection: a closed 5-point Polygon per tile (level-0 px, x right, y down) with the
+    predictions as QuPath measurements. Returns the number of features.
+
+    Args:
+        coords: (N, 2) level-0 top-left x, y of each tile. values: (N, M) predictions (``markers`` order).
+        patch_size_level0: tile side in level-0 px. decimals: digits after the point of the measurements.
+
+    Non-finite predictions are left out of that tile's measurements (JSON has no NaN) with a warning.
+    Features are formatted from one template and streamed to the file, so memory stays small for many tiles.
+    """
+    coords = np.asarray(coords)
+    values = np.asarray(values, dtype=np.float64).reshape(len(coords), len(markers))
+    p = float(patch_size_level0)
+    integral = p.is_integer() and np.issubdtype(coords.dtype, np.integer)
+    num = "%d" if integral else "%.3f"
+    corners = ",".join([f"[{num},{num}]"] * 5)
+    keys = [json.dumps(str(m), ensure_ascii=False).replace("%", "%%") for m in markers]
+    head = ('{"type":"Feature","id":"%s","geometry":{"type":"Polygon","coordinates":[[' + corners + ']]},'
+            '"properties":{"objectType":"detection","measurements":{')
+    full = head + ",".join(f"{k}:%.{int(decimals)}f" for k in keys) + "}}}"
+    finite = np.isfinite(values).all(axis=1)
+    if not finite.all():
+        log.warning("%s: %d tiles with non-finite predictions; those values are left out of the GeoJSON",
+                    slide_id, int((~finite).sum()))
+    xy = coords.astype(np.int64 if integral else np.float64).tolist()
+    d = int(p) if integral else p
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write('{"type":"FeatureCollection","features":[')
+        for i, ((x0, y0), row) in enumerate(zip(xy, values.tolist())):
+            x1, y1 = x0 + d, y0 + d
+            ring = (x0, y0, x1, y0, x1, y1, x0, y1, x0, y0)
+            if i:
+                f.write(",")
+            if finite[i]:
+                f.write(full % (_tile_uuid(slide_id, i), *ring, *row))
+            else:
+                meas = ",".join(f"{k.replace('%%', '%')}:{v:.{int(decimals)}f}" for k, v in zip(keys, row)
+                                if math.isfinite(v))
+                f.write((head % (_tile_uuid(slide_id, i), *ring)) + meas + "}}}")
+        f.write("]}\n")
+    return len(coords)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# preview
+
+
+def _display_map(plane: np.ndarray, max_side: int) -> np.ndarray:
+    while max(plane.shape) > max_side:
+        plane = downsample2(plane)
+    return plane
+
+
+def write_preview(path: str | os.PathLike, image: np.ndarray, mask: np.ndarray, markers: Sequence[str],
+                  show: Sequence[str], stride_level0: float, mpp: float,
+                  thumbnail: tuple[np.ndarray, float] | None = None, title: str = "",
+                  max_side: int = 800) -> None:
+    """PNG: the H&E thumbnail (when given, as (rgb, level-0 px per thumbnail px)) beside one panel per marker of
+    ``show``, each with its own colour bar (1st-99th percentile of the tissue pixels). All panels are drawn in
+    level-0 px, so the H&E and the maps line up; pixels without tissue are grey.
+
+    Args:
+        image: (H', W', M) map; mask: (H', W') bool; markers: the M names; show: names to draw (subset of markers).
+        stride_level0: map pixel side in level-0 px; mpp: level-0 µm/px (for the scale in the title).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = [list(markers).index(m) for m in show]
+    n = len(idx)
+    hmap, wmap = mask.shape
+    extent = (0, wmap * stride_level0, hmap * stride_level0, 0)  # level-0 px, y down
+    ncol_m = max(1, math.ceil(n / 2)) if n > 3 else max(1, n)
+    nrow_m = 2 if n > 3 else 1
+    has_he = thumbnail is not None
+    ncol = ncol_m + (2 if has_he else 0)
+    aspect = (hmap / max(wmap, 1)) if wmap else 1.0
+    fig = plt.figure(figsize=(2.6 * ncol, 2.6 * nrow_m * min(max(aspect, 0.5), 2.0) + 0.6))
+    gs = fig.add_gridspec(nrow_m, ncol)
+    if has_he:
+        rgb, ds = thumbnail
+        ax = fig.add_subplot(gs[:, :2])
+        ax.imshow(rgb, extent=(0, rgb.shape[1] * ds, rgb.shape[0] * ds, 0), interpolation="bilinear")
+        ax.set_title("H&E")
+        ax.set_xlim(0, max(extent[1], rgb.shape[1] * ds))
+        ax.set_ylim(max(extent[2], rgb.shape[0] * ds), 0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    m_small = _display_map(mask.astype(np.float32), max_side) > 0
+    for k, ci in enumerate(idx):
+        ax = fig.add_subplot(gs[k // ncol_m, (2 if has_he else 0) + k % ncol_m])
+        plane = _display_map(np.asarray(image[:, :, ci], dtype=np.float32), max_side)
+        vals = plane[m_small]
+        lo, hi = (np.percentile(vals, [1, 99]) if vals.size else (0.0, 1.0))
+        hi = hi if hi > lo else lo + 1e-6
+        shown = np.where(m_small, plane, np.nan)
+        cmap = plt.get_cmap("magma").with_extremes(bad="0.85")
+        im = ax.imshow(shown, cmap=cmap, vmin=lo, vmax=hi, extent=extent, interpolation="nearest")
+        if has_he:
+            rgb, ds = thumbnail
+            ax.set_xlim(0, max(extent[1], rgb.shape[1] * ds))
+            ax.set_ylim(max(extent[2], rgb.shape[0] * ds), 0)
+        ax.set_title(markers[ci], fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        cb.ax.tick_params(labelsize=6)
+    fig.suptitle(f"{title}  virtual CODEX (normalised units), map pixel = {stride_level0:g} px "
+                 f"= {stride_level0 * mpp:.3g} µm", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,354 @@
+"""hex.infer_wsi (stage 06) and its region tile reader on small synthetic slides (tiny models, CPU).
+
+Fast: the region reader equals the patch store pixel for pixel; infer_wsi over the stage-01 grid reproduces
+hex.test's predictions; a stride gives the expected overlapping grid; shards cover every slide once; bad slides
+fail with one line each while the others finish; the original release's checkpoint layouts (heads-only + MUSK
+weights, and full) run through hex.test and hex.infer_wsi. Slow: 2-rank gloo torchrun equals 1 rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+
+from hex import infer_wsi
+from hex import test as hex_test
+from hex.model import HEX
+from hex.trained import load_trained, original_markers
+from hex.wsi_tiles import TileRegions, make_tile_loader, tissue_tiles
+from preprocess import patch, patch_store
+from sample_data.writers import write_aperio_tiff
+
+ROOT = Path(__file__).resolve().parents[1]
+PS = 112  # tile size of these tests (56 µm), small slides stay fast
+MUSK_KW = {"embed_dim": 64, "depth": 2, "num_heads": 2, "img_size": 64}
+
+
+def _slide(w: int, h: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 240, np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    tissue = ((xx - w / 2) / (0.45 * w)) ** 2 + ((yy - h / 2) / (0.45 * h)) ** 2 < 1
+    base = np.array([190, 100, 170]) + 30 * np.sin(xx[tissue] / 23.0)[:, None]
+    img[tissue] = (base + rng.integers(-40, 40, (int(tissue.sum()), 3))).clip(0, 255)
+    return img
+
+
+def _spread_out(model: HEX, factor: float = 500.0) -> HEX:
+    """Scale the last layer so predictions vary across tiles by ~0.1 (a random init varies by ~1e-4, which would make
+    a 1e-4 comparison meaningless)."""
+    with torch.no_grad():
+        model.regression_head1.weight.mul_(factor)
+    return model
+
+
+def _spread(pred: np.ndarray) -> float:
+    """Mean over markers of the prediction's standard deviation over tiles."""
+    return float(pred.std(axis=0).mean())
+
+
+def _save_run(out: Path, run: str, model: HEX, markers: list[str]) -> Path:
+    from hex.train import save_best
+
+    run_dir = out / "runs" / run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    norm = {"markers": markers, "percentiles": [1, 99], "values": [[10.0] * len(markers), [110.0] * len(markers)]}
+    save_best(run_dir, model, {"markers": markers, "normalization": norm, "model_args": model.model_args,
+                               "input_size": model.input_size, "interpolation": "bilinear", "mean": list(model.mean),
+                               "std": list(model.std), "epoch": 0, "val_mean_pearson": 0.0})
+    return run_dir / "best.safetensors"
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Slides a (0.5 µm/px, level 0), b (0.25 µm/px, read at its 2x level), c (0.3 µm/px, resized); stages 01 and
+    03's patch store; random labels named like the original markers; a random tiny HEX as run ``tiny``."""
+    d = tmp_path_factory.mktemp("wsi")
+    (d / "he").mkdir()
+    write_aperio_tiff(d / "he" / "a.tif", _slide(800, 700, 0), mpp=0.5, downsamples=(4,))
+    write_aperio_tiff(d / "he" / "b.tif", _slide(1400, 1200, 1), mpp=0.25, downsamples=(2, 8))
+    write_aperio_tiff(d / "he" / "c.tif", _slide(900, 800, 2), mpp=0.3, downsamples=(4,))
+    out = d / "out"
+    common = ["--cohort", str(d), "--out", str(out)]
+    assert patch.main([*common, "--patch-size", str(PS)]) == 0
+    assert patch_store.main([*common, "--region-px", "300"]) == 0  # several regions per slide
+    markers = original_markers()
+    rng = np.random.default_rng(0)
+    (out / "markers").mkdir()
+    for sid in ("a", "b", "c"):
+        with h5py.File(out / "patches" / f"{sid}.h5") as f:
+            xy = f["coords"][:]
+        df = pd.DataFrame({"slide": sid, "index": np.arange(len(xy)), "x": xy[:, 0], "y": xy[:, 1]})
+        labels = pd.DataFrame(rng.uniform(0, 1, (len(xy), len(markers))), columns=markers)
+        pd.concat([df, labels[markers[::-1]]], axis=1).to_csv(out / "markers" / f"{sid}.csv", index=False)
+    torch.manual_seed(0)
+    _save_run(out, "tiny", _spread_out(HEX("tiny", num_markers=40, input_size=32, unfreeze_last=-1)), markers)
+    return d, out
+
+
+def _preds(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    with h5py.File(path) as f:
+        return f["coords"][:], f["codex_prediction"][:], dict(f.attrs)
+
+
+def _test_preds(test_dir: Path, sid: str, markers: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    df = pd.read_csv(test_dir / "patch_predictions.csv", dtype={"slide": str})
+    df = df[df["slide"] == sid].sort_values("index")
+    return df[["x", "y"]].to_numpy(), df[[f"pred_{m}" for m in markers]].to_numpy()
+
+
+# ------------------------------------------------------------------------------------------------- tile reader
+def test_tile_regions_equal_patch_store(cohort: tuple[Path, Path]) -> None:
+    d, out = cohort
+    for sid in ("a", "b", "c"):
+        ds = TileRegions.from_grid(d / "he" / f"{sid}.tif", out / "patches" / f"{sid}.h5", region_px=300)
+        assert len(ds) > 1  # several regions, not one read
+        with h5py.File(out / "he_patches" / f"{sid}.h5") as f:
+            store = f["imgs"][:].transpose(0, 3, 1, 2)
+        seen = np.zeros(ds.num_tiles, int)
+        for imgs, idx in make_tile_loader(ds, batch_size=5, workers=0):
+            assert imgs.dtype == torch.uint8 and imgs.shape[1:] == (3, PS, PS) and len(imgs) <= 5
+            np.testing.assert_array_equal(imgs.numpy(), store[idx.numpy()])
+            seen[idx.numpy()] += 1
+        assert (seen == 1).all()
+        tiles, idx = ds[0]  # map-style access: one region
+        np.testing.assert_array_equal(tiles.numpy(), store[idx.numpy()])
+
+
+def test_tile_loader_workers_cover_every_tile_once(cohort: tuple[Path, Path]) -> None:
+    d, out = cohort
+    ds = TileRegions.from_grid(d / "he" / "b.tif", out / "patches" / "b.h5", region_px=300)
+    idx = np.concatenate([i.numpy() for _, i in make_tile_loader(ds, batch_size=4, workers=2)])
+    assert sorted(idx.tolist()) == list(range(ds.num_tiles))
+
+
+def test_tissue_grid_at_patch_stride_is_the_stage01_grid(cohort: tuple[Path, Path]) -> None:
+    d, out = cohort
+    for sid in ("a", "b", "c"):
+        tiles, frac, info = tissue_tiles(d / "he" / f"{sid}.tif", patch_size=PS)
+        with h5py.File(out / "patches" / f"{sid}.h5") as f:
+            np.testing.assert_array_equal(tiles.coords, f["coords"][:])
+            np.testing.assert_allclose(frac, f["tissue_fraction"][:], rtol=1e-6)
+            assert info["stride_level0"] == f.attrs["patch_size_level0"] == tiles.patch_size_level0
+            assert tiles.level == f.attrs["patch_level"] and tiles.read_size == f.attrs["read_size_at_level"]
+
+
+# ------------------------------------------------------------------------------------------------- predictions
+def test_stage01_grid_reproduces_hex_test(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    d, out = cohort
+    assert hex_test.main(["--out", str(out), "--run-name", "tiny", "--workers", "0", "--no-plots",
+                          "--test-dir", str(tmp_path / "test"), "--batch-size", "7"]) == 0
+    pred_out = tmp_path / "o"
+    shutil.copytree(out / "patches", pred_out / "patches")
+    ck = out / "runs" / "tiny" / "best.safetensors"
+    args = ["--cohort", str(d), "--out", str(pred_out), "--checkpoint", str(ck), "--workers", "0", "--batch-size",
+            "5", "--no-maps", "--raw-units"]
+    assert infer_wsi.main(args) == 0
+    markers = original_markers()
+    for sid in ("a", "b", "c"):
+        coords, pred, attrs = _preds(pred_out / "hex_pred" / f"{sid}.h5")
+        t_xy, t_pred = _test_preds(tmp_path / "test", sid, markers)
+        np.testing.assert_array_equal(coords, t_xy)
+        assert pred.shape == (len(coords), 40) and pred.dtype == np.float32
+        assert np.abs(pred - t_pred).max() <= 1e-4 and _spread(pred) > 0.02
+        assert list(attrs["markers"]) == markers and attrs["stride_level0"] == attrs["patch_size_level0"]
+        assert attrs["grid_source"].endswith(f"{sid}.h5") and len(attrs["checkpoint_sha256"]) == 64
+        assert json.loads(attrs["normalization"])["values"][0][0] == 10.0
+        with h5py.File(pred_out / "hex_pred" / f"{sid}.h5") as f:
+            np.testing.assert_allclose(f["codex_prediction_raw"][:], 10 + 100 * pred, rtol=1e-6)
+    assert (pred_out / "hex_pred" / "config.json").is_file()
+    # done slides are skipped
+    mtime = (pred_out / "hex_pred" / "a.h5").stat().st_mtime_ns
+    assert infer_wsi.main(args) == 0
+    assert (pred_out / "hex_pred" / "a.h5").stat().st_mtime_ns == mtime
+    # best.safetensors alone (no best.json beside it) carries its own description
+    shutil.copy(ck, tmp_path / "moved.safetensors")
+    _, meta = load_trained(tmp_path / "moved.safetensors")
+    assert meta["markers"] == markers and meta["input_size"] == 32 and meta["checkpoint_kind"] == "safetensors"
+
+
+def test_stride_gives_overlapping_grid(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    d, out = cohort
+    ck = out / "runs" / "tiny" / "best.safetensors"
+    base = ["--cohort", str(d), "--slides", "a", "--checkpoint", str(ck), "--workers", "0", "--no-maps"]
+    assert infer_wsi.main([*base, "--out", str(tmp_path / "all"), "--stride", "56", "--patch-size", str(PS),
+                           "--min-tissue", "0"]) == 0
+    coords, _, attrs = _preds(tmp_path / "all" / "hex_pred" / "a.h5")
+    assert attrs["stride_level0"] == 56 and attrs["patch_size_level0"] == PS and attrs["grid_source"] == "computed"
+    xs, ys = np.arange(0, 800 - PS + 1, 56), np.arange(0, 700 - PS + 1, 56)
+    expect = np.stack(np.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)  # row-major: y outer
+    np.testing.assert_array_equal(coords, expect)
+    # the tissue grid at stride 56 (tile size from the stage-01 grid) contains the stage-01 grid, with the same
+    # predictions there
+    for name in ("t", "g"):
+        shutil.copytree(out / "patches", tmp_path / name / "patches")
+    assert infer_wsi.main([*base, "--out", str(tmp_path / "t"), "--stride", "56"]) == 0
+    coords, pred, attrs = _preds(tmp_path / "t" / "hex_pred" / "a.h5")
+    assert ((coords % 56) == 0).all() and attrs["patch_size"] == PS and attrs["grid_source"] == "computed"
+    assert infer_wsi.main([*base, "--out", str(tmp_path / "g")]) == 0
+    g_coords, g_pred, _ = _preds(tmp_path / "g" / "hex_pred" / "a.h5")
+    pos = {tuple(c): i for i, c in enumerate(coords)}
+    assert all(tuple(c) in pos for c in g_coords) and len(coords) > 2 * len(g_coords)
+    rows = [pos[tuple(c)] for c in g_coords]
+    assert np.abs(pred[rows] - g_pred).max() <= 1e-4 and _spread(g_pred) > 0.02
+
+
+def test_maps_written_by_default(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    pytest.importorskip("hex.virtual_codex")
+    d, out = cohort
+    ck = out / "runs" / "tiny" / "best.safetensors"
+    assert infer_wsi.main(["--cohort", str(d), "--slides", "a", "--out", str(tmp_path), "--checkpoint", str(ck),
+                           "--workers", "0", "--patch-size", str(PS)]) == 0
+    assert (tmp_path / "virtual_codex" / "a.npy").is_file() and (tmp_path / "virtual_codex" / "a.ome.tif").is_file()
+
+
+def test_shards_cover_all(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    slides = ["c", "a", "e", "b", "d"]
+    parts = [infer_wsi.shard_slides(slides, f"{i}/2") for i in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(slides) and not set(parts[0]) & set(parts[1])
+    ranks = [infer_wsi.shard_slides(slides, "1/2", r, 2) for r in range(2)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(parts[1])
+    d, out = cohort
+    ck = out / "runs" / "tiny" / "best.safetensors"
+    for i in range(2):
+        assert infer_wsi.main(["--cohort", str(d), "--out", str(tmp_path), "--checkpoint", str(ck), "--workers",
+                               "0", "--no-maps", "--patch-size", str(PS), "--shard", f"{i}/2"]) == 0
+    assert sorted(p.stem for p in (tmp_path / "hex_pred").glob("*.h5")) == ["a", "b", "c"]
+    assert (tmp_path / "hex_pred" / "config_shard0of2.json").is_file()
+    assert infer_wsi.main(["--cohort", str(d), "--out", str(tmp_path), "--checkpoint", str(ck), "--shard",
+                           "2/2"]) == 2
+
+
+def test_bad_slides_one_line_each(cohort: tuple[Path, Path], tmp_path: Path, capfd: pytest.CaptureFixture,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    d, out = cohort
+    he = tmp_path / "he"
+    he.mkdir()
+    shutil.copy(d / "he" / "a.tif", he / "good.tif")
+    shutil.copy(d / "he" / "a.tif", he / "café.tif")
+    (he / "empty.tif").write_bytes(b"")
+    data = (d / "he" / "c.tif").read_bytes()
+    (he / "trunc.tif").write_bytes(data[: len(data) // 2])
+    shutil.copy(d / "he" / "c.tif", he / "corrupt.tif")  # header intact, level-0 tiles zeroed: fails in a worker
+    with tifffile.TiffFile(he / "corrupt.tif") as t:
+        spans = list(zip(t.pages[0].dataoffsets, t.pages[0].databytecounts))
+    with open(he / "corrupt.tif", "r+b") as f:
+        for off, n in spans:
+            f.seek(off)
+            f.write(b"\0" * n)
+    write_aperio_tiff(he / "small.tif", _slide(80, 70, 3), mpp=0.5, downsamples=(2,))
+    write_aperio_tiff(he / "blank.tif", np.full((600, 500, 3), 240, np.uint8), mpp=0.5, downsamples=(4,))
+    ck = out / "runs" / "tiny" / "best.safetensors"
+    with caplog.at_level(logging.INFO):
+        rc = infer_wsi.main(["--he", str(he), "--out", str(tmp_path / "o"), "--checkpoint", str(ck), "--workers",
+                             "1", "--no-maps", "--patch-size", str(PS), "--thumb-size", "200"])
+    assert rc == 1
+    text = capfd.readouterr().err + caplog.text
+    assert "Traceback" not in text
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    for name in ("empty.tif", "trunc.tif", "corrupt.tif", "small.tif"):
+        assert sum(name in m for m in errors) == 1, (name, errors)
+    assert "0-byte" in next(m for m in errors if "empty.tif" in m)
+    assert "smaller than one tile" in next(m for m in errors if "small.tif" in m)
+    assert "truncated or corrupt" in next(m for m in errors if "corrupt.tif" in m)
+    assert len(errors) == 4 and all("\n" not in m for m in errors), errors
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("blank.tif" in m and "no tissue" in m for m in warnings) == 1
+    assert sum("café.tif" in m and "non-ASCII" in m for m in warnings) == 1
+    pred_dir = tmp_path / "o" / "hex_pred"
+    coords, pred, _ = _preds(pred_dir / "blank.h5")
+    assert coords.shape == (0, 2) and pred.shape == (0, 40)
+    assert _preds(pred_dir / "good.h5")[1].shape[0] > 0 and _preds(pred_dir / "café.h5")[1].shape[0] > 0
+    assert any("3 done (2 with warnings), 0 skipped (already done), 4 failed" in r.getMessage()
+               for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------------------ original checkpoints
+def _original_checkpoints(tmp: Path) -> tuple[HEX, Path, Path, Path]:
+    """A tiny-MUSK HEX and its original-release layouts: full checkpoint.pth (visual.beit3.* + heads), heads-only
+    (regression_head.*, regression_head1.0.*) and the backbone in MUSK's own key layout (beit3.*)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    model = _spread_out(HEX("musk", num_markers=40, **MUSK_KW), 5.0).eval()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    orig = {k.replace("regression_head1.", "regression_head1.0."): v for k, v in sd.items()}
+    torch.save(orig, tmp / "checkpoint_full.pth")
+    torch.save({k: v for k, v in orig.items() if k.startswith("regression_head")}, tmp / "checkpoint.pth")
+    musk = {k[len("visual."):]: v.contiguous() for k, v in sd.items() if k.startswith("visual.")}
+    musk["logit_scale"] = torch.ones([])
+    save_file(musk, str(tmp / "musk.safetensors"))
+    return model, tmp / "checkpoint.pth", tmp / "checkpoint_full.pth", tmp / "musk.safetensors"
+
+
+def test_original_checkpoints_run_from_the_command_line(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    from hex.data import BatchTransform
+
+    d, out = cohort
+    model, heads, full, weights = _original_checkpoints(tmp_path)
+    kw = ["--backbone", "musk", "--backbone-kw", json.dumps(MUSK_KW)]
+    heads_args = ["--checkpoint", str(heads), "--weights", str(weights), *kw]
+    # without backbone weights a heads-only file is a clear error
+    assert hex_test.main(["--out", str(tmp_path), "--data", str(out), "--checkpoint", str(heads), *kw]) == 2
+    assert hex_test.main(["--out", str(tmp_path), "--run-name", "orig", "--data", str(out), "--workers", "0",
+                          "--no-plots", "--slides", "a", *heads_args]) == 0
+    names = original_markers()  # the release's order (hex/test_codex_lung_marker.py biomarker_names)
+    assert len(names) == 40 and names[:3] == ["DAPI", "CD8", "Pan-Cytokeratin"] and names[39] == "HLA-DR"
+    table = pd.read_csv(tmp_path / "runs" / "orig" / "test" / "marker_pearson.csv")
+    assert table["marker"].iloc[:40].tolist() == names
+    rows = pd.read_csv(tmp_path / "runs" / "orig" / "test" / "patch_predictions.csv").sort_values("index")
+    labels = pd.read_csv(out / "markers" / "a.csv").sort_values("index")  # columns in another order: by name
+    np.testing.assert_allclose(rows["true_CD8"], labels["CD8"], rtol=1e-5)
+    with h5py.File(out / "he_patches" / "a.h5") as f:
+        imgs = torch.from_numpy(f["imgs"][:]).permute(0, 3, 1, 2)
+    tf = BatchTransform(64, model.mean, model.std, interpolation="bilinear")
+    with torch.inference_mode():
+        expect = model(tf(imgs))[0].numpy()
+    _, t_pred = _test_preds(tmp_path / "runs" / "orig" / "test", "a", original_markers())
+    # the loaded weights, not a fresh initialisation
+    assert np.abs(t_pred - expect).max() <= 1e-4 and _spread(expect) > 0.02
+    for name, ck_args in (("h", heads_args), ("f", ["--checkpoint", str(full), *kw])):
+        o = tmp_path / name
+        shutil.copytree(out / "patches", o / "patches", dirs_exist_ok=True)
+        assert infer_wsi.main(["--cohort", str(d), "--slides", "a", "--out", str(o), "--workers", "0",
+                               "--no-maps", *ck_args]) == 0
+        _, pred, attrs = _preds(o / "hex_pred" / "a.h5")
+        assert np.abs(pred - expect).max() <= 1e-4
+        assert list(attrs["markers"]) == original_markers() and attrs["normalization"] == "null"
+    # --raw-units needs percentiles the original checkpoint does not have
+    assert infer_wsi.main(["--cohort", str(d), "--slides", "a", "--out", str(tmp_path / "r"), "--raw-units",
+                           *heads_args]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ multi-process
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    d, out = cohort
+    ck = out / "runs" / "tiny" / "best.safetensors"
+    common = ["--cohort", str(d), "--checkpoint", str(ck), "--workers", "0", "--no-maps", "--patch-size", str(PS)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "hex.infer_wsi",
+           *common, "--out", str(tmp_path / "two"), "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3 done (0 with warnings), 0 skipped (already done), 0 failed" in r.stderr
+    assert infer_wsi.main([*common, "--out", str(tmp_path / "one")]) == 0
+    for sid in ("a", "b", "c"):
+        c1, p1, a1 = _preds(tmp_path / "one" / "hex_pred" / f"{sid}.h5")
+        c2, p2, a2 = _preds(tmp_path / "two" / "hex_pred" / f"{sid}.h5")
+        np.testing.assert_array_equal(c1, c2)
+        assert np.abs(p1 - p2).max() <= 1e-6 and _spread(p1) > 0.02
+        assert a1["checkpoint_sha256"] == a2["checkpoint_sha256"]

@@ -99,6 +99,71 @@ def summarize(cohort: Path, out: Path) -> None:
         print("best: " + ", ".join(f"{m} {r:.2f}" for m, r in zip(best["marker"][:5], best["pearson"][:5])))
         print(f"plots and tables: {run.parent}")
 
+    summarize_infer(out)
+
+
+def infer_consistency(out: Path, run: Path) -> dict | None:
+    """Stage 06 vs stage 05 on the held-out slides: max |hex_pred - hex.test prediction| at the same patches, and the
+    largest difference of per-marker Pearson r (hex_pred vs labels, against ``marker_pearson.csv``)."""
+    import h5py
+    import pandas as pd
+
+    from hex.metrics import pearson
+
+    pp = run / "test" / "patch_predictions.csv"
+    mp = run / "test" / "marker_pearson.csv"
+    if not pp.exists() or not mp.exists():
+        return None
+    test = pd.read_csv(pp)
+    markers = [c[len("pred_"):] for c in test.columns if c.startswith("pred_")]
+    parts = []
+    for slide, df in test.groupby("slide", sort=True):
+        f = out / "hex_pred" / f"{slide}.h5"
+        if not f.exists():
+            return None
+        with h5py.File(f, "r") as h:
+            names = [str(m) for m in h.attrs["markers"]]
+            coords = h["coords"][:]
+            pred = h["codex_prediction"][:]
+        pos = {(int(x), int(y)): i for i, (x, y) in enumerate(coords)}
+        rows = [pos.get((int(x), int(y)), -1) for x, y in zip(df["x"], df["y"])]
+        if min(rows, default=0) < 0:
+            return None  # hex_pred was made on another grid (e.g. --stride): nothing to compare at the same patches
+        cols = [names.index(m) for m in markers]
+        parts.append((df, pred[np.asarray(rows)][:, cols]))
+    if not parts:
+        return None
+    ref = np.concatenate([d[[f"pred_{m}" for m in markers]].to_numpy(np.float64) for d, _ in parts])
+    wsi = np.concatenate([p for _, p in parts]).astype(np.float64)
+    y = np.concatenate([d[[f"true_{m}" for m in markers]].to_numpy(np.float64) for d, _ in parts])
+    r_wsi = pearson(y, wsi)
+    table = pd.read_csv(mp).set_index("marker")
+    r_test = table.loc[markers, "pearson"].to_numpy(np.float64)
+    ok = np.isfinite(r_wsi) & np.isfinite(r_test)
+    return {"n": len(ref), "slides": len(parts), "max_abs_diff": float(np.abs(ref - wsi).max()),
+            "max_r_diff": float(np.abs(r_wsi[ok] - r_test[ok]).max()) if ok.any() else float("nan"),
+            "mean_r": float(np.nanmean(r_wsi))}
+
+
+def summarize_infer(out: Path) -> None:
+    """Section 06: prediction files, the consistency check against hex.test, and where the previews are."""
+    preds = sorted((out / "hex_pred").glob("*.h5"))
+    if not preds:
+        return
+    _section("06 whole-slide inference (hex_pred/, virtual_codex/)")
+    print(f"{len(preds)} slides predicted in {out / 'hex_pred'}")
+    for run in sorted(p.parent.parent for p in (out / "runs").glob("*/test/patch_predictions.csv")):
+        c = infer_consistency(out, run)
+        if c is None:
+            continue
+        print(f"consistency with 05 ({run.name}, {c['slides']} held-out slides, {c['n']} patches): max |diff| "
+              f"{c['max_abs_diff']:.2e} (target <= 1e-4), per-marker r max diff {c['max_r_diff']:.2e}, "
+              f"mean r {c['mean_r']:.3f}")
+    previews = sorted((out / "virtual_codex").glob("*_preview.png"))
+    if previews:
+        n_ome = len(list((out / "virtual_codex").glob("*.ome.tif")))
+        print(f"virtual CODEX: {n_ome} OME-TIFFs; preview: {previews[0]}")
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
-# Stage 09: MICA test (c-index, KM plots) and integrated gradients -> OUT/mica_runs/RUN/
-COHORT=${COHORT:-sample_cohort}
+# Stage 09: MICA test of every fold of a run (c-index, time-dependent AUC, KM plots / AUC, ROC) and, with IG=1,
+# integrated-gradients attributions -> OUT/mica_runs/RUN/{test/,ig/,fold_k/test_predictions.csv}.
+# Encoders, mode, task, unit and bins come from the run's config.json (MODE/TASK here only name the run, as in 08).
+COHORT=${COHORT:-sample_cohort}            # for he/ thumbnails under the heatmaps (and if the run moved)
 OUT=${OUT:-outputs}
-RUN=${RUN:-mica_run}
-GPUS=${GPUS:-0}
+MODE=${MODE:-coattn}
+TASK=${TASK:-survival}
+RUN=${RUN:-mica_${MODE}_${TASK}}
+FOLDS=${FOLDS:-}                           # empty: every fold of the run
+IG=${IG:-1}                                # 1: integrated gradients (ig/{slide}.h5, heatmaps, marker bar plot)
 WORKERS=${WORKERS:-4}
-EXTRA=${EXTRA:-}
+EXTRA=${EXTRA:-}                           # e.g. "--ig-steps 50 --ig-batch 4 --ig-baseline zero --ig-limit 10"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_module mica.test
+ARGS=(--out "$OUT" --run-name "$RUN" --workers "$WORKERS")
+if [ -d "$COHORT" ]; then ARGS+=(--cohort "$COHORT"); fi
+if [ -n "$FOLDS" ]; then
+  # shellcheck disable=SC2206
+  FOLD_ARGS=($FOLDS)
+  ARGS+=(--folds "${FOLD_ARGS[@]}")
+fi
+if [ "$IG" = "1" ]; then ARGS+=(--ig); fi
 # shellcheck disable=SC2086
-python -m mica.test --cohort "$COHORT" --out "$OUT" --workers "$WORKERS" $EXTRA
+python -m mica.test "${ARGS[@]}" $EXTRA

@@ -6,6 +6,7 @@ SLIDES=${SLIDES:-12}                     # slides in the synthetic cohort
 SEED=${SEED:-0}
 TISSUE_MM=${TISSUE_MM:-1.5}              # side of each synthetic tissue section, mm
 HEX_EPOCHS=${HEX_EPOCHS:-40}             # epochs of the tiny HEX model
+MICA_EPOCHS=${MICA_EPOCHS:-20}           # epochs of each MICA fold (paper: 20)
 WORKERS=${WORKERS:-2}
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_setup_env.sh"
@@ -43,8 +44,17 @@ RUN=demo_tiny BACKBONE=tiny EPOCHS=$HEX_EPOCHS WORKERS=1 GPUS=0 \
   run_stage "04 train HEX (tiny)" bash scripts/04_train_hex.sh
 RUN=demo_tiny WORKERS=0 GPUS=0 EXTRA="--visible-markers $COHORT/ground_truth.json" \
   run_stage "05 test HEX" bash scripts/05_test_hex.sh
-run_stage "06 WSI inference" bash scripts/06_infer_wsi.sh
-run_stage "07 features" bash scripts/07_features.sh
-run_stage "08 train MICA" bash scripts/08_train_mica.sh
-run_stage "09 test MICA" bash scripts/09_test_mica.sh
+# whole-slide inference over the stage-01 grid with the demo's HEX run -> hex_pred/ and virtual_codex/
+RUN=demo_tiny WORKERS=0 GPUS=0 run_stage "06 WSI inference" bash scripts/06_infer_wsi.sh
+# feature bags: H&E = the demo HEX run's backbone (no pretrained MUSK here), CODEX = stats descriptors of the maps
+HEX_RUN=demo_tiny CODEX_ENCODER=stats WORKERS=0 run_stage "07 features" bash scripts/07_features.sh
+# MICA, 5 folds, survival: co-attention (the paper) and the two single-modality modes; IG for co-attention
+for mode in coattn path codex; do
+  MODE=$mode TASK=survival RUN=demo_$mode ENCODER=hex:demo_tiny CODEX_ENCODER=stats EPOCHS=${MICA_EPOCHS:-20} \
+    WORKERS=0 run_stage "08 train MICA ($mode)" bash scripts/08_train_mica.sh
+done
+MODE=coattn TASK=survival RUN=demo_coattn IG=1 WORKERS=0 run_stage "09 test MICA (coattn, IG)" bash scripts/09_test_mica.sh
+for mode in path codex; do
+  MODE=$mode TASK=survival RUN=demo_$mode IG=0 WORKERS=0 run_stage "09 test MICA ($mode)" bash scripts/09_test_mica.sh
+done
 print_summary

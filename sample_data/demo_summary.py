@@ -100,6 +100,7 @@ def summarize(cohort: Path, out: Path) -> None:
         print(f"plots and tables: {run.parent}")
 
     summarize_infer(out)
+    summarize_mica(cohort, out)
 
 
 def infer_consistency(out: Path, run: Path) -> dict | None:
@@ -163,6 +164,49 @@ def summarize_infer(out: Path) -> None:
     if previews:
         n_ome = len(list((out / "virtual_codex").glob("*.ome.tif")))
         print(f"virtual CODEX: {n_ome} OME-TIFFs; preview: {previews[0]}")
+
+
+def summarize_mica(cohort: Path, out: Path) -> None:
+    """Sections 07-09: feature bags, the per-fold c-index table (truth, MICA modes, clinical) and the IG checks."""
+    feats = sorted(d for d in (out / "features").glob("*") if (d / "h5_files").is_dir())
+    if feats:
+        _section("07 feature bags")
+        for d in feats:
+            print(f"H&E {d.name}: {len(list((d / 'h5_files').glob('*.h5')))} slides in {d}")
+        for f in sorted((out / "codex_features").glob("*.h5")):
+            print(f"CODEX {f.stem}: {f}")
+    runs = {}
+    for mode in ("coattn", "path", "codex"):
+        matches = sorted((out / "mica_runs").glob(f"*{mode}*/summary.csv"))
+        surv = [m for m in matches if "response" not in m.parent.name]
+        if surv:
+            runs[mode] = surv[0].parent.name
+    if not runs:
+        return
+    from sample_data.mica_scoring import format_table, ig_risk_auroc, outcome_table
+
+    _section("08 MICA survival, 5 folds (c-index on each fold's validation patients; truth = true_risk)")
+    df = outcome_table(cohort, out, runs, task="survival")
+    print(format_table(df, "c-index"))
+    print("(folds of a 12-slide cohort hold 1-2 patients: only the pooled row means anything here; "
+          "bench/validate_mica.py runs the same on 200 patients)")
+    for run in runs.values():
+        ig = out / "mica_runs" / run / "ig"
+        if not ig.is_dir():
+            continue
+        import pandas as pd
+
+        _section(f"09 integrated gradients ({run})")
+        summ = ig / "ig_summary.csv"
+        if summ.exists():
+            t = pd.read_csv(summ)
+            print(f"{len(t)} slides; completeness |sum(attr) - (f(x) - f(0))| / |f(x) - f(0)|: median "
+                  f"{t['delta'].abs().median():.4f}, max {t['delta'].abs().max():.4f}")
+        auc = ig_risk_auroc(cohort, ig)
+        if auc:
+            print(f"|patch attribution| vs the generator's risk masks: mean per-slide AUROC {auc['mean']:.3f} "
+                  f"(pooled {auc['pooled']:.3f})")
+        print(f"heatmaps and the marker bar plot: {ig}")
 
 
 def main(argv: list[str] | None = None) -> int:

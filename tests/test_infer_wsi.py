@@ -350,5 +350,7 @@ def test_torchrun_two_ranks_equal_one(cohort: tuple[Path, Path], tmp_path: Path)
         c1, p1, a1 = _preds(tmp_path / "one" / "hex_pred" / f"{sid}.h5")
         c2, p2, a2 = _preds(tmp_path / "two" / "hex_pred" / f"{sid}.h5")
         np.testing.assert_array_equal(c1, c2)
-        assert np.abs(p1 - p2).max() <= 1e-6 and _spread(p1) > 0.02
+        # same values up to float32 summation order (the ranks run with another thread count): outputs reach ~20
+        np.testing.assert_allclose(p2, p1, rtol=1e-5, atol=1e-5)
+        assert _spread(p1) > 0.02
         assert a1["checkpoint_sha256"] == a2["checkpoint_sha256"]

@@ -264,6 +264,7 @@ for amp in fp16 bf16; do
   run "train musk $amp b$BATCH" 110 "" py -- -m hex.train --data "$PIPE" --out "$PIPE" --run-name "gpu_$amp" \
     --split "$SPLIT" --clinical "$COHORT/clinical.csv" --backbone musk --backbone-kw "$BACKBONE_KW" \
     --batch-size "$BATCH" --epochs 2 --max-steps-per-epoch "$TRAIN_STEPS" --save-every 100 --amp "$amp" \
+    --unfreeze-last 4 --lr 1e-5 \
     --device "$DEVICE" --workers "$WORKERS"
 done
 run "musk sdpa vs eager" 60 "" py -- "$WORK/_attn.py" "$DEVICE" "$BACKBONE_KW" "$BATCH"

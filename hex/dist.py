@@ -14,15 +14,18 @@ Backend: NCCL when the device is CUDA, gloo on CPU. ``torchrun`` sets ``RANK``, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from preprocess.utils import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +40,46 @@ class DistContext(NamedTuple):
     is_main: bool
 
 
+def cuda_problem() -> str | None:
+    """Why torch cannot use a GPU here (None when it can): a CPU-only torch build, no NVIDIA driver / GPU, or a
+    driver too old for this torch's CUDA version (torch's own message, with the versions)."""
+    if torch.cuda.is_available():
+        return None
+    build = f"torch {torch.__version__}"
+    if torch.version.cuda is None:
+        return (f"{build} is a CPU-only build (no CUDA): reinstall torch from a CUDA wheel index, e.g. "
+                "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 (see README, Install)")
+    try:
+        torch.cuda.init()
+        reason = "torch sees no GPU"
+    except Exception as e:  # noqa: BLE001 - torch reports driver problems as RuntimeError/AssertionError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "too old" in reason.lower():
+        return (f"{build} is built for CUDA {torch.version.cuda}, but {reason}; update the NVIDIA driver or "
+                "install a torch built for an older CUDA (TORCH_INDEX_URL, see README)")
+    return f"{build} (CUDA {torch.version.cuda}) cannot use a GPU here: {reason} (no GPU or no NVIDIA driver?)"
+
+
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:{local_rank}`` when CUDA is available, else CPU; ``cpu``/``cuda``/``cuda:N`` as given."""
+    """``auto`` -> ``cuda:{local_rank}`` when CUDA is available, else CPU; ``cpu``/``cuda``/``cuda:N`` as given.
+
+    Asking for CUDA where torch cannot use it is a PipelineError that says why (:func:`cuda_problem`)."""
+    asked = name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{local_rank}"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} asked for CUDA but torch.cuda.is_available() is False")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise PipelineError(f"--device {asked}: not a device ({e}); use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda":
+        problem = cuda_problem()
+        if problem is not None:
+            raise PipelineError(f"--device {asked} (GPUS>0 in the scripts) needs CUDA, but {problem}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PipelineError(f"--device {asked}: rank {local_rank} needs GPU {device.index}, but CUDA sees "
+                                f"{torch.cuda.device_count()} on this node (GPUS larger than the GPUs here?)")
     return device
 
 
@@ -120,6 +154,33 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@contextlib.contextmanager
+def fail_together() -> Iterator[None]:
+    """Run a block on every rank and fail on every rank when it fails on one.
+
+    Without this, a rank that stops with an error leaves the others waiting in their next collective until the
+    process-group timeout. After the block, ranks exchange their outcome (one all-gather): a failed rank re-raises
+    its own exception, the others raise PipelineError naming the failed rank and its message. Single-process: the
+    block's exception passes through unchanged.
+    """
+    err: BaseException | None = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+        err = e
+    if not is_dist():
+        if err is not None:
+            raise err
+        return
+    outcomes = all_gather_objects(None if err is None else f"{type(err).__name__}: {err}")
+    if err is not None:
+        raise err
+    failed = [(r, msg) for r, msg in enumerate(outcomes) if msg is not None]
+    if failed:
+        r, msg = failed[0]
+        raise PipelineError(f"rank {r} failed ({len(failed)} of {len(outcomes)} ranks): {msg}")
 
 
 def broadcast_buffers(module: torch.nn.Module, skip_prefixes: Sequence[str] = ()) -> None:

@@ -45,13 +45,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hex.cli import run_cli
 from hex.data import BatchTransform
-from hex.dist import DistContext, cleanup_dist, close_log_file, is_dist, setup_dist
+from hex.dist import DistContext, is_dist
 from hex.evaluate import prediction_fn, resolve_amp, run_loop, wants_channels_last
 from hex.trained import add_checkpoint_args, load_from_args
 from hex.wsi_tiles import TileRegions, make_tile_loader, tissue_tiles
 from preprocess.patch import collect_he_slides, read_grid
-from preprocess.utils import PipelineError, StageReport, atomic_path, save_config, setup_logging
+from preprocess.utils import PipelineError, StageReport, atomic_path, save_config
 
 log = logging.getLogger("hex.infer_wsi")
 
@@ -342,61 +343,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    ctx: DistContext = setup_dist(args.device)
-    pred_dir = args.out / "hex_pred"
-    tag = f"_shard{args.shard.replace('/', 'of')}" if args.shard else ""
-    log_file = pred_dir / f"run{tag}.log"
-    setup_logging(log_file if ctx.is_main else None, rank=ctx.rank)
-    try:
-        report, warnings = StageReport(), {}
-        try:
-            he_paths, slides = collect_he_slides(args.cohort, args.he, args.slides)
-            mine = shard_slides(slides, args.shard, ctx.rank, ctx.world_size)
-            model, meta = load_from_args(args, args.out / "runs" / args.run / "best.safetensors")
-            normalization = (json.loads(args.normalization.read_text()) if args.normalization
-                             else meta.get("normalization"))
-            if args.raw_units:
-                denormalize(np.zeros((0, len(meta["markers"])), np.float32), meta["markers"], normalization)
-        except PipelineError as e:
-            log.error("%s", e)
-            return 2
-        model.to(ctx.device)
-        if wants_channels_last(model, ctx.device):
-            model.to(memory_format=torch.channels_last)
-        cfg = InferConfig(pred_dir=pred_dir, grid_dir=args.patches or args.out / "patches",
-                          patch_size=args.patch_size, stride=args.stride, target_mpp=args.target_mpp,
-                          min_tissue=args.min_tissue, thumb_size=args.thumb_size, mpp=args.mpp,
-                          region_px=args.region_px, batch_size=args.batch_size, workers=args.workers,
-                          raw_units=args.raw_units)
-        if ctx.is_main:
-            save_config(pred_dir, {**vars(args), "slides_resolved": slides, "world_size": ctx.world_size,
-                                   "checkpoint_resolved": meta["checkpoint"], "schema_version": SCHEMA_VERSION,
-                                   "checkpoint_sha256": meta["checkpoint_sha256"], "markers": meta["markers"]},
-                        name=f"config{tag}.json")
-            log.info("%d slides (%d on this rank of %d), checkpoint %s (%s), device %s", len(slides), len(mine),
-                     ctx.world_size, meta["checkpoint"], meta["checkpoint_kind"], ctx.device)
-        run = {"model": model, "meta": meta, "cfg": cfg, "device": ctx.device,
-               "amp": resolve_amp(args.amp, ctx.device), "normalization": normalization, "progress": ctx.is_main}
-        for sid in tqdm(mine, desc="slides", unit="slide", disable=not ctx.is_main):
-            if not args.overwrite and is_done(pred_dir / f"{sid}.h5", meta["checkpoint_sha256"], cfg):
-                report.skipped.append(sid)
-            else:
-                _run_one(sid, Path(he_paths[sid]), run, report, warnings)
-            if not args.no_maps and sid not in report.failed:
-                _write_maps(sid, Path(he_paths[sid]), args.out, report, args.preview_markers, args.overwrite)
-        parts = _gather((report.done, report.skipped, report.failed, warnings))
-        done = [s for p in parts for s in p[0] if s not in p[2]]
-        skipped = [s for p in parts for s in p[1] if s not in p[2]]
-        failed = {k: v for p in parts for k, v in p[2].items()}
-        warned = {k: v for p in parts for k, v in p[3].items()}
-        if ctx.is_main:
-            log.info("hex_pred: %d done (%d with warnings), %d skipped (already done), %d failed%s", len(done),
-                     len(warned), len(skipped), len(failed), f": {sorted(failed)}" if failed else "")
-        return 1 if failed else 0
-    finally:
-        close_log_file(log_file)
-        cleanup_dist()
+    return run_cli(build_parser(), argv, infer, lambda a: a.out / "hex_pred" / f"run{_shard_tag(a)}.log", logger=log)
+
+
+def _shard_tag(args: argparse.Namespace) -> str:
+    return f"_shard{args.shard.replace('/', 'of')}" if args.shard else ""
+
+
+def infer(args: argparse.Namespace, ctx: DistContext) -> int:
+    """The stage body: every slide of this rank's shard -> ``hex_pred/{slide}.h5`` (+ maps); 1 if any failed."""
+    pred_dir, tag = args.out / "hex_pred", _shard_tag(args)
+    report, warnings = StageReport(), {}
+    he_paths, slides = collect_he_slides(args.cohort, args.he, args.slides)
+    mine = shard_slides(slides, args.shard, ctx.rank, ctx.world_size)
+    model, meta = load_from_args(args, args.out / "runs" / args.run / "best.safetensors")
+    normalization = json.loads(args.normalization.read_text()) if args.normalization else meta.get("normalization")
+    if args.raw_units:
+        denormalize(np.zeros((0, len(meta["markers"])), np.float32), meta["markers"], normalization)
+    model.to(ctx.device)
+    if wants_channels_last(model, ctx.device):
+        model.to(memory_format=torch.channels_last)
+    cfg = InferConfig(pred_dir=pred_dir, grid_dir=args.patches or args.out / "patches",
+                      patch_size=args.patch_size, stride=args.stride, target_mpp=args.target_mpp,
+                      min_tissue=args.min_tissue, thumb_size=args.thumb_size, mpp=args.mpp,
+                      region_px=args.region_px, batch_size=args.batch_size, workers=args.workers,
+                      raw_units=args.raw_units)
+    if ctx.is_main:
+        save_config(pred_dir, {**vars(args), "slides_resolved": slides, "world_size": ctx.world_size,
+                               "checkpoint_resolved": meta["checkpoint"], "schema_version": SCHEMA_VERSION,
+                               "checkpoint_sha256": meta["checkpoint_sha256"], "markers": meta["markers"]},
+                    name=f"config{tag}.json")
+        log.info("%d slides (%d on this rank of %d), checkpoint %s (%s), device %s", len(slides), len(mine),
+                 ctx.world_size, meta["checkpoint"], meta["checkpoint_kind"], ctx.device)
+    run = {"model": model, "meta": meta, "cfg": cfg, "device": ctx.device,
+           "amp": resolve_amp(args.amp, ctx.device), "normalization": normalization, "progress": ctx.is_main}
+    for sid in tqdm(mine, desc="slides", unit="slide", disable=not ctx.is_main):
+        if not args.overwrite and is_done(pred_dir / f"{sid}.h5", meta["checkpoint_sha256"], cfg):
+            report.skipped.append(sid)
+        else:
+            _run_one(sid, Path(he_paths[sid]), run, report, warnings)
+        if not args.no_maps and sid not in report.failed:
+            _write_maps(sid, Path(he_paths[sid]), args.out, report, args.preview_markers, args.overwrite)
+    parts = _gather((report.done, report.skipped, report.failed, warnings))
+    done = [s for p in parts for s in p[0] if s not in p[2]]
+    skipped = [s for p in parts for s in p[1] if s not in p[2]]
+    failed = {k: v for p in parts for k, v in p[2].items()}
+    warned = {k: v for p in parts for k, v in p[3].items()}
+    if ctx.is_main:
+        log.info("hex_pred: %d done (%d with warnings), %d skipped (already done), %d failed%s", len(done),
+                 len(warned), len(skipped), len(failed), f": {sorted(failed)}" if failed else "")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

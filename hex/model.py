@@ -8,7 +8,8 @@ Layout (state-dict keys match the original HEX code, so its checkpoints load)::
     fds                optional feature distribution smoothing (buffers only), keys fds.*
 
 With FDS active (training, labels and epoch given) every marker gets its own calibrated copy of the 128-d feature,
-f (B,M,128), and ``pred[:, m] = f[:, m] @ W[m] + b[m]``; otherwise ``pred = regression_head1(feat)``.
+f (B,M,128), and ``pred[:, m] = f[:, m] @ W[m] + b[m]``; otherwise ``pred = regression_head1(feat)``. This last layer
+always runs in float32, also under autocast (``pred`` is float32).
 """
 
 from __future__ import annotations
@@ -121,14 +122,14 @@ class HEX(nn.Module):
         feat = self.regression_head(emb)  # (B,128)
         use_fds = (self.training and self.fds is not None and self.fds_active and labels is not None
                    and epoch is not None and epoch >= int(getattr(self.fds, "start_smooth", 0)))
-        if not use_fds:
-            return self.regression_head1(feat), feat
-        f = self.fds.smooth(feat, labels, epoch)  # (B,M,128) per-marker calibrated features
-        w, b = self.regression_head1.weight, self.regression_head1.bias  # (M,128), (M,)
-        if f.dim() == 2:  # smoothing returned the shared feature unchanged
-            return self.regression_head1(f), feat
-        pred = torch.einsum("bmf,mf->bm", f, w) + b  # autocast casts both operands when on
-        return pred, feat
+        # the per-marker output layer runs in float32 even under autocast: its outputs are the regression targets
+        # in [0,1], where fp16/bf16 rounding (up to 4e-3 for bf16) is the size of the differences being learnt
+        with torch.autocast(x.device.type, enabled=False):
+            f = self.fds.smooth(feat.float(), labels, epoch) if use_fds else feat.float()  # (B,M,128) or (B,128)
+            if f.dim() == 2:  # no FDS, or smoothing returned the shared feature unchanged
+                return self.regression_head1(f), feat
+            w, b = self.regression_head1.weight, self.regression_head1.bias  # (M,128), (M,)
+            return torch.einsum("bmf,mf->bm", f.float(), w.float()) + b.float(), feat
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -18,6 +18,10 @@ Outputs (rank 0, atomic): ``patch_predictions.csv`` (``slide,index,x,y,true_<m>.
 ``marker_pearson.csv`` (``marker,pearson,spearman,mse,n[,visible]`` + ``mean``/``median`` rows and, with
 ``--visible-markers``, ``mean_visible``/``mean_invisible``), ``slide_pearson.csv`` (per-slide per-marker r),
 ``summary.json``, ``marker_pearson_bar.png`` and ``scatter_grid.png``.
+
+The labels must be normalised like the checkpoint's training labels (``markers/normalization.json`` against the
+one stored in the checkpoint): a difference stops the run, since MSE and r on differently normalised labels do not
+measure the model (``--allow-normalization-mismatch`` evaluates anyway, with a warning).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hex.cli import run_cli
 from hex.data import (
     LEGACY_PREFIX,
     BatchTransform,
@@ -42,14 +47,15 @@ from hex.data import (
     build_dataset,
     list_labelled_slides,
     marker_columns,
+    normalization_differences,
     read_split,
     resolve_markers_dir,
 )
-from hex.dist import barrier, cleanup_dist, close_log_file, setup_dist
+from hex.dist import DistContext, barrier
 from hex.evaluate import autocast, predict, predict_distributed, resolve_amp, wants_channels_last
 from hex.metrics import marker_table, slide_table
 from hex.trained import add_checkpoint_args, load_from_args, load_trained
-from preprocess.utils import PipelineError, atomic_path, save_config, setup_logging, write_json
+from preprocess.utils import PipelineError, atomic_path, save_config, write_json
 
 log = logging.getLogger("hex.test")
 
@@ -216,65 +222,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("auto", "fp16", "bf16", "none"), default="auto", help="autocast (CUDA only)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--allow-normalization-mismatch", action="store_true",
+                   help="evaluate labels whose normalization.json differs from the checkpoint's (default: an error)")
     add_checkpoint_args(p, "best.safetensors (default OUT/runs/RUN/best.safetensors)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    ctx = setup_dist(args.device)
+    return run_cli(build_parser(), argv, evaluate_run, lambda a: _test_dir(a) / "test.log", logger=log)
+
+
+def _test_dir(args: argparse.Namespace) -> Path:
+    return args.test_dir or args.out / "runs" / args.run / "test"
+
+
+def check_normalization(meta: dict[str, Any], labels: dict | None, markers: Sequence[str], allow: bool) -> None:
+    """Stop when the labels were normalised differently from the checkpoint's training labels (``allow``: warn)."""
+    diffs = normalization_differences(meta.get("normalization"), labels, markers)
+    if not diffs:
+        if meta.get("normalization") is None or labels is None:
+            log.info("label normalisation not compared (the %s has none)",
+                     "checkpoint" if meta.get("normalization") is None else "label folder")
+        return
+    msg = (f"the labels' normalization.json differs from the one checkpoint {meta.get('checkpoint')} was trained on "
+           f"({len(diffs)} differences, e.g. {'; '.join(diffs[:3])}): MSE and r on differently normalised labels do "
+           "not measure the model; normalise these slides with the training cohort's file (preprocess.quantify "
+           "--normalization), or pass --allow-normalization-mismatch")
+    if not allow:
+        raise PipelineError(msg)
+    log.warning("%s", msg.replace(", or pass --allow-normalization-mismatch", " (allowed)"))
+
+
+def evaluate_run(args: argparse.Namespace, ctx: DistContext) -> int:
+    """The stage body: load the model, build the dataset, predict on every rank, write the reports on rank 0."""
     run_dir = args.out / "runs" / args.run
-    test_dir = args.test_dir or run_dir / "test"
-    setup_logging(test_dir / "test.log" if ctx.is_main else None, rank=ctx.rank)
-    try:
-        data = args.data or args.out
-        ckpt = args.checkpoint or run_dir / "best.safetensors"
-        model, meta = load_from_args(args, run_dir / "best.safetensors")
-        model.to(ctx.device)
-        channels_last = wants_channels_last(model, ctx.device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        if args.slides:
-            slides = list(args.slides)
-        elif args.split is not None:
-            slides = read_split(args.split, args.split_column)
-        else:
-            slides = list_labelled_slides(resolve_markers_dir(data, args.markers_dir))
-            if not slides:
-                raise PipelineError(f"no label CSVs in {resolve_markers_dir(data, args.markers_dir)}")
-        mdir = resolve_markers_dir(data, args.markers_dir)
-        cols, outputs = match_label_markers(meta["markers"], _first_csv_markers(mdir, slides),
-                                            original=meta.get("checkpoint_kind") == "original")
-        ds = build_dataset(data, slides, markers=cols, markers_dir=args.markers_dir, patches_dir=args.patches_dir)
-        ds.markers = [meta["markers"][k] for k in outputs]  # report under the model's names
-        visible = read_visible_markers(args.visible_markers) if args.visible_markers else None
-        tf = BatchTransform(int(meta["input_size"]), meta["mean"], meta["std"], train=False,
-                            interpolation=meta.get("interpolation") or "bilinear")
-        amp = resolve_amp(args.amp, ctx.device)
-        if ctx.is_main:
-            log.info("model %s (epoch %s) on %d patches of %d slides, %d rank(s)", ckpt, meta.get("epoch"), len(ds),
-                     len(slides), ctx.world_size)
-        pred = predict_distributed(model, ds, tf, ctx.device, ctx.rank, ctx.world_size, batch_size=args.batch_size,
-                                   workers=args.workers, amp=amp, progress=ctx.is_main, channels_last=channels_last)
-        pred = pred[:, outputs]
-        if ctx.is_main:
-            save_config(test_dir, {**vars(args), "checkpoint": str(ckpt), "world_size": ctx.world_size,
-                                   "slides": slides, "checkpoint_sha256": meta["checkpoint_sha256"],
-                                   "checkpoint_kind": meta["checkpoint_kind"], "markers": ds.markers},
-                        name="test_config.json")
-            s = write_reports(test_dir, ds, pred, visible, plots=not args.no_plots)
-            msg = f"mean Pearson r {s['mean_pearson']:.4f} (median {s['median_pearson']:.4f})"
-            if visible is not None:
-                msg += (f"; visible {s['mean_pearson_visible']:.4f}, invisible {s['mean_pearson_invisible']:.4f}")
-            log.info("%s over %d patches -> %s", msg, len(ds), test_dir)
-        barrier()
-        return 0
-    except PipelineError as e:
-        log.error("%s", e)
-        return 2
-    finally:
-        close_log_file(test_dir / "test.log")
-        cleanup_dist()
+    test_dir = _test_dir(args)
+    data = args.data or args.out
+    ckpt = args.checkpoint or run_dir / "best.safetensors"
+    model, meta = load_from_args(args, run_dir / "best.safetensors")
+    model.to(ctx.device)
+    channels_last = wants_channels_last(model, ctx.device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.slides:
+        slides = list(args.slides)
+    elif args.split is not None:
+        slides = read_split(args.split, args.split_column)
+    else:
+        slides = list_labelled_slides(resolve_markers_dir(data, args.markers_dir))
+        if not slides:
+            raise PipelineError(f"no label CSVs in {resolve_markers_dir(data, args.markers_dir)}")
+    mdir = resolve_markers_dir(data, args.markers_dir)
+    cols, outputs = match_label_markers(meta["markers"], _first_csv_markers(mdir, slides),
+                                        original=meta.get("checkpoint_kind") == "original")
+    ds = build_dataset(data, slides, markers=cols, markers_dir=args.markers_dir, patches_dir=args.patches_dir)
+    check_normalization(meta, ds.normalization, cols, args.allow_normalization_mismatch)
+    ds.markers = [meta["markers"][k] for k in outputs]  # report under the model's names
+    visible = read_visible_markers(args.visible_markers) if args.visible_markers else None
+    tf = BatchTransform(int(meta["input_size"]), meta["mean"], meta["std"], train=False,
+                        interpolation=meta.get("interpolation") or "bilinear")
+    amp = resolve_amp(args.amp, ctx.device)
+    if ctx.is_main:
+        log.info("model %s (epoch %s) on %d patches of %d slides, %d rank(s)", ckpt, meta.get("epoch"), len(ds),
+                 len(slides), ctx.world_size)
+    pred = predict_distributed(model, ds, tf, ctx.device, ctx.rank, ctx.world_size, batch_size=args.batch_size,
+                               workers=args.workers, amp=amp, progress=ctx.is_main, channels_last=channels_last)
+    pred = pred[:, outputs]
+    if ctx.is_main:
+        save_config(test_dir, {**vars(args), "checkpoint": str(ckpt), "world_size": ctx.world_size,
+                               "slides": slides, "checkpoint_sha256": meta["checkpoint_sha256"],
+                               "checkpoint_kind": meta["checkpoint_kind"], "markers": ds.markers},
+                    name="test_config.json")
+        s = write_reports(test_dir, ds, pred, visible, plots=not args.no_plots)
+        msg = f"mean Pearson r {s['mean_pearson']:.4f} (median {s['median_pearson']:.4f})"
+        if visible is not None:
+            msg += (f"; visible {s['mean_pearson_visible']:.4f}, invisible {s['mean_pearson_invisible']:.4f}")
+        log.info("%s over %d patches -> %s", msg, len(ds), test_dir)
+    barrier()
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,18 +1,43 @@
 #!/usr/bin/env bash
 # Sourced by scripts/demo.sh and scripts/test.sh: create .venv when missing or stale, then activate it.
-# "Stale" = the hash of the requirement files differs from the stamp written after the last good install,
-# so a second run does not reinstall. PYTHON picks the interpreter (default python3, 3.10+).
+# "Stale" = the hash of the requirement files (and TORCH_INDEX_URL) differs from the stamp written after the last
+# good install, so a second run does not reinstall.
+#   PYTHON           interpreter for a new .venv (default python3); must be Python >= 3.11 (every pin needs it)
+#   TORCH_INDEX_URL  pip index for the torch/torchvision wheels (default: PyPI, whose Linux torch bundles CUDA):
+#                    https://download.pytorch.org/whl/cpu for CPU-only machines (no 5 GB of CUDA libraries),
+#                    .../whl/cu126, .../whl/cu128, ... for a CUDA build your NVIDIA driver supports (README, Install)
+#   VENV             where the environment goes (default .venv in the repository)
 set -euo pipefail
 _repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _venv="${VENV:-$_repo/.venv}"
 _stamp="$_venv/.requirements.sha256"
-_want="$(cat "$_repo/requirements.txt" "$_repo/requirements-nodeps.txt" | sha256sum | cut -d' ' -f1)"
+_torch_index="${TORCH_INDEX_URL:-}"
+_want="$( (cat "$_repo/requirements.txt" "$_repo/requirements-nodeps.txt"
+          [ -z "$_torch_index" ] || echo "torch index: $_torch_index") | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$_venv/bin/python" ] || [ "$(cat "$_stamp" 2>/dev/null)" != "$_want" ]; then
-  echo "[setup] installing the environment into $_venv (first run: ~2-3 min)"
-  [ -x "$_venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$_venv"
+  _py="${PYTHON:-python3}"
+  [ -x "$_venv/bin/python" ] && _py="$_venv/bin/python"
+  if ! _pyver="$("$_py" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)"; then
+    echo "[setup] cannot run the Python interpreter '$_py'; set PYTHON=/path/to/python3.11 (or newer)" >&2
+    exit 1
+  fi
+  if ! "$_py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+    _fix="run again with PYTHON=/path/to/python3.11 (or newer)"
+    [ -x "$_venv/bin/python" ] && _fix="delete $_venv and $_fix"
+    echo "[setup] $_py is Python $_pyver, but the pinned packages (numpy 2.3, scipy 1.17, ...) need Python >= 3.11:" \
+         "$_fix" >&2
+    exit 1
+  fi
+  echo "[setup] installing the environment into $_venv with Python $_pyver (first run: ~2-3 min)"
+  [ -x "$_venv/bin/python" ] || "$_py" -m venv "$_venv"
   "$_venv/bin/python" -m pip install -q --upgrade pip
-  # torch first, from its own line, so the pinned CPU/CUDA wheel is chosen before anything asks for torch
-  "$_venv/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+  # torch first, from its own index when TORCH_INDEX_URL is set, so that build is the one the requirements see
+  mapfile -t _torch_pins < <(grep -E '^(torch|torchvision)==' "$_repo/requirements.txt")
+  if [ -n "$_torch_index" ]; then
+    "$_venv/bin/python" -m pip install -q --index-url "$_torch_index" "${_torch_pins[@]}"
+  else
+    "$_venv/bin/python" -m pip install -q "${_torch_pins[@]}"
+  fi
   "$_venv/bin/python" -m pip install -q -r "$_repo/requirements.txt"
   "$_venv/bin/python" -m pip install -q --no-deps -r "$_repo/requirements-nodeps.txt"
   "$_venv/bin/python" -c "import torch, timm, palom, torchscale, openslide, tifffile, h5py" \

@@ -37,10 +37,9 @@ fi
 run_stage "01 patch" bash scripts/01_patch.sh
 run_stage "02 register" bash scripts/02_register.sh
 run_stage "03 quantify" bash scripts/03_quantify.sh
-# tiny CNN from scratch: every block trainable and lr 1e-3 (the paper's 1e-5 is for a pretrained MUSK);
-# paper loss (adaptive robust) and FDS, plus LDS re-weighting for the skewed marker distributions
-RUN=demo_tiny BACKBONE=tiny EPOCHS=$HEX_EPOCHS WORKERS=1 GPUS=0 \
-  EXTRA="${HEX_EXTRA:---lr 1e-3 --batch-size 32 --lds --unfreeze-last -1 --save-every 10}" \
+# tiny CNN from scratch with the backbone's default recipe (no pretrained weights: every block trainable, lr 1e-3,
+# batch 32, LDS re-weighting), the paper's loss (adaptive robust) and FDS
+RUN=demo_tiny BACKBONE=tiny EPOCHS=$HEX_EPOCHS WORKERS=1 GPUS=0 EXTRA="${HEX_EXTRA:---save-every 10}" \
   run_stage "04 train HEX (tiny)" bash scripts/04_train_hex.sh
 RUN=demo_tiny WORKERS=0 GPUS=0 EXTRA="--visible-markers $COHORT/ground_truth.json" \
   run_stage "05 test HEX" bash scripts/05_test_hex.sh

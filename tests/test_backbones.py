@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hex import backbones as bb
-from hex.backbones.musk import POS_KEY, _import_beit3
+from hex.backbones.musk import POS_KEY
+from tests.hex_synthetic import ReferenceMusk
 
 torch.set_num_threads(2)
 
@@ -70,6 +71,36 @@ def test_specs() -> None:
     assert (small.embed_dim, small.input_size, small.spec.name) == (64, 64, "musk")
 
 
+def test_training_recipes_follow_the_weights() -> None:
+    """Pretrained: the paper's MUSK recipe; from scratch: every block, a larger lr with a floor; tiny expects none."""
+    musk = bb.get_spec("musk")
+    assert musk.expects_weights and musk.recipe(True) == bb.PAPER_RECIPE
+    assert (bb.PAPER_RECIPE.lr, bb.PAPER_RECIPE.gamma, bb.PAPER_RECIPE.unfreeze_last, bb.PAPER_RECIPE.lr_floor,
+            bb.PAPER_RECIPE.batch_size) == (1e-5, 0.95, 4, 0.0, 48)
+    scratch = musk.recipe(False)
+    assert scratch.unfreeze_last == -1 and scratch.lr > musk.recipe(True).lr and scratch.lr_floor > 0
+    assert bb.get_spec("dinov2_vits14_reg").expects_weights and bb.get_spec("timm:resnet10t").expects_weights
+    tiny = bb.get_spec("tiny")
+    assert not tiny.expects_weights
+    assert (tiny.scratch.lr, tiny.scratch.unfreeze_last, tiny.scratch.batch_size) == (1e-3, -1, 32)
+    # a spec survives its JSON form (saved beside weights), recipes included
+    again = bb.BackboneSpec(**bb.create("tiny", embed_dim=32).spec.to_dict())
+    assert again.scratch == tiny.scratch and isinstance(again.pretrained, bb.TrainRecipe)
+
+
+def test_base_imports_no_backbone_module() -> None:
+    """The registry resolves ``timm:`` through a registered prefix handler: base.py imports none of vit/musk/tiny."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(bb.base.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m and m.split(".")[-1] in ("vit", "musk", "tiny")}, imported
+    with pytest.raises(ValueError, match="registered once"):
+        bb.register_prefix("timm:", bb.get_spec, bb.create)
+
+
 # ------------------------------------------------------------------------------------------------------------- MUSK
 def test_musk_module_paths() -> None:
     model = bb.create("musk", **MUSK_TINY)
@@ -85,34 +116,12 @@ def test_musk_module_paths() -> None:
     assert model.state_dict()[POS_KEY].shape == (3 + 16, 64)  # 64 px / 16 = 4x4 grid, offset 2 + CLS
 
 
-class _ReferenceMusk(nn.Module):
-    """MUSK's module layout rebuilt from torchscale (both branches + heads): the official checkpoint's key set."""
-
-    def __init__(self, embed_dim: int, depth: int, num_heads: int, mlp_dim: int, img_size: int) -> None:
-        super().__init__()
-        EncoderConfig, BEiT3 = _import_beit3()
-        args = EncoderConfig(img_size=img_size, patch_size=16, vocab_size=64010, multiway=True,
-                             layernorm_embedding=False, normalize_output=True, no_output_layer=True, drop_path_rate=0,
-                             encoder_embed_dim=embed_dim, encoder_attention_heads=num_heads,
-                             encoder_ffn_embed_dim=mlp_dim, encoder_layers=depth)
-        self.beit3 = BEiT3(args)
-        self.language_head = nn.Linear(embed_dim, embed_dim, bias=False)
-        self.vision_head = nn.Linear(embed_dim, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.ones([]))
-        with torch.no_grad():
-            for p in self.parameters():
-                p.normal_(0, 0.05)  # everything non-trivial, norms included
-
-    def image_embedding(self, x: torch.Tensor) -> torch.Tensor:  # MUSK forward(with_head=False, out_norm=False)
-        return self.beit3(visual_tokens=x)["encoder_out"][:, 0, :]
-
-
 def _musk_reference_file(tmp_path, prefix: str = "", img_size: int = 64):
     from safetensors.torch import save_file
 
     torch.manual_seed(1)
     kw = dict(MUSK_TINY, img_size=img_size)
-    ref = _ReferenceMusk(kw["embed_dim"], kw["depth"], kw["num_heads"], kw["mlp_dim"], img_size).eval()
+    ref = ReferenceMusk(kw["embed_dim"], kw["depth"], kw["num_heads"], kw["mlp_dim"], img_size).eval()
     sd = {prefix + k: v.contiguous() for k, v in ref.state_dict().items()}
     assert len(ref.state_dict()) == 40 * kw["depth"] + 11 + 3  # 974 at depth 24, like the official file
     path = tmp_path / "model.safetensors"

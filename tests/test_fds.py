@@ -141,22 +141,6 @@ def test_state_dict_roundtrip() -> None:
     assert "kernel_window" not in a.state_dict()
 
 
-def test_gloo_world_size_one_matches_local(tmp_path) -> None:
-    g = torch.Generator().manual_seed(4)
-    f, y = torch.randn(120, 6, generator=g), torch.rand(120, 3, generator=g)
-    local = FDS(feature_dim=6, num_markers=3, bucket_num=10, ks=5)
-    local.update_running_stats(f, y, epoch=0)
-    synced = FDS(feature_dim=6, num_markers=3, bucket_num=10, ks=5)
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        synced.update_running_stats(f, y, epoch=0)
-    finally:
-        dist.destroy_process_group()
-    for name in ("running_mean", "running_var", "num_samples_tracked"):
-        torch.testing.assert_close(getattr(synced, name), getattr(local, name))
-
-
 def _worker(rank: int, world: int, store_path: str, out_path: str) -> None:
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
@@ -174,6 +158,8 @@ def _worker(rank: int, world: int, store_path: str, out_path: str) -> None:
 
 @pytest.mark.slow
 def test_gloo_two_ranks_match_single_process(tmp_path) -> None:
+    """2 real gloo ranks, each with half of the samples: the all-reduced statistics equal one process with all of
+    them (without the all-reduce each rank would hold its half's statistics)."""
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "rank0.pt")), nprocs=2, join=True)
     g = torch.Generator().manual_seed(4)
     f, y = torch.randn(120, 6, generator=g), torch.rand(120, 3, generator=g)

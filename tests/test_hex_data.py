@@ -1,4 +1,6 @@
-"""hex.data: patch store + label join, legacy PNG layout, split checks, batch transforms; hex.metrics; shards."""
+"""hex.data: patch store + label join (coordinates must agree), legacy PNG layout, split checks (clinical table
+must list every slide), normalisation comparison, batch transforms (continuous rotation as torchvision's);
+hex.metrics; shards."""
 
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ from hex.data import (
     colour_jitter_matrices,
     load_split,
     marker_columns,
+    normalization_differences,
     read_split,
-    write_synthetic_dataset,
+    rotate_batch,
 )
 from hex.dist import shard_indices
 from hex.metrics import marker_table, pearson, spearman
 from preprocess.utils import PipelineError
+from tests.hex_synthetic import write_synthetic_dataset
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -62,6 +66,19 @@ def test_csv_rows_in_any_order_join_by_index(cohort: tuple[Path, dict], tmp_path
     assert torch.equal(a[0][0], b[k][0]) and torch.equal(a[0][1], b[k][1])
 
 
+def test_label_coordinates_must_match_the_patch_store(cohort: tuple[Path, dict], tmp_path: Path) -> None:
+    """A label row whose x,y differ from the store's coords[index] belongs to another patch: an error naming both."""
+    root, info = cohort
+    slide = info["train"][0]
+    (tmp_path / "markers").mkdir()
+    df = pd.read_csv(root / "markers" / f"{slide}.csv")
+    df.loc[3, "x"] += 224
+    df.to_csv(tmp_path / "markers" / f"{slide}.csv", index=False)
+    with pytest.raises(PipelineError, match="1 of 6 rows have x,y different") as e:
+        build_dataset(root, [slide], markers_dir=tmp_path / "markers")
+    assert f"{slide}.csv" in str(e.value) and f"{slide}.h5" in str(e.value) and "index 3" in str(e.value)
+
+
 def test_legacy_png_layout_loads_the_same_samples(cohort: tuple[Path, dict], tmp_path: Path) -> None:
     root, info = cohort
     legacy = write_synthetic_dataset(tmp_path, n_slides=4, n_per_slide=6, legacy=True, seed=3)
@@ -87,6 +104,18 @@ def test_split_and_clinical(cohort: tuple[Path, dict]) -> None:
     root, info = cohort
     split = load_split(root / "splits" / "splits_0.csv", root / "clinical.csv")
     assert split == {"train": info["train"], "val": info["val"]}
+
+
+def test_slide_missing_from_clinical_table_is_an_error(cohort: tuple[Path, dict], tmp_path: Path) -> None:
+    """Such a slide would be its own patient and escape the leakage check: an error unless explicitly allowed."""
+    root, info = cohort
+    clinical = tmp_path / "clinical.csv"
+    pd.read_csv(root / "clinical.csv").iloc[1:].to_csv(clinical, index=False)  # drops slide_000
+    with pytest.raises(PipelineError, match="1 slides are not in the clinical table") as e:
+        load_split(root / "splits" / "splits_0.csv", clinical)
+    assert "slide_000" in str(e.value) and "--allow-unknown-slides" in str(e.value)
+    split = load_split(root / "splits" / "splits_0.csv", clinical, allow_unknown=True)
+    assert split["train"] == info["train"]
 
 
 def test_patient_overlap_is_an_error_naming_the_file(cohort: tuple[Path, dict], tmp_path: Path) -> None:
@@ -181,6 +210,45 @@ def test_train_transform_jitter_stays_in_range_and_matches_torchvision_saturatio
     ours = torch.einsum("bij,bjhw->bihw", a, img) + (k * gray).view(4, 1, 1, 1)
     ref = torch.stack([TF.adjust_contrast(TF.adjust_brightness(img[i], float(b[i])), float(c[i])) for i in range(4)])
     assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_continuous_rotation_matches_torchvision() -> None:
+    """rotate_batch = torchvision's rotate (bilinear, zero fill) per sample; --rotation draws angles in [-D, D]."""
+    from torchvision.transforms import InterpolationMode
+
+    x = torch.rand(3, 3, 40, 40) * 255
+    angles = torch.tensor([30.0, -75.0, 90.0])
+    ours = rotate_batch(x, angles)
+    for i in range(3):
+        ref = TF.rotate(x[i], float(angles[i]), interpolation=InterpolationMode.BILINEAR)
+        torch.testing.assert_close(ours[i], ref, atol=1e-3, rtol=1e-5)
+    img = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    flat = BatchTransform(32, (0.0,) * 3, (1 / 255,) * 3, train=True, jitter=(0, 0, 0, 0), flips=False,
+                          rotation=90.0)
+    torch.manual_seed(0)
+    out = flat(img)
+    torch.manual_seed(0)
+    drawn = (torch.rand(16) * 2 - 1) * 90.0
+    torch.testing.assert_close(out, rotate_batch(img.float(), drawn), atol=1e-3, rtol=1e-5)
+    assert (out[:, :, 0, 0] == 0).sum() > 0  # corners rotated in from outside are black
+
+
+def test_normalization_differences() -> None:
+    a = {"markers": ["A", "B"], "percentiles": [1.0, 99.0], "values": [[0.0, 1.0], [10.0, 20.0]]}
+    assert normalization_differences(a, json_copy(a)) == []
+    b = json_copy(a)
+    b["values"][1][1] = 21.0
+    assert normalization_differences(a, b) == ["B: [1.0, 20.0] vs [1.0, 21.0]"]
+    assert normalization_differences(a, b, markers=["A"]) == []
+    c = {**json_copy(a), "percentiles": [2.0, 98.0]}
+    assert normalization_differences(a, c)[0].startswith("percentiles")
+    assert normalization_differences(a, None) == [] and normalization_differences(None, a) == []
+
+
+def json_copy(obj: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps(obj))
 
 
 def test_transform_rejects_float_input() -> None:

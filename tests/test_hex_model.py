@@ -1,4 +1,5 @@
-"""hex.model: forward shapes, state-dict layout, partial fine-tuning, FDS head, checkpoint loading."""
+"""hex.model: forward shapes, state-dict layout, partial fine-tuning, FDS head, fp32 output layer under autocast,
+checkpoint loading (ours, and the original release's real layout)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from hex.model import HEX, build_from_args, inference_state_dict, load_hex_checkpoint
 from preprocess.utils import PipelineError
+from tests.hex_synthetic import ReferenceMusk
 
 MUSK_TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "mlp_dim": 64, "img_size": 32}
 
@@ -97,19 +100,79 @@ def test_own_checkpoint_roundtrip_and_rebuild(tmp_path: Path) -> None:
     assert _same(inference_state_dict(a), b.state_dict())
 
 
-def test_original_hex_checkpoint_layout_loads(tmp_path: Path) -> None:
-    """Original code: DDP ``module.`` prefix, ``regression_head1`` as Sequential(Linear), per-marker ``FDS.{j}``."""
-    torch.manual_seed(0)
-    src = HEX("tiny", num_markers=40)
-    sd = {}
-    for k, v in src.state_dict().items():
-        k = k.replace("regression_head1.", "regression_head1.0.")
-        sd["module." + k] = v.clone()
-    sd["module.FDS.0.running_mean"] = torch.zeros(50, 128)
+# the original code's per-marker FDS module (hex/utils.py FDS): its buffers, as they appear in its state dict
+_ORIG_FDS_BUFFERS = {"epoch": (1,), "running_mean": (50, 128), "running_var": (50, 128),
+                     "running_mean_last_epoch": (50, 128), "running_var_last_epoch": (50, 128),
+                     "smoothed_mean_last_epoch": (50, 128), "smoothed_var_last_epoch": (50, 128),
+                     "num_samples_tracked": (50,), "kernel_window": (9,)}
+
+
+def _original_checkpoint(prefix: str = "") -> tuple[dict[str, torch.Tensor], nn.Module, dict[str, torch.Tensor]]:
+    """The original release's CustomModel state dict at a tiny MUSK size: ``visual`` = the whole MUSK model
+    (``visual.beit3.*`` with both multiway branches, ``text_embed``, ``mask_token``, ``vision_head``,
+    ``language_head``, ``logit_scale``), ``regression_head.*``, ``regression_head1.0.*`` (a Sequential) and 40
+    per-marker ``FDS.{j}.*`` modules. Returns (state dict, the MUSK reference, the heads)."""
+    torch.manual_seed(3)
+    kw = MUSK_TINY
+    musk = ReferenceMusk(kw["embed_dim"], kw["depth"], kw["num_heads"], kw["mlp_dim"], kw["img_size"]).eval()
+    heads = {"regression_head.0.weight": torch.randn(256, 32) * 0.1, "regression_head.0.bias": torch.randn(256) * 0.1,
+             "regression_head.3.weight": torch.randn(128, 256) * 0.1, "regression_head.3.bias": torch.randn(128) * 0.1,
+             "regression_head1.0.weight": torch.randn(40, 128) * 0.1, "regression_head1.0.bias": torch.randn(40) * 0.1}
+    sd = {f"visual.{k}": v for k, v in musk.state_dict().items()} | heads
+    for j in range(40):
+        sd |= {f"FDS.{j}.{name}": torch.rand(shape) for name, shape in _ORIG_FDS_BUFFERS.items()}
+    return {prefix + k: v for k, v in sd.items()}, musk, heads
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_original_hex_checkpoint_layout_loads(tmp_path: Path, prefix: str) -> None:
+    """The real layout: MUSK's text branch and heads dropped, its vision branch loaded, heads renamed, the 40 FDS
+    modules left out; the model then predicts what the original network computes."""
+    sd, musk, heads = _original_checkpoint(prefix)
+    assert sum(".B." in k for k in sd) > 0 and any(k.endswith("visual.beit3.text_embed.weight") for k in sd)
+    assert sum(k.endswith(".running_mean") and "FDS." in k for k in sd) == 40
     torch.save(sd, tmp_path / "checkpoint.pth")
-    dst = HEX("tiny", num_markers=40)
-    load_hex_checkpoint(dst, tmp_path / "checkpoint.pth")
-    assert _same(src.state_dict(), dst.state_dict())
+    model = HEX("musk", num_markers=40, fds={}, **MUSK_TINY)
+    report = load_hex_checkpoint(model, tmp_path / "checkpoint.pth")
+    assert report["backbone"] == "loaded" and report["heads"] == 6 and not report["fds"]
+    own = model.state_dict()
+    vision = {k: v for k, v in musk.state_dict().items() if ".B." not in k and "text_embed" not in k
+              and "mask_token" not in k and k.startswith("beit3.")}
+    assert {k[len("visual."):] for k in own if k.startswith("visual.")} == set(vision)
+    for k, v in vision.items():
+        assert torch.equal(own[f"visual.{k}"], v), k
+    assert torch.equal(own["regression_head1.weight"], heads["regression_head1.0.weight"])
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = musk.image_embedding(x)
+        h = torch.relu(h @ heads["regression_head.0.weight"].T + heads["regression_head.0.bias"])
+        h = torch.relu(h @ heads["regression_head.3.weight"].T + heads["regression_head.3.bias"])
+        want = h @ heads["regression_head1.0.weight"].T + heads["regression_head1.0.bias"]
+        torch.testing.assert_close(model(x)[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_last_layer_runs_in_float32_under_autocast() -> None:
+    """bf16 autocast: the backbone and first head layers run in bf16, the per-marker output layer in float32."""
+    torch.manual_seed(0)
+    model = HEX("tiny", num_markers=5, input_size=32, fds={"start_smooth": 0, "bucket_num": 10, "ks": 3}).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.rand(4, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pred, feat = model(x)
+    assert feat.dtype == torch.bfloat16 and pred.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(pred, model.regression_head1(feat.float()))
+        model.fds.update_running_stats(feat.float(), y, 0)
+        model.fds.update_last_epoch_stats(1)
+    model.train()
+    model.visual.eval()
+    model.regression_head.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pred_fds, feat = model(x, y, 1)  # FDS path: per-marker calibrated features -> per-marker linear
+    assert pred_fds.dtype == torch.float32
+    f = model.fds.smooth(feat.float(), y, 1)
+    want = torch.einsum("bmf,mf->bm", f, model.regression_head1.weight) + model.regression_head1.bias
+    torch.testing.assert_close(pred_fds, want, rtol=0, atol=1e-6)
 
 
 def test_heads_only_file_loads_into_the_heads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -1,7 +1,8 @@
 """Backbone factory: ``create(name, weights=None, **kw) -> Backbone`` mapping (B, 3, S, S) images to (B, D).
 
 Names: ``musk`` (MUSK-large, D=1024, S=384, Inception mean/std), ``dinov2_vits14_reg`` (D=384, S=224, ImageNet
-mean/std), ``tiny`` (CPU CNN, D=192, S=224) and ``timm:<model_name>`` for any timm model::
+mean/std), ``tiny`` (CPU CNN, D=192, S=224) and ``timm:<model_name>`` for any timm model. Each spec carries the training
+recipes with and without pretrained weights (``get_spec(name).recipe(has_weights)``)::
 
     from hex.backbones import create, set_trainable
     bb = create("musk", weights="hf_hub:xiangjx/musk")      # or a local model.safetensors
@@ -18,10 +19,12 @@ from .base import (
     IMAGENET_STD,
     INCEPTION_MEAN,
     INCEPTION_STD,
-    TIMM_PREFIX,
+    PAPER_RECIPE,
+    SCRATCH_RECIPE,
     Backbone,
     BackboneSpec,
     LoadReport,
+    TrainRecipe,
     create,
     get_spec,
     list_backbones,
@@ -29,12 +32,13 @@ from .base import (
     load_weights,
     read_state_dict,
     register_backbone,
+    register_prefix,
     save_backbone,
     set_trainable,
 )
 from .musk import MuskBackbone
 from .tiny import TinyCNN
-from .vit import TimmBackbone
+from .vit import TIMM_PREFIX, TimmBackbone
 
 __all__ = [
     "HF_HUB_PREFIX",
@@ -42,6 +46,8 @@ __all__ = [
     "IMAGENET_STD",
     "INCEPTION_MEAN",
     "INCEPTION_STD",
+    "PAPER_RECIPE",
+    "SCRATCH_RECIPE",
     "TIMM_PREFIX",
     "Backbone",
     "BackboneSpec",
@@ -49,6 +55,7 @@ __all__ = [
     "MuskBackbone",
     "TimmBackbone",
     "TinyCNN",
+    "TrainRecipe",
     "create",
     "get_spec",
     "list_backbones",
@@ -56,6 +63,7 @@ __all__ = [
     "load_weights",
     "read_state_dict",
     "register_backbone",
+    "register_prefix",
     "save_backbone",
     "set_trainable",
 ]

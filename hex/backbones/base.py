@@ -2,7 +2,13 @@
 
 A backbone maps normalised images ``(B, 3, S, S)`` float to embeddings ``(B, D)``. Registered builder functions only
 construct a randomly initialised module; :func:`create` looks the name up, builds, and loads weights through the
-backbone's own pure filter function (``checkpoint_filter``) followed by a strict load.
+backbone's own pure filter function (``checkpoint_filter``) followed by a strict load. Families of names such as
+``timm:<model>`` are resolved by a handler registered for their prefix (:func:`register_prefix`), so this module
+imports no backbone implementation.
+
+Each :class:`BackboneSpec` also says how the backbone trains (:class:`TrainRecipe`): with pretrained weights (the
+paper's MUSK fine-tuning recipe by default) and from random initialisation (every block, a larger lr, an lr floor),
+and whether it is meant to be used with pretrained weights at all (``expects_weights``).
 
 Weight sources (``weights=``):
 
@@ -34,16 +40,38 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
-TIMM_PREFIX = "timm:"
 HF_HUB_PREFIX = "hf_hub:"
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _CONTAINER_KEYS = ("state_dict", "model", "module")
 
 
 @dataclass(frozen=True)
+class TrainRecipe:
+    """Defaults of the ``hex.train`` flags a user leaves unset: Adam ``lr`` (all trainable groups), ExponentialLR
+    factor ``gamma`` per epoch, ``lr_floor`` (the lr never decays below ``lr_floor x lr``; 0 = plain exponential
+    decay), trainable trailing blocks ``unfreeze_last`` (-1 = all), per-process ``batch_size`` and ``lds``
+    (label-distribution-smoothing loss weights)."""
+
+    lr: float
+    gamma: float = 0.95
+    lr_floor: float = 0.0
+    unfreeze_last: int = 4
+    batch_size: int = 48
+    lds: bool = False
+
+
+# the original HEX training code on a pretrained MUSK: last 4 blocks, lr 1e-5 decayed by 0.95 per epoch, batch 48
+PAPER_RECIPE = TrainRecipe(lr=1e-5, gamma=0.95, lr_floor=0.0, unfreeze_last=4, batch_size=48, lds=False)
+# no pretrained weights: every block trains, 10x the lr, and the decay stops at 10 % of it (not a paper setting)
+SCRATCH_RECIPE = TrainRecipe(lr=1e-4, gamma=0.95, lr_floor=0.1, unfreeze_last=-1, batch_size=48, lds=False)
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
-    """What a backbone name gives: embedding size ``embed_dim`` (D), square input side ``input_size`` (S, pixels)
-    and the per-channel RGB normalisation ``mean`` / ``std`` (on images scaled to [0, 1])."""
+    """What a backbone name gives: embedding size ``embed_dim`` (D), square input side ``input_size`` (S, pixels),
+    the per-channel RGB normalisation ``mean`` / ``std`` (on images scaled to [0, 1]), and how it trains:
+    ``pretrained`` / ``scratch`` recipes (with / without weights) and ``expects_weights`` (a backbone meant to be
+    fine-tuned from pretrained weights; training it from random initialisation is warned about)."""
 
     name: str
     embed_dim: int
@@ -54,6 +82,19 @@ class BackboneSpec:
     hf_hub_id: str | None = None
     hf_filename: str = "model.safetensors"
     extra: dict = field(default_factory=dict, compare=False)
+    pretrained: TrainRecipe = PAPER_RECIPE
+    scratch: TrainRecipe = SCRATCH_RECIPE
+    expects_weights: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("pretrained", "scratch"):  # from to_dict() / JSON: plain dicts
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, TrainRecipe(**value))
+
+    def recipe(self, has_weights: bool) -> TrainRecipe:
+        """The recipe for a run with (``has_weights``) or without pretrained weights."""
+        return self.pretrained if has_weights else self.scratch
 
     def to_dict(self) -> dict:
         """JSON-serialisable form (saved beside weights)."""
@@ -119,24 +160,49 @@ class _Entry:
     builder: Builder
 
 
+@dataclass(frozen=True)
+class _Family:
+    spec: Callable[[str], BackboneSpec]
+    builder: Callable[..., Backbone]
+
+
 _REGISTRY: dict[str, _Entry] = {}
+_FAMILIES: dict[str, _Family] = {}  # name prefix ("timm:") -> handler of the names after it
 
 
 def register_backbone(spec: BackboneSpec) -> Callable[[Builder], Builder]:
     """Decorator registering ``builder(**kw) -> Backbone`` (random init) under ``spec.name``.
 
-    Raises ``ValueError`` when the name is already registered or uses the reserved ``timm:`` prefix.
+    Raises ``ValueError`` when the name is already registered or contains ``:`` (reserved for name families such
+    as ``timm:``).
     """
 
     def deco(builder: Builder) -> Builder:
         if spec.name in _REGISTRY:
             raise ValueError(f"backbone {spec.name!r} is already registered")
-        if spec.name.startswith(TIMM_PREFIX):
-            raise ValueError(f"backbone names may not start with the reserved prefix {TIMM_PREFIX!r}")
+        if ":" in spec.name:
+            raise ValueError(f"backbone names may not contain ':', reserved for prefixes such as 'timm:' "
+                             f"(got {spec.name!r})")
         _REGISTRY[spec.name] = _Entry(spec, builder)
         return builder
 
     return deco
+
+
+def register_prefix(prefix: str, spec: Callable[[str], BackboneSpec], builder: Callable[..., Backbone]) -> None:
+    """Handle every name ``prefix + <rest>``: ``spec(rest)`` gives its spec, ``builder(rest, **kw)`` builds it.
+
+    ``prefix`` must end with ``:``; registering one twice is a ``ValueError``."""
+    if not prefix.endswith(":") or prefix in _FAMILIES:
+        raise ValueError(f"name prefix {prefix!r} must end with ':' and be registered once")
+    _FAMILIES[prefix] = _Family(spec, builder)
+
+
+def _family(name: str) -> tuple[_Family, str] | None:
+    for prefix, fam in _FAMILIES.items():
+        if name.startswith(prefix):
+            return fam, name[len(prefix):]
+    return None
 
 
 def list_backbones(pattern: str | None = None) -> list[str]:
@@ -148,18 +214,16 @@ def list_backbones(pattern: str | None = None) -> list[str]:
 
 
 def _unknown(name: str) -> ValueError:
-    return ValueError(
-        f"unknown backbone {name!r}; available: {', '.join(list_backbones())}, "
-        f"or '{TIMM_PREFIX}<model_name>' for any timm model"
-    )
+    families = ", ".join(f"'{p}<name>'" for p in _FAMILIES)
+    return ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}"
+                      + (f", or {families} (e.g. timm: for any timm model)" if families else ""))
 
 
 def get_spec(name: str) -> BackboneSpec:
     """Default spec of a backbone name (what :func:`create` gives without size overrides)."""
-    if name.startswith(TIMM_PREFIX):
-        from .vit import timm_spec
-
-        return timm_spec(name[len(TIMM_PREFIX) :])
+    fam = _family(name)
+    if fam is not None:
+        return fam[0].spec(fam[1])
     if name not in _REGISTRY:
         raise _unknown(name)
     return _REGISTRY[name].spec
@@ -174,10 +238,9 @@ def create(name: str, weights: str | os.PathLike | None = None, **kw) -> Backbon
     Raises ``ValueError`` (unknown name), ``FileNotFoundError`` (missing local file), ``RuntimeError`` (hub download
     impossible, or trunk keys missing after the filter).
     """
-    if name.startswith(TIMM_PREFIX):
-        from .vit import build_timm
-
-        model = build_timm(name[len(TIMM_PREFIX) :], **kw)
+    fam = _family(name)
+    if fam is not None:
+        model = fam[0].builder(fam[1], **kw)
     elif name in _REGISTRY:
         model = _REGISTRY[name].builder(**kw)
     else:

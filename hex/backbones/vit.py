@@ -13,10 +13,11 @@ import sys
 import torch
 from torch import nn
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, TIMM_PREFIX, Backbone, BackboneSpec, register_backbone
+from .base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneSpec, register_backbone, register_prefix
 
 log = logging.getLogger(__name__)
 
+TIMM_PREFIX = "timm:"
 DINOV2_MODEL = "vit_small_patch14_reg4_dinov2"
 DINOV2_SPEC = BackboneSpec(
     name="dinov2_vits14_reg",
@@ -140,3 +141,6 @@ def dinov2_vits14_reg(**kw) -> TimmBackbone:
 def build_timm(model_name: str, **kw) -> TimmBackbone:
     """Builder of the ``timm:<model_name>`` family (kwargs go to ``timm.create_model``)."""
     return TimmBackbone(model_name, spec=None, **kw)
+
+
+register_prefix(TIMM_PREFIX, timm_spec, build_timm)

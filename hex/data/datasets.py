@@ -1,0 +1,293 @@
+"""HEX training data: H&E patches joined with their CODEX marker labels.
+
+Layouts read (all paths relative to the data root, usually the pipeline's ``OUT``):
+
+* patch store ``he_patches/{slide}.h5``: ``imgs`` (N,H,W,3) uint8, ``coords`` (N,2) int64 level-0 top-left x,y;
+* legacy patches ``he_patches/{slide}/{slide}_{index}.png`` (original HEX code);
+* labels ``markers/{slide}.csv``: ``slide,index,x,y,<markers...>`` in [0,1], ``index`` = row in the patch store
+  (legacy CSVs name the markers ``mean_intensity_channel{1..40}``; ``channel_registered/`` is read when
+  ``markers/`` is absent), and ``markers/normalization.json`` (per-marker percentiles, carried into checkpoints).
+
+A label row whose ``x,y`` differ from the patch store's ``coords[index]`` is an error: the label belongs to another
+patch (a stale or mismatched patch store).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from preprocess.utils import PipelineError
+
+log = logging.getLogger(__name__)
+
+META_COLUMNS = ("slide", "index", "x", "y")
+LEGACY_PREFIX = "mean_intensity_channel"
+_LEGACY_RE = re.compile(rf"^{LEGACY_PREFIX}(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# marker tables
+
+
+def marker_columns(columns: Sequence[str]) -> list[str]:
+    """Marker columns of a label CSV: all but ``slide,index,x,y``; legacy ``mean_intensity_channel{i}`` by ``i``."""
+    cols = [c for c in columns if c not in META_COLUMNS]
+    if cols and all(_LEGACY_RE.match(c) for c in cols):
+        cols = sorted(cols, key=lambda c: int(_LEGACY_RE.match(c).group(1)))  # type: ignore[union-attr]
+    return cols
+
+
+def resolve_markers_dir(data_root: str | os.PathLike, markers_dir: str | os.PathLike | None = None) -> Path:
+    """``markers_dir`` if given, else ``DATA/markers``, else the legacy ``DATA/channel_registered``."""
+    if markers_dir is not None:
+        return Path(markers_dir)
+    root = Path(data_root)
+    if not (root / "markers").is_dir() and (root / "channel_registered").is_dir():
+        return root / "channel_registered"
+    return root / "markers"
+
+
+def list_labelled_slides(markers_dir: str | os.PathLike) -> list[str]:
+    """Slide ids with a label CSV in ``markers_dir`` (sorted)."""
+    d = Path(markers_dir)
+    if not d.is_dir():
+        raise PipelineError(f"marker folder {d} does not exist")
+    return sorted(p.name.split(".", 1)[0] for p in d.glob("*.csv") if not p.name.startswith("."))
+
+
+def load_normalization(markers_dir: str | os.PathLike) -> dict | None:
+    """Contents of ``markers/normalization.json`` (None when absent)."""
+    p = Path(markers_dir) / "normalization.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def read_marker_csv(path: str | os.PathLike, markers: Sequence[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Read one label CSV; returns the frame and its marker names (reordered to ``markers`` when given)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"marker table {path} does not exist (run the quantification stage for this slide)")
+    df = pd.read_csv(path, dtype={"slide": str})
+    if "index" not in df.columns:
+        raise PipelineError(f"marker table {path} has no 'index' column (expected slide,index,x,y,<markers>)")
+    names = marker_columns(df.columns)
+    if markers is not None:
+        missing = [m for m in markers if m not in df.columns]
+        if missing:
+            raise PipelineError(f"marker table {path} lacks markers {missing[:10]} (expected {len(markers)} markers)")
+        names = list(markers)
+    if not names:
+        raise PipelineError(f"marker table {path} has no marker columns")
+    return df, names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# patch sources (opened lazily, once per process)
+
+
+class _H5Source:
+    """Rows of ``imgs`` in one patch store; the file handle is opened on first use in each process."""
+
+    kind = "h5"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f: h5py.File | None = None
+        self._pid = -1
+
+    def _imgs(self) -> h5py.Dataset:
+        if self._f is None or self._pid != os.getpid():
+            self._f = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._f["imgs"]
+
+    def read(self, index: int) -> np.ndarray:
+        """(H,W,3) uint8 of patch ``index``."""
+        return self._imgs()[index]
+
+    def close(self) -> None:
+        if self._f is not None and self._pid == os.getpid():
+            self._f.close()
+        self._f = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_f": None, "_pid": -1}
+
+
+class _PngSource:
+    """Legacy ``he_patches/{slide}/{slide}_{index}.png`` files."""
+
+    kind = "png"
+
+    def __init__(self, folder: Path, slide: str):
+        self.folder = folder
+        self.slide = slide
+
+    def file(self, index: int) -> Path:
+        return self.folder / f"{self.slide}_{index}.png"
+
+    def read(self, index: int) -> np.ndarray:
+        with Image.open(self.file(index)) as im:
+            return np.array(im.convert("RGB"))
+
+    def close(self) -> None:
+        pass
+
+
+class PatchDataset(Dataset):
+    """Labelled patches of many slides.
+
+    Item ``i`` is ``(img, labels, i)``: img (3,H,W) uint8 as stored (no transform), labels (M,) float32 in [0,1].
+    ``slides``, ``slide_idx`` (N,), ``rows`` (N,) (patch index in its slide), ``coords`` (N,2) level-0 x,y and
+    ``markers`` (M names) describe the samples in order.
+    """
+
+    def __init__(self, slides: list[str], sources: list[Any], slide_idx: np.ndarray, rows: np.ndarray,
+                 labels: np.ndarray, coords: np.ndarray, markers: list[str], normalization: dict | None = None):
+        self.slides = slides
+        self.sources = sources
+        self.slide_idx = slide_idx.astype(np.int64)
+        self.rows = rows.astype(np.int64)
+        self.labels = np.ascontiguousarray(labels, dtype=np.float32)
+        self.coords = coords.astype(np.int64)
+        self.markers = markers
+        self.normalization = normalization
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        arr = self.sources[self.slide_idx[i]].read(int(self.rows[i]))
+        img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (3,H,W) uint8
+        return img, torch.from_numpy(self.labels[i]), i
+
+    @property
+    def slide_of_sample(self) -> np.ndarray:
+        """(N,) slide id of every sample."""
+        return np.asarray(self.slides, dtype=object)[self.slide_idx]
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+
+
+def _patch_source(patches_dir: Path, slide: str) -> Any:
+    h5 = patches_dir / f"{slide}.h5"
+    if h5.is_file():
+        return _H5Source(h5)
+    folder = patches_dir / slide
+    if folder.is_dir():
+        return _PngSource(folder, slide)
+    raise PipelineError(f"no patches for slide {slide!r}: neither {h5} nor the PNG folder {folder} exists "
+                        "(run the patch-store stage)")
+
+
+def build_dataset(
+    data_root: str | os.PathLike,
+    slides: Sequence[str],
+    markers: Sequence[str] | None = None,
+    markers_dir: str | os.PathLike | None = None,
+    patches_dir: str | os.PathLike | None = None,
+) -> PatchDataset:
+    """Join the label CSVs of ``slides`` with their patches (h5 store, else legacy PNG folder).
+
+    ``markers`` fixes the marker order (e.g. from a checkpoint); otherwise the first CSV's order is used and every
+    other CSV must have the same markers. Rows with missing labels are dropped (warning); a label ``index`` outside
+    the patch store, a missing PNG, or a marker set that differs between slides is an error naming the file.
+    """
+    if not slides:
+        raise PipelineError("no slides to load (empty split?)")
+    root = Path(data_root)
+    mdir = resolve_markers_dir(root, markers_dir)
+    pdir = Path(patches_dir) if patches_dir is not None else root / "he_patches"
+    names: list[str] | None = list(markers) if markers is not None else None
+    sources, s_idx, rows, labels, coords = [], [], [], [], []
+    for k, slide in enumerate(slides):
+        csv = mdir / f"{slide}.csv"
+        df, cols = read_marker_csv(csv, names)
+        if names is None:
+            names = cols
+        elif set(marker_columns(df.columns)) != set(names) and markers is None:
+            raise PipelineError(f"marker table {csv} has markers {marker_columns(df.columns)[:5]}... which differ "
+                                f"from the first slide's {names[:5]}...")
+        y = df[names].to_numpy(dtype=np.float32)
+        ok = np.isfinite(y).all(axis=1)
+        if not ok.all():
+            log.warning("%s: dropping %d rows with missing labels", csv, int((~ok).sum()))
+            df, y = df[ok], y[ok]
+        idx = df["index"].to_numpy(dtype=np.int64)
+        src = _patch_source(pdir, slide)
+        xy = (df[["x", "y"]].to_numpy(dtype=np.int64) if {"x", "y"} <= set(df.columns)
+              else np.zeros((len(df), 2), np.int64))
+        if src.kind == "h5":
+            with h5py.File(src.path, "r") as f:
+                if "imgs" not in f:
+                    raise PipelineError(f"patch store {src.path} has no 'imgs' dataset")
+                n = f["imgs"].shape[0]
+                if len(idx) and (idx.min() < 0 or idx.max() >= n):
+                    raise PipelineError(f"{csv}: index {int(idx.max())} out of range for {src.path} ({n} patches)")
+                if "coords" in f and {"x", "y"} <= set(df.columns) and len(idx):
+                    _check_coords(csv, xy, f["coords"][:][idx], idx, src.path)
+        else:
+            missing = [i for i in idx if not src.file(int(i)).is_file()]
+            if missing:
+                raise PipelineError(f"{len(missing)} PNG patches listed in {csv} are missing, e.g. "
+                                    f"{src.file(int(missing[0]))}")
+        sources.append(src)
+        s_idx.append(np.full(len(idx), k, np.int64))
+        rows.append(idx)
+        labels.append(y)
+        coords.append(xy)
+    assert names is not None
+    y_all = np.concatenate(labels)
+    if y_all.size and (y_all.min() < -1e-6 or y_all.max() > 1 + 1e-6):
+        log.warning("labels outside [0,1] (min %.3g, max %.3g): expected normalised marker values",
+                    float(y_all.min()), float(y_all.max()))
+    ds = PatchDataset(list(slides), sources, np.concatenate(s_idx), np.concatenate(rows), y_all,
+                      np.concatenate(coords), names, load_normalization(mdir))
+    if len(ds) == 0:
+        raise PipelineError(f"slides {list(slides)[:5]}... have no labelled patches in {mdir}")
+    return ds
+
+
+def _check_coords(csv: Path, xy: np.ndarray, store_xy: np.ndarray, idx: np.ndarray, store: Path) -> None:
+    """Label x,y (N,2) must equal the patch store's ``coords[index]`` (N,2), else PipelineError naming both files."""
+    bad = np.flatnonzero((store_xy != xy).any(axis=1))
+    if len(bad):
+        i = int(bad[0])
+        raise PipelineError(
+            f"{csv}: {len(bad)} of {len(idx)} rows have x,y different from {store} coords[index] (first: index "
+            f"{int(idx[i])} x,y {xy[i].tolist()} vs {store_xy[i].tolist()}); the labels and the patch store come "
+            "from different patch grids: rerun stage 03 for this slide")
+
+
+def normalization_differences(a: dict | None, b: dict | None, markers: Sequence[str] | None = None) -> list[str]:
+    """What differs between two label normalisations (``markers/normalization.json`` contents): ``[]`` when they
+    agree or either is unknown (None). With the ``markers``/``percentiles``/``values`` layout, the percentiles and
+    the per-marker values of ``markers`` (default: all) are compared to a relative 1e-6; other layouts must be
+    equal."""
+    if a is None or b is None:
+        return []
+    if not all(k in d for d in (a, b) for k in ("markers", "values")):
+        return [] if a == b else ["normalization files differ"]
+    diffs = []
+    if not np.allclose(a.get("percentiles", []), b.get("percentiles", []), rtol=1e-6):
+        diffs.append(f"percentiles {a.get('percentiles')} vs {b.get('percentiles')}")
+    va = {m: (lo, hi) for m, lo, hi in zip(a["markers"], *a["values"])}
+    vb = {m: (lo, hi) for m, lo, hi in zip(b["markers"], *b["values"])}
+    for m in markers if markers is not None else a["markers"]:
+        if m in va and m in vb and not np.allclose(va[m], vb[m], rtol=1e-6, atol=0):
+            diffs.append(f"{m}: {list(va[m])} vs {list(vb[m])}")
+    return diffs

@@ -1,0 +1,95 @@
+"""Split files and the clinical table: which slides train and validate, and the patient-leakage check.
+
+* split ``splits_{k}.csv``: columns ``train``, ``val`` (slide ids, empty cells allowed where a column is shorter);
+* clinical table ``clinical.csv``: ``case_id,slide_id`` (one row per slide). A patient whose slides sit in two
+  columns is an error, and so is a split slide the clinical table does not list (``allow_unknown=True`` lets it be
+  its own patient, with a warning), since the leakage check cannot see such slides.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from preprocess.utils import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def _clean_id(v: Any) -> str:
+    s = str(v).strip()
+    return s[:-2] if re.fullmatch(r"\d+\.0", s) else s  # "4.0" written by pandas for numeric ids -> "4"
+
+
+def read_split(path: str | os.PathLike, column: str) -> list[str]:
+    """Slide ids in ``column`` of a split CSV (empty cells skipped); a missing file/column or no ids is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"split file {path} does not exist")
+    df = pd.read_csv(path, dtype=str)
+    if column not in df.columns:
+        raise PipelineError(f"split file {path} has no column {column!r} (columns: {list(df.columns)})")
+    ids = [_clean_id(v) for v in df[column].dropna() if str(v).strip()]
+    if not ids:
+        raise PipelineError(f"split file {path}: column {column!r} lists no slides")
+    dup = sorted({s for s in ids if ids.count(s) > 1})
+    if dup:
+        raise PipelineError(f"split file {path}: column {column!r} lists slides more than once: {dup[:10]}")
+    return ids
+
+
+def read_clinical(path: str | os.PathLike) -> dict[str, str]:
+    """Map slide id -> case (patient) id from a clinical CSV with ``case_id,slide_id`` columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"clinical table {path} does not exist")
+    df = pd.read_csv(path, dtype=str)
+    for col in ("case_id", "slide_id"):
+        if col not in df.columns:
+            raise PipelineError(f"clinical table {path} has no column {col!r} (columns: {list(df.columns)})")
+    return {_clean_id(s): _clean_id(c) for s, c in zip(df["slide_id"], df["case_id"]) if pd.notna(s)}
+
+
+def load_split(
+    path: str | os.PathLike,
+    clinical: str | os.PathLike | None = None,
+    columns: Sequence[str] = ("train", "val"),
+    allow_unknown: bool = False,
+) -> dict[str, list[str]]:
+    """Read the given split columns and check that no slide and (with ``clinical``) no patient is in two of them.
+
+    Returns ``{column: [slide ids]}``. A slide missing from the clinical table is an error naming both files, unless
+    ``allow_unknown`` (then it counts as its own patient, with a warning).
+    """
+    split = {c: read_split(path, c) for c in columns}
+    case_of = read_clinical(clinical) if clinical is not None else {}
+    if clinical is not None:
+        unknown = sorted({s for ids in split.values() for s in ids if s not in case_of})
+        if unknown and not allow_unknown:
+            raise PipelineError(
+                f"split {path}: {len(unknown)} slides are not in the clinical table {clinical} (e.g. {unknown[:5]}), "
+                "so their patients cannot be checked for train/val leakage; add them to the table, or pass "
+                "--allow-unknown-slides to treat each as its own patient")
+        if unknown:
+            log.warning("split %s: %d slides not in clinical table %s (treated as their own patient): %s",
+                        path, len(unknown), clinical, unknown[:5])
+    cols = list(columns)
+    for i, a in enumerate(cols):
+        for b in cols[i + 1:]:
+            both = sorted(set(split[a]) & set(split[b]))
+            if both:
+                raise PipelineError(f"split file {path}: slides in both {a!r} and {b!r}: {both[:10]}")
+            pa = {case_of.get(s, s) for s in split[a]}
+            pb = {case_of.get(s, s) for s in split[b]}
+            overlap = sorted(pa & pb)
+            if overlap:
+                raise PipelineError(
+                    f"split file {path}: patients in both {a!r} and {b!r} (via {clinical}): {overlap[:10]}; "
+                    "a patient's slides must all be on one side")
+    return split

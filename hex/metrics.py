@@ -20,7 +20,9 @@ def pearson(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     den = np.sqrt((yc * yc).sum(axis=0) * (pc * pc).sum(axis=0))
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (yc * pc).sum(axis=0) / den
-    r[~(den > 1e-24)] = np.nan
+    # a constant column has no correlation; its centred values are rounding noise, not a signal
+    const = (np.ptp(y, axis=0) == 0) | (np.ptp(p, axis=0) == 0)
+    r[~(den > 1e-24) | const] = np.nan
     return np.clip(r, -1.0, 1.0)
 
 

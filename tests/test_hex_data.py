@@ -277,3 +277,15 @@ def test_metrics_match_scipy() -> None:
 def test_shards_cover_every_index_once(n: int, world: int) -> None:
     got = [i for r in range(world) for i in shard_indices(n, r, world)]
     assert got == list(range(n))
+
+
+def test_pearson_constant_prediction_is_nan() -> None:
+    """A collapsed (constant) prediction column has no correlation, even when float rounding leaves its centred
+    values a tiny nonzero spread."""
+    from hex.metrics import pearson
+
+    rng = np.random.default_rng(0)
+    y = rng.random((1000, 3))
+    p = np.c_[np.full(1000, 0.7), y[:, 1], 1e-6 * y[:, 2] + 0.3]  # mean of 1000 x 0.7 is not exactly 0.7
+    r = pearson(y, p)
+    assert np.isnan(r[0]) and r[1] == pytest.approx(1.0) and r[2] == pytest.approx(1.0)

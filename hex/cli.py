@@ -58,3 +58,21 @@ def run_cli(
         if path is not None:
             close_log_file(path)
         cleanup_dist()
+
+
+def run_logged(work: Callable[[], object], log_file: Path | None, level: str = "INFO", rank: int = 0,
+               logger: logging.Logger | None = None) -> int:
+    """The same error and log handling for a CLI that starts no process group (e.g. ``mica.train``, whose torchrun
+    processes each train their own folds): log to stderr and ``log_file``, run ``work()``, 0 on success, a
+    :class:`~preprocess.utils.PipelineError` as one line and exit code 2; the log file is closed in every case."""
+    logger = logger or log
+    setup_logging(log_file, level=getattr(logging, str(level).upper(), logging.INFO), rank=rank)
+    try:
+        work()
+        return 0
+    except PipelineError as e:
+        logger.error("%s", e)
+        return EXIT_INPUT_ERROR
+    finally:
+        if log_file is not None:
+            close_log_file(log_file)

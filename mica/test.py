@@ -35,11 +35,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from hex.dist import close_log_file, resolve_device
+from hex.cli import run_logged
+from hex.dist import resolve_device
 from mica import plots
 from mica.dataset import BagDataset, FeatureSource, build_fold, read_clinical_table
 from mica.train import patient_table, predict
-from preprocess.utils import PipelineError, atomic_path, save_config, setup_logging, write_json
+from preprocess.utils import PipelineError, atomic_path, save_config, write_json
 
 log = logging.getLogger("mica.test")
 
@@ -333,16 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run_dir = args.out / "mica_runs" / args.run_name
     log_file = run_dir / "test" / "test.log" if run_dir.is_dir() else None
-    setup_logging(log_file, level=getattr(logging, str(args.log_level).upper(), logging.INFO))
-    try:
-        run(args)
-        return 0
-    except PipelineError as e:
-        log.error("%s", e)
-        return 2
-    finally:
-        if log_file is not None:
-            close_log_file(log_file)
+    return run_logged(lambda: run(args), log_file, args.log_level, logger=log)
 
 
 if __name__ == "__main__":

@@ -56,9 +56,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hex.dist import close_log_file, resolve_device, rng_state, seed_everything, set_rng_state
+from hex.cli import run_logged
+from hex.dist import resolve_device, rng_state, seed_everything, set_rng_state
 from mica.dataset import BagDataset, FeatureSource, build_fold, read_clinical_table
-from preprocess.utils import PipelineError, atomic_path, save_config, setup_logging, write_json
+from preprocess.utils import PipelineError, atomic_path, save_config, write_json
 
 log = logging.getLogger("mica.train")
 
@@ -397,17 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run_dir = args.out / "mica_runs" / args.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_file = run_dir / "train.log"
-    setup_logging(log_file, level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                  rank=int(os.environ.get("RANK", 0)))
-    try:
-        run(args)
-        return 0
-    except PipelineError as e:
-        log.error("%s", e)
-        return 2
-    finally:
-        close_log_file(log_file)
+    return run_logged(lambda: run(args), run_dir / "train.log", args.log_level, rank=int(os.environ.get("RANK", 0)),
+                      logger=log)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ affine (CODEX 0.377 µm/px). Timed, on the same machine in the same run:
   (b) shipped: ``preprocess.quantify.quantify_patches`` over all patches;
   (c) the decode floor: level 0 decoded once, without any arithmetic, (c1) through zarr in one thread and
       (c2) with the shipped tile reader and the same number of threads as (b).
+  (d) the shipped code through a smooth displacement field (``CodexToHE``, up to ~20 px): the non-rigid map's cost.
 Patch store: a synthetic Aperio-style tiled-JPEG H&E (0.5 µm/px, 3 levels) is gridded by ``preprocess.patch``;
-timed: the shipped store (``he_patches/{slide}.h5``) vs one ``read_region`` + PNG save per patch (sample).
+timed: the shipped store (``he_patches/{slide}.h5``) vs one ``read_region`` + PNG save per patch (sample); then
+every ``--compression`` (none, gzip = the default, lzf, jpeg): write time, file size (and per patch, and
+extrapolated to a 40x slide's 20x patch count ``--slide-patches``), and random-access read speed through
+``PatchStoreReader`` (a fresh file handle, ``--read-patches`` patches in random order, as training reads them).
 
 The synthetic slides are written with ``sample_data.writers`` (the writers of the sample cohort and the tests).
 
@@ -175,6 +179,19 @@ def bench_quantify(tmp: Path, size: int, threads: int, baseline_patches: int, re
         quantify_patches(codex, channels, coords, ps0, affine, region_px=region_px, threads=1)
         t_ship1 = time.perf_counter() - t0
 
+        # (d) shipped through a displacement field (smooth, up to ~20 H&E px)
+        from preprocess.quantify import CodexToHE
+        from preprocess.registration.field import DisplacementField, node_shape
+
+        gy, gx = node_shape((he_extent, he_extent), 256.0)
+        yy, xx = np.mgrid[0:gy, 0:gx] / max(gy, gx)
+        field = DisplacementField(np.stack([14 * np.sin(3 * xx + 1) * np.cos(2 * yy), 9 * np.cos(2.5 * yy + xx)]),
+                                  256.0)
+        t0 = time.perf_counter()
+        quantify_patches(codex, channels, coords, ps0, CodexToHE(affine, field), region_px=region_px,
+                         threads=threads)
+        t_field = time.perf_counter() - t0
+
         # (a) baseline on a sample
         rng = np.random.default_rng(0)
         which = np.sort(rng.choice(n, size=min(baseline_patches, n), replace=False))
@@ -193,11 +210,47 @@ def bench_quantify(tmp: Path, size: int, threads: int, baseline_patches: int, re
     print(f"[quantify] shipped time / decode floor: {t_ship / floor_fast:.2f}x (same threads), "
           f"{t_ship / floor_zarr:.2f}x (vs zarr 1 thread)")
     print(f"[quantify] max |shipped - baseline| over the sample: {err:.2e}")
+    print(f"[quantify] (d) shipped through a displacement field, {threads} thread(s): {_rate(n, t_field)}; "
+          f"{t_field / t_ship:.2f}x the affine-only time")
     return {"baseline_pps": r_base, "shipped_pps": r_ship, "ratio": r_ship / r_base, "floor_s": floor_fast,
-            "floor_zarr_s": floor_zarr, "shipped_s": t_ship, "max_abs_diff": err}
+            "floor_zarr_s": floor_zarr, "shipped_s": t_ship, "max_abs_diff": err, "field_s": t_field}
 
 
-def bench_patch_store(tmp: Path, he_size: int, baseline_patches: int) -> dict:
+def bench_store_compression(out: Path, path: Path, n: int, read_patches: int, slide_patches: int) -> dict:
+    """Write the store once per ``--compression``; size and random-access read speed of each."""
+    from preprocess.patch_store import COMPRESSIONS, PatchStoreReader, StoreConfig, store_slide
+
+    rows = {}
+    rng = np.random.default_rng(1)
+    order = rng.permutation(n)[: min(read_patches, n)]
+    for comp in COMPRESSIONS:
+        o = out.parent / f"out_{comp}"
+        shutil.rmtree(o, ignore_errors=True)
+        t0 = time.perf_counter()
+        store_slide("bench", path, StoreConfig(out=o, patches_dir=out / "patches", compression=comp))
+        t_write = time.perf_counter() - t0
+        f = o / "he_patches" / "bench.h5"
+        size = f.stat().st_size
+        t0 = time.perf_counter()
+        with PatchStoreReader(f) as r:
+            for i in order:
+                r[int(i)]
+        t_read = time.perf_counter() - t0
+        rows[comp] = {"bytes": size, "write_s": t_write, "read_pps": len(order) / t_read}
+    raw = rows["none"]
+    print(f"[store] compression: size, per patch, for {slide_patches} patches (a 40x slide's 20x grid), write, "
+          f"random reads (fresh handle, {len(order)} patches)")
+    for comp, r in rows.items():
+        per = r["bytes"] / n
+        print(f"[store]   {comp:5s} {r['bytes'] / 1e6:8.1f} MB  {per / 1e3:6.1f} KB/patch  "
+              f"{per * slide_patches / 1e9:5.2f} GB/slide  ({raw['bytes'] / r['bytes']:4.1f}x smaller)  "
+              f"write {_rate(n, r['write_s'])}  read {r['read_pps']:7.0f} patches/s "
+              f"({r['read_pps'] / raw['read_pps']:.2f}x uncompressed)")
+    return rows
+
+
+def bench_patch_store(tmp: Path, he_size: int, baseline_patches: int, read_patches: int = 2000,
+                      slide_patches: int = 40000) -> dict:
     from PIL import Image
 
     from preprocess.patch import PatchConfig, patch_slide, read_grid
@@ -235,9 +288,10 @@ def bench_patch_store(tmp: Path, he_size: int, baseline_patches: int) -> dict:
     t_base = time.perf_counter() - t0
     r_base, r_ship = len(which) / t_base, n / t_ship
     print(f"[store] baseline, read_region + PIL PNG save per patch: {_rate(len(which), t_base)}")
-    print(f"[store] shipped, region reads -> HDF5:               {_rate(n, t_ship)}")
+    print(f"[store] shipped, region reads -> HDF5 (gzip):        {_rate(n, t_ship)}")
     print(f"[store] speed-up: {r_ship / r_base:.1f}x")
-    return {"baseline_pps": r_base, "shipped_pps": r_ship, "ratio": r_ship / r_base}
+    comp = bench_store_compression(out, path, n, read_patches, slide_patches)
+    return {"baseline_pps": r_base, "shipped_pps": r_ship, "ratio": r_ship / r_base, "compression": comp}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--region-px", type=int, default=1024, help="CODEX region side of the shipped code (px)")
     p.add_argument("--baseline-patches", type=int, default=40, help="patches timed for the quantify baseline")
     p.add_argument("--store-baseline-patches", type=int, default=300, help="patches timed for the store baseline")
+    p.add_argument("--read-patches", type=int, default=2000, help="patches read back per store encoding")
+    p.add_argument("--slide-patches", type=int, default=40000,
+                   help="patches of a large 40x slide's 20x grid, for the per-slide store size (default 40000)")
     p.add_argument("--skip", choices=["quantify", "store"], action="append", default=[], help="skip a part")
     p.add_argument("--keep", type=Path,
                    help="write the data here and keep it; a later run with the same --keep reuses it "
@@ -266,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         if "quantify" not in args.skip:
             bench_quantify(tmp, args.size, args.threads, args.baseline_patches, args.region_px, args.tile)
         if "store" not in args.skip:
-            bench_patch_store(tmp, args.he_size, args.store_baseline_patches)
+            bench_patch_store(tmp, args.he_size, args.store_baseline_patches, args.read_patches, args.slide_patches)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -30,9 +30,19 @@ from pathlib import Path
 
 import numpy as np
 
+from preprocess.pyramid import MPP_TOLERANCE, choose_level, same_mpp
 from preprocess.slide_io import HESlide, list_he_slides
-from preprocess.tissue import TissueParams, patch_tissue_fraction, tissue_mask
-from preprocess.utils import PipelineError, atomic_path, run_slides, save_config, select_slides, setup_logging
+from preprocess.tissue import TissueParams, grid_tissue_mask, patch_tissue_fraction
+from preprocess.utils import (
+    PipelineError,
+    atomic_path,
+    run_slides,
+    save_config,
+    select_slides,
+    setup_logging,
+    shard_config_name,
+    shard_slides,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +72,11 @@ class GridGeometry:
     level_downsample: float
     read_size_at_level: int
 
+    @property
+    def patch_mpp(self) -> float:
+        """µm per output pixel as read (``target_mpp`` up to the 1% tolerance, e.g. 0.502 for an Aperio slide)."""
+        return self.patch_size_level0 * self.level0_mpp / self.patch_size
+
     def attrs(self) -> dict:
         """HDF5 attributes of a grid / patch-store file."""
         return {
@@ -71,23 +86,35 @@ class GridGeometry:
             "read_size_at_level": self.read_size_at_level,
             "level_downsample": self.level_downsample,
             "mpp": self.target_mpp,
+            "patch_mpp": self.patch_mpp,
             "level0_mpp": self.level0_mpp,
             "schema_version": SCHEMA_VERSION,
             "coords_units": "level-0 pixels, top-left (x, y)",
         }
 
 
-def grid_geometry(slide: HESlide, patch_size: int = 224, target_mpp: float = 0.5) -> GridGeometry:
-    """Patch geometry of ``slide`` from its own level-0 mpp (see :class:`GridGeometry`)."""
-    ps0 = int(round(patch_size * target_mpp / slide.mpp))
+def grid_geometry(slide: HESlide, patch_size: int = 224, target_mpp: float = 0.5,
+                  tol: float = MPP_TOLERANCE) -> GridGeometry:
+    """Patch geometry of ``slide`` from its own level-0 mpp (see :class:`GridGeometry`).
+
+    The read level is :func:`preprocess.pyramid.choose_level`'s (the coarsest level not coarser than
+    ``target_mpp``). When that level's pixel size is within ``tol`` of ``target_mpp`` (an Aperio 0.502 µm/px
+    slide for 0.5 µm/px), ``patch_size`` px are read there as they are (no resampling) and the level-0 side is
+    ``patch_size`` x the level downsample; otherwise the level-0 side is round(patch_size * target_mpp / mpp).
+    """
+    level, _ = choose_level(slide.level_downsamples, slide.mpp, target_mpp, tol)
+    ds = slide.level_downsamples[level]
+    if same_mpp(slide.mpp * ds, target_mpp, tol):
+        ps0, read = int(round(patch_size * ds)), int(patch_size)
+    else:
+        ps0 = int(round(patch_size * target_mpp / slide.mpp))
+        read = max(1, int(round(ps0 / ds)))
     if ps0 < 1:
         raise PipelineError(f"{slide.path}: patch of {patch_size} px at {target_mpp} µm/px is < 1 level-0 px "
                             f"at {slide.mpp} µm/px; check --mpp")
-    level = slide.best_level_for_downsample(ps0 / patch_size)
-    ds = slide.level_downsamples[level]
     return GridGeometry(patch_size=int(patch_size), target_mpp=float(target_mpp), level0_mpp=float(slide.mpp),
                         patch_size_level0=ps0, patch_level=int(level), level_downsample=float(ds),
-                        read_size_at_level=max(1, int(round(ps0 / ds))))
+                        read_size_at_level=read)
 
 
 def full_grid(width: int, height: int, size_level0: int) -> np.ndarray:
@@ -157,7 +184,7 @@ def patch_slide(slide_id: str, he_path: str | os.PathLike, cfg: PatchConfig) -> 
     with HESlide(he_path, mpp=cfg.mpp) as slide:
         geom = grid_geometry(slide, cfg.patch_size, cfg.target_mpp)
         thumb, ds = slide.thumbnail(cfg.thumb_size)
-        mask, thr = tissue_mask(thumb, slide.mpp * ds, cfg.tissue)
+        mask, thr = grid_tissue_mask(thumb, slide.mpp * ds, cfg.tissue)
         if not mask.any():
             raise PipelineError(
                 f"no tissue found in {slide.path} (saturation threshold {thr:.3f}); lower --min-saturation / "
@@ -195,15 +222,21 @@ def _work(slide_id: str, he_paths: dict[str, Path], cfg: PatchConfig) -> dict:
     return patch_slide(slide_id, he_paths[slide_id], cfg)
 
 
-def _is_done(slide_id: str, out: Path) -> bool:
+def outputs(slide_id: str, out: Path) -> list[Path]:
+    """The files stage 01 writes for one slide."""
     d = Path(out) / "patches"
-    return (d / f"{slide_id}.h5").exists() and (d / f"{slide_id}_tissue.png").exists()
+    return [d / f"{slide_id}.h5", d / f"{slide_id}_tissue.png"]
 
 
-def collect_he_slides(cohort: Path | None, he: list[Path] | None,
-                      wanted: list[str] | None = None) -> tuple[dict[str, Path], list[str]]:
+def _is_done(slide_id: str, out: Path) -> bool:
+    return all(p.exists() for p in outputs(slide_id, out))
+
+
+def collect_he_slides(cohort: Path | None, he: list[Path] | None, wanted: list[str] | None = None,
+                      shard: str | None = None) -> tuple[dict[str, Path], list[str]]:
     """H&E slides by id from ``--he`` (files or folders) or ``COHORT/he``, and the sorted ids to run (``wanted``
-    as in ``--slides``, else all); raises :class:`PipelineError` when there is none or a wanted id is missing."""
+    as in ``--slides``, else all; then this job's ``shard`` ``i/n`` of them); raises :class:`PipelineError` when
+    there is none or a wanted id is missing."""
     from preprocess.utils import slide_id_from_path
 
     if he:
@@ -222,7 +255,7 @@ def collect_he_slides(cohort: Path | None, he: list[Path] | None,
         slides, source = list_he_slides(cohort / "he"), str(cohort / "he")
     if not slides:
         raise PipelineError(f"no H&E slides found in {source}")
-    return slides, select_slides(sorted(slides), wanted, source)
+    return slides, shard_slides(select_slides(sorted(slides), wanted, source), shard)
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -233,6 +266,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="redo slides whose outputs exist (default: skip them)")
     p.add_argument("--workers", type=int, default=1, help="slides processed in parallel (processes)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing slide")
+    p.add_argument("--shard", metavar="I/N",
+                   help="job arrays: only every N-th slide of the sorted list, from I (0-based); the N shards of "
+                        "one run together do every slide")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out / "patches"
     setup_logging(out_dir / "run.log")
     try:
-        he_paths, slides = collect_he_slides(args.cohort, args.he, args.slides)
+        he_paths, slides = collect_he_slides(args.cohort, args.he, args.slides, args.shard)
     except PipelineError as e:
         log.error("%s", e)
         return 2
@@ -278,11 +314,13 @@ def main(argv: list[str] | None = None) -> int:
                           max_hole_um2=args.max_hole_um2)
     cfg = PatchConfig(out=args.out, patch_size=args.patch_size, target_mpp=args.target_mpp,
                       min_tissue=args.min_tissue, mpp=args.mpp, thumb_size=args.thumb_size, tissue=tissue)
-    save_config(out_dir, vars(args) | {"slides_resolved": slides, "schema_version": SCHEMA_VERSION})
+    save_config(out_dir, vars(args) | {"slides_resolved": slides, "schema_version": SCHEMA_VERSION},
+                name=shard_config_name(args.shard))
     try:
         report = run_slides(slides, functools.partial(_work, he_paths=he_paths, cfg=cfg),
                             functools.partial(_is_done, out=args.out), overwrite=args.overwrite,
-                            workers=args.workers, skip_errors=not args.fail_fast, desc="patch grid")
+                            workers=args.workers, skip_errors=not args.fail_fast, desc="patch grid",
+                            outputs=functools.partial(outputs, out=args.out))
     except PipelineError as e:  # --fail-fast
         log.error("%s", e)
         return 1

@@ -5,9 +5,14 @@
 
 Reads ``patches/{slide}.h5`` (stage 01) and writes, relative to ``--out``:
     he_patches/{slide}.h5       ``imgs`` (N, 224, 224, 3) uint8 RGB, chunked one patch per chunk
-                                (chunks = (1, 224, 224, 3)); ``coords`` (N, 2) int64 level-0 top-left (x, y);
-                                row i is row i of the grid file (and ``index`` i of ``markers/{slide}.csv``);
-                                attributes as in the grid file (patch_size, patch_level, patch_size_level0, mpp, ...).
+                                (chunks = (1, 224, 224, 3)), compressed losslessly by default (``--compression
+                                gzip``, read transparently by any HDF5 reader); ``coords`` (N, 2) int64 level-0
+                                top-left (x, y); row i is row i of the grid file (and ``index`` i of
+                                ``markers/{slide}.csv``); attributes as in the grid file (patch_size, patch_level,
+                                patch_size_level0, mpp, ...) and ``imgs_encoding`` ("raw"). With ``--compression
+                                jpeg`` the patches are JPEG files instead: ``imgs_jpeg`` (N,) variable-length uint8
+                                (one encoded RGB JPEG per patch), ``imgs_shape`` attr (N, 224, 224, 3),
+                                ``imgs_encoding`` = "jpeg", ``jpeg_quality``; read them with :class:`PatchStoreReader`.
     he_patches/{slide}/{slide}_{index}.png   only with ``--png`` (the original HEX code's layout).
     he_patches/config.json, he_patches/run.log
 
@@ -34,7 +39,15 @@ from tqdm.auto import tqdm
 
 from preprocess.patch import add_common_args, collect_he_slides, read_grid
 from preprocess.slide_io import HESlide
-from preprocess.utils import PipelineError, atomic_path, default_threads, run_slides, save_config, setup_logging
+from preprocess.utils import (
+    PipelineError,
+    atomic_path,
+    default_threads,
+    run_slides,
+    save_config,
+    setup_logging,
+    shard_config_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +138,95 @@ class StoreConfig:
     mpp: float | None = None
     png: bool = False
     region_px: int = 2048
-    compression: str | None = None
+    compression: str = "gzip"  # none | gzip | lzf (lossless, transparent to HDF5 readers) | jpeg (lossy)
+    compression_level: int = 4  # gzip level 1-9
+    jpeg_quality: int = 90
     threads: int = 1
+
+
+COMPRESSIONS = ("gzip", "lzf", "none", "jpeg")
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """One RGB patch (h, w, 3) uint8 as JPEG bytes, (n,) uint8 (OpenCV, 4:2:0 chroma subsampling)."""
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise OSError("JPEG encoding failed")
+    return buf.ravel()
+
+
+class PatchStoreReader:
+    """Random access to the patches of one ``he_patches/{slide}.h5``, whatever its encoding.
+
+    ``reader[i]`` is patch i as (H, W, 3) uint8 RGB; ``len(reader)`` the number of patches. Raw stores
+    (``imgs``, compressed or not) are read as they are; JPEG stores (``imgs_jpeg``) are decoded.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import h5py
+
+        self.path = Path(path)
+        self._f = h5py.File(self.path, "r")
+        if "imgs" in self._f:
+            self._ds, self.encoding = self._f["imgs"], "raw"
+            self.shape = tuple(self._ds.shape)
+        elif "imgs_jpeg" in self._f:
+            self._ds, self.encoding = self._f["imgs_jpeg"], "jpeg"
+            self.shape = tuple(int(v) for v in self._f.attrs["imgs_shape"])
+        else:
+            self._f.close()
+            raise PipelineError(f"patch store {self.path} has neither 'imgs' nor 'imgs_jpeg'; rerun "
+                                "preprocess.patch_store for it")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self.encoding == "raw":
+            return self._ds[i]
+        import cv2
+
+        return cv2.imdecode(self._ds[i], cv2.IMREAD_COLOR)[..., ::-1].copy()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> PatchStoreReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _patch_writer(f, n: int, size: int, cfg: StoreConfig):
+    """Create the patch dataset of an open store; returns ``write(indices (k,), patches (k, s, s, 3))``."""
+    import h5py
+
+    if cfg.compression == "jpeg":
+        ds = f.create_dataset("imgs_jpeg", shape=(n,), dtype=h5py.vlen_dtype(np.uint8), chunks=(min(n, 64),))
+        f.attrs.update({"imgs_encoding": "jpeg", "jpeg_quality": int(cfg.jpeg_quality),
+                        "imgs_shape": np.array([n, size, size, 3], np.int64)})
+
+        def write(idx: np.ndarray, patches: np.ndarray) -> None:
+            for i, p in zip(idx, patches):
+                ds[int(i)] = encode_jpeg(p, cfg.jpeg_quality)
+
+        return write
+    comp = None if cfg.compression == "none" else cfg.compression
+    opts = {"compression_opts": int(cfg.compression_level)} if comp == "gzip" else {}
+    ds = f.create_dataset("imgs", shape=(n, size, size, 3), dtype=np.uint8, chunks=(1, size, size, 3),
+                          compression=comp, **opts)
+    f.attrs["imgs_encoding"] = "raw"
+
+    def write(idx: np.ndarray, patches: np.ndarray) -> None:
+        pos = 0
+        for a, b in _runs(idx):
+            ds[a:b] = patches[pos : pos + b - a]
+            pos += b - a
+
+    return write
 
 
 def store_slide(slide_id: str, he_path: str | os.PathLike, cfg: StoreConfig) -> dict:
@@ -162,18 +262,14 @@ def store_slide(slide_id: str, he_path: str | os.PathLike, cfg: StoreConfig) -> 
             png_tmp.mkdir(parents=True)
         try:
             with atomic_path(out_dir / f"{slide_id}.h5") as tmp, h5py.File(tmp, "w") as f:
-                imgs = f.create_dataset("imgs", shape=(len(coords), size, size, 3), dtype=np.uint8,
-                                        chunks=(1, size, size, 3), compression=cfg.compression)
+                write = _patch_writer(f, len(coords), size, cfg)
                 dset = f.create_dataset("coords", data=coords.astype(np.int64))
                 for k, v in store_attrs.items():
                     f.attrs[k] = v
                     dset.attrs[k] = v
                 for idx, patches in iter_patches(slide, coords, level, read_size, size, cfg.region_px,
                                                  cfg.threads, desc=f"{slide_id} patches"):
-                    pos = 0
-                    for a, b in _runs(idx):
-                        imgs[a:b] = patches[pos : pos + b - a]
-                        pos += b - a
+                    write(idx, patches)
                     if png_tmp is not None:
                         for i, p in zip(idx, patches):
                             if not cv2.imwrite(str(png_tmp / f"{slide_id}_{int(i)}.png"), p[..., ::-1]):
@@ -192,6 +288,12 @@ def store_slide(slide_id: str, he_path: str | os.PathLike, cfg: StoreConfig) -> 
 
 def _work(slide_id: str, he_paths: dict[str, Path], cfg: StoreConfig) -> dict:
     return store_slide(slide_id, he_paths[slide_id], cfg)
+
+
+def outputs(slide_id: str, out: Path) -> list[Path]:
+    """The files (and the legacy PNG folder) the store writes for one slide."""
+    d = Path(out) / "he_patches"
+    return [d / f"{slide_id}.h5", d / slide_id]
 
 
 def _is_done(slide_id: str, out: Path, png: bool, patches_dir: Path) -> bool:
@@ -218,8 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="side of the regions read at the patch level, px (default 2048)")
     p.add_argument("--threads", type=int, default=0,
                    help="regions read in parallel per slide (default: CPU cores / --workers, at most 4)")
-    p.add_argument("--compression", choices=["none", "lzf", "gzip"], default="none",
-                   help="HDF5 compression of imgs (default none: fastest random access)")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="gzip",
+                   help="patch encoding: gzip (default) / lzf are lossless HDF5 filters that every HDF5 reader "
+                        "decodes; none stores raw pixels (largest, fastest); jpeg stores one JPEG per patch (lossy, "
+                        "smallest; read with preprocess.patch_store.PatchStoreReader). See bench/bench_quantify.py")
+    p.add_argument("--compression-level", type=int, default=4, help="gzip level 1-9 (default 4)")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 with --compression jpeg "
+                   "(default 90)")
     return p
 
 
@@ -229,20 +336,23 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(out_dir / "run.log")
     patches_dir = args.patches or args.out / "patches"
     try:
-        he_paths, slides = collect_he_slides(args.cohort, args.he, args.slides)
+        he_paths, slides = collect_he_slides(args.cohort, args.he, args.slides, args.shard)
+        if not 1 <= args.compression_level <= 9 or not 1 <= args.jpeg_quality <= 100:
+            raise PipelineError(f"need 1 <= --compression-level <= 9 and 1 <= --jpeg-quality <= 100 (got "
+                                f"{args.compression_level}, {args.jpeg_quality})")
     except PipelineError as e:
         log.error("%s", e)
         return 2
     cfg = StoreConfig(out=args.out, patches_dir=patches_dir, mpp=args.mpp, png=args.png, region_px=args.region_px,
-                      compression=None if args.compression == "none" else args.compression,
-                      threads=args.threads or default_threads(args.workers))
+                      compression=args.compression, compression_level=args.compression_level,
+                      jpeg_quality=args.jpeg_quality, threads=args.threads or default_threads(args.workers))
     save_config(out_dir, vars(args) | {"patches_dir": patches_dir, "slides_resolved": slides,
-                                       "schema_version": SCHEMA_VERSION})
+                                       "schema_version": SCHEMA_VERSION}, name=shard_config_name(args.shard))
     try:
         report = run_slides(slides, functools.partial(_work, he_paths=he_paths, cfg=cfg),
                             functools.partial(_is_done, out=args.out, png=args.png, patches_dir=patches_dir),
                             overwrite=args.overwrite, workers=args.workers, skip_errors=not args.fail_fast,
-                            desc="H&E patch store")
+                            desc="H&E patch store", outputs=functools.partial(outputs, out=args.out))
     except PipelineError as e:  # --fail-fast
         log.error("%s", e)
         return 1

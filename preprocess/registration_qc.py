@@ -4,7 +4,7 @@ Everything here works on in-memory "working" images (a few µm per pixel) and 3x
 convention: pixel (x, y) = (column, row), integer coordinates are pixel centres, and an affine maps homogeneous
 (x, y, 1) of one image to the other.
 
-- :func:`haematoxylin`, :func:`tissue_mask`: the nuclei image and the tissue region of an H&E RGB image.
+- :func:`haematoxylin`, :func:`registration_tissue_mask`: the nuclei image and the tissue region of an H&E RGB image.
 - :func:`warp`, :func:`ncc`, :func:`ncc_score`: the QC score = normalized cross-correlation of the H&E
   haematoxylin and the CODEX DAPI warped into H&E space, inside the H&E tissue that the CODEX covers.
 - :func:`decompose_affine`, :func:`plausibility`: scale / rotation / shear of an affine and whether it is what two
@@ -113,8 +113,9 @@ def haematoxylin(rgb: np.ndarray) -> np.ndarray:
     return h
 
 
-def tissue_mask(rgb: np.ndarray, mpp: float, min_od: float = 0.1, smooth_um: float = 8.0) -> np.ndarray:
-    """Tissue (h, w) bool of an RGB H&E working image at ``mpp`` µm/px.
+def registration_tissue_mask(rgb: np.ndarray, mpp: float, min_od: float = 0.1, smooth_um: float = 8.0) -> np.ndarray:
+    """Tissue (h, w) bool of an RGB H&E working image at ``mpp`` µm/px, for the registration's block selection and
+    NCC (summed optical density; the patch grid's mask is :func:`preprocess.tissue.grid_tissue_mask`).
 
     The summed optical density is smoothed over ``smooth_um`` (so nuclei and stroma form one region) and
     thresholded by Otsu's method, at least at ``min_od`` so that an empty (all-background) image gives no tissue.
@@ -130,6 +131,10 @@ def tissue_mask(rgb: np.ndarray, mpp: float, min_od: float = 0.1, smooth_um: flo
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, k)
     return mask.astype(bool)
+
+
+tissue_mask = registration_tissue_mask
+"""Former name (same function)."""
 
 
 def robust_normalize(img: np.ndarray, mask: np.ndarray | None = None, pct: tuple[float, float] = (1, 99.5)
@@ -187,13 +192,21 @@ def ncc_score(he_nuclei: np.ndarray, he_tissue: np.ndarray, dapi: np.ndarray, af
     shape = he_nuclei.shape
     warped = warp(dapi.astype(np.float32), affine_work, shape)
     foot = warp(np.ones(dapi.shape, np.uint8), affine_work, shape, nearest=True)
+    return ncc_in_footprint(he_nuclei, he_tissue, warped, foot, sigma, erode_px)
+
+
+def ncc_in_footprint(he_nuclei: np.ndarray, he_tissue: np.ndarray, warped: np.ndarray, foot: np.ndarray,
+                     sigma: float = 1.0, erode_px: int = 2) -> tuple[float, float]:
+    """:func:`ncc_score` of a DAPI already warped into the H&E working grid (``warped``, its footprint ``foot``
+    (H, W) uint8/bool): (NCC inside the covered tissue, covered fraction of the tissue)."""
+    foot = foot.astype(np.uint8)
     if erode_px > 0:
         foot = cv2.erode(foot, np.ones((2 * erode_px + 1, 2 * erode_px + 1), np.uint8))
     foot = foot.astype(bool)
     mask = foot & he_tissue
     if sigma > 0:
         a = cv2.GaussianBlur(he_nuclei.astype(np.float32), (0, 0), sigma)
-        b = cv2.GaussianBlur(warped, (0, 0), sigma)
+        b = cv2.GaussianBlur(warped.astype(np.float32), (0, 0), sigma)
     else:
         a, b = he_nuclei, warped
     covered = float(mask.sum() / max(1, he_tissue.sum()))

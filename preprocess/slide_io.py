@@ -10,17 +10,19 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 
+from preprocess.panel import read_marker_panel, resolve_channel_map, resolve_channels  # noqa: F401 (re-exported)
+from preprocess.pyramid import MPP_TOLERANCE, choose_level, same_mpp
 from preprocess.utils import PipelineError
 
 log = logging.getLogger(__name__)
 
-_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "μm": 1.0, "micron": 1.0, "nm": 1e-3, "pm": 1e-6, "Å": 1e-4, "mm": 1e3,
+               "cm": 1e4, "m": 1e6}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -51,19 +53,32 @@ class HESlide:
         self.mpp = float(mpp) if mpp else self._mpp_from_properties()
 
     def _mpp_from_properties(self) -> float:
+        """Level-0 µm/px from the slide properties; both axes are read and must agree within 1%."""
         props = self._osr.properties
-        for key in ("openslide.mpp-x", "aperio.MPP"):
-            if key in props:
+
+        def read(keys: tuple[str, ...]) -> float | None:
+            for key in keys:
                 try:
                     v = float(props[key])
-                except ValueError:
+                except (KeyError, ValueError):
                     continue
                 if v > 0:
                     return v
-        raise PipelineError(
-            f"the H&E slide {self.path} has no microns-per-pixel in its metadata; pass --mpp (level-0 µm/px, "
-            "e.g. 0.25 for 40x, 0.5 for 20x)"
-        )
+            return None
+
+        mx, my = read(("openslide.mpp-x", "aperio.MPP")), read(("openslide.mpp-y", "aperio.MPP"))
+        if mx is None and my is None:
+            raise PipelineError(
+                f"the H&E slide {self.path} has no microns-per-pixel in its metadata; pass --mpp (level-0 µm/px, "
+                "e.g. 0.25 for 40x, 0.5 for 20x)"
+            )
+        mx, my = mx or my, my or mx
+        if not same_mpp(mx, my, MPP_TOLERANCE):
+            raise PipelineError(
+                f"the H&E slide {self.path} has non-square pixels ({mx:g} x {my:g} µm); the pipeline needs square "
+                "pixels: resample the slide, or pass --mpp if the metadata is wrong"
+            )
+        return mx
 
     # -- properties --------------------------------------------------------------------------------------------
     @property
@@ -84,12 +99,12 @@ class HESlide:
         return self._osr.level_dimensions
 
     def best_level_for_downsample(self, downsample: float) -> int:
-        """The level whose downsample is closest to, and not above, ``downsample`` (small tolerance)."""
-        best = 0
-        for i, d in enumerate(self.level_downsamples):
-            if d <= downsample * 1.01:
-                best = i
-        return best
+        """The level whose downsample is closest to, and not above, ``downsample`` (1% tolerance)."""
+        return choose_level(self.level_downsamples, 1.0, downsample)[0]
+
+    def level_for_mpp(self, mpp: float) -> tuple[int, float]:
+        """The coarsest level whose pixels are at most ``mpp`` µm (1% tolerance): (level, nominal downsample)."""
+        return choose_level(self.level_downsamples, self.mpp, mpp)
 
     # -- reads -------------------------------------------------------------------------------------------------
     def read_region(self, x: int, y: int, level: int, size: tuple[int, int]) -> np.ndarray:
@@ -139,7 +154,11 @@ class HESlide:
 # CODEX
 
 
-def _ome_channels_and_mpp(ome_xml: str | None) -> tuple[list[str] | None, float | None]:
+def _ome_channels_and_mpp(ome_xml: str | None, path: Path,
+                          need_size: bool = True) -> tuple[list[str] | None, float | None]:
+    """Channel names and level-0 µm/px of an OME-XML; both pixel axes are read, their units must be known, and
+    they must agree within 1% (else :class:`PipelineError` naming ``path``; with ``need_size`` False the size is
+    not checked and None is returned for it)."""
     if not ome_xml:
         return None, None
     try:
@@ -155,11 +174,24 @@ def _ome_channels_and_mpp(ome_xml: str | None) -> tuple[list[str] | None, float 
     if pixels is None:
         return None, None
     names = [c.get("Name") or c.get("ID") or "" for c in pixels.findall(q("Channel"), ns)]
-    mpp = None
-    if pixels.get("PhysicalSizeX"):
-        unit = pixels.get("PhysicalSizeXUnit", "µm")
-        mpp = float(pixels.get("PhysicalSizeX")) * _UNIT_TO_UM.get(unit, 1.0)
-    return (names or None), mpp
+    if not need_size:
+        return (names or None), None
+    sizes = []
+    for ax in ("X", "Y"):
+        v = pixels.get(f"PhysicalSize{ax}")
+        if not v:
+            sizes.append(None)
+            continue
+        unit = pixels.get(f"PhysicalSize{ax}Unit", "µm")  # the OME schema's default unit
+        if unit not in _UNIT_TO_UM:
+            raise PipelineError(f"CODEX image {path}: PhysicalSize{ax}Unit {unit!r} is not a length unit this "
+                                f"pipeline knows ({', '.join(_UNIT_TO_UM)}); pass --codex-mpp (µm/px)")
+        sizes.append(float(v) * _UNIT_TO_UM[unit])
+    mx, my = sizes
+    if mx and my and not same_mpp(mx, my, MPP_TOLERANCE):
+        raise PipelineError(f"CODEX image {path} has non-square pixels ({mx:g} x {my:g} µm); resample it, or pass "
+                            "--codex-mpp if the metadata is wrong")
+    return (names or None), (mx or my)
 
 
 class _AddChannelAxis:
@@ -201,7 +233,11 @@ class CodexImage:
         axes = series.axes.upper()
         if axes not in ("CYX", "YX", "QYX", "IYX"):
             raise PipelineError(f"CODEX image {self.path} has axes {series.axes}; expected CYX (channels first)")
-        names, ome_mpp = _ome_channels_and_mpp(self._tif.ome_metadata)
+        try:
+            names, ome_mpp = _ome_channels_and_mpp(self._tif.ome_metadata, self.path, need_size=not mpp)
+        except PipelineError:
+            self._tif.close()
+            raise
         self.channel_names = names
         self.mpp = float(mpp) if mpp else ome_mpp
         if not self.mpp:
@@ -237,6 +273,10 @@ class CodexImage:
         w0 = self.shape[2]
         return tuple(w0 / lv.shape[2] for lv in self._levels)
 
+    def level_for_mpp(self, mpp: float) -> tuple[int, float]:
+        """The coarsest level whose pixels are at most ``mpp`` µm (1% tolerance): (level, nominal downsample)."""
+        return choose_level(self.level_downsamples, self.mpp, mpp)
+
     def level(self, i: int):
         """The zarr array (C, H, W) of level ``i`` (lazy; slicing decodes only the tiles touched)."""
         return self._levels[i]
@@ -269,70 +309,7 @@ class CodexImage:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# marker panel, pairs
-
-
-def _norm_name(s: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", s.lower())
-
-
-def read_marker_panel(path: str | os.PathLike) -> list[tuple[int, str]]:
-    """Read a marker panel CSV (``channel,marker``; channel = 0-based index in the CODEX file)."""
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"marker panel not found: {path} (a CSV with columns channel,marker)")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"channel", "marker"} <= set(rows[0]):
-        raise PipelineError(f"marker panel {path} must have the columns channel,marker")
-    try:
-        panel = [(int(r["channel"]), r["marker"].strip()) for r in rows]
-    except ValueError as e:
-        raise PipelineError(f"marker panel {path}: channel must be a 0-based integer ({e})") from e
-    names = [m for _, m in panel]
-    if len(set(names)) != len(names):
-        raise PipelineError(f"marker panel {path} lists a marker twice")
-    return panel
-
-
-def resolve_channels(codex: CodexImage, markers: list[str], panel: list[tuple[int, str]] | None,
-                     panel_path: str | os.PathLike | None = None) -> list[int]:
-    """Channel index in ``codex`` of each of ``markers``.
-
-    With a panel, indices come from it (and must exist in the image); a name that differs from the OME channel
-    name is only a warning, since the panel is the user's mapping. Without a panel, the OME channel names must
-    contain every marker (case and punctuation ignored).
-    """
-    if panel is not None:
-        by_name = {_norm_name(m): c for c, m in panel}
-        missing = [m for m in markers if _norm_name(m) not in by_name]
-        if missing:
-            raise PipelineError(f"marker panel {panel_path} does not map the markers {missing}; add rows for them")
-        idx = [by_name[_norm_name(m)] for m in markers]
-        bad = [(m, i) for m, i in zip(markers, idx) if i >= codex.num_channels or i < 0]
-        if bad:
-            raise PipelineError(
-                f"CODEX image {codex.path} has {codex.num_channels} channels but the panel {panel_path} maps "
-                f"{bad[:5]} beyond them; check the panel matches this image"
-            )
-        if codex.channel_names:
-            differ = [(m, codex.channel_names[i]) for m, i in zip(markers, idx)
-                      if _norm_name(codex.channel_names[i]) != _norm_name(m)]
-            if differ:
-                log.warning("%s: panel names differ from OME channel names (panel wins): %s", codex.path, differ[:5])
-        return idx
-    if not codex.channel_names:
-        raise PipelineError(
-            f"CODEX image {codex.path} has no channel names in its OME-XML; give a marker panel CSV (channel,marker)"
-        )
-    by_name = {_norm_name(n): i for i, n in enumerate(codex.channel_names)}
-    unknown = [m for m in markers if _norm_name(m) not in by_name]
-    if unknown:
-        raise PipelineError(
-            f"CODEX image {codex.path} ({codex.num_channels} channels) lacks the markers {unknown}; "
-            "give a marker panel CSV (channel,marker) that maps them"
-        )
-    return [by_name[_norm_name(m)] for m in markers]
+# pairs and slide folders
 
 
 def read_pairs(path: str | os.PathLike) -> dict[str, tuple[Path, Path | None]]:

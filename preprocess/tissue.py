@@ -65,8 +65,10 @@ def _otsu(values: np.ndarray) -> float:
     return float(threshold_otsu(values, nbins=256))
 
 
-def tissue_mask(rgb: np.ndarray, thumb_mpp: float, params: TissueParams = TissueParams()) -> tuple[np.ndarray, float]:
-    """Segment tissue on a thumbnail.
+def grid_tissue_mask(rgb: np.ndarray, thumb_mpp: float,
+                     params: TissueParams = TissueParams()) -> tuple[np.ndarray, float]:
+    """Segment tissue on a thumbnail for the patch grid (HSV saturation; the registration's mask is
+    :func:`preprocess.registration_qc.registration_tissue_mask`, an optical-density one).
 
     Args:
         rgb: thumbnail (h, w, 3) uint8.
@@ -104,6 +106,10 @@ def tissue_mask(rgb: np.ndarray, thumb_mpp: float, params: TissueParams = Tissue
     if hole_px > 1:
         mask = morphology.remove_small_holes(mask, area_threshold=hole_px)
     return mask.astype(bool), float(thr)
+
+
+tissue_mask = grid_tissue_mask
+"""The name ``hex.wsi_tiles`` and older code import (same function)."""
 
 
 def patch_tissue_fraction(mask: np.ndarray, downsample: float, coords: np.ndarray, size_level0: float) -> np.ndarray:

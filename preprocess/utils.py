@@ -122,6 +122,54 @@ def slide_id_from_path(path: str | os.PathLike) -> str:
     return Path(path).name.split(".", 1)[0]
 
 
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` (job-array shard, 0 <= i < n) -> (i, n); None -> None."""
+    if not shard:
+        return None
+    try:
+        i, n = (int(v) for v in str(shard).split("/"))
+    except ValueError:
+        raise PipelineError(f"--shard {shard!r}: expected i/n with 0 <= i < n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise PipelineError(f"--shard {shard!r}: expected i/n with 0 <= i < n, e.g. 0/4")
+    return i, n
+
+
+def shard_slides(slides: Sequence[str], shard: str | None) -> list[str]:
+    """Job-array share of ``slides``: shard ``i/n`` takes every n-th slide of the sorted list, from i (0-based);
+    the shards of one n partition the list (the rule of ``hex.infer_wsi`` too)."""
+    parsed = parse_shard(shard)
+    ordered = sorted(slides)
+    return ordered if parsed is None else ordered[parsed[0] :: parsed[1]]
+
+
+def shard_config_name(shard: str | None, stem: str = "config") -> str:
+    """``config.json``, or ``config_shard{i}of{n}.json`` for a job-array shard (shards do not overwrite each
+    other's resolved configuration)."""
+    parsed = parse_shard(shard)
+    return f"{stem}.json" if parsed is None else f"{stem}_shard{parsed[0]}of{parsed[1]}.json"
+
+
+def remove_outputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Delete the files (or folders) that exist among ``paths``; returns those removed.
+
+    Stages call it before they redo a slide, so that a slide failing on a rerun leaves no earlier output that a
+    later stage would trust.
+    """
+    import shutil
+
+    removed = []
+    for p in map(Path, paths):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif p.exists() or p.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+            removed.append(p)
+    return removed
+
+
 def select_slides(available: Sequence[str], wanted: Sequence[str] | None, source: str) -> list[str]:
     """Keep ``wanted`` slide ids (all when None); an id that is not available is an error naming ``source``."""
     if not wanted:
@@ -162,8 +210,12 @@ def run_slides(
     workers: int = 1,
     skip_errors: bool = True,
     desc: str = "slides",
+    outputs: Callable[[str], Iterable[str | os.PathLike]] | None = None,
 ) -> StageReport:
     """Run ``work(slide)`` for every slide not already done (unless ``overwrite``).
+
+    ``outputs(slide)``, when given, lists the slide's output files: those of every slide that is (re)done are
+    removed first, so a slide that fails leaves none behind (no stale output that a later stage would trust).
 
     ``work`` must write its outputs atomically and be picklable when ``workers > 1`` (a module-level function or
     a ``functools.partial`` of one). With ``skip_errors`` a failing slide is recorded and the loop goes on; the
@@ -179,6 +231,12 @@ def run_slides(
             todo.append(s)
     if report.skipped:
         log.info("%s: %d slides already done (use --overwrite to redo)", desc, len(report.skipped))
+
+    for s in todo:
+        if outputs is not None:
+            gone = remove_outputs(outputs(s))
+            if gone:
+                log.debug("%s: removed earlier outputs %s before redoing it", s, [str(p) for p in gone])
 
     def _record(slide: str, fn: Callable[[], Any]) -> None:
         try:

@@ -6,21 +6,26 @@
 
 Each slide is a latent tissue (tumour nests, stroma, lymphoid aggregates, vessels, air spaces, myeloid foci) filled
 with individual cells (sample_data/tissue.py), rendered twice from the same cells (sample_data/render.py): an H&E
-at 0.5 µm/px and a 40-channel CODEX at 0.377 µm/px placed by a known random affine. Layout of ``--out``
-(docs/FORMATS.md, "Sample cohort layout"):
+at 0.5 µm/px (``--he-mpp 0.25``: 40x) and a 40-channel CODEX at 0.377 µm/px placed by a known random affine plus a
+smooth non-rigid displacement (``--warp-um``, sample_data/warp.py). Layout of ``--out`` (docs/FORMATS.md,
+"Sample cohort layout"):
 
-    he/{slide}.tif            Aperio-style tiled JPEG pyramid (OpenSlide: all levels, openslide.mpp-x = 0.5)
+    he/{slide}.tif            Aperio-style tiled JPEG pyramid (OpenSlide: all levels, openslide.mpp-x = --he-mpp)
     codex/{slide}.ome.tif     pyramidal OME-TIFF, uint16, CYX, 40 named channels, PhysicalSizeX/Y = 0.377 µm
     pairs.csv                 he_slide,codex_image (paths relative to --out)
     marker_panel.csv          channel,marker
     clinical.csv              case_id,slide_id,survival_months,censorship,response,age,stage
     splits/splits_{k}.csv     train,val slide ids, patient-level folds, k = 0..4
-    ground_truth.json         seed, markers, visible_markers, per-slide affine_codex_to_he, per-patient true risk
+    ground_truth.json         seed, markers, visible_markers, per-slide affine_codex_to_he (+ warp, no-data box),
+                              per-patient true risk
+    warps/{slide}.npy         (2, Gy, Gx) float32 displacement D (H&E level-0 px) at nodes j·S, i·S (--warp-um > 0)
     risk_masks/{slide}.png    uint8 map at H&E downsample 32: 128 neutral, > 128 cells that raise the hazard
                               (myeloid foci), < 128 cells that lower it (CD8 / TCF-1+ T cells at tumour nests)
     preview.png               first slide: H&E thumbnail, DAPI and three markers
 
-The same seed gives the same files (no timestamps in any of them).
+The same seed gives the same files (no timestamps in any of them). H&E rendering, CODEX rendering and the warp
+draw from their own random streams, so ``--he-mpp 0.25`` gives the 40x twin of a 20x cohort: same cells, same
+CODEX files, same displacement in µm.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from tqdm import tqdm
 
 from . import outcomes, render, tissue
 from .panel import MARKERS, PANEL_CSV
+from .warp import MIN_CORR_UM, displaced, make_warp
 from .writers import write_aperio_tiff, write_ome_pyramid
 
 log = logging.getLogger("sample_data.make_cohort")
@@ -69,10 +75,32 @@ class SlideJob:
     shift_um: float
     codex_coverage: float
     images: bool
+    he_mpp: float = HE_MPP
+    warp_um: float = 0.0
+    warp_corr_um: float = MIN_CORR_UM
+    nodata_frac: float = 0.0  # side of a zero-filled square in the CODEX, as a fraction of its side (0: none)
 
 
-def _rng(job: SlideJob) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(job.entropy, spawn_key=job.spawn_key))
+def _rng(job: SlideJob, stream: int | None = None) -> np.random.Generator:
+    """The slide's random stream (layout, cells, placement), or its sub-stream 1 (H&E), 2 (CODEX), 3 (warp)."""
+    key = job.spawn_key if stream is None else (*job.spawn_key, stream)
+    return np.random.default_rng(np.random.SeedSequence(job.entropy, spawn_key=key))
+
+
+def nodata_box(shape: tuple[int, int], frac: float) -> list[int]:
+    """[x0, y0, x1, y1) CODEX level-0 px of the zero-filled square: side ``frac`` x the image, right of centre."""
+    h, w = shape
+    side = int(round(frac * min(h, w)))
+    x0, y0 = int(round(0.6 * w - side / 2)), int(round(0.5 * h - side / 2))
+    return [x0, y0, min(w, x0 + side), min(h, y0 + side)]
+
+
+def _zero_box(channels, box: list[int]):
+    """The channel images with ``box`` zero-filled (a missing tile / region outside the stitched ROI)."""
+    x0, y0, x1, y1 = box
+    for ch in channels:
+        ch[y0:y1, x0:x1] = 0
+        yield ch
 
 
 def generate_slide(job: SlideJob) -> dict:
@@ -91,7 +119,7 @@ def generate_slide(job: SlideJob) -> dict:
     cells.expr = tissue.express(rng, cells, layout, jitter, slide_offsets)
 
     # CODEX field: a square of codex_coverage x the tissue diameter, shifted and rotated
-    he = render.he_frame(layout.side_um, HE_MPP)
+    he = render.he_frame(layout.side_um, job.he_mpp)
     theta = np.deg2rad(rng.uniform(-job.rotation_deg, job.rotation_deg))
     centre = (layout.side_um / 2 + rng.uniform(-job.shift_um, job.shift_um),
               layout.side_um / 2 + rng.uniform(-job.shift_um, job.shift_um))
@@ -99,52 +127,73 @@ def generate_slide(job: SlideJob) -> dict:
     cx = render.codex_frame(centre, theta, (n_cx, n_cx), CODEX_MPP)
     affine = he.um_to_px @ cx.px_to_um
     coverage = _codex_tissue_coverage(layout, cx)
+    warp = make_warp(_rng(job, 3), layout.side_um, job.warp_um, job.warp_corr_um) if job.warp_um > 0 else None
+    box = nodata_box(cx.shape, job.nodata_frac) if job.nodata_frac > 0 else None
 
-    # risk mask (H&E downsample 32)
-    contrib = outcomes.risk_contributions(cells, layout)
-    d = RISK_MASK_DOWNSAMPLE * HE_MPP
-    nm = -(-he.shape[0] // RISK_MASK_DOWNSAMPLE)
-    hist, _, _ = np.histogram2d(cells.y, cells.x, bins=nm, range=[[0, nm * d], [0, nm * d]], weights=contrib)
-    hist = cv2.GaussianBlur(hist.astype(np.float32), (0, 0), 1.5)
-    mask = np.clip(np.rint(128 + 127 * np.tanh(hist / 0.3)), 0, 255).astype(np.uint8)
-    mask_rel = f"risk_masks/{job.slide_id}.png"
+    mask_rel = _write_risk_mask(Path(job.out), job.slide_id, cells, layout, he, job.he_mpp)
     out = Path(job.out)
-    cv2.imwrite(str(out / mask_rel), mask)
+    warp_rel = f"warps/{job.slide_id}.npy"
+    nodes, step = warp.he_nodes(he.shape, job.he_mpp) if warp is not None else (None, None)
+    if nodes is not None:
+        np.save(out / warp_rel, nodes, allow_pickle=False)
 
     timing = {"cells": time.perf_counter() - t0}
     if job.images:
         ras = render.rasterise(cells, layout, he)
-        rgb = render.render_he(rng, cells, layout, he, ras)
+        rgb = render.render_he(_rng(job, 1), cells, layout, he, ras)
         del ras
-        write_aperio_tiff(out / "he" / f"{job.slide_id}.tif", rgb, HE_MPP)
+        write_aperio_tiff(out / "he" / f"{job.slide_id}.tif", rgb, job.he_mpp, app_mag=int(round(10 / job.he_mpp)))
         del rgb
         timing["he"] = time.perf_counter() - t0 - sum(timing.values())
-        ras = render.rasterise(cells, layout, cx)
-        chans = render.codex_channels(rng, cells, layout, cx, ras)
+        c_cells, c_layout = displaced(cells, layout, warp) if warp is not None else (cells, layout)
+        ras = render.rasterise(c_cells, c_layout, cx)
+        chans = render.codex_channels(_rng(job, 2), c_cells, c_layout, cx, ras)
+        if box is not None:
+            chans = _zero_box(chans, box)
         write_ome_pyramid(out / "codex" / f"{job.slide_id}.ome.tif", chans, MARKERS, cx.shape, CODEX_MPP,
                           uid_seed=f"{job.entropy}/{job.slide_id}")
         timing["codex"] = time.perf_counter() - t0 - sum(timing.values())
     timing["cpu"] = time.process_time() - c0
     log.debug("%s: %d cells, %s", job.slide_id, len(cells), {k: round(v, 2) for k, v in timing.items()})
-    return {
-        "slide_id": job.slide_id,
-        "case_id": p.case_id,
+    truth = {
+        "he_mpp": job.he_mpp,
+        "codex_mpp": CODEX_MPP,
+        "affine_codex_to_he": [[round(float(v), 10) for v in row] for row in affine],
+        "warp": _warp_entry(step, warp_rel, job.warp_um),
+        "risk_mask_png": mask_rel,
+        "risk_mask_downsample": RISK_MASK_DOWNSAMPLE,
+        "he_shape": list(he.shape),
+        "codex_shape": list(cx.shape),
+        "codex_rotation_deg": round(float(np.rad2deg(theta)), 6),
+        "codex_tissue_coverage": round(coverage, 4),
         "n_cells": len(cells),
-        "features": outcomes.slide_features(cells, layout),
-        "ground_truth": {
-            "he_mpp": HE_MPP,
-            "codex_mpp": CODEX_MPP,
-            "affine_codex_to_he": [[round(float(v), 10) for v in row] for row in affine],
-            "risk_mask_png": mask_rel,
-            "risk_mask_downsample": RISK_MASK_DOWNSAMPLE,
-            "he_shape": list(he.shape),
-            "codex_shape": list(cx.shape),
-            "codex_rotation_deg": round(float(np.rad2deg(theta)), 6),
-            "codex_tissue_coverage": round(coverage, 4),
-            "n_cells": len(cells),
-        },
-        "timing": timing,
     }
+    if box is not None:
+        truth["nodata_box_codex_px"] = box
+    return {"slide_id": job.slide_id, "case_id": p.case_id, "n_cells": len(cells),
+            "features": outcomes.slide_features(cells, layout), "ground_truth": truth, "timing": timing}
+
+
+def _warp_entry(step: float | None, rel: str, amplitude_um: float) -> dict | None:
+    """Ground-truth entry of the displacement (docs/FORMATS.md convention); None without one."""
+    if step is None:
+        return None
+    return {"file": rel, "step_px": step, "amplitude_um": amplitude_um,
+            "units": "(dx, dy) H&E level-0 px at nodes (x, y) = (j, i) * step_px; x_codex = "
+                     "inv(affine_codex_to_he) @ (x_he - D(x_he)), D bilinear between nodes"}
+
+
+def _write_risk_mask(out: Path, slide_id: str, cells, layout, he: render.Frame, he_mpp: float) -> str:
+    """risk_masks/{slide}.png at H&E downsample 32: 128 neutral, > 128 raises the hazard, < 128 lowers it."""
+    contrib = outcomes.risk_contributions(cells, layout)
+    d = RISK_MASK_DOWNSAMPLE * he_mpp
+    nm = -(-he.shape[0] // RISK_MASK_DOWNSAMPLE)
+    hist, _, _ = np.histogram2d(cells.y, cells.x, bins=nm, range=[[0, nm * d], [0, nm * d]], weights=contrib)
+    hist = cv2.GaussianBlur(hist.astype(np.float32), (0, 0), 1.5)
+    mask = np.clip(np.rint(128 + 127 * np.tanh(hist / 0.3)), 0, 255).astype(np.uint8)
+    rel = f"risk_masks/{slide_id}.png"
+    cv2.imwrite(str(out / rel), mask)
+    return rel
 
 
 def _codex_tissue_coverage(layout: tissue.Layout, frame: render.Frame) -> float:
@@ -170,7 +219,8 @@ def _assign_slides(rng: np.random.Generator, n_slides: int, n_patients: int) -> 
     return sorted(owners)
 
 
-def _write_preview(out: Path, slide_id: str, markers: tuple[str, ...] = ("Pan-Cytokeratin", "CD8", "CD68")) -> None:
+def _write_preview(out: Path, slide_id: str, he_mpp: float,
+                   markers: tuple[str, ...] = ("Pan-Cytokeratin", "CD8", "CD68")) -> None:
     """H&E thumbnail, DAPI and three markers of one slide, read back from its files."""
     import matplotlib
 
@@ -191,7 +241,7 @@ def _write_preview(out: Path, slide_id: str, markers: tuple[str, ...] = ("Pan-Cy
         chans = lev.asarray()[idx].astype(np.float32)
     fig, axes = plt.subplots(1, 5, figsize=(20, 4.6))
     axes[0].imshow(thumb)
-    axes[0].set_title(f"{slide_id} H&E (0.5 µm/px, level {lvl})")
+    axes[0].set_title(f"{slide_id} H&E ({he_mpp:g} µm/px, level {lvl})")
     cmaps = ("Blues_r", "magma", "magma", "magma")
     for ax, name, img, cm in zip(axes[1:], ("DAPI", *markers), chans, cmaps):
         lo, hi = np.percentile(img, [1, 99.7])
@@ -199,7 +249,7 @@ def _write_preview(out: Path, slide_id: str, markers: tuple[str, ...] = ("Pan-Cy
         ax.set_title(f"CODEX {name} (own frame)")
     for ax in axes:
         ax.set_axis_off()
-    fig.suptitle("Synthetic H&E / CODEX pair (same cells; CODEX rotated and shifted by a known affine)")
+    fig.suptitle("Synthetic H&E / CODEX pair (same cells; CODEX placed by a known affine and smooth warp)")
     fig.tight_layout()
     fig.savefig(out / "preview.png", dpi=80, metadata={"Software": None})
     plt.close(fig)
@@ -222,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CODEX field centre offset from the tissue centre, drawn from ±this per axis (µm)")
     ap.add_argument("--codex-coverage", type=float, default=0.9,
                     help="CODEX field side as a fraction of the tissue diameter")
+    ap.add_argument("--warp-um", type=float, default=8.0,
+                    help="amplitude (µm, the largest displacement) of the smooth non-rigid warp of the CODEX "
+                         "placement; 0 = affine only")
+    ap.add_argument("--warp-corr-mm", type=float, default=MIN_CORR_UM / 1000,
+                    help=f"correlation length of the warp (mm, at least {MIN_CORR_UM / 1000:g})")
+    ap.add_argument("--he-mpp", type=float, default=HE_MPP, help="H&E level-0 µm/px (0.25 = 40x)")
+    ap.add_argument("--nodata-slides", type=int, default=0,
+                    help="the first N slides get a zero-filled square in their CODEX (missing tiles)")
+    ap.add_argument("--nodata-frac", type=float, default=0.3, help="side of that square / the CODEX side")
     ap.add_argument("--censoring", type=float, default=0.3, help="target fraction of censored patients")
     ap.add_argument("--workers", type=int, default=2, help="processes (slides in parallel)")
     ap.add_argument("--tables-only", action="store_true",
@@ -240,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= n_pat <= args.slides:
         raise SystemExit("--patients must be between 1 and --slides")
     out: Path = args.out
-    for sub in ("he", "codex", "splits", "risk_masks"):
+    if args.warp_um < 0 or args.he_mpp <= 0 or not 0 < args.nodata_frac < 1:
+        raise SystemExit("--warp-um must be >= 0, --he-mpp > 0 and 0 < --nodata-frac < 1")
+    for sub in ("he", "codex", "splits", "risk_masks") + (("warps",) if args.warp_um > 0 else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -251,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [SlideJob(out=str(out), slide_id=f"slide_{i:03d}", patient=patients[owners[i]], entropy=args.seed,
                      spawn_key=(1000 + i,), tissue_um=1000.0 * args.tissue_mm, margin_um=args.margin_um,
                      density=args.cell_density, rotation_deg=args.rotation_deg, shift_um=args.shift_um,
-                     codex_coverage=args.codex_coverage, images=not args.tables_only) for i in range(args.slides)]
+                     codex_coverage=args.codex_coverage, images=not args.tables_only, he_mpp=args.he_mpp,
+                     warp_um=args.warp_um, warp_corr_um=1000.0 * args.warp_corr_mm,
+                     nodata_frac=args.nodata_frac if i < args.nodata_slides else 0.0) for i in range(args.slides)]
     log.info("generating %d slides of %d patients into %s (%d workers)", len(jobs), n_pat, out, args.workers)
     if args.workers > 1 and len(jobs) > 1:
         ctx = mp.get_context("forkserver")
@@ -310,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                    if k not in ("out", "workers", "log_level")},
     }
     if not args.tables_only:
-        _write_preview(out, results[0]["slide_id"])
+        _write_preview(out, results[0]["slide_id"], args.he_mpp)
     # last and atomic: ground_truth.json is what marks a finished cohort (scripts/demo.sh reuses one that has it)
     tmp = out / ".ground_truth.json.tmp"
     tmp.write_text(json.dumps(gt, indent=1) + "\n")

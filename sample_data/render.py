@@ -279,7 +279,7 @@ def render_he(rng: np.random.Generator, cells: Cells, layout: Layout, frame: Fra
     fib = _fibres(rng, layout, frame)
     agg = warp_map(layout.aggregate, layout, frame)
     ecm_map = warp_map(layout.ecm, layout, frame)
-    grain = _noise(rng, (h, w), 0.7)
+    grain = _noise(rng, (h, w), 0.35 / frame.mpp)  # sizes in µm: the same texture at 20x and 40x
     sensor = np.frombuffer(rng.bytes(h * w), np.uint8).reshape(h, w)
     # per-cell table: e_cyto, h_cyto, dark, vesicular, is_tumour, is_rbc (row 0 = no cell)
     tab = np.zeros((n + 1, 6), np.float32)
@@ -323,7 +323,7 @@ def render_he(rng: np.random.Generator, cells: Cells, layout: Layout, frame: Fra
         for ch in range(3):
             od = c_h * hv[ch] + c_e * ev[ch] + c_r * RBC_STAIN[ch] + haze
             out[s, :, ch] = np.clip(255.0 * np.exp(-od) + noise, 0, 255).astype(np.uint8)
-    return cv2.GaussianBlur(out, (0, 0), 0.6)
+    return cv2.GaussianBlur(out, (0, 0), 0.3 / frame.mpp)  # optical blur, sigma 0.3 µm
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,17 +386,3 @@ def codex_channels(rng: np.random.Generator, cells: Cells, layout: Layout, frame
         cv2.GaussianBlur(sig, (ksize, ksize), psf, dst=blur)
         cv2.addWeighted(blur, 1.0, af, af_gain, -2.5 * read - 0.45 * af_gain, dst=sig)  # background-subtracted
         yield cv2.addWeighted(sig, 1.0, bank[oy:oy + h, ox:ox + w], read, 0.0, dtype=cv2.CV_16U)
-
-
-def downsample_mean(img: np.ndarray, factor: int) -> np.ndarray:
-    """Area-average downsample by an integer ``factor`` (edge-replicate padding to a multiple); keeps dtype.
-
-    (H, W[, C]) -> (ceil(H/factor), ceil(W/factor)[, C]). Output pixel c is centred on input coordinate
-    (c + 0.5)·factor − 0.5 (the repository's pyramid convention).
-    """
-    h, w = img.shape[:2]
-    hp, wp = -(-h // factor) * factor, -(-w // factor) * factor
-    if (hp, wp) != (h, w):
-        pads = ((0, hp - h), (0, wp - w)) + ((0, 0),) * (img.ndim - 2)
-        img = np.pad(img, pads, mode="edge")
-    return cv2.resize(img, (wp // factor, hp // factor), interpolation=cv2.INTER_AREA)

@@ -20,12 +20,25 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+import cv2
 import numpy as np
 import tifffile
 
-from .render import downsample_mean
-
 APERIO_HEADER = "Aperio Image Library v12.0.15"
+
+
+def downsample_mean(img: np.ndarray, factor: int) -> np.ndarray:
+    """Area-average downsample by an integer ``factor`` (edge-replicate padding to a multiple); keeps dtype.
+
+    (H, W[, C]) -> (ceil(H/factor), ceil(W/factor)[, C]). Output pixel c is centred on input coordinate
+    (c + 0.5)·factor − 0.5 (the repository's pyramid convention).
+    """
+    h, w = img.shape[:2]
+    hp, wp = -(-h // factor) * factor, -(-w // factor) * factor
+    if (hp, wp) != (h, w):
+        pads = ((0, hp - h), (0, wp - w)) + ((0, 0),) * (img.ndim - 2)
+        img = np.pad(img, pads, mode="edge")
+    return cv2.resize(img, (wp // factor, hp // factor), interpolation=cv2.INTER_AREA)
 
 
 def _level_shapes(shape: tuple[int, int], factor: int, min_side: int, min_levels: int,

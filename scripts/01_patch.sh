@@ -6,8 +6,10 @@ COHORT=${COHORT:-sample_cohort}          # input folder: he/, codex/, pairs.csv,
 OUT=${OUT:-outputs}                      # output root
 WORKERS=${WORKERS:-2}                    # slides processed in parallel
 MIN_TISSUE=${MIN_TISSUE:-0.5}            # keep a patch when >= this fraction of it is tissue
+SHARD=${SHARD:-}                         # job arrays: "i/n" = every n-th slide from i, e.g. SHARD=$SLURM_ARRAY_TASK_ID/10
 EXTRA=${EXTRA:-}                         # any further flags, e.g. "--mpp 0.25 --overwrite"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_module preprocess.patch
 # shellcheck disable=SC2086
-python -m preprocess.patch --cohort "$COHORT" --out "$OUT" --workers "$WORKERS" --min-tissue "$MIN_TISSUE" $EXTRA
+python -m preprocess.patch --cohort "$COHORT" --out "$OUT" --workers "$WORKERS" --min-tissue "$MIN_TISSUE" \
+  ${SHARD:+--shard "$SHARD"} $EXTRA

@@ -206,29 +206,87 @@ def test_dapi_matches_haematoxylin_after_registration(small_cohort: Path) -> Non
         assert r_shift < r_true - 0.3
 
 
-def test_affine_maps_nuclei_both_ways(small_cohort: Path) -> None:
-    """Nucleus centroids found in DAPI land on nuclei found in haematoxylin, and back (sub-micron)."""
+def _displacement(cohort: Path, rec: dict, pts: np.ndarray) -> np.ndarray:
+    """D (H&E level-0 px) at H&E points (N, 2) from the ground truth's warp file: bilinear, edge-clamped."""
+    if not rec.get("warp"):
+        return np.zeros_like(pts)
+    d = np.load(cohort / rec["warp"]["file"]).astype(np.float64)
+    step = rec["warp"]["step_px"]
+    c = np.stack([pts[:, 1] / step, pts[:, 0] / step])
+    return np.stack([ndi.map_coordinates(d[k], c, order=1, mode="nearest") for k in range(2)], 1)
+
+
+def _codex_to_he(cohort: Path, rec: dict, pts: np.ndarray, warp: bool = True) -> np.ndarray:
+    """The ground truth's CODEX -> H&E map: x = A u + D(x), by fixed-point iteration."""
+    a = np.array(rec["affine_codex_to_he"])
+    y = pts @ a[:2, :2].T + a[:2, 2]
+    x = y.copy()
+    for _ in range(12 if warp else 0):
+        x = y + _displacement(cohort, rec, x)
+    return x
+
+
+def _he_to_codex(cohort: Path, rec: dict, pts: np.ndarray) -> np.ndarray:
+    inv = np.linalg.inv(np.array(rec["affine_codex_to_he"]))
+    q = pts - _displacement(cohort, rec, pts)
+    return q @ inv[:2, :2].T + inv[:2, 2]
+
+
+def test_true_map_matches_nuclei_both_ways(small_cohort: Path) -> None:
+    """Nucleus centroids found in DAPI land on nuclei found in haematoxylin through the true affine + warp, and
+    back (sub-micron); the affine alone is off by the warp, a 10 µm shift is far off."""
     gt = _gt(small_cohort)
     sid, rec = next(iter(gt["slides"].items()))
-    affine = np.array(rec["affine_codex_to_he"])
+    assert rec["warp"]["file"] == f"warps/{sid}.npy" and rec["warp"]["amplitude_um"] == 8.0
+    d = np.load(small_cohort / rec["warp"]["file"])
+    assert d.dtype == np.float32 and d.shape[0] == 2
+    step = rec["warp"]["step_px"]
+    h0, w0 = rec["he_shape"]
+    assert (d.shape[1] - 1) * step >= h0 - 1 and (d.shape[2] - 1) * step >= w0 - 1  # nodes cover the slide
+    assert 7.9 <= np.hypot(d[0], d[1]).max() * rec["he_mpp"] <= 8.0 + 1e-4  # amplitude = the largest |D|
     rgb = _he_level(small_cohort / "he" / f"{sid}.tif", 0)
     he_c = _nuclei_centroids(_haematoxylin(rgb), 0.5, rgb.min(-1) < 215)
     dapi = _codex(small_cohort / "codex" / f"{sid}.ome.tif", 0).astype(np.float32)
     cx_c = _nuclei_centroids(dapi, 0.377)
     assert len(he_c) > 100 and len(cx_c) > 100
-    fwd = (affine @ np.c_[cx_c, np.ones(len(cx_c))].T).T[:, :2]
-    d_fwd = cKDTree(he_c).query(fwd)[0] * 0.5  # µm
-    inv = np.linalg.inv(affine)
-    bwd = (inv @ np.c_[he_c, np.ones(len(he_c))].T).T[:, :2]
+    tree = cKDTree(he_c)
+    d_fwd = tree.query(_codex_to_he(small_cohort, rec, cx_c))[0] * 0.5  # µm
+    d_aff = tree.query(_codex_to_he(small_cohort, rec, cx_c, warp=False))[0] * 0.5
+    bwd = _he_to_codex(small_cohort, rec, he_c)
     h, w = rec["codex_shape"]
     inside = (bwd[:, 0] > 10) & (bwd[:, 1] > 10) & (bwd[:, 0] < w - 10) & (bwd[:, 1] < h - 10)
     d_bwd = cKDTree(cx_c).query(bwd[inside])[0] * 0.377
-    print(f"{sid}: median nucleus mismatch {np.median(d_fwd):.2f} µm (CODEX->H&E), "
-          f"{np.median(d_bwd):.2f} µm (H&E->CODEX)")
+    print(f"{sid}: median nucleus mismatch {np.median(d_fwd):.2f} µm (CODEX->H&E), {np.median(d_bwd):.2f} µm "
+          f"(H&E->CODEX); affine only {np.median(d_aff):.2f} µm")
     assert np.median(d_fwd) < 1.0 and np.median(d_bwd) < 1.0
-    # a wrong affine (10 µm shift) does not match
-    shifted = fwd + 10.0 / 0.5
-    assert np.median(cKDTree(he_c).query(shifted)[0] * 0.5) > 2.5
+    assert np.median(d_aff) > np.median(d_fwd) + 0.3
+    # a wrong map (10 µm shift) does not match
+    shifted = _codex_to_he(small_cohort, rec, cx_c) + 10.0 / 0.5
+    assert np.median(tree.query(shifted)[0] * 0.5) > 2.5
+
+
+def test_40x_twin_and_zero_filled_block(tmp_path: Path) -> None:
+    """--he-mpp 0.25 renders the same cells at 40x (same CODEX file as the 20x twin); --nodata-slides zero-fills a
+    square of the first slides' CODEX and records it."""
+    from sample_data.make_cohort import main
+
+    args = ["--slides", "1", "--seed", "4", "--tissue-mm", "0.35", "--workers", "1", "--log-level", "WARNING",
+            "--nodata-slides", "1"]
+    assert main(["--out", str(tmp_path / "a"), *args]) == 0
+    assert main(["--out", str(tmp_path / "b"), "--he-mpp", "0.25", *args]) == 0
+    ra, rb = (_gt(tmp_path / k)["slides"]["slide_000"] for k in "ab")
+    assert rb["he_mpp"] == 0.25 and rb["he_shape"] == [2 * v for v in ra["he_shape"]]
+    with openslide.OpenSlide(str(tmp_path / "b" / "he" / "slide_000.tif")) as s:
+        assert float(s.properties[openslide.PROPERTY_NAME_MPP_X]) == 0.25
+    ca, cb = (tmp_path / k / "codex" / "slide_000.ome.tif" for k in "ab")
+    assert filecmp.cmp(ca, cb, shallow=False)
+    # the same displacement in µm (nodes in each twin's own H&E pixels)
+    da, db = (np.load(tmp_path / k / "warps" / "slide_000.npy") for k in "ab")
+    assert rb["warp"]["step_px"] == 2 * ra["warp"]["step_px"]
+    np.testing.assert_allclose(db * 0.25, da * 0.5, atol=0.02)
+    x0, y0, x1, y1 = ra["nodata_box_codex_px"]
+    img = tifffile.TiffFile(ca).series[0].levels[0].asarray()
+    assert x1 - x0 > 50 and not img[:, y0:y1, x0:x1].any() and img[:, :y0].any()
 
 
 def test_splits_are_patient_level(small_cohort: Path, tmp_path: Path) -> None:

@@ -55,6 +55,34 @@ def test_store_equals_direct_reads(gridded):
                     np.testing.assert_array_equal(imgs[i], direct)
 
 
+def test_compression_lossless_by_default_jpeg_as_an_option(gridded, tmp_path):
+    """gzip (default) and lzf store the same pixels as no compression, in fewer bytes, readable by plain h5py; JPEG
+    stores one JPEG per patch, read back through PatchStoreReader, close to the pixels and smaller still."""
+    d, out = gridded
+    base = ["--he", str(d / "he" / "a.tif"), "--patches", str(out / "patches")]
+    sizes, imgs = {}, {}
+    for comp in ("none", "gzip", "lzf", "jpeg"):
+        o = tmp_path / comp
+        extra = [] if comp == "gzip" else ["--compression", comp]  # gzip is the default
+        assert patch_store.main([*base, "--out", str(o), *extra]) == 0
+        path = o / "he_patches" / "a.h5"
+        sizes[comp] = path.stat().st_size
+        with patch_store.PatchStoreReader(path) as r:
+            imgs[comp] = np.stack([r[i] for i in range(len(r))])
+            assert r.encoding == ("jpeg" if comp == "jpeg" else "raw")
+        with h5py.File(path) as f:
+            assert f.attrs["imgs_encoding"] == r.encoding
+            if comp != "jpeg":
+                assert f["imgs"].compression == (None if comp == "none" else comp)
+                np.testing.assert_array_equal(f["imgs"][:], imgs[comp])
+    np.testing.assert_array_equal(imgs["gzip"], imgs["none"])
+    np.testing.assert_array_equal(imgs["lzf"], imgs["none"])
+    err = np.abs(imgs["jpeg"].astype(int) - imgs["none"]).mean()
+    print(f"store sizes {sizes}, JPEG mean abs error {err:.2f}")
+    assert imgs["jpeg"].shape == imgs["none"].shape and err < 4
+    assert sizes["jpeg"] < sizes["gzip"] < sizes["none"]
+
+
 def test_blocks_cover_every_patch_once():
     rng = np.random.default_rng(0)
     coords = rng.integers(0, 50, (300, 2)) * 224

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from preprocess import quantify as q
+from preprocess.quantify import accumulate
 from preprocess.slide_io import CodexImage
 from preprocess.utils import PipelineError
 from sample_data.writers import write_ome_pyramid
@@ -23,12 +24,25 @@ def _affine(scale=1.0, deg=0.0, tx=0.0, ty=0.0):
     return np.array([[c, -s, tx], [s, c, ty], [0, 0, 1.0]])
 
 
-def brute_force(data, coords, size, affine):
-    """Mean over the CODEX pixels whose mapped centres fall in [x - 0.5, x + size - 0.5) x [y - 0.5, ...)."""
+def brute_force(data, coords, size, affine, field=None, step=1.0):
+    """Mean over the CODEX pixels whose mapped centres fall in [x - 0.5, x + size - 0.5) x [y - 0.5, ...).
+
+    With a displacement ``field`` (2, Gy, Gx) (H&E px at nodes j·step, i·step), each pixel u lands at the x with
+    x = A u + D(x): solved by fixed-point iteration, D sampled with scipy (order 1, edge-clamped), independently of
+    preprocess.registration.field.
+    """
+    from scipy import ndimage as ndi
+
     _, h, w = data.shape
     vv, uu = np.mgrid[0:h, 0:w].astype(np.float64)
-    px = affine[0, 0] * uu + affine[0, 1] * vv + affine[0, 2]
-    py = affine[1, 0] * uu + affine[1, 1] * vv + affine[1, 2]
+    px0 = affine[0, 0] * uu + affine[0, 1] * vv + affine[0, 2]
+    py0 = affine[1, 0] * uu + affine[1, 1] * vv + affine[1, 2]
+    px, py = px0, py0
+    for _ in range(40 if field is not None else 0):
+        c = np.stack([py.ravel() / step, px.ravel() / step])
+        dx, dy = (ndi.map_coordinates(field[k].astype(np.float64), c, order=1, mode="nearest").reshape(h, w)
+                  for k in range(2))
+        px, py = px0 + dx, py0 + dy
     out = np.full((len(coords), data.shape[0]), np.nan)
     counts = np.zeros(len(coords), int)
     for i, (x, y) in enumerate(coords):
@@ -75,6 +89,29 @@ def test_quantify_equals_brute_force(codex_small, affine, size, stride, threads)
     np.testing.assert_allclose(res.means, ref, atol=1e-6, rtol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("region_px", [64, 300])  # 300: the coarse-then-Newton path of large regions
+def test_quantify_through_a_displacement_field_equals_brute_force(codex_small, region_px):
+    """A non-rigid map (affine + a smooth field of up to ~12 px) gives the same pixel counts and means as mapping
+    every CODEX pixel by brute force."""
+    from scipy import ndimage as ndi
+
+    from preprocess.registration.field import DisplacementField
+
+    path, data = codex_small
+    rng = np.random.default_rng(8)
+    field = ndi.gaussian_filter(rng.normal(0, 60, (2, 7, 8)), (0, 1.2, 1.2)).astype(np.float32)
+    affine = _affine(0.754, 7.0, 30.3, -12.6)
+    coords = _grid(380, 330, 24, start=(3, 5))
+    mapping = q.CodexToHE(affine, DisplacementField(field, 50.0))
+    with CodexImage(path) as codex:
+        res = q.quantify_patches(codex, [0, 1, 2, 3, 4], coords, 24, mapping, region_px=region_px, threads=2)
+        flat = q.quantify_patches(codex, [0, 1, 2, 3, 4], coords, 24, affine, region_px=region_px)
+    ref, counts = brute_force(data, coords, 24, affine, field, 50.0)
+    assert np.abs(field).max() > 5 and not np.array_equal(flat.counts, counts)  # the field moves pixels
+    np.testing.assert_array_equal(res.counts, counts)
+    np.testing.assert_allclose(res.means, ref, atol=1e-6, rtol=0, equal_nan=True)
+
+
 def test_channel_subset_order_and_zarr_fallback(codex_small, monkeypatch):
     path, data = codex_small
     affine, coords = _affine(0.8, 3.0, 4.0, 2.0), _grid(200, 180, 33)
@@ -85,7 +122,7 @@ def test_channel_subset_order_and_zarr_fallback(codex_small, monkeypatch):
         def no_direct(*a, **k):
             raise ValueError("forced fallback")
 
-        monkeypatch.setattr(q, "TiledRegionReader", no_direct)
+        monkeypatch.setattr(accumulate, "TiledRegionReader", no_direct)
         slow = q.quantify_patches(codex, [4, 1], coords, 33, affine, region_px=64, threads=2)
     np.testing.assert_allclose(fast.means, ref, atol=1e-6, rtol=0, equal_nan=True)
     np.testing.assert_allclose(slow.means, ref, atol=1e-6, rtol=0, equal_nan=True)
@@ -269,14 +306,19 @@ def test_errors_name_the_file(stage, caplog):
     write_ome_pyramid(bad, np.zeros((39, 64, 64), np.uint16), MARKERS[:39], mpp=CODEX_MPP, tile=32)
     with pytest.raises(PipelineError, match="short.ome.tif.*39 channels"):
         q.quantify_slide("s1", bad, base)
-    # unknown marker names: matched by name they fail, a panel mapping by index accepts them
+    # unknown marker names: matched by name they fail; by the panel's index they stop, naming the panel, the file
+    # and both names, unless the panel wins
     renamed = cohort / "codex" / "renamed.ome.tif"
     write_ome_pyramid(renamed, np.ones((40, 100, 100), np.uint16), [f"ch{i}" for i in range(40)], mpp=CODEX_MPP,
                       tile=32)
     by_name = q.QuantConfig(**{**base.__dict__, "panel": None})
     with pytest.raises(PipelineError, match="renamed.ome.tif.*lacks the markers"):
         q.quantify_slide("s1", renamed, by_name)
-    q.quantify_slide("s1", renamed, base)
+    with pytest.raises(PipelineError, match=r"panel.csv.*renamed.ome.tif.*'M0' -> channel 0 named 'ch0'.*--panel-wins"):
+        q.quantify_slide("s1", renamed, base)
+    q.quantify_slide("s1", renamed, q.QuantConfig(**{**base.__dict__, "panel_wins": True}))
+    meta = json.loads((out / "markers" / "raw" / "s1.json").read_text())
+    assert meta["channels"][:2] == [["M0", 0, "ch0"], ["M1", 1, "ch1"]]  # the resolved triples are written
     # missing / flagged registration record
     (out / "registration" / "s2.json").unlink()
     with pytest.raises(PipelineError, match=r"registration record not found: .*s2\.json"):
@@ -323,8 +365,12 @@ def test_sample_cohort_end_to_end(tmp_path):
                         "--tissue-mm", "0.5", "--workers", "1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     gt = json.loads((cohort / "ground_truth.json").read_text())
-    for s, rec in gt["slides"].items():
+    for s, rec in gt["slides"].items():  # the truth as the registration: its warp is a displacement field
         _write_reg(out / "registration" / f"{s}.json", rec["affine_codex_to_he"])
+        reg = json.loads((out / "registration" / f"{s}.json").read_text())
+        (out / "registration" / f"{s}_displacement.npy").write_bytes((cohort / rec["warp"]["file"]).read_bytes())
+        reg["displacement"] = {"file": f"{s}_displacement.npy", "step_px": rec["warp"]["step_px"]}
+        (out / "registration" / f"{s}.json").write_text(json.dumps(reg))
     assert patch.main(["--cohort", str(cohort), "--out", str(out), "--patch-size", "112"]) == 0
     assert q.main(["--cohort", str(cohort), "--out", str(out)]) == 0
     assert patch_store.main(["--cohort", str(cohort), "--out", str(out)]) == 0
@@ -333,7 +379,120 @@ def test_sample_cohort_end_to_end(tmp_path):
         df = pd.read_csv(out / "markers" / f"{s}.csv")
         raw = pd.read_csv(out / "markers" / "raw" / f"{s}.csv")
         assert len(df) > 0 and list(df.columns[4:]) == markers
-        assert (raw["coverage"] >= 0.95).mean() > 0.5  # the CODEX covers most of the tissue
+        assert (raw["coverage"] >= 0.95).mean() > 0.4  # the CODEX covers much of the tissue
+        assert json.loads((out / "markers" / "raw" / f"{s}.json").read_text())["through_displacement_field"]
         with h5py.File(out / "he_patches" / f"{s}.h5") as f:
             np.testing.assert_array_equal(f["coords"][:][df["index"]], df[["x", "y"]].to_numpy())
             assert f["imgs"].shape[1:] == (112, 112, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# no-data regions, leakage-free normalisation, job arrays, stale outputs
+
+
+def _pooled_percentiles(out, slides, min_coverage=0.95):
+    kept = []
+    for s in slides:
+        raw = pd.read_csv(out / "markers" / "raw" / f"{s}.csv")
+        kept.append(raw[(raw["coverage"] >= min_coverage) & (raw["n_codex_px"] > 0)][MARKERS].to_numpy())
+    v = np.concatenate(kept)
+    return np.percentile(v, 1, axis=0), np.percentile(v, 99, axis=0)
+
+
+def test_zero_filled_block_is_excluded_and_percentiles_stay(stage):
+    """A CODEX with a zero-filled block (a missing tile): patches over it lose coverage and are left out, and the
+    percentiles are those of the intact image's remaining patches; counting the mapped rectangle instead (the
+    no-data test off) lets them in and pulls P1 down to the fill."""
+    cohort, out, data, affines = stage
+    args = ["--cohort", str(cohort), "--region-px", "64", "--nodata-um", "15"]  # a 30 µm block in a 64 µm image
+    assert q.main([*args, "--out", str(out)]) == 0
+    intact = pd.read_csv(out / "markers" / "raw" / "s1.csv")
+    lo0, hi0 = (np.asarray(v) for v in json.loads((out / "markers" / "normalization.json").read_text())["values"])
+    holed = data["s1"].copy()
+    holed[:, 40:120, 50:130] = 0  # 80 x 80 CODEX px ~ 60 x 60 H&E px
+    write_ome_pyramid(cohort / "codex" / "s1.ome.tif", holed, MARKERS, mpp=CODEX_MPP, tile=64)
+    assert q.main([*args, "--out", str(out)]) == 0  # the CODEX changed: s1 is redone
+    raw = pd.read_csv(out / "markers" / "raw" / "s1.csv")
+    labels = pd.read_csv(out / "markers" / "s1.csv")
+    over = intact["coverage"].to_numpy() >= 0.95
+    hit = over & (raw["coverage"].to_numpy() < 0.95)
+    assert hit.sum() >= 3 and not set(raw["index"][hit]) & set(labels["index"])
+    # coverage = geometric coverage x (1 - the fraction of the patch's pixels in the zero block); means as before
+    ref, n = brute_force(holed, raw[["x", "y"]].to_numpy(), 30, affines["s1"])
+    zero = (holed == 0).all(axis=0).astype(np.uint16)[None]
+    frac, _ = brute_force(zero, raw[["x", "y"]].to_numpy(), 30, affines["s1"])
+    np.testing.assert_allclose(raw["coverage"], intact["coverage"] * (1 - np.nan_to_num(frac[:, 0])), atol=1e-9)
+    np.testing.assert_allclose(raw[MARKERS].to_numpy(), ref, atol=1e-6, equal_nan=True)
+    assert (raw["n_codex_px"].to_numpy() == n).all()
+    norm = json.loads((out / "markers" / "normalization.json").read_text())
+    kept = pd.concat([raw[raw["coverage"] >= 0.95], pd.read_csv(out / "markers" / "raw" / "s2.csv").query(
+        "coverage >= 0.95")])
+    np.testing.assert_allclose(norm["values"][0], np.percentile(kept[MARKERS].to_numpy(), 1, axis=0))
+    # the percentiles do not move (only through the few patches dropped): within 5% of the intact image's
+    lo, hi = (np.asarray(v) for v in norm["values"])
+    assert np.median(np.abs(lo / lo0 - 1)) < 0.05 and np.median(np.abs(hi / hi0 - 1)) < 0.05
+    # the old behaviour: every mapped pixel counts as data -> zero-fill patches pass and P1 collapses
+    assert q.main([*args, "--out", str(out), "--overwrite", "--nodata-um", "0"]) == 0
+    bad = json.loads((out / "markers" / "normalization.json").read_text())
+    assert np.median(np.asarray(bad["values"][0]) / np.asarray(norm["values"][0])) < 0.2
+
+
+def test_fit_slides_keep_validation_out_of_the_percentiles(stage, caplog):
+    cohort, out, data, _ = stage
+    (cohort / "splits.csv").write_text("train,val\ns1,s2\n")
+    args = ["--cohort", str(cohort), "--out", str(out), "--region-px", "64"]
+    assert q.main([*args, "--fit-split", str(cohort / "splits.csv")]) == 0
+    norm = json.loads((out / "markers" / "normalization.json").read_text())
+    assert norm["fit_slides"] == ["s1"] and norm["applied_to"] == ["s1", "s2"]
+    np.testing.assert_allclose(norm["values"], _pooled_percentiles(out, ["s1"]))
+    assert q.fit_leakage(norm, ["s2"]) == [] and (out / "markers" / "s2.csv").exists()
+    # the validation slide changes (another CODEX): the fitted percentiles do not move, its labels do
+    labels_before = pd.read_csv(out / "markers" / "s2.csv")
+    write_ome_pyramid(cohort / "codex" / "s2.ome.tif", data["s2"] // 3 + 7, MARKERS, mpp=CODEX_MPP, tile=64)
+    from preprocess.normalize import main as normalize_main
+
+    assert q.main([*args, "--no-normalize"]) == 0
+    assert normalize_main(["--cohort", str(cohort), "--out", str(out), "--fit-slides", "s1"]) == 0
+    again = json.loads((out / "markers" / "normalization.json").read_text())
+    assert again["values"] == norm["values"] and again["fit_slides"] == ["s1"]
+    assert not pd.read_csv(out / "markers" / "s2.csv").equals(labels_before)
+    # default: every slide is in the fit set, and that is what the leakage check sees
+    assert normalize_main(["--cohort", str(cohort), "--out", str(out)]) == 0
+    pooled = json.loads((out / "markers" / "normalization.json").read_text())
+    assert pooled["fit_slides"] == ["s1", "s2"] and q.fit_leakage(pooled, ["s2"]) == ["s2"]
+    assert normalize_main(["--cohort", str(cohort), "--out", str(out), "--fit-slides", "s1", "s9"]) == 2
+    assert "s9" in caplog.text
+
+
+def test_shards_then_normalize_equal_one_run_byte_for_byte(stage, tmp_path):
+    from preprocess.normalize import main as normalize_main
+
+    cohort, out, _, _ = stage
+    inputs = ["--cohort", str(cohort), "--patches", str(out / "patches"), "--registration", str(out / "registration"),
+              "--region-px", "64"]
+    one, many = tmp_path / "one", tmp_path / "many"
+    assert q.main([*inputs, "--out", str(one)]) == 0
+    for i in range(2):
+        assert q.main([*inputs, "--out", str(many), "--shard", f"{i}/2", "--threads", "2"]) == 0
+        assert not (many / "markers" / "normalization.json").exists()  # a shard only does pass 1
+    assert sorted(p.name for p in (many / "markers" / "raw").glob("*.csv")) == ["s1.csv", "s2.csv"]
+    assert (many / "markers" / "config_shard1of2.json").exists()
+    assert normalize_main(["--cohort", str(cohort), "--out", str(many)]) == 0
+    for s in ("s1", "s2"):
+        assert (one / "markers" / f"{s}.csv").read_bytes() == (many / "markers" / f"{s}.csv").read_bytes()
+        raw_one, raw_many = (d / "markers" / "raw" / f"{s}.csv" for d in (one, many))
+        assert raw_one.read_bytes() == raw_many.read_bytes()
+    a, b = (json.loads((d / "markers" / "normalization.json").read_text()) for d in (one, many))
+    assert a["values"] == b["values"] and a["fit_slides"] == b["fit_slides"]
+
+
+def test_a_slide_that_fails_later_leaves_no_stale_labels(stage):
+    cohort, out, _, _ = stage
+    args = ["--cohort", str(cohort), "--out", str(out), "--region-px", "64"]
+    assert q.main(args) == 0
+    assert (out / "markers" / "s2.csv").exists()
+    (out / "registration" / "s2.json").unlink()  # e.g. its re-registration failed and removed the record
+    assert q.main(args) == 1  # s2's raw means are stale (input gone): redone, and it fails
+    assert not (out / "markers" / "raw" / "s2.csv").exists() and not (out / "markers" / "s2.csv").exists()
+    norm = json.loads((out / "markers" / "normalization.json").read_text())
+    assert norm["applied_to"] == ["s1"] and (out / "markers" / "s1.csv").exists()

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from preprocess.slide_io import CodexImage, HESlide, read_marker_panel, read_pairs, resolve_channels
+from preprocess.slide_io import (
+    CodexImage,
+    HESlide,
+    read_marker_panel,
+    read_pairs,
+    resolve_channel_map,
+    resolve_channels,
+)
 from preprocess.utils import PipelineError
 from sample_data.writers import write_ome_pyramid
 
@@ -31,7 +38,13 @@ def test_codex_reader(codex_file):
             resolve_channels(c, ["DAPI", "FOXP3"], None)
         with pytest.raises(PipelineError, match="3 channels"):
             resolve_channels(c, ["DAPI", "FOXP3"], [(0, "DAPI"), (7, "FOXP3")], "panel.csv")
-        assert resolve_channels(c, ["DAPI", "FOXP3"], [(0, "DAPI"), (1, "FOXP3")], "panel.csv") == [0, 1]
+        # a panel whose names disagree with the OME names stops, naming both files and both names
+        with pytest.raises(PipelineError, match=r"panel.csv.*c.ome.tif.*'FOXP3' -> channel 1 named 'CD8'"):
+            resolve_channels(c, ["DAPI", "FOXP3"], [(0, "DAPI"), (1, "FOXP3")], "panel.csv")
+        assert resolve_channels(c, ["DAPI", "FOXP3"], [(0, "DAPI"), (1, "FOXP3")], "panel.csv",
+                                panel_wins=True) == [0, 1]
+        assert resolve_channel_map(c, ["CD8", "DAPI"], [(0, "dapi"), (1, "cd-8")], "panel.csv") == [
+            ("CD8", 1, "CD8"), ("DAPI", 0, "DAPI")]
 
 
 def test_codex_without_pixel_size_needs_override(tmp_path):
@@ -96,3 +109,56 @@ def test_single_channel_ome_reads_as_cyx(tmp_path):
 def test_pairs_with_empty_codex_cell(tmp_path):
     (tmp_path / "pairs.csv").write_text("he_slide,codex_image\nhe/s1.svs,\n")
     assert read_pairs(tmp_path / "pairs.csv")["s1"][1] is None  # the stages fail this slide, naming the table
+
+
+def _ome_with_sizes(path, sx, sy, ux="µm", uy="µm"):
+    import tifffile
+
+    xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'
+           '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint16" SizeX="64" SizeY="48" '
+           f'SizeC="1" SizeZ="1" SizeT="1" PhysicalSizeX="{sx}" PhysicalSizeXUnit="{ux}" PhysicalSizeY="{sy}" '
+           f'PhysicalSizeYUnit="{uy}"><Channel ID="Channel:0:0" Name="DAPI" SamplesPerPixel="1"/>'
+           '<TiffData IFD="0" PlaneCount="1"/></Pixels></Image></OME>')
+    tifffile.imwrite(path, np.zeros((1, 48, 64), np.uint16), description=xml.encode(), metadata=None)
+    return path
+
+
+def test_codex_pixel_size_axes_and_units(tmp_path):
+    assert CodexImage(_ome_with_sizes(tmp_path / "nm.ome.tif", 377, 377, "nm", "nm")).mpp == pytest.approx(0.377)
+    assert CodexImage(_ome_with_sizes(tmp_path / "mu.ome.tif", 0.5, 0.502)).mpp == pytest.approx(0.5)  # within 1%
+    with pytest.raises(PipelineError, match=r"aniso.ome.tif.*non-square.*0.5 x 0.6"):
+        CodexImage(_ome_with_sizes(tmp_path / "aniso.ome.tif", 0.5, 0.6))
+    with pytest.raises(PipelineError, match=r"unit.ome.tif.*'parsec'.*--codex-mpp"):
+        CodexImage(_ome_with_sizes(tmp_path / "unit.ome.tif", 0.5, 0.5, "parsec", "parsec"))
+    with CodexImage(tmp_path / "unit.ome.tif", mpp=0.4) as c:  # an override skips the unreadable size
+        assert c.mpp == 0.4 and c.channel_names == ["DAPI"]
+
+
+def test_he_aperio_0502_reads_as_05(tmp_path):
+    """An Aperio 0.502 µm/px slide: level 0 is the level for 0.5 µm/px (within the 1% tolerance)."""
+    from sample_data.writers import write_aperio_tiff
+
+    write_aperio_tiff(tmp_path / "a.svs", np.full((600, 600, 3), 230, np.uint8), 0.502, min_side=128)
+    with HESlide(tmp_path / "a.svs") as s:
+        assert s.mpp == pytest.approx(0.502)
+        assert s.level_for_mpp(0.5) == (0, 1.0) and s.level_for_mpp(2.0) == (1, 4.0)
+
+
+def test_he_anisotropic_pixels_stop(tmp_path, monkeypatch):
+    import openslide
+
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, np.full((256, 256, 3), 230, np.uint8), tile=(256, 256), photometric="rgb")
+    real = openslide.OpenSlide
+
+    class Fake(real):
+        @property
+        def properties(self):
+            return {"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.5"}
+
+    monkeypatch.setattr(openslide, "OpenSlide", Fake)
+    with pytest.raises(PipelineError, match=r"plain.tif.*non-square.*0.25 x 0.5"):
+        HESlide(path)
+    monkeypatch.setattr(Fake, "properties", property(lambda self: {"openslide.mpp-x": "0.25",
+                                                                   "openslide.mpp-y": "0.2510"}))
+    assert HESlide(path).mpp == 0.25

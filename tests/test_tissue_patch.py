@@ -81,6 +81,15 @@ def test_grid_geometry_from_mpp(he_slides):
         g = patch.grid_geometry(s)
         assert (g.patch_size_level0, g.patch_level, g.read_size_at_level) == (373, 0, 373)
     np.testing.assert_array_equal(patch.full_grid(1000, 500, 448), [[0, 0], [448, 0]])
+    # within the 1% pixel-size tolerance nothing is resampled: an Aperio 0.502 µm slide reads 224 px as they are
+    for mpp, expect in ((0.502, (224, 0, 224)), (0.4975, (224, 0, 224)), (0.51, (220, 0, 220))):
+        with HESlide(d / "s05.tif", mpp=mpp) as s:
+            g = patch.grid_geometry(s)
+            assert (g.patch_size_level0, g.patch_level, g.read_size_at_level) == expect, mpp
+    with HESlide(d / "s025.tif", mpp=0.252) as s:  # 40x at 0.252: its 2x level (0.504 µm) is read as it is
+        g = patch.grid_geometry(s)
+        assert (g.patch_size_level0, g.patch_level, g.read_size_at_level) == (448, 1, 224)
+        assert g.attrs()["patch_mpp"] == pytest.approx(0.504)
 
 
 def test_patch_stage_writes_grid_in_tissue(he_slides, tmp_path):
@@ -122,6 +131,25 @@ def test_blank_slide_and_missing_mpp_are_clear_errors(he_slides, tmp_path, caplo
     assert rc == 1 and (tmp_path / "o" / "patches" / "s05.h5").exists()
     assert not (tmp_path / "o" / "patches" / "blank.h5").exists() and "blank.tif" in caplog.text
     assert patch.main(["--he", str(d / "blank.tif"), "--out", str(tmp_path / "o2"), "--fail-fast"]) == 1
+
+
+def test_shards_partition_the_slides_and_a_failed_redo_leaves_nothing(he_slides, tmp_path):
+    d, _ = he_slides
+    args = ["--cohort", str(d.parent / "c"), "--out", str(tmp_path)]
+    (d.parent / "c").mkdir(exist_ok=True)
+    (d.parent / "c" / "he").mkdir(exist_ok=True)
+    for name in ("s05", "s025", "blank"):
+        link = d.parent / "c" / "he" / f"{name}.tif"
+        if not link.exists():
+            link.symlink_to(d / f"{name}.tif")
+    assert patch.main([*args, "--shard", "0/2"]) == 1  # sorted [blank, s025, s05]: shard 0 = blank, s05
+    assert sorted(p.name for p in (tmp_path / "patches").glob("*.h5")) == ["s05.h5"]
+    assert patch.main([*args, "--shard", "1/2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "patches").glob("*.h5")) == ["s025.h5", "s05.h5"]
+    assert (tmp_path / "patches" / "config_shard1of2.json").exists()
+    # s05 redone with a setting that fails: its old grid does not stay behind for the later stages
+    assert patch.main([*args, "--slides", "s05", "--min-tissue", "1.01", "--overwrite"]) == 1
+    assert not (tmp_path / "patches" / "s05.h5").exists() and not (tmp_path / "patches" / "s05_tissue.png").exists()
 
 
 def test_skip_and_overwrite(he_slides, tmp_path):

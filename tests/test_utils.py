@@ -11,9 +11,12 @@ import pytest
 from preprocess.utils import (
     PipelineError,
     atomic_path,
+    parse_shard,
     run_slides,
     save_config,
     select_slides,
+    shard_config_name,
+    shard_slides,
     slide_id_from_path,
     write_json,
 )
@@ -78,6 +81,31 @@ def test_run_slides_skips_done_records_failures(tmp_path, workers):
     assert rep.done == ["a"] and (tmp_path / "a.txt").read_text() == "a"
     with pytest.raises(PipelineError):
         run_slides(["bad"], work, done, skip_errors=False)
+
+
+def test_shards_partition_the_sorted_slides():
+    slides = [f"s{i}" for i in (3, 0, 7, 1, 9, 4, 2)]
+    parts = [shard_slides(slides, f"{i}/3") for i in range(3)]
+    assert parts[0] == ["s0", "s3", "s9"] and sorted(sum(parts, [])) == sorted(slides)
+    assert shard_slides(slides, None) == sorted(slides) and parse_shard("2/5") == (2, 5)
+    assert shard_config_name("1/4") == "config_shard1of4.json" and shard_config_name(None) == "config.json"
+    for bad in ("3/3", "-1/2", "1", "a/b"):
+        with pytest.raises(PipelineError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_run_slides_removes_the_outputs_of_slides_it_redoes(tmp_path):
+    """A slide that is redone loses its old outputs first, so a failure leaves nothing stale behind."""
+    for s in ("bad", "ok"):
+        (tmp_path / f"{s}.txt").write_text("old")
+        (tmp_path / f"{s}.extra").write_text("old")
+    outputs = lambda s: [tmp_path / f"{s}.txt", tmp_path / f"{s}.extra"]  # noqa: E731
+    rep = run_slides(["bad", "ok"], partial(_work, out=str(tmp_path)), lambda s: False, outputs=outputs)
+    assert list(rep.failed) == ["bad"] and not (tmp_path / "bad.txt").exists()
+    assert not (tmp_path / "bad.extra").exists() and (tmp_path / "ok.txt").read_text() == "ok"
+    (tmp_path / "ok.extra").write_text("kept")
+    rep = run_slides(["ok"], partial(_work, out=str(tmp_path)), lambda s: True, outputs=outputs)
+    assert rep.skipped == ["ok"] and (tmp_path / "ok.extra").read_text() == "kept"  # skipped slides keep theirs
 
 
 def test_unimplemented_stage_script_exits_with_clear_message(tmp_path):

@@ -1,0 +1,53 @@
+"""Stage 03, pass 2 on its own: fit the per-marker percentiles on the slides you choose, apply them to every slide.
+
+    python -m preprocess.normalize --cohort sample_cohort --out outputs --fit-split sample_cohort/splits/splits_0.csv
+    python -m preprocess.normalize --cohort sample_cohort --out outputs --fit-slides slide_000 slide_002
+    python -m preprocess.normalize --cohort test_cohort --out test_out \\
+        --normalization train_out/markers/normalization.json
+
+Run it once after every shard of pass 1 (``python -m preprocess.quantify --shard i/n``) has finished: it reads the
+fresh ``markers/raw/{slide}.{csv,json}`` of the pairing table's slides (``--slides`` to restrict), fits the
+percentiles on the fit set (``--fit-slides``; ``--fit-split`` = a split file's ``train`` column, so validation
+slides stay out; default every slide), and writes ``markers/{slide}.csv`` and ``markers/normalization.json``
+(``fit_slides``, ``applied_to``, ``values``, ...). The method is in :mod:`preprocess.quantify.normalize`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from preprocess.quantify.normalize import add_normalization_args, resolve_run, run_normalization
+from preprocess.quantify.tables import add_table_args
+from preprocess.utils import PipelineError, save_config
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m preprocess.normalize", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cohort", type=Path, help="cohort folder (pairs.csv, marker_panel.csv)")
+    p.add_argument("--out", type=Path, required=True, help="output root (reads OUT/markers/raw, writes OUT/markers)")
+    p.add_argument("--slides", nargs="+", help="normalise only these slide ids (default: every slide of the pairs)")
+    add_table_args(p)
+    add_normalization_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        tables, slides = resolve_run(args)
+        save_config(args.out / "markers", vars(args) | {"markers": tables.markers, "slides_resolved": slides},
+                    name="config_normalize.json")
+        run_normalization(args, args.out, slides, tables.markers)
+    except PipelineError as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

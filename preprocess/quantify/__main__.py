@@ -1,0 +1,5 @@
+"""``python -m preprocess.quantify``."""
+
+from preprocess.quantify.stage import main
+
+raise SystemExit(main())

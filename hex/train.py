@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clinical", type=Path, help="clinical.csv (case_id,slide_id): patient overlap check")
     g.add_argument("--allow-unknown-slides", action="store_true",
                    help="split slides missing from --clinical count as their own patient (default: an error)")
+    g.add_argument("--strict-normalization", action="store_true",
+                   help="stop (instead of warning) when validation slides were in the normalisation fit set")
     g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per rank")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, type=Path, help="output root OUT; the run goes to OUT/runs/RUN")

@@ -82,6 +82,27 @@ def check_flags(args: argparse.Namespace) -> None:
 # inputs: split, resume checkpoint, datasets
 
 
+def check_normalization_fit(markers_dir: Path, val_slides: list[str], strict: bool = False,
+                            warn: bool = True) -> list[str]:
+    """Validation slides whose patches were pooled into ``markers_dir/normalization.json``'s percentiles (their
+    labels then leak into the training targets' scale); a warning, or an error with ``strict``. Returns them."""
+    from preprocess.quantify import fit_leakage
+
+    path = Path(markers_dir) / "normalization.json"
+    if not path.is_file():
+        return []
+    leaked = fit_leakage(json.loads(path.read_text()), list(val_slides))
+    if leaked:
+        msg = (f"{len(leaked)} validation slides of the split were in the normalisation fit set of {path} "
+               f"(e.g. {leaked[:3]}): refit with `python -m preprocess.normalize --fit-split SPLIT` (or "
+               "FIT_SPLIT= in scripts/03_quantify.sh)")
+        if strict:
+            raise PipelineError(msg + "; --strict-normalization makes this an error")
+        if warn:
+            log.warning("%s", msg)
+    return leaked
+
+
 def load_inputs(args: argparse.Namespace, run_dir: Path, is_main: bool) -> dict[str, Any]:
     """Split (leakage-checked), the resume checkpoint (checked to belong to this run) and the datasets."""
     # rank 0 picks the checkpoint and every rank loads that one, so ranks never resume from different epochs
@@ -95,6 +116,7 @@ def load_inputs(args: argparse.Namespace, run_dir: Path, is_main: bool) -> dict[
     if not csv.is_file():
         raise PipelineError(f"marker table {csv} does not exist (run the quantification stage for this slide)")
     csv_markers = marker_columns(pd.read_csv(csv, nrows=0).columns)
+    check_normalization_fit(mdir, split["val"], strict=args.strict_normalization, warn=is_main)
     ck = None
     if resume_path is not None:
         ck = read_checkpoint(Path(resume_path))

@@ -27,7 +27,7 @@ Public API (stable; ``mica`` feature extraction uses it too)::
 * The slide is opened lazily once per process (OpenSlide handles are not shared across ``fork``).
 * :func:`tissue_tiles` computes a grid with stage 01's own functions (``grid_geometry``, ``tissue_mask``,
   ``patch_tissue_fraction``) at any stride: tiles of ``patch_size`` px at ``target_mpp`` µm/px (level-0 side
-  P = round(patch_size * target_mpp / mpp)), top-left x, y = 0, s, 2s, ... (s = round(stride * target_mpp / mpp)
+  P = round(patch_size * target_mpp / mpp)), top-left x, y = 0, s, 2s, ... (s = round(stride * P / patch_size)
   level-0 px), fully inside the slide, kept when their tissue fraction is >= ``min_tissue``. With stride =
   patch_size and the stage-01 defaults this is the stage-01 grid.
 """
@@ -251,7 +251,8 @@ def tissue_tiles(he_path: str | os.PathLike, patch_size: int = 224, stride: int 
             raise PipelineError(f"{he_path} is {w0}x{h0} px, smaller than one tile ({ps0} level-0 px = {patch_size} "
                                 f"px at {target_mpp} µm/px, slide {slide.mpp:g} µm/px); check its µm/px (--mpp) or "
                                 "leave it out")
-        step0 = max(1, int(round(stride * target_mpp / slide.mpp)))
+        # the stride scales like the tile (a slide within 1% of target_mpp reads px as they are: 224 stays 224)
+        step0 = max(1, int(round(stride * ps0 / patch_size)))
         grid = strided_grid(w0, h0, ps0, step0)
         thumb, ds = slide.thumbnail(thumb_size)
         mask, thr = tissue_mask(thumb, slide.mpp * ds, tissue or TissueParams())

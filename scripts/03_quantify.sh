@@ -12,7 +12,7 @@ NORMALIZE_ONLY=${NORMALIZE_ONLY:-}       # 1: only the normalisation step (after
 EXTRA=${EXTRA:-}                         # e.g. "--legacy-columns --overwrite"
 STORE_EXTRA=${STORE_EXTRA:-}             # flags for the patch store, e.g. "--png" or "--compression jpeg"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-require_module preprocess.normalize      # (preprocess.quantify is a package: require_module checks module files)
+require_module preprocess.quantify
 require_module preprocess.patch_store
 if [ -n "$NORMALIZE_ONLY" ]; then
   # shellcheck disable=SC2086

@@ -11,7 +11,8 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 export PYTHONPATH="$_repo${PYTHONPATH:+:$PYTHONPATH}"
 # A stage whose python module is not in this checkout yet stops here with a clear message.
 require_module() {
-  if [ ! -f "$_repo/$(echo "$1" | tr . /).py" ]; then
+  local path="$_repo/$(echo "$1" | tr . /)"
+  if [ ! -f "$path.py" ] && [ ! -f "$path/__main__.py" ]; then
     echo "[$(basename "$0")] stage not implemented yet: python module $1 is missing in this checkout" >&2
     exit 3
   fi

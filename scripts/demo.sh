@@ -36,7 +36,8 @@ else
 fi
 run_stage "01 patch" bash scripts/01_patch.sh
 run_stage "02 register" bash scripts/02_register.sh
-run_stage "03 quantify" bash scripts/03_quantify.sh
+# normalisation percentiles fitted on the training slides of fold 0 (the split HEX trains on): no validation leak
+FIT_SPLIT="$COHORT/splits/splits_0.csv" run_stage "03 quantify" bash scripts/03_quantify.sh
 # tiny CNN from scratch with the backbone's default recipe (no pretrained weights: every block trainable, lr 1e-3,
 # batch 32, LDS re-weighting), the paper's loss (adaptive robust) and FDS
 RUN=demo_tiny BACKBONE=tiny EPOCHS=$HEX_EPOCHS WORKERS=1 GPUS=0 EXTRA="${HEX_EXTRA:---save-every 10}" \

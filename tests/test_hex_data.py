@@ -4,6 +4,7 @@ hex.metrics; shards."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -289,3 +290,38 @@ def test_pearson_constant_prediction_is_nan() -> None:
     p = np.c_[np.full(1000, 0.7), y[:, 1], 1e-6 * y[:, 2] + 0.3]  # mean of 1000 x 0.7 is not exactly 0.7
     r = pearson(y, p)
     assert np.isnan(r[0]) and r[1] == pytest.approx(1.0) and r[2] == pytest.approx(1.0)
+
+
+def test_jpeg_patch_store_loads(tmp_path: Path) -> None:
+    """A JPEG-encoded patch store (``preprocess.patch_store --compression jpeg``) trains like a raw one."""
+    from preprocess.patch_store import encode_jpeg
+
+    info = write_synthetic_dataset(tmp_path, n_slides=2, n_per_slide=6, size=64)
+    slide = info["slides"][0]
+    store = tmp_path / "he_patches" / f"{slide}.h5"
+    with h5py.File(store, "r") as f:
+        imgs, coords = f["imgs"][:], f["coords"][:]
+    with h5py.File(store, "w") as f:
+        ds = f.create_dataset("imgs_jpeg", shape=(len(imgs),), dtype=h5py.vlen_dtype(np.uint8))
+        for i, im in enumerate(imgs):
+            ds[i] = encode_jpeg(im, 95)
+        f.attrs["imgs_shape"] = np.array(imgs.shape, np.int64)
+        f.create_dataset("coords", data=coords)
+    ds = build_dataset(tmp_path, [slide])
+    got = np.stack([ds[i][0].permute(1, 2, 0).numpy() for i in range(len(ds))])
+    want = imgs[ds.rows]
+    assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).mean() < 4
+
+
+def test_normalization_fit_leakage_warns_or_stops(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """hex.train warns when validation slides were in the normalisation fit set; --strict-normalization stops."""
+    from hex.train_setup import check_normalization_fit
+    from preprocess.utils import PipelineError
+
+    (tmp_path / "normalization.json").write_text(json.dumps({"fit_slides": ["s1", "s2"], "p1": {}, "p99": {}}))
+    assert check_normalization_fit(tmp_path, ["s3"]) == []
+    with caplog.at_level("WARNING"):
+        assert check_normalization_fit(tmp_path, ["s2", "s3"]) == ["s2"]
+    assert "normalisation fit set" in caplog.text
+    with pytest.raises(PipelineError, match="s2"):
+        check_normalization_fit(tmp_path, ["s2"], strict=True)

@@ -354,3 +354,18 @@ def test_torchrun_two_ranks_equal_one(cohort: tuple[Path, Path], tmp_path: Path)
         np.testing.assert_allclose(p2, p1, rtol=1e-5, atol=1e-5)
         assert _spread(p1) > 0.02
         assert a1["checkpoint_sha256"] == a2["checkpoint_sha256"]
+
+
+def test_stride_follows_the_tile_on_a_near_target_slide(tmp_path: Path) -> None:
+    """An Aperio 0.502 µm/px slide reads 224 px tiles as they are; the stride must scale the same way (224 -> 224
+    level-0 px, not 223), else a stride equal to the patch size leaves gaps between tiles."""
+    from sample_data.writers import write_aperio_tiff
+
+    rgb = np.full((1200, 1200, 3), 235, np.uint8)
+    rgb[100:1100, 100:1100] = (150, 80, 160)
+    f = tmp_path / "s.tif"
+    write_aperio_tiff(f, rgb, 0.502)
+    for stride in (224, 56):
+        ds, _, info = tissue_tiles(f, patch_size=224, stride=stride)
+        assert info["stride_level0"] == stride
+        assert ds.patch_size_level0 == 224

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from preprocess.patch_store import PatchStoreReader
 from preprocess.utils import PipelineError
 
 log = logging.getLogger(__name__)
@@ -98,32 +99,33 @@ def read_marker_csv(path: str | os.PathLike, markers: Sequence[str] | None = Non
 
 
 class _H5Source:
-    """Rows of ``imgs`` in one patch store; the file handle is opened on first use in each process."""
+    """Patches of one store (``imgs``, any HDF5 compression, or JPEG-encoded ``imgs_jpeg``) through
+    :class:`preprocess.patch_store.PatchStoreReader`; the file is opened on first use in each process."""
 
     kind = "h5"
 
     def __init__(self, path: Path):
         self.path = path
-        self._f: h5py.File | None = None
+        self._reader: PatchStoreReader | None = None
         self._pid = -1
 
-    def _imgs(self) -> h5py.Dataset:
-        if self._f is None or self._pid != os.getpid():
-            self._f = h5py.File(self.path, "r")
+    def _open(self) -> PatchStoreReader:
+        if self._reader is None or self._pid != os.getpid():
+            self._reader = PatchStoreReader(self.path)
             self._pid = os.getpid()
-        return self._f["imgs"]
+        return self._reader
 
     def read(self, index: int) -> np.ndarray:
         """(H,W,3) uint8 of patch ``index``."""
-        return self._imgs()[index]
+        return self._open()[index]
 
     def close(self) -> None:
-        if self._f is not None and self._pid == os.getpid():
-            self._f.close()
-        self._f = None
+        if self._reader is not None and self._pid == os.getpid():
+            self._reader.close()
+        self._reader = None
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "_f": None, "_pid": -1}
+        return {"path": self.path, "_reader": None, "_pid": -1}
 
 
 class _PngSource:
@@ -232,10 +234,8 @@ def build_dataset(
         xy = (df[["x", "y"]].to_numpy(dtype=np.int64) if {"x", "y"} <= set(df.columns)
               else np.zeros((len(df), 2), np.int64))
         if src.kind == "h5":
-            with h5py.File(src.path, "r") as f:
-                if "imgs" not in f:
-                    raise PipelineError(f"patch store {src.path} has no 'imgs' dataset")
-                n = f["imgs"].shape[0]
+            with PatchStoreReader(src.path) as reader, h5py.File(src.path, "r") as f:
+                n = len(reader)
                 if len(idx) and (idx.min() < 0 or idx.max() >= n):
                     raise PipelineError(f"{csv}: index {int(idx.max())} out of range for {src.path} ({n} patches)")
                 if "coords" in f and {"x", "y"} <= set(df.columns) and len(idx):

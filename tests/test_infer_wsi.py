@@ -369,3 +369,60 @@ def test_stride_follows_the_tile_on_a_near_target_slide(tmp_path: Path) -> None:
         ds, _, info = tissue_tiles(f, patch_size=224, stride=stride)
         assert info["stride_level0"] == stride
         assert ds.patch_size_level0 == 224
+
+
+class _Darkness(torch.nn.Module):
+    """A stand-in HEX whose 40 outputs are all the tile's darkness, 1 - mean(x) (inputs in [0, 1])."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = 1.0 - x.mean(dim=(1, 2, 3))
+        return d[:, None].expand(-1, 40).contiguous(), d[:, None]
+
+
+def test_known_feature_same_place_in_he_and_virtual_codex(tmp_path: Path) -> None:
+    """A dark rectangle painted into a synthetic slide: stage 06 at --stride 56 and its OME-TIFF put the rectangle's
+    edges at the same physical position (µm) as the H&E does, within one map pixel (28 µm)."""
+    from hex.virtual_codex import write_slide_maps
+    from preprocess.slide_io import HESlide
+    from sample_data.writers import write_aperio_tiff
+
+    mpp, x0, x1, y0, y1 = 0.5, 1030, 2270, 730, 1890  # level-0 px, edges off the 56 px lattice on purpose
+    rgb = np.full((2600, 3000, 3), 242, np.uint8)  # glass
+    rgb[150:2450, 150:2850] = (220, 120, 180)  # pink tissue
+    rgb[y0:y1, x0:x1] = (80, 30, 110)  # the feature
+    he = tmp_path / "he" / "s.tif"
+    he.parent.mkdir()
+    write_aperio_tiff(he, rgb, mpp)
+    cfg = infer_wsi.InferConfig(pred_dir=tmp_path / "hex_pred", grid_dir=tmp_path / "patches", stride=56,
+                                patch_size=224, workers=0, batch_size=64)
+    meta = {"markers": original_markers(), "input_size": 224, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0),
+            "checkpoint": "darkness", "checkpoint_sha256": "0"}
+    res = infer_wsi.infer_slide("s", he, _Darkness(), meta, cfg, torch.device("cpu"), None, None)
+    maps = write_slide_maps(Path(res["path"]), tmp_path / "virtual_codex", he_path=he, formats=("npy", "ome"))
+    with tifffile.TiffFile(tmp_path / "virtual_codex" / "s.ome.tif") as t:
+        img = t.series[0].levels[0].asarray()[7]  # any channel: all are the darkness
+        px_um = float(t.ome_metadata.split('PhysicalSizeX="')[1].split('"')[0])
+    assert px_um == pytest.approx(56 * mpp) and maps["pixel_size_um"] == pytest.approx(28.0)
+
+    def crossings(profile: np.ndarray, step_um: float, offset_um: float) -> tuple[float, float]:
+        """µm positions where a profile crosses halfway between its low and high levels (rising, falling)."""
+        hi = np.percentile(profile, 95)
+        lo = np.median(profile[(profile > 0.05 * hi) & (profile < 0.5 * hi)])  # tissue level (not glass, not 0)
+        half = (lo + hi) / 2
+        above = profile > half
+        i, j = int(np.argmax(above)), len(above) - int(np.argmax(above[::-1]))
+        rise = i - 1 + (half - profile[i - 1]) / (profile[i] - profile[i - 1])
+        fall = j - 1 + (profile[j - 1] - half) / (profile[j - 1] - profile[j])
+        return offset_um + rise * step_um, offset_um + fall * step_um
+
+    with HESlide(he) as s:  # the H&E as a reader sees it: one row and one column through the feature
+        row = 255 - s.read_region(0, (y0 + y1) // 2, 0, (3000, 1))[0].mean(axis=1)
+        col = 255 - s.read_region((x0 + x1) // 2, 0, 0, (1, 2600))[:, 0].mean(axis=1)
+    he_x, he_y = crossings(row, mpp, 0.0), crossings(col, mpp, 0.0)
+    assert he_x == pytest.approx((x0 * mpp, x1 * mpp), abs=1.0) and he_y == pytest.approx((y0 * mpp, y1 * mpp), abs=1.0)
+    r, c = int((y0 + y1) / 2 / 56), int((x0 + x1) / 2 / 56)
+    # map pixel k covers [k s, (k+1) s): its centre is (k + 0.5) s
+    vc_x = crossings(img[r].astype(float), px_um, px_um / 2)
+    vc_y = crossings(img[:, c].astype(float), px_um, px_um / 2)
+    for he_pos, vc_pos in zip((*he_x, *he_y), (*vc_x, *vc_y)):
+        assert abs(he_pos - vc_pos) <= px_um, (he_pos, vc_pos)

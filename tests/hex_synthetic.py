@@ -132,3 +132,13 @@ class ReferenceMusk(nn.Module):
 
     def image_embedding(self, x: torch.Tensor) -> torch.Tensor:  # MUSK forward(with_head=False, out_norm=False)
         return self.beit3(visual_tokens=x)["encoder_out"][:, 0, :]
+
+
+def blob_slide(w: int, h: int, seed: int) -> np.ndarray:
+    """(h, w, 3) uint8 H&E-like test image: an elliptical noisy pink-purple tissue blob on white glass."""
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 240, np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    tissue = ((xx - w / 2) / (0.45 * w)) ** 2 + ((yy - h / 2) / (0.45 * h)) ** 2 < 1
+    img[tissue] = (np.array([190, 100, 170]) + rng.integers(-40, 40, (int(tissue.sum()), 3))).clip(0, 255)
+    return img

@@ -30,20 +30,13 @@ from hex.trained import load_trained, original_markers
 from hex.wsi_tiles import TileRegions, make_tile_loader, tissue_tiles
 from preprocess import patch, patch_store
 from sample_data.writers import write_aperio_tiff
+from tests.hex_synthetic import blob_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 PS = 112  # tile size of these tests (56 µm), small slides stay fast
 MUSK_KW = {"embed_dim": 64, "depth": 2, "num_heads": 2, "img_size": 64}
 
 
-def _slide(w: int, h: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = np.full((h, w, 3), 240, np.uint8)
-    yy, xx = np.mgrid[0:h, 0:w]
-    tissue = ((xx - w / 2) / (0.45 * w)) ** 2 + ((yy - h / 2) / (0.45 * h)) ** 2 < 1
-    base = np.array([190, 100, 170]) + 30 * np.sin(xx[tissue] / 23.0)[:, None]
-    img[tissue] = (base + rng.integers(-40, 40, (int(tissue.sum()), 3))).clip(0, 255)
-    return img
 
 
 def _spread_out(model: HEX, factor: float = 500.0) -> HEX:
@@ -77,9 +70,9 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     03's patch store; random labels named like the original markers; a random tiny HEX as run ``tiny``."""
     d = tmp_path_factory.mktemp("wsi")
     (d / "he").mkdir()
-    write_aperio_tiff(d / "he" / "a.tif", _slide(800, 700, 0), mpp=0.5, downsamples=(4,))
-    write_aperio_tiff(d / "he" / "b.tif", _slide(1400, 1200, 1), mpp=0.25, downsamples=(2, 8))
-    write_aperio_tiff(d / "he" / "c.tif", _slide(900, 800, 2), mpp=0.3, downsamples=(4,))
+    write_aperio_tiff(d / "he" / "a.tif", blob_slide(800, 700, 0), mpp=0.5, downsamples=(4,))
+    write_aperio_tiff(d / "he" / "b.tif", blob_slide(1400, 1200, 1), mpp=0.25, downsamples=(2, 8))
+    write_aperio_tiff(d / "he" / "c.tif", blob_slide(900, 800, 2), mpp=0.3, downsamples=(4,))
     out = d / "out"
     common = ["--cohort", str(d), "--out", str(out)]
     assert patch.main([*common, "--patch-size", str(PS)]) == 0
@@ -248,7 +241,7 @@ def test_bad_slides_one_line_each(cohort: tuple[Path, Path], tmp_path: Path, cap
         for off, n in spans:
             f.seek(off)
             f.write(b"\0" * n)
-    write_aperio_tiff(he / "small.tif", _slide(80, 70, 3), mpp=0.5, downsamples=(2,))
+    write_aperio_tiff(he / "small.tif", blob_slide(80, 70, 3), mpp=0.5, downsamples=(2,))
     write_aperio_tiff(he / "blank.tif", np.full((600, 500, 3), 240, np.uint8), mpp=0.5, downsamples=(4,))
     ck = out / "runs" / "tiny" / "best.safetensors"
     with caplog.at_level(logging.INFO):

@@ -23,18 +23,12 @@ from mica import codex_encoders as ce
 from mica import extract_features as ef
 from preprocess import patch, patch_store
 from sample_data.writers import write_aperio_tiff
+from tests.hex_synthetic import blob_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKERS = [f"M{i:02d}" for i in range(37)] + ["Pan-Cytokeratin", "CD8", "CD68"]
 
 
-def _slide(w: int, h: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = np.full((h, w, 3), 240, np.uint8)
-    yy, xx = np.mgrid[0:h, 0:w]
-    tissue = ((xx - w / 2) / (0.45 * w)) ** 2 + ((yy - h / 2) / (0.45 * h)) ** 2 < 1
-    img[tissue] = (np.array([190, 100, 170]) + rng.integers(-40, 40, (int(tissue.sum()), 3))).clip(0, 255)
-    return img
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +37,8 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     weights of a random ``tiny`` backbone."""
     d = tmp_path_factory.mktemp("mica_feat")
     (d / "he").mkdir()
-    write_aperio_tiff(d / "he" / "a.tif", _slide(1000, 900, 0), mpp=0.5, downsamples=(4,))
-    write_aperio_tiff(d / "he" / "b.tif", _slide(1400, 1300, 1), mpp=0.25, downsamples=(2, 8))
+    write_aperio_tiff(d / "he" / "a.tif", blob_slide(1000, 900, 0), mpp=0.5, downsamples=(4,))
+    write_aperio_tiff(d / "he" / "b.tif", blob_slide(1400, 1300, 1), mpp=0.25, downsamples=(2, 8))
     out = d / "out"
     assert patch.main(["--cohort", str(d), "--out", str(out)]) == 0
     assert patch_store.main(["--cohort", str(d), "--out", str(out)]) == 0

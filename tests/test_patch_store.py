@@ -11,15 +11,7 @@ import pytest
 from preprocess import patch, patch_store
 from preprocess.slide_io import HESlide
 from sample_data.writers import write_aperio_tiff
-
-
-def _slide(w, h, seed):
-    rng = np.random.default_rng(seed)
-    img = np.full((h, w, 3), 240, np.uint8)
-    yy, xx = np.mgrid[0:h, 0:w]
-    tissue = ((xx - w / 2) / (0.45 * w)) ** 2 + ((yy - h / 2) / (0.45 * h)) ** 2 < 1
-    img[tissue] = (np.array([190, 100, 170]) + rng.integers(-40, 40, (int(tissue.sum()), 3))).clip(0, 255)
-    return img
+from tests.hex_synthetic import blob_slide
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +19,9 @@ def gridded(tmp_path_factory):
     """Three slides (0.5 µm/px; 0.25 µm/px with a 2x level; 0.3 µm/px -> resized) with their grids."""
     d = tmp_path_factory.mktemp("store")
     (d / "he").mkdir()
-    write_aperio_tiff(d / "he" / "a.tif", _slide(1200, 1000, 0), mpp=0.5, downsamples=(4,))
-    write_aperio_tiff(d / "he" / "b.tif", _slide(2000, 1600, 1), mpp=0.25, downsamples=(2, 8))
-    write_aperio_tiff(d / "he" / "c.tif", _slide(1300, 1100, 2), mpp=0.3, downsamples=(4,))
+    write_aperio_tiff(d / "he" / "a.tif", blob_slide(1200, 1000, 0), mpp=0.5, downsamples=(4,))
+    write_aperio_tiff(d / "he" / "b.tif", blob_slide(2000, 1600, 1), mpp=0.25, downsamples=(2, 8))
+    write_aperio_tiff(d / "he" / "c.tif", blob_slide(1300, 1100, 2), mpp=0.3, downsamples=(4,))
     out = d / "out"
     assert patch.main(["--cohort", str(d), "--out", str(out)]) == 0
     return d, out

@@ -13,7 +13,7 @@ co-attention survival model. Every stage skips what it already finished, so a re
 It prints, per fold and as mean ± sd, the c-index (and AUC for response) of the generator's own true risk on the
 same validation patients (the ceiling), of ``coattn``, ``path``, ``codex`` and of the clinical baseline (Cox PH /
 logistic regression on age and stage), plus the AUROC with which the IG patch attributions find the generator's
-risk-driving regions. The tables also go to ``OUT/validation.md``.
+risk-driving regions. The tables also go to ``OUT/validation.md``; the exit status is 1 when a target is missed.
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def report(cohort: Path, out: Path, times: dict[str, float]) -> int:
     from sample_data.mica_scoring import format_table, ig_risk_auroc, outcome_table
 
     lines = [f"# MICA validation: {cohort} -> {out}", ""]
+    missed: list[str] = []
     if times:
         lines += ["stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()), ""]
     for task, metric in (("survival", "c-index"), ("response", "AUC")):
@@ -118,16 +119,22 @@ def report(cohort: Path, out: Path, times: dict[str, float]) -> int:
         lines.append(f"coattn - truth: {m['coattn'] - m['truth']:+.3f} (target within 0.05); coattn - path: "
                      f"{m['coattn'] - m['path']:+.3f}; coattn - clinical: {m['coattn'] - m['clinical']:+.3f}")
         lines.append("")
+        if not (m["coattn"] >= m["truth"] - 0.05 and m["coattn"] > m["path"] and m["coattn"] > m["clinical"]):
+            missed.append(f"{task}: coattn not within 0.05 of the truth and above path and clinical")
     ig_dir = out / "mica_runs" / "val_coattn_survival" / "ig"
     if ig_dir.is_dir():
         auc = ig_risk_auroc(cohort, ig_dir)
         if auc:
             lines.append(f"IG patch attributions vs risk masks: mean per-slide AUROC {auc['mean']:.3f} over "
                          f"{len(auc) - 2} slides (pooled {auc['pooled']:.3f}); target >= 0.7")
+            if auc["mean"] < 0.7:
+                missed.append("IG AUROC below 0.7")
+    if missed:
+        lines += ["", "targets missed: " + "; ".join(missed)]
     text = "\n".join(lines)
     print(text)
     (out / "validation.md").write_text(text + "\n")
-    return 0
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
+from hex.checkpoint import read_checkpoint
 from hex.model import HEX, build_from_args, load_hex_checkpoint, normalize_hex_keys, read_checkpoint_state
 from preprocess.utils import PipelineError
 
@@ -65,21 +65,14 @@ def _safetensors_meta(path: Path) -> dict[str, Any] | None:
     return json.loads(md["hex"]) if "hex" in md else None
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``, memory-mapped when the file allows it (training checkpoints are large)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def checkpoint_kind(path: str | os.PathLike) -> str:
-    """``"safetensors"`` (ours), ``"hex_train"`` (our epoch_k.pt) or ``"original"`` (any other state dict)."""
+def read_kind(path: str | os.PathLike) -> tuple[str, dict[str, Any] | None]:
+    """``("safetensors", None)`` (ours), ``("hex_train", ck)`` (our epoch_k.pt) or ``("original", ck)`` (any other
+    state dict); ``ck`` is the file read once (memory-mapped) so that callers need not read it again."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return "safetensors"
-    ck = _torch_load(path)
-    return "hex_train" if isinstance(ck, dict) and "model_args" in ck else "original"
+        return "safetensors", None
+    ck = read_checkpoint(path)
+    return ("hex_train" if isinstance(ck, dict) and "model_args" in ck else "original"), ck
 
 
 def load_trained(checkpoint: str | os.PathLike, backbone: str | None = None, weights: str | os.PathLike | None = None,
@@ -95,7 +88,7 @@ def load_trained(checkpoint: str | os.PathLike, backbone: str | None = None, wei
     if not path.is_file():
         raise PipelineError(f"checkpoint {path} does not exist (train first, or pass --checkpoint)")
     try:
-        kind = checkpoint_kind(path)
+        kind, ck = read_kind(path)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
         raise PipelineError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); is it a complete "
                             ".pt/.pth/.safetensors file?") from e
@@ -104,7 +97,7 @@ def load_trained(checkpoint: str | os.PathLike, backbone: str | None = None, wei
     else:
         if weights is not None or backbone_kw:
             log.warning("%s is a hex.train checkpoint with its own backbone: --weights/--backbone-kw ignored", path)
-        meta = _our_meta(path, kind)
+        meta = _our_meta(path, kind, ck)
         model = build_from_args(meta["model_args"], weights=None, with_fds=False)
         load_hex_checkpoint(model, path)
     model.eval()
@@ -112,7 +105,7 @@ def load_trained(checkpoint: str | os.PathLike, backbone: str | None = None, wei
     return model, meta
 
 
-def _our_meta(path: Path, kind: str) -> dict[str, Any]:
+def _our_meta(path: Path, kind: str, ck: dict[str, Any] | None) -> dict[str, Any]:
     keys = ("markers", "normalization", "model_args", "input_size", "interpolation", "mean", "std", "epoch")
     if kind == "safetensors":
         meta_path = path.with_suffix(".json")
@@ -124,7 +117,6 @@ def _our_meta(path: Path, kind: str) -> dict[str, Any]:
                 raise PipelineError(f"{meta_path} (model description next to {path.name}) does not exist and "
                                     f"{path.name} carries no HEX metadata; copy best.json beside it")
     else:
-        ck = _torch_load(path)
         meta = {k: ck.get(k) for k in keys}
     missing = [k for k in ("markers", "model_args", "input_size", "mean", "std") if meta.get(k) is None]
     if missing:

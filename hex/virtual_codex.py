@@ -290,9 +290,10 @@ def write_slide_maps(pred_path: Path, out_dir: Path, he_path: Path | None = None
     sid = pred.slide_id
     paths = output_paths(out_dir, sid)
     previous = _read_record(out_dir, sid)
-    if not overwrite and set(formats) <= _valid_formats(previous, out_dir, sid):
+    valid = _valid_formats(previous, out_dir, sid)
+    if not overwrite and set(formats) <= valid:
         return {**previous, "skipped": True}
-    kept = _valid_formats(previous, out_dir, sid) - set(formats)  # other formats, still from this same file
+    kept = valid - set(formats)  # other formats, still from this same file
     shown = choose_preview_markers(pred.markers, preview_markers) if "preview" in formats else []
     if he_path is None and pred.he_path is not None:
         if pred.he_path.exists():

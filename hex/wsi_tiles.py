@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from preprocess.patch import grid_geometry, read_grid
+from preprocess.patch import full_grid, grid_geometry, read_grid
 from preprocess.patch_store import group_into_blocks, resize_patch
 from preprocess.slide_io import HESlide
 from preprocess.tissue import TissueParams, patch_tissue_fraction, tissue_mask
@@ -227,11 +227,8 @@ def make_tile_loader(ds: TileRegions, batch_size: int, workers: int = 0, pin_mem
 
 def strided_grid(width: int, height: int, size_level0: int, step_level0: int) -> np.ndarray:
     """Top-left (x, y) of all tiles of side ``size_level0`` fully inside a (width, height) level-0 image at
-    x, y = 0, step, 2 step, ...; row-major (N, 2) int64 (equals ``preprocess.patch.full_grid`` when step = size)."""
-    xs = np.arange(0, width - size_level0 + 1, step_level0, dtype=np.int64)
-    ys = np.arange(0, height - size_level0 + 1, step_level0, dtype=np.int64)
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    return np.stack([xx.ravel(), yy.ravel()], axis=1)
+    x, y = 0, step, 2 step, ...; row-major (N, 2) int64 (``preprocess.patch.full_grid`` with a step)."""
+    return full_grid(width, height, size_level0, step_level0)
 
 
 def tissue_tiles(he_path: str | os.PathLike, patch_size: int = 224, stride: int | None = None,

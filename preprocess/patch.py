@@ -117,10 +117,13 @@ def grid_geometry(slide: HESlide, patch_size: int = 224, target_mpp: float = 0.5
                         read_size_at_level=read)
 
 
-def full_grid(width: int, height: int, size_level0: int) -> np.ndarray:
-    """All non-overlapping patches fully inside a (width, height) level-0 image, row-major: (N, 2) int64 (x, y)."""
-    xs = np.arange(0, width - size_level0 + 1, size_level0, dtype=np.int64)
-    ys = np.arange(0, height - size_level0 + 1, size_level0, dtype=np.int64)
+def full_grid(width: int, height: int, size_level0: int, step_level0: int | None = None) -> np.ndarray:
+    """Top-left (x, y) of all patches of side ``size_level0`` fully inside a (width, height) level-0 image at
+    x, y = 0, step, 2 step, ... (step = ``step_level0``, default the patch side: non-overlapping), row-major:
+    (N, 2) int64."""
+    step = int(step_level0 or size_level0)
+    xs = np.arange(0, width - size_level0 + 1, step, dtype=np.int64)
+    ys = np.arange(0, height - size_level0 + 1, step, dtype=np.int64)
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
 

@@ -27,11 +27,14 @@ def true_risk_scores(cohort: Path) -> dict[str, dict[str, float]]:
             for c, p in gt["patients"].items()}
 
 
-def patch_risk_deviation(cohort: Path, slide: str, coords: np.ndarray, patch_size_level0: float) -> np.ndarray:
-    """Mean |risk mask - 128| (0..127) over each patch's footprint, (N,) float64; coords (N,2) level-0 top-left."""
+def patch_risk_deviation(cohort: Path, slide: str, coords: np.ndarray, patch_size_level0: float,
+                         gt: dict | None = None) -> np.ndarray:
+    """Mean |risk mask - 128| (0..127) over each patch's footprint, (N,) float64; coords (N,2) level-0 top-left.
+    ``gt``: the cohort's parsed ``ground_truth.json`` (read here when None)."""
     import cv2
 
-    gt = json.loads((Path(cohort) / "ground_truth.json").read_text())
+    if gt is None:
+        gt = json.loads((Path(cohort) / "ground_truth.json").read_text())
     info = gt["slides"][slide]
     mask = cv2.imread(str(Path(cohort) / info["risk_mask_png"]), cv2.IMREAD_GRAYSCALE)
     if mask is None:
@@ -62,6 +65,7 @@ def ig_risk_auroc(cohort: Path, ig_dir: Path, slides: Sequence[str] | None = Non
     from sklearn.metrics import roc_auc_score
 
     ig_dir = Path(ig_dir)
+    gt = json.loads((Path(cohort) / "ground_truth.json").read_text())
     files = sorted(ig_dir.glob("*.h5")) if slides is None else [ig_dir / f"{s}.h5" for s in slides]
     out: dict[str, float] = {}
     pooled_y, pooled_s = [], []
@@ -74,7 +78,7 @@ def ig_risk_auroc(cohort: Path, ig_dir: Path, slides: Sequence[str] | None = Non
             ps = float(h.attrs.get("patch_size_level0", patch_size_level0 or 224))
         if len(coords) == 0:
             continue
-        y = patch_risk_deviation(cohort, f.stem, coords, ps) > threshold
+        y = patch_risk_deviation(cohort, f.stem, coords, ps, gt) > threshold
         if y.all() or not y.any():
             continue
         score = np.abs(attr)
@@ -82,7 +86,7 @@ def ig_risk_auroc(cohort: Path, ig_dir: Path, slides: Sequence[str] | None = Non
         pooled_y.append(y)
         pooled_s.append(score / (np.abs(score).max() + 1e-12))
     if out:
-        out["mean"] = float(np.mean([v for k, v in out.items()]))
+        out["mean"] = float(np.mean(list(out.values())))
         out["pooled"] = float(roc_auc_score(np.concatenate(pooled_y), np.concatenate(pooled_s)))
     return out
 

@@ -7,7 +7,6 @@ managers, and never load a whole level-0 image unless asked to.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import xml.etree.ElementTree as ET
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from preprocess.cohort import HE_EXTENSIONS  # noqa: F401 (re-exported)
 from preprocess.panel import read_marker_panel, resolve_channel_map, resolve_channels  # noqa: F401 (re-exported)
 from preprocess.pyramid import MPP_TOLERANCE, choose_level, same_mpp
 from preprocess.utils import PipelineError
@@ -315,38 +315,25 @@ class CodexImage:
 def read_pairs(path: str | os.PathLike) -> dict[str, tuple[Path, Path | None]]:
     """Read ``pairs.csv`` (``he_slide,codex_image``, paths relative to the CSV's folder) -> {slide: (he, codex)}.
 
-    An empty ``codex_image`` cell gives ``None``: that slide fails in the stages that need its CODEX (with a
-    message naming the table), the others go on.
+    The rules of :func:`preprocess.cohort.resolve_slides` (ids from the names as written, links kept, one file per
+    id, every H&E file present). An empty ``codex_image`` cell gives ``None``: that slide fails in the stages that
+    need its CODEX (with a message naming the table), the others go on.
     """
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"pairing table not found: {path} (a CSV with columns he_slide,codex_image)")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"he_slide", "codex_image"} <= set(rows[0]):
-        raise PipelineError(f"pairing table {path} must have the columns he_slide,codex_image")
-    from preprocess.utils import slide_id_from_path
+    from preprocess.cohort import resolve_slides
 
-    out: dict[str, tuple[Path, Path | None]] = {}
-    for r in rows:
-        he = (path.parent / r["he_slide"]).resolve() if not os.path.isabs(r["he_slide"]) else Path(r["he_slide"])
-        cx = (r["codex_image"] or "").strip()
-        sid = slide_id_from_path(he)
-        codex = None if not cx else (path.parent / cx).resolve() if not os.path.isabs(cx) else Path(cx)
-        if sid in out:
-            raise PipelineError(f"pairing table {path} lists slide {sid} twice")
-        out[sid] = (he, codex)
-    return out
-
-
-HE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+    return resolve_slides(pairs=path).pairs()
 
 
 def list_he_slides(folder: str | os.PathLike) -> dict[str, Path]:
-    """H&E slides in a folder by slide id (file name up to the first dot)."""
-    from preprocess.utils import slide_id_from_path
+    """H&E slides in a folder by slide id (file name up to the first dot); two files with one id stop the run."""
+    from preprocess.cohort import resolve_slides
 
     folder = Path(folder)
     if not folder.is_dir():
         raise PipelineError(f"H&E folder not found: {folder}")
-    return {slide_id_from_path(p): p for p in sorted(folder.iterdir()) if p.suffix.lower() in HE_EXTENSIONS}
+    try:
+        return resolve_slides(he=[folder]).he_paths()
+    except PipelineError as e:
+        if "no H&E slides found" in str(e):
+            return {}
+        raise

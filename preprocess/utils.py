@@ -34,6 +34,18 @@ class PipelineError(RuntimeError):
 # atomic writes
 
 
+def _file_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+"""Mode of every output file: what ``open()`` gives under this process's umask (0644 under the usual 022)."""
+
+_TEMP_RE = r"^\.{stem}\.(\d+)\.[0-9a-f]{{12}}\.tmp"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``, on error removed.
@@ -47,11 +59,71 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
     try:
         yield tmp_path
+        if tmp_path.is_file():  # writers that create their own files (safetensors: 0600) get the usual mode too
+            os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def remove_stale_temps(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Delete the temp files that :func:`atomic_path` left for ``paths`` in a killed run; returns those removed.
+
+    A temp file of a process that is still running (same pid, alive) is kept: it may be writing it now.
+    """
+    import re
+
+    removed = []
+    for p in map(Path, paths):
+        if not p.parent.is_dir():
+            continue
+        rx = re.compile(_TEMP_RE.format(stem=re.escape(p.stem)))
+        for q in p.parent.iterdir():
+            m = rx.match(q.name)
+            if m is None or (int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1)))):
+                continue
+            if q.is_dir() and not q.is_symlink():
+                import shutil
+
+                shutil.rmtree(q, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    q.unlink()
+            removed.append(q)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def ensure_writable(folder: str | os.PathLike, what: str = "output folder", fix: str = "choose another --out") -> Path:
+    """Create ``folder`` if needed and check a file can be written in it; else one-line :class:`PipelineError`.
+
+    Stages call it before the first slide or epoch, so an unwritable output stops the run at once, naming the path.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PipelineError(f"cannot create the {what} {folder} ({e.strerror or e}); {fix} or fix its "
+                            "permissions") from None
+    probe = folder / f".write_test.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PipelineError(f"the {what} {folder} is not writable ({e.strerror or e}); {fix} or fix its "
+                            "permissions") from None
+    return folder
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -200,41 +272,85 @@ class StageReport:
     def ok(self) -> bool:
         return not self.failed
 
+    def final_line(self, desc: str, extra: str = "") -> str:
+        """``desc: 3 done, 1 skipped (already done), 1 failed: slide_004 (reason); extra``."""
+        line = f"{desc}: {self.summary()}"
+        if self.failed:
+            line += ": " + "; ".join(f"{s} ({r})" for s, r in self.failed.items())
+        return line + (f"; {extra}" if extra else "")
+
+    def finish(self, desc: str, extra: str = "") -> int:
+        """Log the stage's last line (ERROR when a slide failed) and return its exit code (0, or 1 on failure)."""
+        log.log(logging.ERROR if self.failed else logging.INFO, "%s", self.final_line(desc, extra))
+        return 0 if self.ok else 1
+
 
 def run_slides(
     slides: Iterable[str],
     work: Callable[[str], Any],
-    is_done: Callable[[str], bool],
+    is_done: Callable[[str], bool] | None = None,
     *,
     overwrite: bool = False,
     workers: int = 1,
     skip_errors: bool = True,
     desc: str = "slides",
     outputs: Callable[[str], Iterable[str | os.PathLike]] | None = None,
+    done: Any = None,
 ) -> StageReport:
     """Run ``work(slide)`` for every slide not already done (unless ``overwrite``).
 
-    ``outputs(slide)``, when given, lists the slide's output files: those of every slide that is (re)done are
-    removed first, so a slide that fails leaves none behind (no stale output that a later stage would trust).
+    ``done`` (a :class:`preprocess.done.DoneSpec`) decides what "done" means: the slide's outputs exist and its
+    done-record holds these settings and inputs (:func:`preprocess.done.check`). A slide done with *other*
+    settings stops the run before any work with one :class:`PipelineError` (unless ``overwrite``); a changed input
+    redoes it. Without ``done``, ``is_done(slide)`` decides (the outputs are not keyed on settings).
+
+    ``outputs(slide)`` (default: ``done.outputs``) lists the slide's output files: those of every slide that is
+    (re)done are removed first, with the temp files a killed run left for them, so a slide that fails leaves
+    nothing behind that a later stage would trust.
 
     ``work`` must write its outputs atomically and be picklable when ``workers > 1`` (a module-level function or
     a ``functools.partial`` of one). With ``skip_errors`` a failing slide is recorded and the loop goes on; the
-    caller decides the exit code from ``report.ok``. :class:`PipelineError` messages are logged without a
-    traceback (they are user errors); anything else is logged with its traceback.
+    caller decides the exit code from ``report.ok`` (:meth:`StageReport.finish`). :class:`PipelineError` messages
+    are logged without a traceback (they are user errors); anything else is logged with its traceback.
     """
+    from preprocess import done as done_mod
+
+    if done is None and is_done is None:
+        raise TypeError("run_slides needs is_done or done")
+    if outputs is None and done is not None:
+        outputs = done.outputs
     report = StageReport()
-    todo = []
+    todo, conflicts, reasons = [], {}, {}
     for s in slides:
-        if not overwrite and is_done(s):
+        if done is not None:
+            st = done_mod.check(done, s)
+            if st.state == "done" and not overwrite:
+                report.skipped.append(s)
+            elif st.state == "conflict" and not overwrite:
+                conflicts[s] = st.reason
+            else:
+                todo.append(s)
+                if st.state != "done" and st.reason != "not done":
+                    reasons[s] = st.reason
+        elif not overwrite and is_done(s):
             report.skipped.append(s)
         else:
             todo.append(s)
+    if conflicts:
+        raise done_mod.conflict_error(conflicts, desc)
     if report.skipped:
         log.info("%s: %d slides already done (use --overwrite to redo)", desc, len(report.skipped))
+    for s, why in reasons.items():
+        log.info("%s: %s", s, why)
 
+    stamps: dict[str, dict] = {}
     for s in todo:
+        if done is not None:
+            done_mod.clear(done, s)
+            stamps[s] = {k: done_mod.file_stamp(v) for k, v in done.inputs(s).items()}
         if outputs is not None:
-            gone = remove_outputs(outputs(s))
+            outs = list(outputs(s))
+            gone = remove_outputs(outs) + remove_stale_temps(outs)
             if gone:
                 log.debug("%s: removed earlier outputs %s before redoing it", s, [str(p) for p in gone])
 
@@ -242,6 +358,8 @@ def run_slides(
         try:
             report.results[slide] = fn()
             report.done.append(slide)
+            if done is not None:
+                done_mod.write_record(done, slide, stamps[slide])
         except PipelineError as e:
             if not skip_errors:
                 raise
@@ -252,6 +370,9 @@ def run_slides(
                 raise
             report.failed[slide] = f"{type(e).__name__}: {e}"
             log.exception("%s failed", slide)
+        if slide in report.failed and done is not None:
+            with contextlib.suppress(OSError):
+                done_mod.write_failure(done, slide, report.failed[slide])
 
     if workers <= 1 or len(todo) <= 1:
         for s in tqdm(todo, desc=desc, unit="slide", disable=not todo):

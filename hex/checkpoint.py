@@ -5,7 +5,9 @@ scaler, loss parameters, FDS statistics, RNG states of every rank, best score, t
 it is written to a temporary file and renamed, and read with ``torch.load(weights_only=True)``.
 
 A checkpoint belongs to a run when the flags that define what is trained agree (:data:`RUN_KEYS`); resuming with
-any of them changed is an error naming the keys (a new ``--run-name`` starts a separate run).
+any of them changed is an error naming the keys (a new ``--run-name`` starts a separate run). A fresh run never
+writes over another run's outputs (:func:`run_outputs`): it stops unless ``--overwrite`` removes them first
+(:func:`remove_run_outputs`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -95,7 +98,7 @@ def check_same_run(ck: Mapping[str, Any], config: Mapping[str, Any], markers: Se
     new = run_identity(config, markers)
     diff = [k for k in RUN_KEYS if old[k] != new[k]]
     if diff:
-        shown = "; ".join(f"{k}: checkpoint {_short(old[k])} vs now {_short(new[k])}" for k in diff)
+        shown = "; ".join(f"{k}: checkpoint {_short(old[k], k)} vs now {_short(new[k], k)}" for k in diff)
         raise PipelineError(f"--resume {path}: this run was trained with other settings ({shown}); use a new "
                             "--run-name (RUN=...) for a new run, or the checkpoint's settings to continue it")
     soft = [k for k in SOFT_KEYS if k in old_cfg and old_cfg[k] != config.get(k)]
@@ -104,9 +107,41 @@ def check_same_run(ck: Mapping[str, Any], config: Mapping[str, Any], markers: Se
                     path, ", ".join(f"{k} ({old_cfg[k]} -> {config.get(k)})" for k in soft))
 
 
-def _short(v: Any) -> str:
+RUN_OUTPUTS = ("checkpoints", "best.safetensors", "best.json", "tb", "test")
+"""What a run folder holds besides its log: removed by ``hex.train --overwrite`` (``config*.json`` too)."""
+
+
+def run_outputs(run_dir: Path) -> list[Path]:
+    """The outputs of an earlier run in ``run_dir`` (epoch checkpoints, best model, TensorBoard events, configs,
+    test results); empty folders do not count."""
+    run_dir = Path(run_dir)
+    found = []
+    for name in RUN_OUTPUTS:
+        p = run_dir / name
+        if p.is_file() or (p.is_dir() and any(q.is_file() for q in p.rglob("*"))):
+            found.append(p)
+    return found + sorted(run_dir.glob("config*.json"))
+
+
+def remove_run_outputs(run_dir: Path) -> list[Path]:
+    """Delete :func:`run_outputs` (``hex.train --overwrite``: the run starts afresh); returns what was removed."""
+    gone = run_outputs(run_dir)
+    for p in gone:
+        try:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError as e:
+            raise PipelineError(f"--overwrite: cannot remove {p} ({e.strerror or e}); remove it by hand or fix its "
+                                "permissions") from None
+    return gone
+
+
+def _short(v: Any, key: str = "") -> str:
+    """A value for a one-line message: JSON, cut at 80 characters, except file paths (shown whole: which split)."""
     text = json.dumps(v)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= 80 or key in ("split", "weights", "init") else text[:77] + "..."
 
 
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:

@@ -2,12 +2,16 @@
 
 Every stage is ``main(argv) = run_cli(build_parser(), argv, work, log_file, check)``:
 
-1. ``check(args)`` (optional) validates flags before any process group exists, so a bad flag stops every rank at
+1. argparse (a bad flag value prints the usage and returns 2; ``--help`` returns 0: ``main()`` returns, never
+   raises ``SystemExit``);
+2. ``check(args)`` (optional) validates flags before any process group exists, so a bad flag stops every rank at
    once instead of one rank failing while the others wait in a collective;
-2. ``setup_dist(args.device)`` (torchrun ranks, or single-process values; asking for CUDA where torch cannot use
+3. ``setup_dist(args.device)`` (torchrun ranks, or single-process values; asking for CUDA where torch cannot use
    it stops here with the reason);
-3. logging to stderr and, on the main rank, to ``log_file(args)``;
-4. ``work(args, ctx) -> exit code``; a :class:`~preprocess.utils.PipelineError` anywhere is logged as one line
+4. ``prepare(args, ctx)`` (optional, every rank): checks that need the device or write access, e.g. that the
+   output folders are writable (:func:`~preprocess.utils.ensure_writable`), before the log file is opened in them;
+5. logging to stderr and, on the main rank, to ``log_file(args)``;
+6. ``work(args, ctx) -> exit code``; a :class:`~preprocess.utils.PipelineError` anywhere is logged as one line
    (no traceback) and gives exit code 2; the log file is closed and the process group destroyed in every case.
 """
 
@@ -34,10 +38,14 @@ def run_cli(
     log_file: Callable[[argparse.Namespace], Path | None],
     check: Callable[[argparse.Namespace], None] | None = None,
     logger: logging.Logger | None = None,
+    prepare: Callable[[argparse.Namespace, DistContext], None] | None = None,
 ) -> int:
     """Run one stage CLI (see the module docstring); returns its exit code (0 ok, 2 bad input, else ``work``'s)."""
     logger = logger or log
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, usage already printed)
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_INPUT_ERROR
     path: Path | None = None
     try:
         if check is not None:
@@ -48,6 +56,12 @@ def run_cli(
         logger.error("%s", e)
         return EXIT_INPUT_ERROR
     try:
+        if prepare is not None:
+            try:
+                prepare(args, ctx)
+            except PipelineError:
+                setup_logging(None, rank=ctx.rank)
+                raise
         path = log_file(args)
         setup_logging(path if ctx.is_main else None, rank=ctx.rank)
         return work(args, ctx)

@@ -10,6 +10,7 @@ one stride step s of the slide's level 0) and writes one file atomically (temp f
   and ``properties.measurements = {marker: value}`` (QuPath >= 0.4 conventions, read by *File > Import objects*;
   the feature ``id`` is a UUID, which QuPath keeps as the object's id). Features follow the rows of the
   prediction file, so feature i is tile i.
+- Preview markers: :func:`choose_preview_markers` (the user's names matched loosely, else informative defaults).
 """
 
 from __future__ import annotations
@@ -18,15 +19,18 @@ import json
 import logging
 import math
 import os
+import re
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from preprocess.utils import atomic_path
+from preprocess.utils import PipelineError, atomic_path
 
 log = logging.getLogger(__name__)
+
+DEFAULT_PREVIEW_MARKERS = ("Pan-Cytokeratin", "CD8", "CD68", "CD20", "Ki67", "PD-L1", "CD31", "aSMA")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,3 +240,20 @@ def write_preview(path: str | os.PathLike, image: np.ndarray, mask: np.ndarray, 
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", s.lower())
+
+
+def choose_preview_markers(markers: Sequence[str], wanted: Sequence[str] | None) -> list[str]:
+    """``wanted`` matched to ``markers`` (case/punctuation ignored; an unknown name is a :class:`PipelineError`),
+    else the informative defaults present, else the first 8."""
+    by = {_norm(m): m for m in markers}
+    if wanted:
+        unknown = [w for w in wanted if _norm(w) not in by]
+        if unknown:
+            raise PipelineError(f"--preview-markers {unknown} are not among the predicted markers {list(markers)}")
+        return [by[_norm(w)] for w in wanted]
+    chosen = [by[_norm(w)] for w in DEFAULT_PREVIEW_MARKERS if _norm(w) in by]
+    return chosen or list(markers[:8])

@@ -19,6 +19,16 @@ Outputs (rank 0, atomic): ``patch_predictions.csv`` (``slide,index,x,y,true_<m>.
 ``--visible-markers``, ``mean_visible``/``mean_invisible``), ``slide_pearson.csv`` (per-slide per-marker r),
 ``summary.json``, ``marker_pearson_bar.png`` and ``scatter_grid.png``.
 
+Training slides: a model of ours records its split (``best.json``: ``split``, ``train_slides``); evaluating any of
+those slides (e.g. another fold's split with this fold's run) stops with one line naming them, unless
+``--allow-train-slides`` (then ``summary.json`` lists them as ``train_slides_scored``). ``summary.json`` records what
+was scored: ``split``, ``split_column``, ``slides``, ``checkpoint`` (+ sha256), ``trained_split``.
+
+Reruns: ``TEST_DIR/done/evaluation.json`` records the settings (slides, split, visible markers, plots) and the
+inputs (checkpoint, label and patch folders, with size and mtime). The same again is skipped; a changed input (the
+model trained on, the labels redone) is redone, said so; other settings or another checkpoint file stop with
+"done with other settings: <diff>; pass --overwrite" (exit 2), so results are never silently replaced.
+
 The labels must be normalised like the checkpoint's training labels (``markers/normalization.json`` against the
 one stored in the checkpoint): a difference stops the run, since MSE and r on differently normalised labels do not
 measure the model (``--allow-normalization-mismatch`` evaluates anyway, with a warning).
@@ -27,6 +37,7 @@ measure the model (``--allow-normalization-mismatch`` evaluates anyway, with a w
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -35,7 +46,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -43,7 +53,6 @@ from hex.cli import run_cli
 from hex.data import (
     LEGACY_PREFIX,
     BatchTransform,
-    PatchDataset,
     build_dataset,
     list_labelled_slides,
     marker_columns,
@@ -51,11 +60,13 @@ from hex.data import (
     read_split,
     resolve_markers_dir,
 )
+from hex.data.splits import check_split_slides
 from hex.dist import DistContext, barrier
+from hex.eval_reports import write_reports
 from hex.evaluate import autocast, predict, predict_distributed, resolve_amp, wants_channels_last
-from hex.metrics import marker_table, slide_table
-from hex.trained import add_checkpoint_args, load_from_args, load_trained
-from preprocess.utils import PipelineError, atomic_path, save_config, write_json
+from hex.trained import add_checkpoint_args, load_from_args, load_trained, training_split
+from preprocess import done as done_mod
+from preprocess.utils import PipelineError, ensure_writable, remove_outputs, save_config
 
 log = logging.getLogger("hex.test")
 
@@ -101,92 +112,6 @@ def _first_csv_markers(markers_dir: Path, slides: Sequence[str]) -> list[str]:
     raise PipelineError(f"no label CSV for slides {list(slides)[:5]} in {markers_dir} (run the quantification stage)")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# reports
-
-
-def write_reports(test_dir: Path, ds: PatchDataset, pred: np.ndarray, visible: Sequence[str] | None = None,
-                  plots: bool = True) -> dict[str, Any]:
-    """Write the CSV tables, summary and plots for predictions ``pred`` (N,M) of ``ds``; returns the summary."""
-    y, markers = ds.labels, ds.markers
-    slides = ds.slide_of_sample
-    df = pd.DataFrame({"slide": slides, "index": ds.rows, "x": ds.coords[:, 0], "y": ds.coords[:, 1]})
-    df = pd.concat([df, pd.DataFrame(y, columns=[f"true_{m}" for m in markers]),
-                    pd.DataFrame(pred, columns=[f"pred_{m}" for m in markers])], axis=1)
-    with atomic_path(test_dir / "patch_predictions.csv") as tmp:
-        df.to_csv(tmp, index=False, float_format="%.6g")
-    if visible is not None:
-        unknown = sorted(set(visible) - set(markers))
-        if unknown:
-            log.warning("visible markers not in the model's marker list: %s", unknown)
-    table = marker_table(y, pred, markers, visible)
-    with atomic_path(test_dir / "marker_pearson.csv") as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
-    st = slide_table(y, pred, slides, markers)
-    with atomic_path(test_dir / "slide_pearson.csv") as tmp:
-        st.to_csv(tmp, index=False, float_format="%.6g")
-    summ = table.set_index("marker")
-    summary: dict[str, Any] = {"n_patches": int(len(y)), "n_slides": int(len(st)),
-                               "mean_pearson": float(summ.loc["mean", "pearson"]),
-                               "median_pearson": float(summ.loc["median", "pearson"]),
-                               "mean_spearman": float(summ.loc["mean", "spearman"]),
-                               "mean_mse": float(summ.loc["mean", "mse"])}
-    if visible is not None:
-        summary["mean_pearson_visible"] = float(summ.loc["mean_visible", "pearson"])
-        summary["mean_pearson_invisible"] = float(summ.loc["mean_invisible", "pearson"])
-        summary["visible_markers"] = [m for m in markers if m in set(visible)]
-    write_json(test_dir / "summary.json", summary)
-    if plots:
-        _plots(test_dir, table.iloc[: len(markers)], y, pred, markers, visible)
-    return summary
-
-
-def _plots(test_dir: Path, table: pd.DataFrame, y: np.ndarray, pred: np.ndarray, markers: Sequence[str],
-           visible: Sequence[str] | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = table.sort_values("pearson", ascending=False, na_position="last")
-    vis = set(visible or [])
-    colors = ["tab:green" if m in vis else "tab:blue" for m in t["marker"]]
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(t)), 4))
-    ax.bar(range(len(t)), t["pearson"].fillna(0), color=colors)
-    ax.set_xticks(range(len(t)), t["marker"], rotation=90, fontsize=7)
-    ax.set_ylabel("Pearson r")
-    ax.set_title(f"per-marker Pearson r (mean {np.nanmean(t['pearson']):.3f})" +
-                 (" - green: visible" if vis else ""))
-    fig.tight_layout()
-    with atomic_path(test_dir / "marker_pearson_bar.png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-
-    n = len(markers)
-    cols = min(8, n)
-    rows = (n + cols - 1) // cols
-    rng = np.random.default_rng(0)
-    sel = rng.choice(len(y), size=min(len(y), 2000), replace=False) if len(y) else np.arange(0)
-    r = dict(zip(table["marker"], table["pearson"]))
-    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2 * rows), squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        if k >= n:
-            ax.axis("off")
-            continue
-        ax.scatter(y[sel, k], pred[sel, k], s=2, alpha=0.3, rasterized=True)
-        lo = float(min(y[sel, k].min(initial=0), pred[sel, k].min(initial=0)))
-        hi = float(max(y[sel, k].max(initial=1), pred[sel, k].max(initial=1)))
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.5)
-        ax.set_title(f"{markers[k]} r={r.get(markers[k], np.nan):.2f}", fontsize=7)
-        ax.tick_params(labelsize=5)
-    fig.supxlabel("true")
-    fig.supylabel("predicted")
-    fig.tight_layout()
-    with atomic_path(test_dir / "scatter_grid.png") as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-
-
 def read_visible_markers(path: str | os.PathLike) -> list[str]:
     """``visible_markers`` of a ``ground_truth.json`` (or a JSON list)."""
     path = Path(path)
@@ -224,12 +149,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--allow-normalization-mismatch", action="store_true",
                    help="evaluate labels whose normalization.json differs from the checkpoint's (default: an error)")
+    p.add_argument("--allow-train-slides", action="store_true",
+                   help="score slides the model was trained on (default: an error; summary.json lists them)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo results done with other settings (default: an error; the same settings: skipped)")
     add_checkpoint_args(p, "best.safetensors (default OUT/runs/RUN/best.safetensors)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(build_parser(), argv, evaluate_run, lambda a: _test_dir(a) / "test.log", logger=log)
+    return run_cli(build_parser(), argv, evaluate_run, lambda a: _test_dir(a) / "test.log", logger=log,
+                   check=check_flags, prepare=lambda a, ctx: ensure_writable(_test_dir(a), "test folder",
+                                                                            "choose another --test-dir or --out"))
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Flag values and input files, before any work (one line naming the flag or file)."""
+    for flag, v, lo in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+        if v < lo:
+            raise PipelineError(f"{flag} {v}: must be >= {lo}")
+    for flag, path in (("--split", args.split), ("--visible-markers", args.visible_markers),
+                       ("--checkpoint", args.checkpoint)):
+        if path is not None and not path.is_file():
+            raise PipelineError(f"{flag} {path}: file not found")
+    data_flag = "--data" if args.data is not None else "--out (the data root when --data is not given)"
+    for flag, folder in ((data_flag, args.data or args.out), ("--markers-dir", args.markers_dir),
+                         ("--patches-dir", args.patches_dir)):
+        if folder is not None and not folder.is_dir():
+            raise PipelineError(f"{flag} {folder}: folder not found")
 
 
 def _test_dir(args: argparse.Namespace) -> Path:
@@ -253,51 +200,121 @@ def check_normalization(meta: dict[str, Any], labels: dict | None, markers: Sequ
     log.warning("%s", msg.replace(", or pass --allow-normalization-mismatch", " (allowed)"))
 
 
+def check_train_slides(slides: Sequence[str], trained: dict[str, Any] | None, allow: bool) -> list[str]:
+    """The slides of ``slides`` the model was trained on (``trained``: :func:`hex.trained.training_split`); any is
+    an error naming them and the split, unless ``allow`` (a warning). Returns them."""
+    if trained is None:
+        log.info("the checkpoint records no training split: cannot check that the scored slides are held out")
+        return []
+    seen = sorted(set(slides) & set(trained["train_slides"]))
+    if seen:
+        msg = (f"{len(seen)} of the {len(slides)} slides to score were in the model's training split "
+               f"{trained['split']} ({', '.join(seen[:10])}{' ...' if len(seen) > 10 else ''}; from "
+               f"{trained['source']}): a score on them does not measure the model. Evaluate the run of this fold "
+               "(RUN/FOLD), or pass --allow-train-slides")
+        if not allow:
+            raise PipelineError(msg)
+        log.warning("%s", msg.replace(", or pass --allow-train-slides", " (allowed: --allow-train-slides)"))
+    return seen
+
+
+def _outputs(test_dir: Path, plots: bool, _key: str = "") -> list[Path]:
+    names = ["patch_predictions.csv", "marker_pearson.csv", "slide_pearson.csv", "summary.json"]
+    return [test_dir / n for n in names + (["marker_pearson_bar.png", "scatter_grid.png"] if plots else [])]
+
+
+def _done_spec(args: argparse.Namespace, test_dir: Path, ckpt: Path, slides: list[str], mdir: Path,
+               pdir: Path) -> done_mod.DoneSpec:
+    """What makes the results: settings and inputs (see the module docstring)."""
+    def _abs(p: Path | None) -> str | None:
+        return str(Path(p).resolve()) if p is not None else None
+
+    settings = {"slides": list(slides), "split": _abs(args.split) if not args.slides else None,
+                "split_column": args.split_column if args.split is not None and not args.slides else None,
+                "visible_markers": _abs(args.visible_markers), "plots": not args.no_plots,
+                "backbone": args.backbone, "weights": args.weights, "backbone_kw": args.backbone_kw}
+    inputs = {"checkpoint": _abs(ckpt), "labels": _abs(mdir), "patches": _abs(pdir)}
+    return done_mod.DoneSpec(test_dir, settings, SCHEMA_VERSION, inputs=lambda _s: inputs,
+                             outputs=functools.partial(_outputs, test_dir, not args.no_plots))
+
+
+SCHEMA_VERSION = 1
+_KEY = "evaluation"  # the done-record: TEST_DIR/done/evaluation.json
+
+
 def evaluate_run(args: argparse.Namespace, ctx: DistContext) -> int:
-    """The stage body: load the model, build the dataset, predict on every rank, write the reports on rank 0."""
+    """The stage body: resolve and check the slides, the done-record and the training split (before any work), load
+    the model, build the dataset, predict on every rank, write the reports on rank 0."""
     run_dir = args.out / "runs" / args.run
     test_dir = _test_dir(args)
     data = args.data or args.out
     ckpt = args.checkpoint or run_dir / "best.safetensors"
+    if not ckpt.is_file():
+        raise PipelineError(f"checkpoint {ckpt} does not exist (train run {args.run} first, or pass --checkpoint)")
+    mdir = resolve_markers_dir(data, args.markers_dir)
+    pdir = args.patches_dir or data / "he_patches"
+    if args.slides:
+        slides, source = list(args.slides), "--slides"
+    elif args.split is not None:
+        slides, source = read_split(args.split, args.split_column), f"split {args.split} column {args.split_column}"
+    else:
+        slides, source = list_labelled_slides(mdir), f"the label folder {mdir}"
+        if not slides:
+            raise PipelineError(f"no label CSVs in {mdir}")
+    check_split_slides(slides, mdir, pdir, source)
+    visible = read_visible_markers(args.visible_markers) if args.visible_markers else None
+    trained = training_split(ckpt)
+    seen = check_train_slides(slides, trained, args.allow_train_slides)
+    spec = _done_spec(args, test_dir, ckpt, slides, mdir, pdir)
+    state = done_mod.check(spec, _KEY)
+    if not args.overwrite and state.state == "done":
+        log.info("hex.test: 0 done, 1 skipped (already done with these settings: %s; pass --overwrite to redo)",
+                 test_dir / "summary.json")
+        return 0
+    if not args.overwrite and state.state == "conflict":
+        raise PipelineError(f"hex.test: the results in {test_dir} are done with other settings: {state.reason}; "
+                            "pass --overwrite to redo them with these settings, or use another --test-dir")
+    if state.reason not in ("", "not done") and ctx.is_main:
+        log.info("hex.test: %s", state.reason)
+    stamps = {k: done_mod.file_stamp(v) for k, v in spec.inputs(_KEY).items()}
     model, meta = load_from_args(args, run_dir / "best.safetensors")
     model.to(ctx.device)
     channels_last = wants_channels_last(model, ctx.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    if args.slides:
-        slides = list(args.slides)
-    elif args.split is not None:
-        slides = read_split(args.split, args.split_column)
-    else:
-        slides = list_labelled_slides(resolve_markers_dir(data, args.markers_dir))
-        if not slides:
-            raise PipelineError(f"no label CSVs in {resolve_markers_dir(data, args.markers_dir)}")
-    mdir = resolve_markers_dir(data, args.markers_dir)
     cols, outputs = match_label_markers(meta["markers"], _first_csv_markers(mdir, slides),
                                         original=meta.get("checkpoint_kind") == "original")
     ds = build_dataset(data, slides, markers=cols, markers_dir=args.markers_dir, patches_dir=args.patches_dir)
     check_normalization(meta, ds.normalization, cols, args.allow_normalization_mismatch)
     ds.markers = [meta["markers"][k] for k in outputs]  # report under the model's names
-    visible = read_visible_markers(args.visible_markers) if args.visible_markers else None
     tf = BatchTransform(int(meta["input_size"]), meta["mean"], meta["std"], train=False,
                         interpolation=meta.get("interpolation") or "bilinear")
     amp = resolve_amp(args.amp, ctx.device)
     if ctx.is_main:
-        log.info("model %s (epoch %s) on %d patches of %d slides, %d rank(s)", ckpt, meta.get("epoch"), len(ds),
-                 len(slides), ctx.world_size)
+        log.info("model %s (epoch %s) on %d patches of %d slides (%s), %d rank(s)", ckpt, meta.get("epoch"), len(ds),
+                 len(slides), source, ctx.world_size)
+        done_mod.clear(spec, _KEY)
+        remove_outputs(_outputs(test_dir, True))  # no earlier file survives a redo (e.g. plots of another run)
     pred = predict_distributed(model, ds, tf, ctx.device, ctx.rank, ctx.world_size, batch_size=args.batch_size,
                                workers=args.workers, amp=amp, progress=ctx.is_main, channels_last=channels_last)
     pred = pred[:, outputs]
     if ctx.is_main:
+        info = {"split": str(args.split) if args.split is not None and not args.slides else None,
+                "split_column": args.split_column if args.split is not None and not args.slides else None,
+                "slides": slides, "checkpoint": str(ckpt), "checkpoint_sha256": meta["checkpoint_sha256"],
+                "epoch": meta.get("epoch"), "trained_split": trained["split"] if trained else None,
+                "train_slides_scored": seen}
         save_config(test_dir, {**vars(args), "checkpoint": str(ckpt), "world_size": ctx.world_size,
                                "slides": slides, "checkpoint_sha256": meta["checkpoint_sha256"],
                                "checkpoint_kind": meta["checkpoint_kind"], "markers": ds.markers},
                     name="test_config.json")
-        s = write_reports(test_dir, ds, pred, visible, plots=not args.no_plots)
+        s = write_reports(test_dir, ds, pred, visible, plots=not args.no_plots, info=info)
+        done_mod.write_record(spec, _KEY, stamps)
         msg = f"mean Pearson r {s['mean_pearson']:.4f} (median {s['median_pearson']:.4f})"
         if visible is not None:
             msg += (f"; visible {s['mean_pearson_visible']:.4f}, invisible {s['mean_pearson_invisible']:.4f}")
-        log.info("%s over %d patches -> %s", msg, len(ds), test_dir)
+        log.info("hex.test: 1 done: %s over %d patches of %d slides (%s) -> %s", msg, len(ds), len(slides), source,
+                 test_dir)
     barrier()
     return 0
 

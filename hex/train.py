@@ -30,7 +30,13 @@ without weights is warned about in the log and in ``config.json`` (``--require-w
 Resume: ``--resume auto`` continues from the newest ``checkpoints/epoch_{k}.pt`` of the run (model, optimiser,
 scheduler, scaler, loss parameters, FDS statistics, RNG states of every rank, best score). Flags that define the
 run (``hex.checkpoint.RUN_KEYS``: backbone, weights, trainable blocks, input size, split, markers, loss, FDS) must
-match the checkpoint's, else the run stops naming the keys. ``--keep-last K`` deletes all but the newest K.
+match the checkpoint's, else the run stops naming the keys (a fold's split file is one of them: ``FOLD=1`` with
+fold 0's ``RUN`` stops naming both split files). ``--keep-last K`` deletes all but the newest K. A fresh run (no
+checkpoint to resume) in a run folder that holds another run's outputs stops instead of writing over them;
+``--overwrite`` starts the run afresh: it deletes the folder's ``checkpoints/``, ``best.*``, ``tb/``, ``config*.json``
+and ``test/`` (after every check passed, before the first epoch). ``--overwrite --resume auto`` = start afresh;
+``--overwrite`` with a ``--resume`` path is refused. Before the first epoch the run folder, ``checkpoints/`` and
+``tb/`` are checked writable (one line naming the folder).
 
 Global batch: each optimiser step sees ``batch_size x world_size x grad_accum`` patches; ``--global-batch-size``
 sets the accumulation (it must divide). The learning rate is not rescaled.
@@ -41,7 +47,9 @@ threads otherwise make a 2-core step up to 20x slower.
 Outputs under ``OUT/runs/RUN/`` (rank 0 writes, atomically): ``config.json``, ``train.log``, ``tb/`` (TensorBoard:
 train loss, lr, per-marker val MSE and Pearson r), ``checkpoints/epoch_{k}.pt`` (every ``--save-every`` epochs and
 the last), ``best.safetensors`` + ``best.json`` (highest validation mean Pearson r; a marker whose prediction
-collapsed to a constant counts as r = 0).
+collapsed to a constant counts as r = 0). ``best.json`` (and the checkpoints) record the split file and its
+``train_slides``/``val_slides``: ``hex.test`` refuses to score the training slides. The last line of the log says
+how many epochs ran, the best epoch and score, and where the model is.
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from hex import backbones
-from hex.checkpoint import prune_checkpoints, save_best, save_checkpoint, training_state
+from hex.checkpoint import prune_checkpoints, remove_run_outputs, save_best, save_checkpoint, training_state
 from hex.cli import run_cli
 from hex.data import BatchTransform
 from hex.dist import (
@@ -82,8 +90,8 @@ from hex.metrics import mse as mse_per_marker
 from hex.model import HEX
 from hex.train_loop import TrainStep, loss_stats, selection_score, train_one_epoch
 from hex.train_loop import wrap_ddp as _wrap_ddp
-from hex.train_setup import build_state, check_flags, load_inputs, resolve_recipe
-from preprocess.utils import save_config
+from hex.train_setup import build_state, check_flags, load_inputs, prepare_run_dir, resolve_recipe
+from preprocess.utils import ensure_writable, save_config
 
 log = logging.getLogger("hex.train")
 
@@ -114,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=1, help="validate every k epochs (and after the last)")
     g.add_argument("--resume", help="checkpoint path, or 'auto' = newest checkpoints/epoch_{k}.pt of the run (none: "
                                     "start fresh); its run-defining flags must match")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start the run afresh: delete its checkpoints/, best.*, tb/, config*.json and test/ first "
+                        "(with --resume auto: start afresh; with a --resume path: refused)")
     g.add_argument("--check", action="store_true", help="check flags and inputs (split, labels, patch stores, "
-                   "resume checkpoint, device), write nothing, exit 0 or 2")
+                   "resume checkpoint, device, writable run folder), write nothing, exit 0 or 2")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="musk",
                    help=f"backbone: {', '.join(backbones.list_backbones())} or timm:<name>")
@@ -172,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(build_parser(), argv, _work, lambda a: None if a.check else a.out / "runs" / a.run / "train.log",
-                   check=check_flags, logger=log)
+                   check=check_flags, logger=log, prepare=prepare_run_dir)
 
 
 def _work(args: argparse.Namespace, ctx: DistContext) -> int:
@@ -182,17 +193,21 @@ def _work(args: argparse.Namespace, ctx: DistContext) -> int:
         log.info("check passed: %d train / %d val patches, %s", len(inputs["train"]), len(inputs["val"]),
                  f"resume from {inputs['resume_path']}" if inputs["resume_path"] else "fresh run")
         return 0
-    if ctx.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if args.recipe_info["warning"] and ctx.is_main:
         log.warning("!!! %s", args.recipe_info["warning"])
     with fail_together():
         inputs = load_inputs(args, run_dir, ctx.is_main)
         state = build_state(args, inputs["ck"], len(inputs["train"].markers), run_dir, ctx.device)
+        if inputs["replace"] and ctx.is_main:  # every check passed: now the earlier run's outputs go
+            gone = remove_run_outputs(run_dir)
+            log.info("--overwrite: removed %s of the earlier run in %s", ", ".join(p.name for p in gone), run_dir)
+            ensure_writable(run_dir / "checkpoints", "run folder")
+    barrier()
     try:
         if state["start_epoch"] >= args.epochs:
-            log.info("run %s already finished (%d of %d epochs); raise --epochs to train on", run_dir,
-                     state["start_epoch"], args.epochs)
+            log.info("hex.train: run %s already finished (%d of %d epochs), nothing to do; best model %s; raise "
+                     "--epochs to train on, or pass --overwrite to start afresh", run_dir, state["start_epoch"],
+                     args.epochs, run_dir / "best.safetensors")
             return 0
         return train(args, ctx, run_dir, inputs, state)
     finally:
@@ -256,7 +271,8 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path, inputs: dic
     ddp = _wrap_ddp(step, ctx, args.find_unused_parameters)
     meta = {"markers": train_ds.markers, "normalization": train_ds.normalization, "model_args": model.model_args,
             "input_size": input_size, "interpolation": interpolation, "mean": list(model.mean),
-            "std": list(model.std)}
+            "std": list(model.std), "split": str(Path(args.split).resolve()),
+            "train_slides": list(inputs["split"]["train"]), "val_slides": list(inputs["split"]["val"])}
     for epoch in range(start_epoch, args.epochs):
         if epoch >= args.freeze_backbone_epoch and not model.backbone_frozen:
             if is_main:
@@ -309,7 +325,10 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path, inputs: dic
     if writer is not None:
         writer.close()
     if is_main:
-        log.info("done: best val mean Pearson r %.4f at epoch %d -> %s", best["pearson"], best["epoch"], run_dir)
+        last_ck = run_dir / "checkpoints" / f"epoch_{args.epochs}.pt"
+        log.info("hex.train: %d epochs run (%d-%d of %d), best val mean Pearson r %.4f at epoch %d -> %s; last "
+                 "checkpoint %s", args.epochs - start_epoch, start_epoch + 1, args.epochs, args.epochs,
+                 best["pearson"], best["epoch"], run_dir / "best.safetensors", last_ck)
     return 0
 
 

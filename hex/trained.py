@@ -82,7 +82,8 @@ def load_trained(checkpoint: str | os.PathLike, backbone: str | None = None, wei
     ``backbone``/``weights``/``backbone_kw`` describe the backbone of an original checkpoint (ignored, with a
     warning, for ours, which carry their own). Metadata keys: ``markers``, ``normalization``, ``model_args``,
     ``input_size``, ``interpolation``, ``mean``, ``std``, ``epoch``, ``checkpoint``, ``checkpoint_sha256``,
-    ``checkpoint_kind``.
+    ``checkpoint_kind``, and the training split ``split``, ``train_slides``, ``val_slides`` (None when unknown: the
+    original release, or runs from before they were recorded).
     """
     path = Path(checkpoint)
     if not path.is_file():
@@ -105,8 +106,42 @@ def load_trained(checkpoint: str | os.PathLike, backbone: str | None = None, wei
     return model, meta
 
 
+def training_split(path: str | os.PathLike) -> dict[str, Any] | None:
+    """What a checkpoint of ours was trained on, without building the model: ``{"split", "train_slides",
+    "val_slides", "source"}`` from ``best.json`` (or the safetensors header) / the epoch checkpoint, else from the
+    split file named in its run folder's ``config.json`` (runs from before the slides were recorded); None when
+    unknown (the original release, a file without a description)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            side = path.with_suffix(".json")
+            meta, src = (json.loads(side.read_text()), side) if side.is_file() else (_safetensors_meta(path), path)
+        else:
+            kind, ck = read_kind(path)
+            if kind != "hex_train":
+                return None
+            meta, src = ck, path
+    except (OSError, ValueError, PipelineError):
+        return None
+    if isinstance(meta, dict) and meta.get("train_slides") is not None:
+        return {"split": meta.get("split"), "train_slides": [str(s) for s in meta["train_slides"]],
+                "val_slides": [str(s) for s in meta.get("val_slides") or []], "source": str(src)}
+    cfg_path = (path.parent.parent if path.parent.name == "checkpoints" else path.parent) / "config.json"
+    try:
+        split = json.loads(cfg_path.read_text()).get("split") if cfg_path.is_file() else None
+        if split and Path(split).is_file():
+            from hex.data import read_split
+
+            return {"split": str(split), "train_slides": read_split(split, "train"),
+                    "val_slides": read_split(split, "val"), "source": str(cfg_path)}
+    except (OSError, ValueError, PipelineError):
+        pass
+    return None
+
+
 def _our_meta(path: Path, kind: str, ck: dict[str, Any] | None) -> dict[str, Any]:
-    keys = ("markers", "normalization", "model_args", "input_size", "interpolation", "mean", "std", "epoch")
+    keys = ("markers", "normalization", "model_args", "input_size", "interpolation", "mean", "std", "epoch",
+            "split", "train_slides", "val_slides")
     if kind == "safetensors":
         meta_path = path.with_suffix(".json")
         if meta_path.is_file():
@@ -117,7 +152,7 @@ def _our_meta(path: Path, kind: str, ck: dict[str, Any] | None) -> dict[str, Any
                 raise PipelineError(f"{meta_path} (model description next to {path.name}) does not exist and "
                                     f"{path.name} carries no HEX metadata; copy best.json beside it")
     else:
-        meta = {k: ck.get(k) for k in keys}
+        meta = {k: ck.get(k) for k in keys}  # hex.train stores its meta at the checkpoint's top level
     missing = [k for k in ("markers", "model_args", "input_size", "mean", "std") if meta.get(k) is None]
     if missing:
         raise PipelineError(f"{path}: model description lacks {missing}; not a hex.train checkpoint?")
@@ -149,7 +184,7 @@ def _load_original(path: Path, backbone: str, weights: str | os.PathLike | None,
              "from the checkpoint" if report["backbone"] == "loaded" else "from --weights", backbone)
     meta = {"markers": names, "normalization": None, "model_args": model.model_args,
             "input_size": model.input_size, "interpolation": "bilinear", "mean": list(model.mean),
-            "std": list(model.std), "epoch": None}
+            "std": list(model.std), "epoch": None, "split": None, "train_slides": None, "val_slides": None}
     return model, meta
 
 

@@ -2,12 +2,12 @@
 
 Commands (run from the repository root)::
 
-    # every OUT/hex_pred/*.h5 -> OUT/virtual_codex/ (H&E from the file's he_path attr, else COHORT/he/{slide}.*)
+    # every OUT/hex_pred/*.h5 -> OUT/virtual_codex/ (H&E: the cohort's slide of that id, else the file's he_path)
     python -m hex.virtual_codex --out OUT --cohort COHORT
     # two slides, only the map and the OME-TIFF, redo existing outputs
     python -m hex.virtual_codex --out OUT --slides slide_000 slide_001 --formats npy ome --overwrite
 
-Outputs per slide, in ``OUT/virtual_codex/`` (written atomically; ``{slide}.json`` last, so it marks "done"):
+Outputs per slide, in ``OUT/virtual_codex/`` (written atomically; ``{slide}.json`` and the done-record last):
 
 - ``{slide}.npy``: (H', W', M) float16 map, rows = y. Map pixel (r, c) covers level-0 px [c*s, (c+1)*s) x
   [r*s, (r+1)*s), s = ``stride_level0``; the canvas starts at level-0 (0, 0) and is ceil(W0/s) x ceil(H0/s) when
@@ -24,25 +24,49 @@ Outputs per slide, in ``OUT/virtual_codex/`` (written atomically; ``{slide}.json
 - ``{slide}_preview.png``: H&E thumbnail beside selected markers. ``{slide}.geojson``: tile polygons in level-0 px
   with the M predictions as QuPath detection measurements.
 - ``{slide}.json``: markers, s, P, mpp, pixel size, map shape, tile count, source file and checkpoint.
+
+The H&E of a slide (canvas size, preview thumbnail): with ``--cohort`` the cohort's slide of that id
+(:func:`preprocess.cohort.resolve_slides`: ``pairs.csv`` when present, else ``he/``; ids are the names as written),
+else the prediction file's ``he_path`` when that file exists, else none (canvas = the tiles' extent).
+
+Done-records (:mod:`preprocess.done`): ``virtual_codex/done/{slide}.json`` holds the setting that changes the
+outputs (``preview_markers``), the input files (``pred`` = the prediction file, ``he``; size and mtime) and the
+files of the formats made. A rerun skips a slide whose requested formats are done with these; writes the formats
+it lacks (keeping the others); redoes a slide whose prediction file or H&E changed (removing the other formats'
+files, now stale); and stops before any work, when a slide was done with another preview-marker choice or another
+H&E file: "done with other settings: <diff>; pass --overwrite" (exit 2). The last line of the log counts done /
+skipped / failed slides with each failure's reason (exit 1 when any failed); missing inputs, an unwritable output
+folder and bad flag values stop before the first slide with one line (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+import os
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from hex.map_writers import DEFAULT_PREVIEW_MARKERS, choose_preview_markers
+from hex.prediction_maps import (
+    SlidePrediction,
+    _attr_str,
+    accumulate_map,
+    coverage_ranges,
+    read_prediction,
+)
+from preprocess import done as done_mod
 from preprocess.utils import (
     PipelineError,
     atomic_path,
+    ensure_writable,
+    remove_outputs,
     run_slides,
     save_config,
     select_slides,
@@ -52,217 +76,88 @@ from preprocess.utils import (
 
 log = logging.getLogger("hex.virtual_codex")
 
+__all__ = ["DEFAULT_PREVIEW_MARKERS", "FORMATS", "SlidePrediction", "accumulate_map", "choose_preview_markers",
+           "coverage_ranges", "is_done", "main", "map_conflicts", "read_prediction", "write_slide_maps"]
+
 FORMATS = ("npy", "ome", "preview", "geojson")
-DEFAULT_PREVIEW_MARKERS = ("Pan-Cytokeratin", "CD8", "CD68", "CD20", "Ki67", "PD-L1", "CD31", "aSMA")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: done-records in virtual_codex/done/ (1: {slide}.json alone marked done)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the map
-
-
-def coverage_ranges(coords: np.ndarray, patch_size_level0: float,
-                    stride_level0: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Map rows [r0, r1) and columns [c0, c1) each tile covers (before clipping to a canvas), int64 (N,) each.
-
-    Pixel c is covered when x <= (c + 0.5)*s < x + P, i.e. c0 = ceil(x/s - 1/2), c1 = ceil((x + P)/s - 1/2)
-    (exact for integer and half-integer inputs in float64).
-    """
-    xy = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
-    s, p = float(stride_level0), float(patch_size_level0)
-    lo = np.ceil(xy / s - 0.5).astype(np.int64)
-    hi = np.ceil((xy + p) / s - 0.5).astype(np.int64)
-    return lo[:, 1], hi[:, 1], lo[:, 0], hi[:, 0]
-
-
-def accumulate_map(coords: np.ndarray, values: np.ndarray, patch_size_level0: float, stride_level0: float,
-                   shape_level0: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Average tile predictions onto a map with one pixel per stride step.
-
-    Args:
-        coords: (N, 2) level-0 top-left (x, y) of each tile (px).
-        values: (N, M) predictions of each tile.
-        patch_size_level0: tile side P in level-0 px. stride_level0: map pixel side s in level-0 px.
-        shape_level0: (height, width) of the slide's level 0 in px (numpy order) -> canvas
-            (ceil(height/s), ceil(width/s)); None -> the tiles' extent (at least 1 x 1). Tiles are clipped to it.
-
-    Returns:
-        map (H', W', M) float32 (mean of the covering tiles, 0 where none) and mask (H', W') bool (covered).
-        The coverage rule is :func:`coverage_ranges`' (pixel centre inside the tile).
-    """
-    coords = np.asarray(coords).reshape(-1, 2)
-    values = np.asarray(values, dtype=np.float32)
-    if values.ndim != 2 or len(values) != len(coords):
-        raise ValueError(f"values must be (N, M) with N = {len(coords)} tiles, got {values.shape}")
-    if not (stride_level0 > 0 and patch_size_level0 > 0):
-        raise ValueError(f"patch size and stride must be > 0 (got {patch_size_level0}, {stride_level0})")
-    r0, r1, c0, c1 = coverage_ranges(coords, patch_size_level0, stride_level0)
-    if shape_level0 is not None:
-        hh, ww = (max(1, int(np.ceil(v / float(stride_level0)))) for v in shape_level0)
-    else:
-        hh = max(1, int(r1.max(initial=0)))
-        ww = max(1, int(c1.max(initial=0)))
-    m = values.shape[1]
-    r0, c0 = np.maximum(r0, 0), np.maximum(c0, 0)
-    r1, c1 = np.minimum(r1, hh), np.minimum(c1, ww)
-    nrow, ncol = np.maximum(r1 - r0, 0), np.maximum(c1 - c0, 0)
-    empty = (nrow == 0) | (ncol == 0)
-    if empty.any():
-        log.warning("%d of %d tiles cover no map pixel (outside the canvas, or smaller than the stride)",
-                    int(empty.sum()), len(coords))
-    total = np.zeros((hh * ww, m), np.float32)
-    count = np.zeros(hh * ww, np.int32)
-    keep = ~empty
-    r0, c0, nrow, ncol, vals = r0[keep], c0[keep], nrow[keep], ncol[keep], values[keep]
-    start = r0 * ww + c0
-    # one tile per start pixel -> each offset pass touches distinct pixels, so fancy-index += is exact and fast
-    unique = np.unique(start).size == start.size
-    for dr in range(int(nrow.max(initial=0))):
-        for dc in range(int(ncol.max(initial=0))):
-            sel = (nrow > dr) & (ncol > dc)
-            if not sel.any():
-                continue
-            flat = start[sel] + dr * ww + dc
-            if unique:
-                total[flat] += vals[sel]
-                count[flat] += 1
-            else:
-                np.add.at(total, flat, vals[sel])
-                np.add.at(count, flat, 1)
-    mask = count > 0
-    total[mask] /= count[mask, None]
-    return total.reshape(hh, ww, m), mask.reshape(hh, ww)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# reading predictions
-
-
-@dataclass
-class SlidePrediction:
-    """The content of ``hex_pred/{slide}.h5`` that the maps need (level-0 px, µm)."""
-
-    slide_id: str
-    coords: np.ndarray  # (N, 2) int64 level-0 top-left x, y
-    values: np.ndarray  # (N, M) float32
-    markers: list[str]
-    patch_size_level0: float
-    stride_level0: float
-    mpp: float | None
-    he_path: Path | None
-    checkpoint: str | None
-    slide_size: tuple[int, int] | None  # level-0 (width, height) when the file records it
-
-
-def _attr_str(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def _slide_size_from_attrs(attrs) -> tuple[int, int] | None:
-    for key in ("slide_dimensions", "level0_dimensions", "dimensions"):
-        if key in attrs:
-            v = np.asarray(attrs[key]).ravel()
-            if v.size == 2:
-                return int(v[0]), int(v[1])
-    if "slide_width" in attrs and "slide_height" in attrs:
-        return int(attrs["slide_width"]), int(attrs["slide_height"])
-    return None
-
-
-def read_prediction(path: str | Path) -> SlidePrediction:
-    """Read a ``hex_pred/{slide}.h5`` file; a missing dataset or attribute is a :class:`PipelineError` naming it."""
-    import h5py
-
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"prediction file not found: {path} (run python -m hex.infer_wsi first)")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise PipelineError(f"cannot read the prediction file {path} ({e}); rerun hex.infer_wsi for it") from e
-    with f:
-        for key in ("coords", "codex_prediction"):
-            if key not in f:
-                raise PipelineError(f"{path} has no '{key}' dataset; it is not a hex.infer_wsi file (rerun it)")
-        a = f.attrs
-        for key in ("markers", "patch_size_level0"):
-            if key not in a:
-                raise PipelineError(f"{path} lacks the attribute '{key}'; rerun hex.infer_wsi for this slide")
-        coords = np.asarray(f["coords"][:], dtype=np.int64).reshape(-1, 2)
-        values = np.asarray(f["codex_prediction"][:], dtype=np.float32)
-        markers = [_attr_str(m) for m in np.asarray(a["markers"]).ravel()]
-        if values.ndim != 2 or values.shape != (len(coords), len(markers)):
-            raise PipelineError(f"{path}: codex_prediction is {values.shape}, expected ({len(coords)}, "
-                                f"{len(markers)}) (tiles x markers); rerun hex.infer_wsi for this slide")
-        patch = float(a["patch_size_level0"])
-        stride = float(a["stride_level0"]) if "stride_level0" in a else patch
-        he = _attr_str(a["he_path"]) if "he_path" in a and _attr_str(a["he_path"]) else None
-        return SlidePrediction(
-            slide_id=_attr_str(a["slide_id"]) if "slide_id" in a else path.name.split(".", 1)[0],
-            coords=coords, values=values, markers=markers, patch_size_level0=patch, stride_level0=stride,
-            mpp=float(a["mpp"]) if "mpp" in a else None, he_path=Path(he) if he else None,
-            checkpoint=_attr_str(a["checkpoint"]) if "checkpoint" in a else None,
-            slide_size=_slide_size_from_attrs(a))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# one slide
+# done-records
 
 
 def output_paths(out_dir: str | Path, slide_id: str) -> dict[str, list[Path]]:
-    """Files each format writes for one slide (``npy`` includes the mask), plus ``record`` (the done marker)."""
+    """Files each format writes for one slide (``npy`` includes the mask), plus ``record`` (the map description)."""
     d = Path(out_dir)
     return {"npy": [d / f"{slide_id}.npy", d / f"{slide_id}_mask.png"], "ome": [d / f"{slide_id}.ome.tif"],
             "preview": [d / f"{slide_id}_preview.png"], "geojson": [d / f"{slide_id}.geojson"],
             "record": [d / f"{slide_id}.json"]}
 
 
-def _source_stamp(path: Path) -> list[int] | None:
-    """(size, mtime_ns) of a prediction file: a record made from another version of it is stale."""
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
+def _abs(p: str | os.PathLike) -> str:
+    """Absolute path as written (links not followed: a link is its own input)."""
+    return os.path.normpath(os.path.abspath(p))
+
+
+def _inputs(slide: str, pred: Mapping[str, Path], he: Mapping[str, Path | None]) -> dict[str, str]:
+    out = {"pred": _abs(pred[slide])}
+    if he.get(slide) is not None:
+        out["he"] = _abs(he[slide])  # type: ignore[arg-type]
+    return out
+
+
+def _record_outputs(slide: str, out_dir: Path) -> list[Path]:
+    return output_paths(out_dir, slide)["record"]
+
+
+def map_spec(out_dir: Path, preview_markers: Sequence[str] | None, pred: Mapping[str, Path],
+             he: Mapping[str, Path | None]) -> done_mod.DoneSpec:
+    """The done-record spec of ``virtual_codex/`` (see the module docstring); ``pred``/``he``: slide -> file."""
+    return done_mod.DoneSpec(Path(out_dir), {"preview_markers": list(preview_markers) if preview_markers else None},
+                             SCHEMA_VERSION, inputs=functools.partial(_inputs, pred=dict(pred), he=dict(he)),
+                             outputs=functools.partial(_record_outputs, out_dir=Path(out_dir)))
 
 
 def _read_record(out_dir: str | Path, slide_id: str) -> dict | None:
-    rec = output_paths(out_dir, slide_id)["record"][0]
     try:
-        return json.loads(rec.read_text())
+        return json.loads((Path(out_dir) / done_mod.DONE_DIR / f"{slide_id}.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
 
-def _valid_formats(rec: dict | None, out_dir: str | Path, slide_id: str) -> set[str]:
-    """Formats of a record whose files exist, when the record was made from the current prediction file."""
-    if not rec or rec.get("source_stamp") != _source_stamp(Path(rec.get("source", ""))):
+def _done_formats(rec: dict | None, out_dir: str | Path, slide_id: str) -> set[str]:
+    """Formats a done-record lists whose files exist (the record's inputs are not compared here)."""
+    if not rec:
         return set()
+    made = set(rec.get("outputs", []))
     paths = output_paths(out_dir, slide_id)
-    return {f for f in rec.get("formats", []) if f in FORMATS and all(p.exists() for p in paths[f])}
+    return {f for f in FORMATS if all(p.name in made and p.exists() for p in paths[f])}
 
 
 def is_done(out_dir: str | Path, slide_id: str, formats: Sequence[str] = FORMATS) -> bool:
-    """True when the slide's record (``{slide}.json``) lists every format of ``formats``, their files exist and
-    the prediction file it was made from is unchanged (same size and mtime)."""
-    return set(formats) <= _valid_formats(_read_record(out_dir, slide_id), out_dir, slide_id)
+    """True when the slide's done-record lists every format of ``formats``, their files exist, and the input files
+    it was made from (prediction file, H&E) are unchanged (same size and mtime)."""
+    rec = _read_record(out_dir, slide_id)
+    if not rec or rec.get("schema") != SCHEMA_VERSION or not output_paths(out_dir, slide_id)["record"][0].exists():
+        return False
+    for stamp in rec.get("inputs", {}).values():
+        now = done_mod.file_stamp(stamp.get("path", ""))
+        if (now["size"], now["mtime_ns"]) != (stamp.get("size"), stamp.get("mtime_ns")):
+            return False
+    return set(formats) <= _done_formats(rec, out_dir, slide_id)
 
 
-def _norm(s: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", s.lower())
+def map_conflicts(slides: Sequence[str], pred_dir: Path, out_dir: Path, he: Mapping[str, Path | None],
+                  preview_markers: Sequence[str] | None) -> dict[str, str]:
+    """{slide: diff} of the slides whose maps were done with another preview-marker choice or other input files
+    (checked before any work; :func:`preprocess.done.conflict_error` makes the one-line error)."""
+    spec = map_spec(out_dir, preview_markers, {s: Path(pred_dir) / f"{s}.h5" for s in slides}, he)
+    return {s: st.reason for s in slides if (st := done_mod.check(spec, s)).state == "conflict"}
 
 
-def choose_preview_markers(markers: Sequence[str], wanted: Sequence[str] | None) -> list[str]:
-    """``wanted`` matched to ``markers`` (case/punctuation ignored; an unknown name is a :class:`PipelineError`),
-    else the informative defaults present, else the first 8."""
-    by = {_norm(m): m for m in markers}
-    if wanted:
-        unknown = [w for w in wanted if _norm(w) not in by]
-        if unknown:
-            raise PipelineError(f"--preview-markers {unknown} are not among the predicted markers {list(markers)}")
-        return [by[_norm(w)] for w in wanted]
-    chosen = [by[_norm(w)] for w in DEFAULT_PREVIEW_MARKERS if _norm(w) in by]
-    return chosen or list(markers[:8])
+# ----------------------------------------------------------------------------------------------------------------
+# one slide
 
 
 def write_slide_maps(pred_path: Path, out_dir: Path, he_path: Path | None = None,
@@ -275,7 +170,8 @@ def write_slide_maps(pred_path: Path, out_dir: Path, he_path: Path | None = None
         pred_path: the prediction file. he_path: the H&E slide (default: the file's ``he_path`` attr when that file
             exists); it gives the canvas size and the preview thumbnail, and without it the canvas is the tiles'
             extent. preview_markers: marker names for the preview (default :data:`DEFAULT_PREVIEW_MARKERS`).
-        overwrite: redo a slide whose outputs exist (else it is skipped). formats: subset of :data:`FORMATS`.
+        overwrite: redo a slide whose outputs are done (else it is skipped), also one done with other settings
+            (else a :class:`PipelineError`). formats: subset of :data:`FORMATS`.
 
     Returns ``{"slide", "shape" (H', W', M), "pixel_size_um", "stride_level0", "n_tiles", "paths" {fmt: [str]},
     "skipped"}``. A slide with no tiles writes an all-zero map and an empty FeatureCollection, with a warning.
@@ -289,18 +185,27 @@ def write_slide_maps(pred_path: Path, out_dir: Path, he_path: Path | None = None
     pred = read_prediction(pred_path)
     sid = pred.slide_id
     paths = output_paths(out_dir, sid)
-    previous = _read_record(out_dir, sid)
-    valid = _valid_formats(previous, out_dir, sid)
-    if not overwrite and set(formats) <= valid:
-        return {**previous, "skipped": True}
-    kept = valid - set(formats)  # other formats, still from this same file
-    shown = choose_preview_markers(pred.markers, preview_markers) if "preview" in formats else []
     if he_path is None and pred.he_path is not None:
         if pred.he_path.exists():
             he_path = pred.he_path
         else:
             log.warning("%s: the H&E %s named in %s does not exist; canvas = tiles' extent, no thumbnail",
                         sid, pred.he_path, pred_path)
+    spec = map_spec(out_dir, preview_markers, {sid: pred_path}, {sid: he_path})
+    state = done_mod.check(spec, sid)
+    if state.state == "conflict" and not overwrite:
+        raise PipelineError(f"virtual_codex: {sid} is done with other settings: {state.reason}; pass --overwrite to "
+                            "redo it with these settings, or use another --out")
+    valid = _done_formats(_read_record(out_dir, sid), out_dir, sid) if state.state == "done" else set()
+    if not overwrite and set(formats) <= valid:
+        return {**json.loads(paths["record"][0].read_text()), "skipped": True}
+    if state.reason not in ("", "not done"):
+        log.info("%s: %s", sid, state.reason)
+    kept = valid - set(formats)  # other formats, still from these same inputs
+    stamps = {k: done_mod.file_stamp(v) for k, v in spec.inputs(sid).items()}
+    done_mod.clear(spec, sid)
+    remove_outputs([p for f in FORMATS if f not in kept for p in paths[f]])  # stale files of other formats too
+    shown = choose_preview_markers(pred.markers, preview_markers) if "preview" in formats else []
     thumb, size, mpp = None, pred.slide_size, pred.mpp
     if he_path is not None:
         from preprocess.slide_io import HESlide
@@ -337,14 +242,15 @@ def write_slide_maps(pred_path: Path, out_dir: Path, he_path: Path | None = None
         write_preview(paths["preview"][0], vmap, mask, pred.markers, shown, s, mpp, thumb, title=sid)
     if "geojson" in formats:
         write_geojson(paths["geojson"][0], pred.coords, pred.values, pred.patch_size_level0, pred.markers, sid)
+    made = [f for f in FORMATS if f in kept or f in formats]
     rec = {"schema_version": SCHEMA_VERSION, "slide": sid, "shape": list(vmap.shape), "markers": pred.markers,
            "stride_level0": s, "patch_size_level0": pred.patch_size_level0, "mpp": mpp, "pixel_size_um": px_um,
            "n_tiles": n, "tissue_pixels": int(mask.sum()), "slide_size_level0": list(size) if size else None,
-           "source": str(pred_path.resolve()), "source_stamp": _source_stamp(pred_path),
-           "he_path": str(he_path) if he_path else None, "checkpoint": pred.checkpoint,
-           "formats": [f for f in FORMATS if f in kept or f in formats],
-           "paths": {f: [str(p) for p in paths[f]] for f in FORMATS if f in kept or f in formats}}
+           "source": str(pred_path.resolve()), "he_path": str(he_path) if he_path else None,
+           "checkpoint": pred.checkpoint, "formats": made, "paths": {f: [str(p) for p in paths[f]] for f in made}}
     write_json(paths["record"][0], rec)
+    files = [p for f in made for p in paths[f]] + paths["record"]
+    done_mod.write_record(dataclasses.replace(spec, outputs=lambda _s: files), sid, stamps)
     log.info("%s: map %dx%dx%d (pixel %.3g µm), %d tiles", sid, *vmap.shape, px_um, n)
     return {**rec, "skipped": False}
 
@@ -359,9 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True,
                    help="output root: reads OUT/hex_pred/*.h5, writes OUT/virtual_codex/")
     p.add_argument("--cohort", type=Path,
-                   help="cohort folder; COHORT/he/{slide}.* is the H&E when the prediction's he_path is missing")
+                   help="cohort folder: the H&E of each slide id (pairs.csv when present, else he/)")
     p.add_argument("--slides", nargs="+", help="only these slide ids (default: every OUT/hex_pred/*.h5)")
-    p.add_argument("--overwrite", action="store_true", help="redo slides whose outputs exist (default: skip them)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo slides whose outputs are done, also with other settings (default: skip them, and stop "
+                        "on other settings)")
     p.add_argument("--preview-markers", nargs="+",
                    help=f"markers drawn in the preview (default: those of {' '.join(DEFAULT_PREVIEW_MARKERS)} "
                         "present, else the first 8)")
@@ -373,62 +281,106 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve_he(pred_path: Path, cohort_he: dict[str, Path]) -> Path | None:
-    """The H&E of a prediction file: its ``he_path`` attr when that file exists, else the cohort's slide."""
+def _resolve_he(pred_path: Path, cohort_he: Mapping[str, Path]) -> Path | None:
+    """The H&E of a prediction file: the cohort's slide of its id, else its ``he_path`` attr when that file
+    exists, else None."""
     import h5py
 
     sid = pred_path.name.split(".", 1)[0]
+    if sid in cohort_he:
+        return Path(cohort_he[sid])
     try:
         with h5py.File(pred_path, "r") as f:
             he = _attr_str(f.attrs["he_path"]) if "he_path" in f.attrs else ""
     except OSError:
-        return cohort_he.get(sid)  # write_slide_maps reports the unreadable file
-    if he and Path(he).exists():
-        return Path(he)
-    return cohort_he.get(sid)
+        return None  # write_slide_maps reports the unreadable file
+    return Path(he) if he and Path(he).exists() else None
 
 
-def _work(slide_id: str, pred_dir: Path, out_dir: Path, cohort_he: dict[str, Path],
+def _pred_markers(pred_path: Path) -> list[str] | None:
+    import h5py
+
+    try:
+        with h5py.File(pred_path, "r") as f:
+            return [_attr_str(m) for m in np.asarray(f.attrs["markers"]).ravel()]
+    except (OSError, KeyError):
+        return None  # the slide fails with the reason when it is processed
+
+
+def _work(slide_id: str, pred_dir: Path, out_dir: Path, he: dict[str, Path | None],
           preview_markers: list[str] | None, formats: list[str]) -> dict:
-    pred = pred_dir / f"{slide_id}.h5"
-    return write_slide_maps(pred, out_dir, he_path=_resolve_he(pred, cohort_he), preview_markers=preview_markers,
-                            overwrite=True, formats=formats)
+    return write_slide_maps(pred_dir / f"{slide_id}.h5", out_dir, he_path=he[slide_id],
+                            preview_markers=preview_markers, overwrite=True, formats=formats)
+
+
+def _check_inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Path | None]]:
+    """The slides to map and their H&E (before any output folder exists); one line naming the problem."""
+    pred_dir = args.out / "hex_pred"
+    if args.workers < 1:
+        raise PipelineError(f"--workers {args.workers}: must be >= 1")
+    if not pred_dir.is_dir():
+        raise PipelineError(f"no predictions folder {pred_dir}; run python -m hex.infer_wsi --out {args.out}")
+    available = sorted(p.name.split(".", 1)[0] for p in pred_dir.glob("*.h5") if not p.name.startswith("."))
+    if not available:
+        raise PipelineError(f"no prediction files in {pred_dir}; run python -m hex.infer_wsi --out {args.out}")
+    slides = select_slides(available, args.slides, str(pred_dir))
+    cohort_he: dict[str, Path] = {}
+    if args.cohort is not None:
+        from preprocess.cohort import resolve_slides
+
+        if not args.cohort.is_dir():
+            raise PipelineError(f"--cohort {args.cohort}: folder not found")
+        cohort_he = resolve_slides(args.cohort).he_paths()
+    he = {s: _resolve_he(pred_dir / f"{s}.h5", cohort_he) for s in slides}
+    if args.preview_markers and "preview" in args.formats:
+        for s in slides:
+            markers = _pred_markers(pred_dir / f"{s}.h5")
+            if markers is not None:
+                choose_preview_markers(markers, args.preview_markers)
+    return slides, he
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from hex.dist import close_log_file
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), a bad flag (2: argparse printed the usage)
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
     pred_dir, out_dir = args.out / "hex_pred", args.out / "virtual_codex"
+    try:
+        slides, he = _check_inputs(args)
+        ensure_writable(out_dir, "output folder", "choose another --out")
+    except PipelineError as e:
+        setup_logging(None)
+        log.error("%s", e)
+        return 2
     setup_logging(out_dir / "run.log")
     try:
-        if not pred_dir.is_dir():
-            raise PipelineError(f"no predictions folder {pred_dir}; run python -m hex.infer_wsi --out {args.out}")
-        available = sorted(p.name.split(".", 1)[0] for p in pred_dir.glob("*.h5") if not p.name.startswith("."))
-        if not available:
-            raise PipelineError(f"no prediction files in {pred_dir}; run python -m hex.infer_wsi --out {args.out}")
-        slides = select_slides(available, args.slides, str(pred_dir))
-        cohort_he: dict[str, Path] = {}
-        if args.cohort is not None:
-            from preprocess.slide_io import list_he_slides
-
-            cohort_he = list_he_slides(args.cohort / "he")
+        conflicts = {} if args.overwrite else map_conflicts(slides, pred_dir, out_dir, he, args.preview_markers)
+        if conflicts:
+            raise done_mod.conflict_error(conflicts, "virtual codex")
+        save_config(out_dir, vars(args) | {"slides_resolved": slides, "schema_version": SCHEMA_VERSION,
+                                           "he_resolved": {s: str(p) if p else None for s, p in he.items()}})
+        work = functools.partial(_work, pred_dir=pred_dir, out_dir=out_dir, he=he,
+                                 preview_markers=args.preview_markers, formats=list(args.formats))
+        try:
+            report = run_slides(slides, work, functools.partial(is_done, out_dir, formats=list(args.formats)),
+                                overwrite=args.overwrite, workers=args.workers, skip_errors=not args.fail_fast,
+                                desc="virtual codex")
+        except PipelineError as e:  # --fail-fast
+            log.error("virtual codex: stopped at the first failure (--fail-fast): %s", e)
+            return 1
+        for sid in report.done:
+            r = report.results[sid]
+            log.info("%s: %s", sid, " ".join(p for ps in r["paths"].values() for p in ps[:1]))
+        return report.finish("virtual codex", f"maps in {out_dir}")
     except PipelineError as e:
         log.error("%s", e)
         return 2
-    save_config(out_dir, vars(args) | {"slides_resolved": slides, "schema_version": SCHEMA_VERSION})
-    work = functools.partial(_work, pred_dir=pred_dir, out_dir=out_dir, cohort_he=cohort_he,
-                             preview_markers=args.preview_markers, formats=list(args.formats))
-    try:
-        report = run_slides(slides, work, functools.partial(is_done, out_dir, formats=list(args.formats)),
-                            overwrite=args.overwrite, workers=args.workers, skip_errors=not args.fail_fast,
-                            desc="virtual codex")
-    except PipelineError as e:  # --fail-fast
-        log.error("%s", e)
-        return 1
-    for sid in report.done:
-        r = report.results[sid]
-        log.info("%s: %s", sid, " ".join(p for ps in r["paths"].values() for p in ps[:1]))
-    return 0 if report.ok else 1
+    finally:
+        close_log_file(out_dir / "run.log")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

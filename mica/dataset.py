@@ -1,11 +1,8 @@
-"""MICA data: clinical table, fold splits, survival bins and per-patient (or per-slide) feature bags.
+"""MICA data: per-patient (or per-slide) feature bags of the folds (the tables are read by :mod:`mica.clinical`).
 
 Inputs (paths relative to the pipeline's ``OUT`` unless given explicitly):
 
-* clinical CSV (MCAT format): ``case_id,slide_id,survival_months,censorship`` (1 = censored), optional ``response``
-  (0/1) and covariates; one row per slide, patient fields repeated on each of the patient's slides;
-* split CSV ``splits_{k}.csv``: columns ``train``, ``val`` of SLIDE ids, empty cells where a column is shorter (any
-  other column, e.g. the original release's ``patient_*`` columns, is ignored);
+* clinical CSV and split CSVs ``splits_{k}.csv``: see :mod:`mica.clinical` (re-exported here);
 * H&E bags ``features/{encdir}/pt_files/{slide}.pt`` ((N,Dp) float32 tensor) or ``h5_files/{slide}.h5``
   (``features`` (N,Dp), ``coords`` (N,2) level-0 top-left); coordinates always come from the h5 file when present;
 * CODEX tokens ``codex_features/{codex_encdir}.h5``: one (40,Dc) dataset per slide, file attr ``markers``.
@@ -18,17 +15,16 @@ item per slide carrying its patient's outcome; metrics then average the slide ri
 Survival bins: 4 quartile bins of the TRAINING fold's uncensored patient times (``mica.survival.hazard_bins``);
 ``bins_from="cohort"`` uses every patient of the clinical table instead, as the original did.
 
-Every bad input stops with one :class:`PipelineError` naming it: a split slide missing from the clinical table, a
-patient on both sides of a split, a slide of the split without features, a CODEX set whose row count is not 40 or
-not the length of its ``markers`` attribute.
+Every bad input stops with one :class:`PipelineError` naming it: a split slide missing from the clinical table (or
+from the cohort's slides), a patient on both sides of a split, slides of the splits without features (all folds at
+once: :func:`check_fold_inputs`), a CODEX set whose row count is not 40 or not the length of its ``markers``
+attribute.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,140 +34,26 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from hex.data import read_split
-from mica.extract_features import encoder_dirname
+from mica.bags import encoder_dirname
+from mica.clinical import (  # noqa: F401 - re-exported: the tables' readers lived here
+    ID_HINT,
+    REQUIRED,
+    SURVIVAL_COLUMNS,
+    Unit,
+    check_cohort_ids,
+    check_split_files,
+    fold_bins,
+    make_units,
+    patient_outcomes,
+    read_clinical_table,
+    read_fold,
+    split_path,
+)
 from preprocess.utils import PipelineError
 
 log = logging.getLogger(__name__)
 
 N_MARKERS = 40
-REQUIRED = ("case_id", "slide_id")
-SURVIVAL_COLUMNS = ("survival_months", "censorship")
-
-
-def _clean_id(v: Any) -> str:
-    s = str(v).strip()
-    return s[:-2] if re.fullmatch(r"\d+\.0", s) else s
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# clinical table and splits
-
-
-def read_clinical_table(path: str | os.PathLike, task: str = "survival") -> pd.DataFrame:
-    """Read an MCAT-format clinical CSV -> DataFrame indexed by ``slide_id`` (str ids, float months, int censorship).
-
-    ``task="survival"`` requires ``survival_months`` and ``censorship``; ``task="response"`` requires ``response``.
-    A patient whose slides disagree on an outcome field is an error.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"clinical table {path} does not exist; pass --clinical or --cohort")
-    df = pd.read_csv(path, dtype={"case_id": str, "slide_id": str})
-    need = list(REQUIRED) + (list(SURVIVAL_COLUMNS) if task == "survival" else ["response"])
-    missing = [c for c in need if c not in df.columns]
-    if missing:
-        raise PipelineError(f"clinical table {path} lacks columns {missing} (has {list(df.columns)}); the MCAT format "
-                            "is case_id,slide_id,survival_months,censorship[,response,covariates...]")
-    df = df[df["slide_id"].notna()].copy()
-    df["slide_id"] = [_clean_id(s) for s in df["slide_id"]]
-    df["case_id"] = [_clean_id(c) for c in df["case_id"]]
-    dup = sorted(df["slide_id"][df["slide_id"].duplicated()].unique())
-    if dup:
-        raise PipelineError(f"clinical table {path}: slides listed more than once: {dup[:10]}")
-    for col in (*SURVIVAL_COLUMNS, "response"):
-        if col in df.columns:
-            df[col] = pd.to_numeric(df[col], errors="coerce")
-    if task == "survival":
-        bad = df["survival_months"].isna() | df["censorship"].isna() | ~df["censorship"].isin([0, 1]) \
-            | (df["survival_months"] < 0)
-        if bad.any():
-            raise PipelineError(f"clinical table {path}: slides {list(df['slide_id'][bad])[:10]} need survival_months "
-                                ">= 0 and censorship 0/1 (1 = censored)")
-    if "response" in df.columns:
-        bad = df["response"].notna() & ~df["response"].isin([0, 1])
-        if bad.any():
-            raise PipelineError(f"clinical table {path}: response must be 0/1 "
-                                f"(slides {list(df['slide_id'][bad])[:10]})")
-    for col in (*SURVIVAL_COLUMNS, "response"):
-        if col in df.columns:
-            n = df.groupby("case_id")[col].nunique(dropna=True)
-            if (n > 1).any():
-                raise PipelineError(f"clinical table {path}: patients {list(n.index[n > 1])[:10]} have different "
-                                    f"{col!r} on different slides; a patient has one outcome")
-    df.attrs["path"] = str(path)
-    return df.set_index("slide_id", drop=False)
-
-
-def read_fold(split_csv: str | os.PathLike, clinical: pd.DataFrame,
-              columns: tuple[str, ...] = ("train", "val")) -> dict[str, list[str]]:
-    """Slide ids per split column, checked: every slide in the clinical table, no slide or patient on both sides."""
-    split = {c: read_split(split_csv, c) for c in columns}
-    src = clinical.attrs.get("path", "the clinical table")
-    for c, ids in split.items():
-        unknown = [s for s in ids if s not in clinical.index]
-        if unknown:
-            raise PipelineError(f"split file {split_csv}: column {c!r} names slides not in {src}: {unknown[:10]}; "
-                                "fix the split or add the slides to the clinical table")
-    for i, a in enumerate(columns):
-        for b in columns[i + 1:]:
-            both = sorted(set(split[a]) & set(split[b]))
-            if both:
-                raise PipelineError(f"split file {split_csv}: slides in both {a!r} and {b!r}: {both[:10]}")
-            case = clinical["case_id"]
-            pa = {case[s] for s in split[a]}
-            for p in sorted(pa & {case[s] for s in split[b]}):
-                sa = [s for s in split[a] if case[s] == p]
-                sb = [s for s in split[b] if case[s] == p]
-                raise PipelineError(f"split file {split_csv}: patient {p} is in both {a!r} (slides {sa}) and {b!r} "
-                                    f"(slides {sb}): patient leakage; put all of a patient's slides on one side")
-    return split
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One training item: a patient (all its slides of the split) or a single slide."""
-
-    case_id: str
-    slides: tuple[str, ...]
-
-
-def make_units(slides: list[str], clinical: pd.DataFrame, unit: str = "patient") -> list[Unit]:
-    """Group split slides into items: per patient (slide order of the split kept) or one per slide."""
-    if unit == "slide":
-        return [Unit(clinical.at[s, "case_id"], (s,)) for s in slides]
-    if unit != "patient":
-        raise PipelineError(f"--unit must be 'patient' or 'slide', not {unit!r}")
-    groups: dict[str, list[str]] = {}
-    for s in slides:
-        groups.setdefault(clinical.at[s, "case_id"], []).append(s)
-    return [Unit(c, tuple(ss)) for c, ss in groups.items()]
-
-
-def patient_outcomes(clinical: pd.DataFrame, cases: list[str] | None = None) -> pd.DataFrame:
-    """One row per patient (index case_id): per column the first non-missing value over its slides."""
-    pt = clinical.reset_index(drop=True).groupby("case_id", sort=False).first()
-    pt.insert(0, "case_id", pt.index)
-    return pt if cases is None else pt.loc[list(dict.fromkeys(cases))]
-
-
-def fold_bins(clinical: pd.DataFrame, train_slides: list[str], n_bins: int = 4,
-              bins_from: str = "train") -> np.ndarray:
-    """Hazard-bin edges (n_bins+1,) from the uncensored patient times of the training fold (or the whole cohort)."""
-    from mica.survival import hazard_bins
-
-    if bins_from not in ("train", "cohort"):
-        raise PipelineError(f"--bins-from must be 'train' or 'cohort', not {bins_from!r}")
-    cases = None if bins_from == "cohort" else [clinical.at[s, "case_id"] for s in train_slides]
-    pt = patient_outcomes(clinical, cases)
-    times, cens = pt["survival_months"].to_numpy(float), pt["censorship"].to_numpy(float)
-    if not (cens == 0).any():
-        raise PipelineError(f"{clinical.attrs.get('path', 'clinical table')}: only 0 uncensored patients in the "
-                            f"{bins_from} set; hazard bins need observed events (censorship 0)")
-    if int((cens == 0).sum()) < n_bins:
-        log.warning("only %d uncensored patients in the %s set for %d hazard bins", int((cens == 0).sum()),
-                    bins_from, n_bins)
-    return np.asarray(hazard_bins(times, cens, n_bins=n_bins), dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,7 +98,8 @@ class FeatureSource:
         if missing:
             raise PipelineError(
                 f"slides {missing[:10]} ({len(missing)} of {len(slides)}) of {clinical_src} and the split have no "
-                f"H&E features in {self.path_dir}/pt_files or h5_files; run stage 07 (mica.extract_features) for them")
+                f"H&E features in {self.path_dir}/pt_files or h5_files; run stage 07 (mica.extract_features) for them"
+                f"{'' if self.path_dir.is_dir() else ' (the folder does not exist: another --encoder?)'}")
 
     def load_path(self, slide: str) -> tuple[torch.Tensor, np.ndarray]:
         """(N,Dp) float32 features and (N,2) int64 level-0 coords (-1 when only a pt file exists)."""
@@ -249,14 +132,19 @@ class FeatureSource:
         return int(v) if v is not None else None
 
     # -- CODEX -------------------------------------------------------------------------------------------------
-    def load_codex(self, slides: list[str]) -> None:
-        """Read and check the (n_markers, Dc) token sets of ``slides`` (kept in memory: 40 x Dc per slide)."""
+    def check_codex(self, slides: list[str]) -> None:
+        """The CODEX file exists, its ``markers`` attr lists ``n_markers`` names, and every slide has an
+        (n_markers, Dc) set; else one error naming the file and the slides (reads shapes only)."""
         f_path = self.codex_file
         if f_path is None:
             raise PipelineError("no CODEX features: pass --codex-encoder (with --out) or --codex-features")
         if not f_path.is_file():
             raise PipelineError(f"CODEX features file {f_path} does not exist; run stage 07 with this --codex-encoder")
-        with h5py.File(f_path, "r") as f:
+        try:
+            f = h5py.File(f_path, "r")
+        except OSError as e:
+            raise PipelineError(f"cannot read the CODEX features file {f_path} ({e}); rerun stage 07") from None
+        with f:
             markers = f.attrs.get("markers")
             markers = [m.decode() if isinstance(m, bytes) else str(m) for m in markers] if markers is not None else None
             if markers is not None and len(markers) != self.n_markers:
@@ -267,13 +155,19 @@ class FeatureSource:
             if missing:
                 raise PipelineError(f"slides {missing[:10]} ({len(missing)} of {len(slides)}) of the split have no "
                                     f"CODEX features in {f_path}; run stage 07 (CODEX features) for them")
+            want = len(markers) if markers is not None else self.n_markers
             for s in slides:
-                a = np.asarray(f[s][:], dtype=np.float32)
-                want = len(markers) if markers is not None else self.n_markers
-                if a.ndim != 2 or a.shape[0] != want:
-                    raise PipelineError(f"CODEX features {f_path}: slide {s} has shape {a.shape}; expected ({want}, D) "
+                shape = f[s].shape
+                if len(shape) != 2 or shape[0] != want:
+                    raise PipelineError(f"CODEX features {f_path}: slide {s} has shape {shape}; expected ({want}, D) "
                                         f"(one row per marker, {want} markers)")
-                self._codex[s] = a
+
+    def load_codex(self, slides: list[str]) -> None:
+        """Read and check the (n_markers, Dc) token sets of ``slides`` (kept in memory: 40 x Dc per slide)."""
+        self.check_codex(slides)
+        with h5py.File(self.codex_file, "r") as f:
+            for s in slides:
+                self._codex[s] = np.asarray(f[s][:], dtype=np.float32)
 
     def codex(self, slide: str) -> np.ndarray:
         return self._codex[slide]
@@ -370,6 +264,23 @@ def build_fold(clinical: pd.DataFrame, split_csv: str | os.PathLike, source: Fea
             raise PipelineError(f"split file {split_csv}: column {col!r} has no usable {unit}s for task {task}")
         out.append(BagDataset(units, clinical, source, edges, use_path, use_codex))
     return out[0], out[1], edges
+
+
+def check_fold_inputs(clinical: pd.DataFrame, splits_dir: str | os.PathLike, folds: list[int], source: FeatureSource,
+                      mode: str = "coattn", cohort: str | os.PathLike | None = None) -> dict[int, dict[str, list[str]]]:
+    """Every input of every fold, before the first fold is trained or scored: the split files (readable, ids in the
+    clinical table and, when ``cohort`` holds slides, among them; no patient on both sides) and the features of all
+    their slides. Returns {fold: {"train": [...], "val": [...]}}; raises one :class:`PipelineError` line."""
+    check_split_files(splits_dir, folds)
+    splits = {k: read_fold(split_path(splits_dir, k), clinical) for k in folds}
+    slides = list(dict.fromkeys(s for sp in splits.values() for col in sp.values() for s in col))
+    check_cohort_ids(cohort, slides, f"the split files of {splits_dir}")
+    src = clinical.attrs.get("path", "the clinical table")
+    if mode in ("coattn", "path"):
+        source.check_path(slides, src)
+    if mode in ("coattn", "codex"):
+        source.check_codex(slides)
+    return splits
 
 
 # ----------------------------------------------------------------------------------------------------------------

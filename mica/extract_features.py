@@ -19,138 +19,66 @@ or ``hex:RUN``, the backbone (``model.visual``) of the trained HEX run ``OUT/run
 (``--weights`` then names another checkpoint of it). The tiles of the stage-01 grid ``OUT/patches/{slide}.h5``
 (224 px at 20x) are read region by region (:mod:`hex.wsi_tiles`, the stage-06 reader), resized to the encoder's
 input size and normalised with its mean/std (:class:`hex.data.BatchTransform`, evaluation mode), then embedded by
-the one prediction loop (:func:`hex.evaluate.run_loop`). Outputs (atomic; a slide is skipped when both exist and
-are newer than its grid and the weights, unless ``--overwrite``)::
+the one prediction loop (:func:`hex.evaluate.run_loop`). The slides are the cohort's (:func:`preprocess.cohort.
+resolve_slides`: ``COHORT/pairs.csv`` when present, else ``COHORT/he/``, or ``--he``; ids = file names as written,
+so a link names its outputs after itself, as stage 01 names its grid). Outputs (atomic)::
 
     OUT/features/{encdir}/h5_files/{slide}.h5   features (N, D) float32, coords (N, 2) int64 level-0 top-left;
                                                 attrs encoder, patch_size_level0, patch_size, mpp (µm/px of the
                                                 tiles), level0_mpp, embed_dim, input_size, schema_version, slide_id
     OUT/features/{encdir}/pt_files/{slide}.pt   the (N, D) float32 tensor only (CLAM/MCAT convention)
-    OUT/features/{encdir}/config.json           resolved settings
+    OUT/features/{encdir}/done/{slide}.json     what the bag was made with (:mod:`mica.feature_done`)
+    OUT/features/{encdir}/config.json           resolved settings (written after the done-check passed)
+
+Done means "done with these inputs and these settings" (:mod:`mica.feature_done`): a slide whose H&E file or grid
+changed is redone; a rerun with other settings (encoder weights, resize mode, ``--region-px``, ``--mpp``, the
+CODEX thresholds or weights) stops before any work with "... done with other settings: <diff>; pass --overwrite".
 
 CODEX (``--codex-encoder``): ``stats`` (per-channel spatial descriptors, D' = 10, see :mod:`mica.codex_encoders`)
 or an image backbone (``dinov2_vits14_reg`` as the original MICA, with ``--codex-weights``) applied to every
 channel of ``OUT/virtual_codex/{slide}.npy`` (H', W', 40), batched across slides. Outputs::
 
     OUT/codex_features/{encdir}/{slide}.h5      per-slide part: features (40, D') float32 (the resumable unit)
+    OUT/codex_features/{encdir}/done/{slide}.json
     OUT/codex_features/{encdir}.h5              one (40, D') dataset per slide; attrs encoder, markers,
                                                 schema_version (+ feature_names for stats); rebuilt from the parts
+                                                done with these settings (:mod:`mica.codex_run`)
     OUT/codex_features/{encdir}/config.json
 
-``{encdir}`` is the encoder name with ``:`` and ``/`` replaced by ``_`` (``hex:demo`` -> ``hex_demo``). Exit code
-0 when every slide is done or skipped, 1 when any failed, 2 on bad input.
+``{encdir}`` is the encoder name with ``:`` and ``/`` replaced by ``_`` (``hex:demo`` -> ``hex_demo``). The run ends
+with one line (done / skipped / failed slides with their reasons). Exit code 0 when every slide is done or skipped,
+1 when any failed, 2 on bad input (flags, missing inputs, an unwritable output folder, other settings), checked
+before any slide.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
-import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
-from hex.dist import all_gather_objects, barrier, cleanup_dist, close_log_file, setup_dist
+from hex.dist import all_gather_objects, barrier
 from mica import codex_encoders as ce
-from preprocess.utils import (
-    PipelineError,
-    StageReport,
-    atomic_path,
-    run_slides,
-    save_config,
-    select_slides,
-    setup_logging,
-)
+from mica import codex_run as cr
+from mica import feature_done as fd
+from mica.bags import encoder_dirname, feature_paths, features_dir, read_feature_bag, write_feature_bag
+from mica.encoders import HEX_PREFIX, ImageEncoder, encode_tiles, load_encoder
+from preprocess.done import DoneSpec
+from preprocess.utils import PipelineError, StageReport, ensure_writable, run_slides, save_config, select_slides
 
 log = logging.getLogger("mica.extract_features")
 
 SCHEMA_VERSION = 1
-HEX_PREFIX = "hex:"
-
-
-def encoder_dirname(name: str) -> str:
-    """Folder name of an encoder: ``:`` and ``/`` replaced by ``_`` (``hex:demo_tiny`` -> ``hex_demo_tiny``)."""
-    return name.replace(":", "_").replace("/", "_")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# encoders
-
-
-@dataclass
-class ImageEncoder:
-    """A loaded image encoder: ``module`` maps normalised (B, 3, S, S) float to (B, embed_dim)."""
-
-    name: str
-    module: nn.Module
-    embed_dim: int
-    input_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str = "bicubic"
-    weights: str | None = None
-    sources: list[Path] = field(default_factory=list)  # local files the features depend on (freshness check)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def transform(self):
-        """uint8 (B, 3, H, W) -> normalised (B, 3, S, S) (:class:`hex.data.BatchTransform`, no augmentation)."""
-        from hex.data import BatchTransform
-
-        return BatchTransform(self.input_size, self.mean, self.std, train=False, interpolation=self.interpolation)
-
-
-def load_encoder(name: str, out: Path | None = None, weights: str | None = None, interpolation: str | None = None,
-                 **backbone_kw: Any) -> ImageEncoder:
-    """Build ``name`` once: a ``hex.backbones`` name (+ ``weights``), or ``hex:RUN`` (the backbone of
-    ``OUT/runs/RUN/best.safetensors``, or of the checkpoint ``weights``). ``interpolation`` overrides the resize
-    mode (default: the HEX run's, else bicubic as MUSK/DINOv2 pre-processing). ``backbone_kw``: builder options
-    (reduced sizes in tests). Raises :class:`PipelineError` for a missing file or an unknown name."""
-    from hex import backbones
-
-    if name.startswith(HEX_PREFIX):
-        from hex.trained import load_trained
-
-        run = name[len(HEX_PREFIX):]
-        if not run:
-            raise PipelineError("--encoder hex:RUN needs a run name (a folder OUT/runs/RUN with best.safetensors)")
-        if out is None and weights is None:
-            raise PipelineError(f"--encoder {name}: give --out (runs live in OUT/runs/) or --weights CHECKPOINT")
-        ckpt = Path(weights) if weights is not None else Path(out) / "runs" / run / "best.safetensors"
-        if not ckpt.is_file():
-            raise PipelineError(f"--encoder {name}: {ckpt} does not exist; train the HEX run first (stage 04) or give "
-                                "one of its checkpoints with --weights")
-        model, meta = load_trained(ckpt)
-        visual = model.visual.eval()
-        return ImageEncoder(name, visual, int(visual.embed_dim), int(meta["input_size"]), tuple(meta["mean"]),
-                            tuple(meta["std"]), interpolation or meta.get("interpolation") or "bilinear",
-                            str(ckpt), [ckpt], {"checkpoint_sha256": meta.get("checkpoint_sha256", ""),
-                                                "hex_epoch": meta.get("epoch")})
-    try:
-        spec = backbones.get_spec(name)
-        with torch.random.fork_rng(devices=[]):  # random init: the same in every process and run
-            torch.manual_seed(0)
-            module = backbones.create(name, weights=weights, **backbone_kw)
-    except ValueError as e:
-        raise PipelineError(str(e).splitlines()[0]) from e
-    except (FileNotFoundError, RuntimeError) as e:
-        raise PipelineError(f"encoder {name!r}, weights {weights}: {str(e).splitlines()[0]}") from e
-    if weights is None:
-        hint = f" (e.g. --weights hf_hub:{spec.hf_hub_id})" if spec.hf_hub_id else ""
-        log.warning("%s: no weights given, the encoder is RANDOMLY initialised%s", name, hint)
-    sources = [Path(weights)] if weights is not None and Path(weights).is_file() else []
-    return ImageEncoder(name, module.eval(), int(module.embed_dim), int(module.input_size), tuple(module.mean),
-                        tuple(module.std), interpolation or "bicubic", str(weights) if weights else None, sources)
-
-
-def _newer_than_all(path: Path, inputs: Sequence[Path]) -> bool:
-    mt = path.stat().st_mtime
-    return all(not p.exists() or p.stat().st_mtime <= mt for p in inputs)
+# the bag helpers live in mica.bags, the encoders in mica.encoders (re-exported here)
+__all__ = ["HEX_PREFIX", "ImageEncoder", "encode_tiles", "encoder_dirname", "extract_slide", "feature_paths",
+           "load_encoder", "main", "my_slides", "read_feature_bag", "write_feature_bag"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -171,54 +99,10 @@ class HEConfig:
     progress: bool = True
 
 
-def feature_paths(out: Path, encoder: str, slide: str) -> tuple[Path, Path]:
-    """(h5, pt) paths of one slide's bag under ``OUT/features/{encdir}/``."""
-    d = Path(out) / "features" / encoder_dirname(encoder)
-    return d / "h5_files" / f"{slide}.h5", d / "pt_files" / f"{slide}.pt"
-
-
-def write_feature_bag(h5_path: Path, pt_path: Path, features: np.ndarray, coords: np.ndarray,
-                      attrs: dict[str, Any]) -> None:
-    """Write ``features`` (N, D) float32 + ``coords`` (N, 2) int64 to HDF5 and the tensor alone to .pt, atomically
-    (the .pt last)."""
-    import h5py
-
-    features = np.ascontiguousarray(features, np.float32)
-    coords = np.ascontiguousarray(coords, np.int64).reshape(-1, 2)
-    if len(features) != len(coords):
-        raise ValueError(f"{len(features)} feature rows for {len(coords)} coords")
-    rows = max(1, min(len(features), (1 << 20) // max(1, 4 * features.shape[1])))  # ~1 MiB chunks
-    with atomic_path(h5_path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=features, chunks=(rows, features.shape[1]) if len(features) else None)
-        f.create_dataset("coords", data=coords)
-        for k, v in attrs.items():
-            f.attrs[k] = v
-    with atomic_path(pt_path) as tmp:
-        torch.save(torch.from_numpy(features), tmp)
-
-
-def read_feature_bag(h5_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(features (N, D) float32, coords (N, 2) int64, attrs) of a bag file."""
-    import h5py
-
-    with h5py.File(h5_path, "r") as f:
-        return f["features"][:], f["coords"][:], dict(f.attrs)
-
-
-def encode_tiles(enc: ImageEncoder, tiles: Any, device: torch.device, batch_size: int = 128, workers: int = 0,
-                 amp: torch.dtype | None = None, progress: bool = False, desc: str = "tiles") -> np.ndarray:
-    """(N, D) float32 features of every tile of a :class:`hex.wsi_tiles.TileRegions`, row i = tile i."""
-    from hex.evaluate import prediction_fn, run_loop, wants_channels_last
-    from hex.wsi_tiles import make_tile_loader
-
-    loader = make_tile_loader(tiles, batch_size, workers, pin_memory=device.type == "cuda")
-    return run_loop(loader, prediction_fn(enc.module), enc.transform(), device, amp, n=tiles.num_tiles,
-                    dim=enc.embed_dim, channels_last=wants_channels_last(enc.module, device), progress=progress,
-                    desc=desc, total=tiles.num_tiles)
-
-
-def extract_slide(slide: str, he_path: Path, enc: ImageEncoder, cfg: HEConfig, device: torch.device) -> dict:
-    """Features of one slide's grid -> ``features/{encdir}/{h5_files,pt_files}/{slide}.*``; returns a summary."""
+def extract_slide(slide: str, he_path: Path, enc: ImageEncoder, cfg: HEConfig, device: torch.device,
+                  settings: dict[str, Any] | None = None) -> dict:
+    """Features of one slide's grid -> ``features/{encdir}/{h5_files,pt_files}/{slide}.*``; returns a summary.
+    ``settings`` (:func:`mica.feature_done.he_settings`) are stored as JSON in the attr ``settings``."""
     from hex.evaluate import resolve_amp
     from hex.wsi_tiles import TileRegions
     from preprocess.patch import read_grid
@@ -236,42 +120,12 @@ def extract_slide(slide: str, he_path: Path, enc: ImageEncoder, cfg: HEConfig, d
              "patch_level": int(gattrs["patch_level"]), "mpp": float(gattrs.get("mpp", 0.5)),
              "level0_mpp": float(gattrs.get("level0_mpp", tiles.mpp)), "source_grid": str(grid_path),
              "he_path": str(he_path), "coords_units": "level-0 pixels, top-left (x, y)",
-             "schema_version": SCHEMA_VERSION, "settings": he_settings(enc, cfg),
+             "schema_version": SCHEMA_VERSION,
+             "settings": json.dumps(settings or fd.he_settings(enc, cfg.region_px, cfg.mpp), default=str),
              **{k: v for k, v in enc.info.items() if v is not None}}
     h5_path, pt_path = feature_paths(cfg.out, enc.name, slide)
     write_feature_bag(h5_path, pt_path, feats, tiles.coords, attrs)
     return {"patches": int(len(feats))}
-
-
-def he_settings(enc: ImageEncoder, cfg: HEConfig) -> str:
-    """JSON of what a bag depends on besides its inputs (a change means the bag is redone)."""
-    import json
-
-    return json.dumps({"encoder": enc.name, "weights": enc.weights, "input_size": enc.input_size,
-                       "interpolation": enc.interpolation, "mean": list(enc.mean), "std": list(enc.std),
-                       "region_px": cfg.region_px, "mpp": cfg.mpp})
-
-
-def he_is_done(slide: str, enc: ImageEncoder, cfg: HEConfig) -> bool:
-    """Both files exist, are newer than the slide's grid and the encoder's weight files, and were made with the
-    same settings (:func:`he_settings`)."""
-    import h5py
-
-    h5_path, pt_path = feature_paths(cfg.out, enc.name, slide)
-    if not (h5_path.exists() and pt_path.exists()):
-        return False
-    inputs = [Path(cfg.patches_dir) / f"{slide}.h5", *enc.sources]
-    if not _newer_than_all(h5_path, inputs):
-        log.info("%s: grid or weights changed since %s was written; redoing it", slide, h5_path)
-        return False
-    try:
-        with h5py.File(h5_path, "r") as f:
-            same = f.attrs.get("settings", "") == he_settings(enc, cfg)
-    except OSError:
-        return False
-    if not same:
-        log.info("%s: %s was made with other settings; redoing it", slide, h5_path)
-    return same
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mica.extract_features", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output root OUT (reads patches/, virtual_codex/, runs/)")
-    p.add_argument("--cohort", type=Path, help="cohort folder with he/ (H&E slides)")
-    p.add_argument("--he", type=Path, nargs="+", help="H&E slide files or folders (instead of COHORT/he)")
+    p.add_argument("--cohort", type=Path, help="cohort folder: pairs.csv when present, else he/ (H&E slides)")
+    p.add_argument("--he", type=Path, nargs="+", help="H&E slide files or folders (instead of the cohort's)")
     p.add_argument("--what", choices=("he", "codex", "both"), default="both", help="modalities (default both)")
     p.add_argument("--slides", nargs="+", help="only these slide ids (default: all)")
     p.add_argument("--encoder", default="musk",
@@ -315,81 +169,136 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("auto", "fp16", "bf16", "none"), default="auto", help="autocast (CUDA only)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--shard", help="job arrays: i/n = every n-th slide of the sorted list, from i (0-based)")
-    p.add_argument("--overwrite", action="store_true", help="redo slides whose outputs exist")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo slides whose outputs exist, also those made with other settings")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing slide")
     return p
 
 
-def _run_he(args: argparse.Namespace, ctx, shard: str | None) -> StageReport:
-    from preprocess.patch import collect_he_slides
+def _out_dirs(args: argparse.Namespace) -> list[Path]:
+    dirs = []
+    if args.what in ("he", "both"):
+        dirs.append(features_dir(args.out, args.encoder))
+    if args.what in ("codex", "both"):
+        dirs.append(args.out / "codex_features" / encoder_dirname(args.codex_encoder))
+    return dirs
 
-    he_paths, slides = collect_he_slides(args.cohort, args.he, args.slides)
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flags, then the output folders (writable), before logging, a process group or any slide."""
+    my_slides([], args.shard)  # a bad --shard stops here
+    for flag, value, ok in (("--batch-size", args.batch_size, args.batch_size >= 1),
+                            ("--workers", args.workers, args.workers >= 0),
+                            ("--region-px", args.region_px, args.region_px >= 1),
+                            ("--mpp", args.mpp, args.mpp is None or args.mpp > 0),
+                            ("--high", args.high, args.high > 0)):
+        if not ok:
+            raise PipelineError(f"{flag} {value}: must be {'>= 0' if flag == '--workers' else 'positive'}")
+    for d in _out_dirs(args):
+        ensure_writable(d)
+
+
+def _log_file(args: argparse.Namespace) -> Path:
+    return args.out / ("codex_features" if args.what == "codex" else "features") / "run.log"
+
+
+@dataclass
+class _Part:
+    """One modality of a run, planned: its done-spec and slides, and how to run and finish it."""
+
+    what: str
+    desc: str
+    spec: DoneSpec
+    run_slides: list[str]  # this run's (job-array shard's) slides; ``run`` does this rank's share of them
+    config_dir: Path
+    config: dict[str, Any]
+    run: Callable[[], StageReport]
+    after: Callable[[], None] = lambda: None
+
+
+def _plan_he(args: argparse.Namespace, ctx) -> _Part:
+    from preprocess.cohort import resolve_slides
+
+    cohort = resolve_slides(args.cohort, he=args.he)
+    slides = my_slides(select_slides(cohort.ids, args.slides, cohort.source), args.shard)
+    he_paths = cohort.he_paths()
+    patches = args.patches or args.out / "patches"
+    if not patches.is_dir():
+        raise PipelineError(f"grid folder {patches} not found; run stage 01 (preprocess.patch) first, or pass "
+                            "--patches")
     enc = load_encoder(args.encoder, args.out, args.weights, args.interpolation)
-    cfg = HEConfig(out=args.out, patches_dir=args.patches or args.out / "patches", batch_size=args.batch_size,
-                   workers=args.workers, amp=args.amp, region_px=args.region_px, mpp=args.mpp,
-                   progress=ctx.is_main)
-    enc.module.to(ctx.device)
-    if ctx.is_main:
-        save_config(args.out / "features" / encoder_dirname(enc.name),
-                    vars(args) | {"slides_resolved": slides, "embed_dim": enc.embed_dim, "input_size": enc.input_size,
-                                  "mean": enc.mean, "std": enc.std, "interpolation": enc.interpolation,
-                                  "world_size": ctx.world_size, "schema_version": SCHEMA_VERSION})
-    mine = my_slides(slides, shard, ctx.rank, ctx.world_size)
-    return run_slides(mine, lambda s: extract_slide(s, he_paths[s], enc, cfg, ctx.device),
-                      functools.partial(he_is_done, enc=enc, cfg=cfg), overwrite=args.overwrite,
-                      skip_errors=not args.fail_fast, desc=f"H&E features ({args.encoder})")
+    cfg = HEConfig(out=args.out, patches_dir=patches, batch_size=args.batch_size, workers=args.workers,
+                   amp=args.amp, region_px=args.region_px, mpp=args.mpp, progress=ctx.is_main)
+    settings = fd.he_settings(enc, args.region_px, args.mpp)
+    spec = fd.he_spec(args.out, enc.name, settings, he_paths, patches)
+    mine = my_slides(slides, None, ctx.rank, ctx.world_size)
+    desc = f"H&E features ({args.encoder})"
+
+    def run() -> StageReport:
+        enc.module.to(ctx.device)
+        return run_slides(mine, lambda s: extract_slide(s, he_paths[s], enc, cfg, ctx.device, settings),
+                          done=spec, overwrite=args.overwrite, skip_errors=not args.fail_fast, desc=desc)
+
+    config = vars(args) | {"slides_resolved": slides, "slide_source": cohort.source, "settings": settings,
+                           "world_size": ctx.world_size, "schema_version": SCHEMA_VERSION}
+    return _Part("H&E", desc, spec, slides, features_dir(args.out, enc.name), config, run)
 
 
-def _run_codex(args: argparse.Namespace, ctx, shard: str | None) -> StageReport:
-    import json
-
+def _plan_codex(args: argparse.Namespace, ctx) -> _Part:
     from hex.evaluate import resolve_amp
 
-    maps = ce.find_maps(args.out)
+    maps = cr.find_maps(args.out)
     if not maps:
         raise PipelineError(f"no virtual CODEX maps in {args.out / 'virtual_codex'}; run stage 06 "
                             "(hex.infer_wsi, then hex.virtual_codex) first")
-    slides = select_slides(sorted(maps), args.slides, str(args.out / "virtual_codex"))
-    mine = my_slides(slides, shard, ctx.rank, ctx.world_size)
+    slides = my_slides(select_slides(sorted(maps), args.slides, str(args.out / "virtual_codex")), args.shard)
+    mine = my_slides(slides, None, ctx.rank, ctx.world_size)
     name, encdir = args.codex_encoder, encoder_dirname(args.codex_encoder)
+    desc = f"CODEX features ({name})"
     resolved: dict[str, Any] = {"slides_resolved": slides, "world_size": ctx.world_size,
                                 "schema_version": SCHEMA_VERSION}
     if name == ce.STATS_ENCODER:
-        settings = json.dumps({"encoder": name, "high": args.high, "epi_threshold": ce.EPI_THRESHOLD})
+        settings = fd.codex_settings(name, args.high, ce.EPI_THRESHOLD)
+        spec = fd.codex_spec(args.out, encdir, settings)
         resolved |= {"feature_names": list(ce.STATS_FEATURES), "feature_descriptions": ce.STATS_DESCRIPTIONS}
         work = functools.partial(_stats_work, maps=maps, out=args.out, encdir=encdir, high=args.high,
                                  settings=settings)
-        done = functools.partial(_stats_done, maps=maps, out=args.out, encdir=encdir, settings=settings)
-        if ctx.is_main:
-            save_config(args.out / "codex_features" / encdir, vars(args) | resolved)
-        rep = run_slides(mine, work, done, overwrite=args.overwrite, workers=args.workers,
-                         skip_errors=not args.fail_fast, desc="CODEX features (stats)")
         names: list[str] | None = list(ce.STATS_FEATURES)
+
+        def run() -> StageReport:
+            return run_slides(mine, work, done=spec, overwrite=args.overwrite, workers=args.workers,
+                              skip_errors=not args.fail_fast, desc=desc)
     else:
         enc = load_encoder(name, args.out, args.codex_weights)
-        enc.module.to(ctx.device)
-        settings = json.dumps({"encoder": name, "weights": enc.weights, "input_size": enc.input_size,
-                               "mean": list(enc.mean), "std": list(enc.std)})
+        settings = fd.codex_settings(name, enc=enc)
+        spec = fd.codex_spec(args.out, encdir, settings)
         resolved |= {"embed_dim": enc.embed_dim, "input_size": enc.input_size, "mean": enc.mean, "std": enc.std}
-        if ctx.is_main:
-            save_config(args.out / "codex_features" / encdir, vars(args) | resolved)
-        rep = ce.run_image(mine, maps, args.out, encdir, name, enc.module, enc.input_size, enc.mean, enc.std,
-                           ctx.device, settings, batch_size=args.batch_size, workers=args.workers,
-                           amp=resolve_amp(args.amp, ctx.device), overwrite=args.overwrite,
-                           skip_errors=not args.fail_fast, progress=ctx.is_main, sources=enc.sources)
         names = None
-    barrier()
-    if ctx.is_main:
-        ce.assemble(args.out, encdir, name, names)
-    return rep
+
+        def run() -> StageReport:
+            enc.module.to(ctx.device)
+            return cr.run_image(mine, maps, args.out, encdir, name, enc.module, enc.input_size, enc.mean, enc.std,
+                                ctx.device, spec, batch_size=args.batch_size, workers=args.workers,
+                                amp=resolve_amp(args.amp, ctx.device), overwrite=args.overwrite,
+                                skip_errors=not args.fail_fast, progress=ctx.is_main)
+
+    def after() -> None:  # the combined file holds the parts made with these settings and current maps only
+        parts = cr.part_slides(args.out, encdir)
+        keep = fd.done_now(spec, parts)
+        left = sorted(set(parts) - set(keep))
+        if left:
+            log.warning("%s: %d parts left out of %s (made with other settings, or their map changed or is gone): "
+                        "%s", desc, len(left), cr.combined_path(args.out, encdir), ", ".join(left[:10]))
+        cr.assemble(args.out, encdir, name, names, slides=keep)
+
+    resolved["settings"] = settings
+    return _Part("CODEX", desc, spec, slides, args.out / "codex_features" / encdir, vars(args) | resolved, run,
+                 after)
 
 
-def _stats_work(slide: str, maps: dict[str, Path], out: Path, encdir: str, high: float, settings: str) -> dict:
-    return ce.stats_slide(slide, maps[slide], out, encdir, high, settings)
-
-
-def _stats_done(slide: str, maps: dict[str, Path], out: Path, encdir: str, settings: str) -> bool:
-    return ce.part_is_done(ce.part_path(out, encdir, slide), ce.map_inputs(maps[slide]), settings)
+def _stats_work(slide: str, maps: dict[str, Path], out: Path, encdir: str, high: float,
+                settings: dict[str, Any]) -> dict:
+    return cr.stats_slide(slide, maps[slide], out, encdir, high, settings)
 
 
 def _merge(reports: list[StageReport]) -> StageReport:
@@ -401,34 +310,52 @@ def _merge(reports: list[StageReport]) -> StageReport:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    ctx = setup_dist(args.device)
-    log_dir = args.out / ("codex_features" if args.what == "codex" else "features")
-    setup_logging(log_dir / "run.log" if ctx.is_main else None, rank=ctx.rank)
-    code = 0
+def final_report(reports: dict[str, StageReport]) -> tuple[StageReport, str]:
+    """(report, extra) of the run's last line: one modality as it is; both with the slides tagged [H&E]/[CODEX]
+    and the counts of each as ``extra``."""
+    if len(reports) == 1:
+        return next(iter(reports.values())), ""
+    total = StageReport()
+    for what, r in reports.items():
+        total.done += [f"{s} [{what}]" for s in r.done]
+        total.skipped += [f"{s} [{what}]" for s in r.skipped]
+        total.failed |= {f"{s} [{what}]": why for s, why in r.failed.items()}
+    return total, "; ".join(f"{what} {r.summary()}" for what, r in reports.items())
+
+
+def _work(args: argparse.Namespace, ctx) -> int:
     try:
-        my_slides([], args.shard)  # a bad --shard stops here
-        reports: dict[str, StageReport] = {}
+        parts = []
         if args.what in ("he", "both"):
-            reports["H&E"] = _run_he(args, ctx, args.shard)
+            parts.append(_plan_he(args, ctx))
         if args.what in ("codex", "both"):
-            reports["CODEX"] = _run_codex(args, ctx, args.shard)
-        for what, rep in reports.items():
-            total = _merge(all_gather_objects(rep))
+            parts.append(_plan_codex(args, ctx))
+        for part in parts:  # every rank checks every slide of the run: all stop alike, before any work
+            fd.check_before_work(part.spec, part.run_slides, args.overwrite, part.desc)
+        if ctx.is_main:
+            for part in parts:
+                save_config(part.config_dir, part.config)
+        reports = {}
+        for part in parts:
+            rep = part.run()
+            barrier()
             if ctx.is_main:
-                log.info("%s features: %s", what, total.summary())
-                for s, why in total.failed.items():
-                    log.error("  failed %s: %s", s, why)
-            code = max(code, 0 if total.ok else 1)
-    except PipelineError as e:
-        log.error("%s", e)
-        code = 2
+                part.after()
+            reports[part.what] = _merge(all_gather_objects(rep))
     finally:
         barrier()
-        cleanup_dist()
-        close_log_file(log_dir / "run.log")
-    return code
+    total, extra = final_report(reports)
+    desc = " + ".join(p.desc for p in parts)
+    if ctx.is_main:
+        return total.finish(desc, extra)
+    return 0 if total.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run stage 07 (see the module docstring); returns the exit code (0, 1 when a slide failed, 2 bad input)."""
+    from hex.cli import run_cli
+
+    return run_cli(build_parser(), argv, _work, _log_file, check_args, logger=log)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,14 @@ times inside the training follow-up), high/low risk split at the TRAINING fold's
 ``--ig``: captum IntegratedGradients on both inputs (see ``mica.attribution``) -> ``ig/{slide}.h5``,
 ``ig/{slide}_heatmap.png`` (over the H&E thumbnail from COHORT/he when the slide is there, else a blank canvas),
 ``ig/ig_summary.csv`` (per slide completeness), ``ig/codex_attribution.csv`` + ``ig/codex_attribution_bar.png``
-(cohort mean attribution per marker). Slides with an up-to-date ``ig/{slide}.h5`` are skipped unless --overwrite.
+(cohort mean attribution per marker). IG is done per slide with these settings (``ig/done/{slide}.json``: steps,
+baseline, target; input: the fold's checkpoint): a done slide is skipped, a retrained fold redoes its slides, other
+IG settings stop before any work ("done with other settings: <diff>; pass --overwrite"); a unit that fails is
+recorded and the others go on (exit 1). Metrics and plots are always recomputed.
+
+Flags, the run (config.json, every fold's checkpoint), the split files and features of every fold, and the output
+folders (writable) are checked before the first fold (exit 2, one line naming the path). The run ends with one
+line: ``mica.test RUN: N folds scored (c_index m ± sd); IG: N slides done, N skipped (already done), N failed: ...``.
 """
 
 from __future__ import annotations
@@ -33,14 +40,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from hex.cli import run_logged
+from hex.cli import EXIT_INPUT_ERROR, run_logged
 from hex.dist import resolve_device
 from mica import plots
-from mica.dataset import BagDataset, FeatureSource, build_fold, read_clinical_table
-from mica.train import patient_table, predict
-from preprocess.utils import PipelineError, atomic_path, save_config, write_json
+from mica.checkpoint import check_fold_files, load_fold_model
+from mica.checkpoint import write_csv as _write_csv
+from mica.dataset import BagDataset, FeatureSource, build_fold, check_fold_inputs, read_clinical_table
+from mica.explain import check_ig, cohort_marker_attribution, ig_settings, ig_spec, run_ig
+from mica.predict import patient_table, predict
+from preprocess.utils import PipelineError, StageReport, ensure_writable, save_config, setup_logging, write_json
+
+# load_fold_model lives in mica.checkpoint, the IG functions in mica.explain (re-exported here)
+__all__ = ["build_parser", "cohort_marker_attribution", "evaluate_fold", "load_fold_model", "load_run_config", "main",
+           "run", "run_ig"]
 
 log = logging.getLogger("mica.test")
 
@@ -66,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("--ig-limit", type=int, default=0,
                     help="explain only the first N validation units per fold (0 = all)")
     ig.add_argument("--thumbnail-size", type=int, default=1024, help="longest side of heatmap thumbnails (px)")
-    ig.add_argument("--overwrite", action="store_true", help="recompute IG files that exist")
+    ig.add_argument("--overwrite", action="store_true",
+                    help="recompute IG files that exist, also those made with other IG settings (metrics and plots "
+                         "are always recomputed)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -82,36 +97,13 @@ def load_run_config(run_dir: Path) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
-def load_fold_model(fold_dir: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The kept model of a fold (strict load of ``checkpoint.safetensors``) and its ``checkpoint.json``."""
-    from safetensors.torch import load_file
-
-    from mica.model import build_model
-
-    meta_p = fold_dir / "checkpoint.json"
-    if not meta_p.is_file():
-        raise PipelineError(f"{meta_p} does not exist: train this fold first (python -m mica.train ...)")
-    meta = json.loads(meta_p.read_text())
-    if not meta.get("complete"):
-        log.warning("%s: the fold's training did not finish; evaluating the checkpoint of epoch %d", fold_dir,
-                    meta["epoch"] + 1)
-    model = build_model(meta["model_args"])
-    state = load_file(str(fold_dir / "checkpoint.safetensors"))
-    want, have = set(model.state_dict()), set(state)
-    if want != have:
-        raise PipelineError(f"{fold_dir / 'checkpoint.safetensors'} does not fit the model its checkpoint.json "
-                            f"describes (missing {sorted(want - have)[:5]}, unexpected {sorted(have - want)[:5]}); "
-                            "was it written by another version of mica.model? retrain the fold")
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval(), meta
-
-
 class RunInputs:
     """Clinical table, split files and feature source of a run (paths from its config, overridable)."""
 
     def __init__(self, cfg: dict[str, Any], args: argparse.Namespace):
         cohort = args.cohort or (Path(cfg["cohort"]) if cfg.get("cohort") else None)
         self.cohort = cohort
+        self._he: dict[str, Path] | None = None
         clinical = args.clinical or cfg.get("clinical") or (cohort / "clinical.csv" if cohort else None)
         splits = args.splits_dir or cfg.get("splits_dir") or (cohort / "splits" if cohort else None)
         if clinical is None or splits is None:
@@ -128,6 +120,21 @@ class RunInputs:
                              codex_encoder=None if self.mode == "path" else c["codex_encoder"],
                              features_dir=c.get("features_dir"), codex_features=c.get("codex_features"))
 
+    def he_path(self, slide: str) -> Path | None:
+        """The slide's H&E file in the cohort (:func:`preprocess.cohort.resolve_slides`: pairs.csv, else he/), for
+        thumbnails; None without a cohort of slides (a warning once when it cannot be resolved)."""
+        if self._he is None:
+            self._he = {}
+            c = self.cohort
+            if c is not None and ((c / "pairs.csv").is_file() or (c / "he").is_dir()):
+                from preprocess.cohort import resolve_slides
+
+                try:
+                    self._he = resolve_slides(c).he_paths()
+                except PipelineError as e:
+                    log.warning("heatmaps on a blank canvas (no thumbnails): %s", e)
+        return self._he.get(slide)
+
     def fold(self, k: int, edges: list[float] | None) -> tuple[BagDataset, BagDataset]:
         tr, va, _ = build_fold(self.clinical, self.splits_dir / f"splits_{k}.csv", self.source(), self.unit,
                                self.mode, self.task, edges=None if edges is None else np.asarray(edges, float))
@@ -136,11 +143,6 @@ class RunInputs:
 
 # ----------------------------------------------------------------------------------------------------------------
 # metrics
-
-
-def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
 
 
 def evaluate_fold(model: torch.nn.Module, train_ds: BagDataset, val_ds: BagDataset, task: str, device: torch.device,
@@ -178,100 +180,33 @@ def summarise(rows: list[dict[str, Any]], metric_cols: Sequence[str]) -> pd.Data
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# integrated gradients
-
-
-def _thumbnail(cohort: Path | None, slide: str, size: int) -> tuple[np.ndarray | None, float | None]:
-    if cohort is None or not (cohort / "he").is_dir():
-        return None, None
-    try:
-        from preprocess.slide_io import HESlide, list_he_slides
-
-        path = list_he_slides(cohort / "he").get(slide)
-        if path is None:
-            return None, None
-        with HESlide(path) as s:
-            return s.thumbnail(size)
-    except Exception as e:  # a thumbnail is decoration: fall back to a blank canvas
-        log.warning("no thumbnail for %s (%s); heatmap on a blank canvas", slide, e)
-        return None, None
-
-
-def _patch_size(source: FeatureSource, slide: str, coords: np.ndarray) -> int:
-    ps = source.patch_size_level0(slide) if source.path_dir is not None else None
-    if ps:
-        return ps
-    d = np.diff(np.unique(coords[:, 0])) if len(coords) else np.array([])
-    return int(d[d > 0].min()) if (d > 0).any() else 224
-
-
-def run_ig(model: torch.nn.Module, meta: dict[str, Any], val_ds: BagDataset, fold: int, ig_dir: Path,
-           inputs: RunInputs, args: argparse.Namespace, device: torch.device, checkpoint_tag: str) -> list[dict]:
-    """IG for every item of ``val_ds``: per-slide h5 + heatmap; returns per-slide summary rows."""
-    from mica.attribution import integrated_gradients, read_ig_h5, split_to_slides, write_ig_h5
-
-    rows, markers = [], meta.get("markers") or val_ds.source.markers or [f"marker_{i}" for i in range(40)]
-    target = "risk" if inputs.task == "survival" else "logit"
-    n = len(val_ds) if not args.ig_limit else min(len(val_ds), args.ig_limit)
-    for i in tqdm(range(n), desc=f"IG fold {fold}", leave=False):
-        unit = val_ds.units[i]
-        files = [ig_dir / f"{s}.h5" for s in unit.slides]
-        if not args.overwrite and all(f.is_file() for f in files):
-            old = [read_ig_h5(f)["attrs"] for f in files]
-            if all(a.get("checkpoint") == checkpoint_tag and a.get("steps") == args.ig_steps
-                   and a.get("baseline") == args.ig_baseline for a in old):
-                rows += [{"slide": s, **{k: a[k] for k in ("case_id", "fold", "f_x", "f_baseline", "delta_abs",
-                                                           "delta")}} for s, a in zip(unit.slides, old)]
-                continue
-        item = val_ds[i]
-        res = integrated_gradients(model, item, inputs.task, inputs.mode, args.ig_steps, args.ig_baseline,
-                                   args.ig_batch or None, device)
-        if np.isfinite(res["delta"]) and res["delta"] > 0.05 and res["delta_abs"] > 1e-3:
-            log.warning("%s: IG completeness off by %.1f%% of f(x)-f(baseline) (raise --ig-steps)", unit.case_id,
-                        100 * res["delta"])
-        for slide, a in split_to_slides(res, item, len(markers)).items():
-            attrs = {"baseline": args.ig_baseline, "steps": args.ig_steps, "delta": res["delta"],
-                     "delta_abs": res["delta_abs"], "f_x": res["f_x"], "f_baseline": res["f_baseline"],
-                     "target": target, "markers": list(markers), "case_id": unit.case_id, "fold": fold,
-                     "slides_of_patient": list(unit.slides), "checkpoint": checkpoint_tag}
-            write_ig_h5(ig_dir / f"{slide}.h5", a["coords"], a["path_attr"], a["codex_attr"], attrs)
-            if len(a["path_attr"]) and (a["coords"] >= 0).all():
-                thumb, ds = _thumbnail(inputs.cohort, slide, args.thumbnail_size)
-                plots.heatmap_plot(a["coords"], a["path_attr"], ig_dir / f"{slide}_heatmap.png",
-                                   _patch_size(val_ds.source, slide, a["coords"]), thumb, ds,
-                                   title=f"{slide} ({target}; fold {fold})")
-            rows.append({"slide": slide, "case_id": unit.case_id, "fold": fold, "f_x": res["f_x"],
-                         "f_baseline": res["f_baseline"], "delta_abs": res["delta_abs"], "delta": res["delta"]})
-    return rows
-
-
-def cohort_marker_attribution(ig_dir: Path, slides: Sequence[str]) -> pd.DataFrame | None:
-    """Mean / sd / mean |.| of ``codex_attr`` per marker over ``slides``; CSV + bar PNG in ``ig_dir``."""
-    from mica.attribution import read_ig_h5
-
-    arrs, markers = [], None
-    for s in slides:
-        d = read_ig_h5(ig_dir / f"{s}.h5")
-        if np.isfinite(d["codex_attr"]).all():
-            arrs.append(d["codex_attr"])
-            markers = d["attrs"]["markers"]
-    if not arrs:
-        return None
-    a = np.stack(arrs)
-    df = pd.DataFrame({"marker": markers, "mean": a.mean(0), "sd": a.std(0, ddof=1) if len(a) > 1 else 0.0,
-                       "mean_abs": np.abs(a).mean(0), "n_slides": len(a)})
-    _write_csv(df, ig_dir / "codex_attribution.csv")
-    plots.marker_bar_plot(list(markers), df["mean"].to_numpy(), df["sd"].to_numpy(),
-                          ig_dir / "codex_attribution_bar.png")
-    return df
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # main
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Flag values, before anything is read or written; one :class:`PipelineError` line naming the flag."""
+    for flag, value, ok, want in (("--ig-steps", args.ig_steps, args.ig_steps >= 1, ">= 1"),
+                                  ("--ig-batch", args.ig_batch, args.ig_batch >= 0, ">= 0"),
+                                  ("--ig-limit", args.ig_limit, args.ig_limit >= 0, ">= 0"),
+                                  ("--thumbnail-size", args.thumbnail_size, args.thumbnail_size >= 16, ">= 16"),
+                                  ("--workers", args.workers, args.workers >= 0, ">= 0"),
+                                  ("--folds", args.folds, not args.folds or min(args.folds) >= 0, "fold indices >= 0")):
+        if not ok:
+            raise PipelineError(f"{flag} {value}: must be {want}")
+
+
+def final_line(run_name: str, rows: list[dict[str, Any]], metric: str, ig: StageReport | None) -> str:
+    """``mica.test RUN: 2 folds scored (c_index 0.70 ± 0.05); IG: 10 done, 2 skipped (already done), 0 failed``."""
+    from mica.survival import mean_sd
+
+    mean, sd = mean_sd([r[metric] for r in rows])
+    line = f"mica.test {run_name}: {len(rows)} folds scored ({metric} {mean:.4f} ± {sd:.4f})"
+    return line if ig is None else f"{line}; {ig.final_line('IG slides')}"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate (and with ``--ig`` explain) the run; returns the summary dict also written to test/summary.json."""
+    """Evaluate (and with ``--ig`` explain) the run; returns the summary dict also written to test/summary.json
+    (``ig.failed``: {slide: reason} of the IG units that failed)."""
     from mica import survival as sv
 
     run_dir = Path(args.out) / "mica_runs" / args.run_name
@@ -280,8 +215,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     folds = args.folds or cfg["folds"]
     test_dir, ig_dir = run_dir / "test", run_dir / "ig"
+    for k in folds:  # every input of every fold before the first one is scored
+        check_fold_files(run_dir / f"fold_{k}")
+    splits = check_fold_inputs(inputs.clinical, inputs.splits_dir, list(folds), inputs.source(), inputs.mode,
+                               inputs.cohort)
+    settings = ig_settings(args, inputs.task, inputs.mode)
+    if args.ig:
+        check_ig(run_dir, {k: splits[k]["val"] for k in folds}, settings, args.overwrite)
     save_config(test_dir, args)
     rows, pooled, td_rows, ig_rows = [], [], [], []
+    ig_report = StageReport() if args.ig else None
     for k in folds:
         fold_dir = run_dir / f"fold_{k}"
         model, meta = load_fold_model(fold_dir, device)
@@ -299,11 +242,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             plots.roc_plot(val["response"], val["prob"], test_dir / f"roc_fold{k}.png", title=f"fold {k}")
         log.info("fold %d: %s", k, {a: (round(b, 4) if isinstance(b, float) else b) for a, b in m.items()})
         if args.ig:
-            st = (fold_dir / "checkpoint.safetensors").stat()
-            tag = f"{fold_dir / 'checkpoint.safetensors'}:{st.st_size}:{int(st.st_mtime)}"
-            ig_rows += run_ig(model, meta, val_ds, k, ig_dir, inputs, args, device, tag)
+            ig_rows += run_ig(model, meta, val_ds, k, ig_spec(run_dir, k, settings), inputs, args, device,
+                              ig_report)
     allv = pd.concat(pooled, ignore_index=True)
     summary: dict[str, Any] = {"run": str(run_dir), "task": inputs.task, "mode": inputs.mode, "folds": folds}
+    metric = "c_index" if inputs.task == "survival" else "auc"
     if inputs.task == "survival":
         table = summarise(rows, ("c_index", "td_auc_mean", "logrank_p"))
         p_all = sv.logrank_pvalue(allv["time"], allv["censorship"], allv["risk_group"] == "high")
@@ -317,24 +260,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary["pooled_auc"] = sv.binary_auc(allv["response"], allv["prob"])
     _write_csv(table, test_dir / "summary.csv")
     summary["per_fold"] = table.to_dict("records")
+    if ig_report is not None:
+        summary["ig"] = {"slides": len(ig_rows), "done": len(ig_report.done), "skipped": len(ig_report.skipped),
+                         "failed": dict(ig_report.failed)}
     if args.ig and ig_rows:
         ig = pd.DataFrame(ig_rows)
         _write_csv(ig, ig_dir / "ig_summary.csv")
         cohort_marker_attribution(ig_dir, ig["slide"].tolist())
-        summary["ig"] = {"slides": len(ig), "max_rel_delta": float(np.nanmax(ig["delta"])),
-                         "median_rel_delta": float(np.nanmedian(ig["delta"]))}
+        summary["ig"] |= {"max_rel_delta": float(np.nanmax(ig["delta"])),
+                          "median_rel_delta": float(np.nanmedian(ig["delta"]))}
         log.info("IG: %d slides, completeness |delta| / |f(x)-f(b)|: median %.2g, max %.2g", len(ig),
                  summary["ig"]["median_rel_delta"], summary["ig"]["max_rel_delta"])
     write_json(test_dir / "summary.json", summary)
     log.info("test summary (%s):\n%s", test_dir / "summary.csv", table.to_string(index=False))
+    line = final_line(args.run_name, rows, metric, ig_report)
+    (log.error if ig_report is not None and ig_report.failed else log.info)("%s", line)
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run stage 09; exit code 0, 1 when an IG unit failed, 2 for a bad flag, input or output folder."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, usage printed); main() returns, never exits
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_INPUT_ERROR
     run_dir = args.out / "mica_runs" / args.run_name
-    log_file = run_dir / "test" / "test.log" if run_dir.is_dir() else None
-    return run_logged(lambda: run(args), log_file, args.log_level, logger=log)
+    try:
+        check_args(args)
+        load_run_config(run_dir)
+        for d in (run_dir / "test", *([run_dir / "ig"] if args.ig else [])):
+            ensure_writable(d, "output folder", f"check {run_dir}")
+    except PipelineError as e:
+        setup_logging(None)
+        log.error("%s", e)
+        return EXIT_INPUT_ERROR
+    result: dict[str, Any] = {}
+    code = run_logged(lambda: result.update(run(args)), run_dir / "test" / "test.log", args.log_level, logger=log)
+    return 1 if code == 0 and result.get("ig", {}).get("failed") else code
 
 
 if __name__ == "__main__":

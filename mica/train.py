@@ -31,7 +31,10 @@ Which epoch is kept: ``--keep last`` (default, the original's) or ``--keep best`
 chosen on the validation fold itself, so its score is optimistic). Resume: rerunning the same command skips folds
 whose ``checkpoint.json`` says ``complete``; a fold killed mid-way continues from its last finished epoch
 (``fold_{k}/state.pt``: model, optimiser, RNG state, history; loaded with ``weights_only=True``) and reproduces the
-uninterrupted run. Changed training settings on an existing run are an error (``--overwrite`` retrains).
+uninterrupted run. Changed training settings on an existing run are an error (``--overwrite`` retrains every fold
+of ``--folds`` afresh). Flags, the run folder (writable), the clinical table, every fold's split file and the
+features of all their slides are checked before the first fold (exit 2, one line naming the path); the run ends
+with one line: ``mica.train RUN: folds N trained, N resumed, N skipped (already done); val c_index m ± sd``.
 Gradient accumulation: the optimiser steps every ``--grad-accum`` patients and once more at the end of an epoch for
 the remainder (the original carried the remainder into the next epoch).
 """
@@ -52,14 +55,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hex.cli import run_logged
+from hex.cli import EXIT_INPUT_ERROR, run_logged
 from hex.dist import resolve_device, rng_state, seed_everything, set_rng_state
-from mica.dataset import BagDataset, FeatureSource, build_fold, read_clinical_table
-from preprocess.utils import PipelineError, atomic_path, save_config, write_json
+from mica.checkpoint import fold_done, save_checkpoint
+from mica.checkpoint import write_csv as _write_csv
+from mica.dataset import BagDataset, FeatureSource, build_fold, check_fold_inputs, read_clinical_table, split_path
+from mica.predict import forward, item_loss, loader, patient_table, predict, score  # noqa: F401 - patient_table: API
+from preprocess.utils import PipelineError, atomic_path, ensure_writable, save_config, setup_logging, write_json
 
 log = logging.getLogger("mica.train")
 
@@ -83,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--codex-encoder", default="dinov2_vits14_reg",
                     help="CODEX encoder whose tokens to use: OUT/codex_features/{codex_encoder}.h5")
     io.add_argument("--codex-features", type=Path, help="explicit CODEX features .h5 (one (40,D) set per slide)")
-    io.add_argument("--overwrite", action="store_true", help="retrain folds that are already done")
+    io.add_argument("--overwrite", action="store_true",
+                    help="retrain every fold of --folds afresh (also done ones, also with other settings)")
     m = p.add_argument_group("model and data")
     m.add_argument("--mode", choices=("coattn", "path", "codex"), default="coattn",
                    help="coattn: CODEX tokens attend over H&E patches (the paper); path / codex: one modality")
@@ -141,100 +146,8 @@ def model_args_for(args: argparse.Namespace, ds: BagDataset) -> dict[str, Any]:
             "d": args.model_dim, "dropout": args.dropout, "fusion": args.fusion}
 
 
-def _identity(x: Any) -> Any:
-    return x
-
-
-def loader(ds: BagDataset, order: Sequence[int], workers: int) -> DataLoader:
-    """Items one by one (batch 1, no collation) in ``order``, read by ``workers`` processes."""
-    return DataLoader(ds, batch_size=None, sampler=list(order), num_workers=workers, collate_fn=_identity,
-                      persistent_workers=False)
-
-
-def forward(model: torch.nn.Module, item: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """(1, out_dim) logits of one item."""
-    path = item["path"][None].to(device) if item["path"] is not None else None
-    codex = item["codex"][None].to(device) if item["codex"] is not None else None
-    return model(path, codex)
-
-
-def item_loss(logits: torch.Tensor, item: dict[str, Any], task: str, alpha: float) -> torch.Tensor:
-    from mica.survival import nll_survival_loss
-
-    dev = logits.device
-    if task == "survival":
-        return nll_survival_loss(logits, item["y_bin"].view(1).to(dev), item["censorship"].view(1).to(dev), alpha)
-    return F.binary_cross_entropy_with_logits(logits[:, 0], item["response"].view(1).to(dev))
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, ds: BagDataset, device: torch.device, task: str, workers: int = 0,
-            alpha: float = 0.0, desc: str = "predict") -> tuple[pd.DataFrame, float]:
-    """Per-item predictions (risk = -sum S for survival, sigmoid prob for response) and the mean loss."""
-    from mica.survival import risk_from_logits
-
-    model.eval()
-    rows, losses = [], []
-    for item in tqdm(loader(ds, range(len(ds)), workers), total=len(ds), desc=desc, leave=False):
-        logits = forward(model, item, device)
-        row: dict[str, Any] = {"case_id": item["case_id"], "slides": ";".join(item["slides"])}
-        losses.append(float(item_loss(logits, item, task, alpha)))
-        if task == "survival":
-            row.update(time=float(item["time"]), censorship=int(item["censorship"]), y_bin=int(item["y_bin"]),
-                       risk=float(risk_from_logits(logits)[0]))
-            row.update({f"logit_{k}": float(v) for k, v in enumerate(logits[0].cpu())})
-        else:
-            z = float(logits[0, 0])
-            row.update(response=int(item["response"]), logit=z, prob=float(1 / (1 + np.exp(-z))))
-        rows.append(row)
-    return pd.DataFrame(rows), float(np.mean(losses)) if losses else float("nan")
-
-
-def patient_table(pred: pd.DataFrame, task: str) -> pd.DataFrame:
-    """One row per patient: slide-level rows (``--unit slide``) averaged (risk / logit; prob recomputed)."""
-    if task == "survival":
-        return pred.groupby("case_id", sort=False).agg(time=("time", "first"), censorship=("censorship", "first"),
-                                                       risk=("risk", "mean")).reset_index()
-    g = pred.groupby("case_id", sort=False).agg(response=("response", "first"), logit=("logit", "mean")).reset_index()
-    g["prob"] = 1 / (1 + np.exp(-g["logit"]))
-    return g
-
-
-def score(pred: pd.DataFrame, task: str) -> float:
-    """Validation c-index (survival) or AUC (response) over patients."""
-    from mica.survival import binary_auc, c_index
-
-    pt = patient_table(pred, task)
-    if task == "survival":
-        return c_index(pt["time"], pt["censorship"], pt["risk"])
-    return binary_auc(pt["response"], pt["prob"])
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # one fold
-
-
-def fold_done(fold_dir: Path) -> dict[str, Any] | None:
-    p = fold_dir / "checkpoint.json"
-    if not p.is_file():
-        return None
-    meta = json.loads(p.read_text())
-    return meta if meta.get("complete") else None
-
-
-def save_checkpoint(fold_dir: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
-    """``checkpoint.safetensors`` (weights) then ``checkpoint.json`` (how to rebuild and use them), atomically."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(fold_dir / "checkpoint.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "mica": json.dumps(meta, default=str)})
-    write_json(fold_dir / "checkpoint.json", meta)
-
-
-def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
 
 
 def train_fold(args: argparse.Namespace, fold: int, run_dir: Path, device: torch.device | str = "cpu",
@@ -253,7 +166,7 @@ def train_fold(args: argparse.Namespace, fold: int, run_dir: Path, device: torch
     clinical_csv, splits_dir = resolve_inputs(args)
     if clinical is None:
         clinical = read_clinical_table(clinical_csv, args.task)
-    split_csv = splits_dir / f"splits_{fold}.csv"
+    split_csv = split_path(splits_dir, fold)
     train_ds, val_ds, edges = build_fold(clinical, split_csv, feature_source(args), args.unit, args.mode, args.task,
                                          args.n_bins, args.bins_from)
     seed_everything(args.seed + fold)
@@ -355,10 +268,16 @@ def write_summary(run_dir: Path, metas: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def check_resume_config(run_dir: Path, args: argparse.Namespace) -> None:
+    """An existing run's ``config.json`` holds the same :data:`RESUME_KEYS` (unless ``--overwrite``), else one line
+    with the differences."""
     p = run_dir / "config.json"
     if not p.is_file() or args.overwrite:
         return
-    old = json.loads(p.read_text())
+    try:
+        old = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"cannot read {p} ({e}); pass --overwrite to retrain the run, or another "
+                            "--run-name") from None
     new = {k: v for k, v in vars(args).items()}
     diff = {k: (old.get(k), str(new.get(k)) if isinstance(new.get(k), Path) else new.get(k)) for k in RESUME_KEYS
             if k in old and str(old.get(k)) != str(new.get(k))}
@@ -367,39 +286,105 @@ def check_resume_config(run_dir: Path, args: argparse.Namespace) -> None:
                             "--overwrite to retrain")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Flag values, before anything is read or written; one :class:`PipelineError` line naming the flag."""
+    checks = (("--epochs", args.epochs, args.epochs >= 1, ">= 1"),
+              ("--grad-accum", args.grad_accum, args.grad_accum >= 1, ">= 1"),
+              ("--lr", args.lr, args.lr > 0, "> 0"),
+              ("--weight-decay", args.weight_decay, args.weight_decay >= 0, ">= 0"),
+              ("--dropout", args.dropout, 0 <= args.dropout < 1, "in [0, 1)"),
+              ("--alpha-surv", args.alpha_surv, 0 <= args.alpha_surv <= 1, "in [0, 1]"),
+              ("--model-dim", args.model_dim, args.model_dim >= 1, ">= 1"),
+              ("--n-bins", args.n_bins, args.n_bins >= 1, ">= 1"),
+              ("--workers", args.workers, args.workers >= 0, ">= 0"),
+              ("--folds", args.folds, all(k >= 0 for k in args.folds) and len(set(args.folds)) == len(args.folds),
+               "distinct fold indices >= 0"))
+    for flag, value, ok, want in checks:
+        if not ok:
+            raise PipelineError(f"{flag} {value}: must be {want}")
+    if args.cohort is None and (args.clinical is None or args.splits_dir is None):
+        raise PipelineError("pass --cohort COHORT (or both --clinical and --splits-dir)")
+    if args.cohort is not None and not args.cohort.is_dir():
+        raise PipelineError(f"cohort folder {args.cohort} does not exist; pass --cohort (clinical.csv, splits/)")
+
+
+def _fold_status(fold_dir: Path) -> str:
+    if fold_done(fold_dir) is not None:
+        return "skipped"
+    return "resumed" if (fold_dir / "state.pt").is_file() else "trained"
+
+
+def final_line(run_name: str, status: dict[int, str], metas: list[dict[str, Any]] | None,
+               waiting: list[int]) -> str:
+    """``mica.train RUN: 2 folds trained (0, 1), 1 resumed (2), 0 skipped (already done); val c_index 0.71 ± 0.03
+    over 3 folds``: this process's folds and, once every fold is done, the run's mean ± sd (sample sd)."""
+    from mica.survival import mean_sd
+
+    parts = []
+    for what, label in (("trained", "trained"), ("resumed", "resumed"), ("skipped", "skipped (already done)")):
+        ks = [k for k, st in status.items() if st == what]
+        parts.append(f"{len(ks)} {label}" + (f" ({', '.join(map(str, ks))})" if ks else ""))
+    line = f"mica.train {run_name}: folds {', '.join(parts)}"
+    if metas:
+        name = metas[0]["metric_name"]
+        mean, sd = mean_sd([m["metrics"][name] for m in metas])
+        line += f"; val {name} {mean:.4f} ± {sd:.4f} over {len(metas)} folds"
+    if waiting:
+        line += f"; folds {waiting} not finished yet (other processes: the last writes summary.csv)"
+    return line
+
+
 def run(args: argparse.Namespace) -> pd.DataFrame | None:
-    """Train every fold of ``args.folds`` assigned to this process; returns the summary once all folds are done."""
+    """Train every fold of ``args.folds`` assigned to this process; returns the summary once all folds are done.
+
+    Every input of every fold (clinical table, split files, the features of their slides) and the run's settings
+    are checked before the first fold, so a bad input stops the run before any training."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     run_dir = Path(args.out) / "mica_runs" / args.run_name
-    if args.epochs < 1 or args.grad_accum < 1:
-        raise PipelineError("--epochs and --grad-accum must be >= 1")
-    clinical_csv, _ = resolve_inputs(args)
+    clinical_csv, splits_dir = resolve_inputs(args)
     clinical = read_clinical_table(clinical_csv, args.task)
+    check_fold_inputs(clinical, splits_dir, list(args.folds), feature_source(args), args.mode, args.cohort)
     check_resume_config(run_dir, args)
     if rank == 0:
         save_config(run_dir, args)
+        if args.overwrite:
+            stale = sorted(p.name for p in run_dir.glob("fold_*") if p.name not in {f"fold_{k}" for k in args.folds})
+            if stale:
+                log.warning("%s: %s stay from an earlier run (not in --folds, not retrained)", run_dir, stale)
     mine = [f for i, f in enumerate(args.folds) if i % world == rank]
+    status: dict[int, str] = {}
     for fold in mine:
         if args.overwrite and (run_dir / f"fold_{fold}").exists():
             shutil.rmtree(run_dir / f"fold_{fold}")
+        status[fold] = _fold_status(run_dir / f"fold_{fold}")
         train_fold(args, fold, run_dir, device, clinical)
     metas = [fold_done(run_dir / f"fold_{f}") for f in args.folds]
-    if any(m is None for m in metas):
-        log.info("folds %s not finished yet (other processes); their last process writes summary.csv",
-                 [f for f, m in zip(args.folds, metas) if m is None])
-        return None
-    df = write_summary(run_dir, metas)  # type: ignore[arg-type]
-    log.info("summary (%s):\n%s", run_dir / "summary.csv", df.to_string(index=False))
+    waiting = [f for f, m in zip(args.folds, metas) if m is None]
+    df = None
+    if not waiting:
+        df = write_summary(run_dir, metas)  # type: ignore[arg-type]
+        log.info("summary (%s):\n%s", run_dir / "summary.csv", df.to_string(index=False))
+    log.info("%s", final_line(args.run_name, status, None if waiting else metas, waiting))  # type: ignore[arg-type]
     return df
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run stage 08; exit code 0, or 2 for a bad flag, input or output folder (one line, no traceback)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, usage printed); main() returns, never exits
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_INPUT_ERROR
+    rank = int(os.environ.get("RANK", 0))
     run_dir = args.out / "mica_runs" / args.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_logged(lambda: run(args), run_dir / "train.log", args.log_level, rank=int(os.environ.get("RANK", 0)),
-                      logger=log)
+    try:
+        check_args(args)
+        ensure_writable(run_dir, "run folder", "choose another --out or --run-name")
+    except PipelineError as e:
+        setup_logging(None, rank=rank)
+        log.error("%s", e)
+        return EXIT_INPUT_ERROR
+    return run_logged(lambda: run(args), run_dir / "train.log", args.log_level, rank=rank, logger=log)
 
 
 if __name__ == "__main__":

@@ -2,62 +2,83 @@
 
     python -m preprocess.check_cohort COHORT [--out OUT]
 
-Checks (COHORT in the sample-cohort layout of docs/FORMATS.md):
+Checks (COHORT in the sample-cohort layout of docs/FORMATS.md). The slides are those every stage resolves
+(:func:`preprocess.cohort.resolve_slides`): the rows of ``pairs.csv`` when it exists, else the files of ``he/``;
+the id is the file name as written up to its first dot (a link keeps its own name).
 
-- ``he/``: every file opens with OpenSlide, has a level-0 µm/px (else a warning: the stages need ``--mpp``), is not
-  empty, has an ASCII name (warning otherwise); no two files share a slide id (the file name up to its first dot,
-  so a rescan ``slide_000.v2.tif`` beside ``slide_000.tif`` is an error); a symbolic link must point to an existing
-  file with the same slide id (stages name outputs after the link or after its target).
-- ``pairs.csv``: its files exist and its slide ids are those of ``he/``.
-- ``codex/``: every CODEX opens, has a pixel size (``PhysicalSizeX/Y``) and its OME channel names agree with
-  ``marker_panel.csv`` (case and punctuation ignored).
-- ``clinical.csv``: columns ``case_id,slide_id,survival_months,censorship``, one row per slide, slides in ``he/``.
-- ``splits/splits_*.csv``: columns ``train,val``, slides in ``he/``, no slide and no patient (via ``clinical.csv``)
-  in both columns.
+- ``he/`` and ``pairs.csv``: two files with one id (a rescan ``slide_000.v2.tif`` beside ``slide_000.tif``) are an
+  error without ``pairs.csv`` (every stage stops) and a warning naming the file used with it; ``he/`` files that
+  ``pairs.csv`` does not list are a warning (not processed); a file or link that does not exist, or two ids that
+  are one file (links, a repeated row), are errors; a link with another name is fine and noted with its target
+  (outputs are named after the link). Every slide opens with OpenSlide, is not empty, has a level-0 µm/px (else a
+  warning: the stages need ``--mpp``) and an ASCII name (warning otherwise). Whatever makes the stages' resolver
+  stop is an error too.
+- ``codex/`` (or the CODEX of ``pairs.csv``): every CODEX opens, has a pixel size (``PhysicalSizeX/Y``) and its OME
+  channel names agree with ``marker_panel.csv`` (case and punctuation ignored); the panel maps one marker per
+  channel.
+- ``clinical.csv``: columns ``case_id,slide_id,survival_months,censorship``, one row per slide; ids that are not
+  the cohort's slides, and slides without a row, are warnings.
+- ``splits/splits_*.csv``: columns ``train,val``, slides of the cohort, no slide and no patient (via
+  ``clinical.csv``) in both columns.
+- ``--out``: the output root is a folder (or can be created) and writable.
 
-Table columns: he, codex, mpp, panel, clinical, splits; each cell is ``ok`` or the (shortened) problem; every
-problem is then listed in full. Exit status: 0 when nothing is an error (warnings do not fail), 1 when anything
-is, 2 when COHORT is not a folder.
+Table columns: he, codex, mpp, panel, clinical, splits; each cell is ``ok`` (or a note) or the (shortened) problem;
+every finding is then listed in full. Exit status: 0 when nothing is an error (warnings do not fail), 1 when
+anything is, 2 when COHORT is not a folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocess.cohort_tables import COHORT_ROW, ERROR, WARNING, check_clinical, check_splits
+from preprocess.cohort import CODEX_EXTENSIONS, HE_EXTENSIONS, read_pairs_table, resolve_slides
+from preprocess.cohort_tables import (
+    COHORT_ROW,
+    ERROR,
+    INFO,
+    WARNING,
+    check_clinical,
+    check_output_folder,
+    check_panel_channels,
+    check_splits,
+)
 from preprocess.panel import read_marker_panel, resolve_channel_map
-from preprocess.slide_io import HE_EXTENSIONS, CodexImage, HESlide, read_pairs
+from preprocess.slide_io import CodexImage, HESlide
 from preprocess.utils import PipelineError, slide_id_from_path
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("he", "codex", "mpp", "panel", "clinical", "splits")
+_RANK = {ERROR: 0, WARNING: 1, INFO: 2}
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One problem: the slide it concerns (``COHORT_ROW`` for the whole cohort), the table column, its level
-    (``"error"`` or ``"warning"``) and a message naming the file and the fix."""
+    """One finding: the slide it concerns (``COHORT_ROW`` for the whole cohort), the table column, its level
+    (``"error"``, ``"warning"`` or ``"info"``: fine, worth knowing), a message naming the file and the fix, and
+    optionally a short text for the table cell."""
 
     slide: str
     column: str
     level: str
     message: str
+    short: str = ""
 
 
 @dataclass
 class CohortCheck:
-    """Outcome of :func:`check_cohort`: the slide ids of ``he/`` (sorted), every finding and per-slide mpp text."""
+    """Outcome of :func:`check_cohort`: the cohort's slide ids as the stages resolve them (``pairs.csv`` when present,
+    else ``he/``; sorted), every finding, per-slide mpp text and where the slides came from (``source``)."""
 
     slides: list[str]
     findings: list[Finding]
     mpp: dict[str, str]
+    source: str = ""
 
     @property
     def ok(self) -> bool:
@@ -69,28 +90,26 @@ class CohortCheck:
     def warnings(self) -> list[Finding]:
         return [f for f in self.findings if f.level == WARNING]
 
+    def infos(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == INFO]
+
 
 class _Collector:
     def __init__(self) -> None:
         self.findings: list[Finding] = []
 
-    def add(self, slide: str, column: str, level: str, message: str) -> None:
-        self.findings.append(Finding(slide, column, level, message))
+    def add(self, slide: str, column: str, level: str, message: str, short: str = "") -> None:
+        self.findings.append(Finding(slide, column, level, message, short))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# H&E
+# slides: the rules of preprocess.cohort.resolve_slides, every problem listed instead of the first
 
 
-def _check_he(cohort: Path, c: _Collector, mpp: dict[str, str]) -> dict[str, Path]:
-    """Check ``he/``; returns {slide id: path} of the files that pass (one per id)."""
-    he_dir = cohort / "he"
-    if not he_dir.is_dir():
-        c.add(COHORT_ROW, "he", ERROR, f"H&E folder not found: {he_dir} (put the H&E slides in COHORT/he/)")
-        return {}
-    entries = sorted(p for p in he_dir.iterdir() if not p.name.startswith("."))
+def _he_files(he_dir: Path, c: _Collector) -> dict[str, list[Path]]:
+    """{id: [files]} of ``he/`` as the stages list it (visible files with an H&E extension, names as written)."""
     by_id: dict[str, list[Path]] = {}
-    for p in entries:
+    for p in sorted(q for q in he_dir.iterdir() if not q.name.startswith(".")):
         if p.is_dir() and not p.name.lower().endswith(".mrxs"):  # .mrxs keeps a data folder beside the file
             if not (he_dir / f"{p.name}.mrxs").exists():
                 c.add(COHORT_ROW, "he", WARNING, f"{p} is a folder, not a slide; it is ignored")
@@ -99,46 +118,109 @@ def _check_he(cohort: Path, c: _Collector, mpp: dict[str, str]) -> dict[str, Pat
             c.add(COHORT_ROW, "he", WARNING, f"{p}: not an H&E slide extension ({', '.join(HE_EXTENSIONS)}); "
                                             "the stages ignore it")
             continue
-        by_id.setdefault(slide_id_from_path(p), []).append(p)
+        by_id.setdefault(slide_id_from_path(p), []).append(Path(os.path.abspath(p)))
+    return by_id
 
-    good: dict[str, Path] = {}
+
+def _codex_folder(cohort: Path, ids: list[str], c: _Collector) -> dict[str, Path | None]:
+    """Without ``pairs.csv``: ``codex/{slide}.*`` (CODEX extensions) for each id; two files for one id: an error."""
+    codex_dir = cohort / "codex"
+    found: dict[str, list[Path]] = {}
+    if codex_dir.is_dir():
+        for p in sorted(codex_dir.iterdir()):
+            if not p.name.startswith(".") and p.suffix.lower() in CODEX_EXTENSIONS and not p.is_dir():
+                found.setdefault(slide_id_from_path(p), []).append(p)
+    out: dict[str, Path | None] = {}
+    for sid in ids:
+        ps = found.get(sid, [])
+        if len(ps) > 1:
+            c.add(sid, "codex", ERROR, f"{len(ps)} CODEX images share the slide id {sid} in {codex_dir} "
+                                       f"({', '.join(p.name for p in ps)}); keep one, or list it in pairs.csv")
+        elif not ps:
+            c.add(sid, "codex", WARNING, f"no CODEX image for {sid} in {codex_dir}")
+        out[sid] = ps[0] if len(ps) == 1 else None
+    return out
+
+
+def _resolve(cohort: Path, c: _Collector) -> tuple[dict[str, tuple[Path, Path | None]], str]:
+    """The cohort's slides {id: (H&E path as written, CODEX path or None)} and their source, as
+    :func:`preprocess.cohort.resolve_slides` finds them: ``pairs.csv`` when present, else ``he/`` (+ ``codex/``)."""
+    he_dir, pairs_path = cohort / "he", cohort / "pairs.csv"
+    files = _he_files(he_dir, c) if he_dir.is_dir() else {}
+    if pairs_path.exists():
+        try:
+            rows = read_pairs_table(pairs_path)  # columns, a slide listed twice
+        except PipelineError as e:
+            c.add(COHORT_ROW, "he", ERROR, str(e))
+            return {}, str(pairs_path)
+        slides = {sid: (he, cx) for sid, he, cx in rows}
+        for sid, ps in sorted(files.items()):
+            names = ", ".join(p.name for p in ps)
+            if sid not in slides:
+                c.add(sid, "he", WARNING, f"{he_dir} holds {names} (slide id {sid}), which {pairs_path} does not "
+                                          "list: the stages do not process it (add a row, or move the file)",
+                      short=f"not in {pairs_path.name}")
+            elif len(ps) > 1:
+                c.add(sid, "he", WARNING, f"{he_dir} holds {len(ps)} files with the slide id {sid} ({names}); "
+                                          f"{pairs_path.name} uses {slides[sid][0].name} and every stage reads that "
+                                          "one (move the others out of he/ to be sure)",
+                      short=f"{len(ps)} files: {names}")
+        for sid, (he, cx) in slides.items():
+            if cx is None:
+                c.add(sid, "codex", WARNING, f"{pairs_path} gives no CODEX image for {sid}; it cannot be registered "
+                                             "or labelled")
+            elif not cx.exists():
+                c.add(sid, "codex", ERROR, f"{pairs_path} names the CODEX image {cx}, which does not exist")
+                slides[sid] = (he, None)
+        return slides, str(pairs_path)
+    if not he_dir.is_dir():
+        c.add(COHORT_ROW, "he", ERROR, f"H&E folder not found: {he_dir} (put the H&E slides in COHORT/he/, or list "
+                                       "them in COHORT/pairs.csv)")
+        return {}, str(he_dir)
+    c.add(COHORT_ROW, "codex", WARNING, f"no pairs.csv in {cohort}: CODEX images are looked up as codex/{{slide}}.*")
+    for sid, ps in sorted(files.items()):
+        if len(ps) > 1:
+            c.add(sid, "he", ERROR, f"{len(ps)} H&E files share the slide id {sid} ({', '.join(p.name for p in ps)}) "
+                                    f"in {he_dir}; every stage stops on this: move rescans out of he/, rename so the "
+                                    "part before the first dot differs, or list the one to use in pairs.csv",
+                  short=f"{len(ps)} files: {', '.join(p.name for p in ps)}")
+    ids = sorted(files)
+    codex = _codex_folder(cohort, ids, c)
+    return {sid: (files[sid][0], codex[sid]) for sid in ids}, str(he_dir)
+
+
+def _check_he(slides: dict[str, tuple[Path, Path | None]], c: _Collector, mpp: dict[str, str],
+              skip: set[str]) -> None:
+    """Each slide's H&E file: exists (a link: its target; another name is fine, noted with the target), not empty,
+    opens, has a pixel size, ASCII name; no two ids are one file. ``skip``: ids already in error (not opened)."""
     targets: dict[Path, list[str]] = {}
-    for sid, paths in sorted(by_id.items()):
-        if len(paths) > 1:
-            names = ", ".join(p.name for p in paths)
-            c.add(sid, "he", ERROR, f"{len(paths)} H&E files share the slide id {sid} ({names}) in {he_dir}; keep one "
-                                    "per slide (move rescans out of he/, or rename so the part before the first dot "
-                                    "differs)")
+    for sid, (p, _) in sorted(slides.items()):
+        if sid in skip:
             continue
-        p = paths[0]
         if not p.name.isascii():
             c.add(sid, "he", WARNING, f"{p.name}: non-ASCII file name; some tools and clusters mangle it, rename it "
                                       "with ASCII characters")
-        if p.is_symlink():
-            target = Path(os.path.realpath(p))
-            if not target.exists():
-                c.add(sid, "he", ERROR, f"{p} is a symbolic link to {os.readlink(p)}, which does not exist; fix the "
-                                        "link or copy the slide into he/")
-                continue
-            if slide_id_from_path(target) != sid:
-                c.add(sid, "he", ERROR, f"{p} is a symbolic link to {target}, whose slide id "
-                                        f"{slide_id_from_path(target)} differs from {sid}; stages would name outputs "
-                                        "after either; rename the link or the target so both ids agree")
-                continue
-            targets.setdefault(target, []).append(sid)
-        else:
-            targets.setdefault(p.resolve(), []).append(sid)
+        if p.is_symlink() and not p.exists():
+            c.add(sid, "he", ERROR, f"{p} is a symbolic link to {os.readlink(p)}, which does not exist; fix the "
+                                    "link or copy the slide there")
+            continue
+        if not p.exists():
+            c.add(sid, "he", ERROR, f"the H&E file {p} of slide {sid} does not exist; fix the path or the file name")
+            continue
+        target = Path(os.path.realpath(p))
+        targets.setdefault(target, []).append(sid)
+        if p.is_symlink() and slide_id_from_path(target) != sid:
+            c.add(sid, "he", INFO, f"{p} is a symbolic link to {target}: every stage names this slide {sid}, after "
+                                   "the link", short=f"ok, link to {target.name}")
         if p.stat().st_size == 0:
             c.add(sid, "he", ERROR, f"{p} is an empty (zero-byte) file; copy the slide again")
             continue
-        if _open_he(sid, p, c, mpp):
-            good[sid] = p
-    for target, sids in targets.items():
+        _open_he(sid, p, c, mpp)
+    for target, sids in sorted(targets.items()):
         if len(sids) > 1:
             for sid in sids:
-                c.add(sid, "he", ERROR, f"slides {', '.join(sids)} in {he_dir} are the same file {target}; keep one")
-                good.pop(sid, None)
-    return good
+                c.add(sid, "he", ERROR, f"slides {', '.join(sids)} are one file {target} (links or a repeated row); "
+                                        "keep one id per slide (one slide under two ids lands in two splits)")
 
 
 def _open_he(sid: str, p: Path, c: _Collector, mpp: dict[str, str]) -> bool:
@@ -160,64 +242,22 @@ def _open_he(sid: str, p: Path, c: _Collector, mpp: dict[str, str]) -> bool:
     return True
 
 
+def _stages_agree(cohort: Path, c: _Collector) -> None:
+    """What the stages themselves do (:func:`preprocess.cohort.resolve_slides`): a stop not found above is added."""
+    quiet = logging.getLogger("preprocess.cohort")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warnings are findings already
+    try:
+        resolve_slides(cohort)
+    except PipelineError as e:
+        if not any(f.level == ERROR and f.column in ("he", "codex") for f in c.findings):
+            c.add(COHORT_ROW, "he", ERROR, f"the stages stop on this cohort: {e}")
+    finally:
+        quiet.setLevel(level)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# pairs, CODEX, panel
-
-
-def _codex_paths(cohort: Path, he: dict[str, Path], all_ids: list[str], c: _Collector) -> dict[str, Path | None]:
-    """{slide: CODEX path or None}: from ``pairs.csv`` (checked against ``he/``) or ``codex/{slide}.*``."""
-    pairs_path = cohort / "pairs.csv"
-    out: dict[str, Path | None] = {}
-    if pairs_path.exists():
-        try:
-            read_pairs(pairs_path)  # its own checks: columns, a slide listed twice
-        except PipelineError as e:
-            c.add(COHORT_ROW, "codex", ERROR, str(e))
-            return {}
-        pairs = _pairs_as_written(pairs_path)
-        for sid, (he_path, codex) in pairs.items():
-            if sid not in all_ids:
-                c.add(sid, "he", ERROR, f"pairs.csv ({pairs_path}) lists slide {sid} ({he_path}) that is not in "
-                                        f"{cohort / 'he'} under that id; fix the row or the file name")
-            if not he_path.exists():
-                c.add(sid, "he", ERROR, f"pairs.csv ({pairs_path}) names the H&E file {he_path}, which does not exist")
-            if codex is None:
-                c.add(sid, "codex", WARNING, f"pairs.csv ({pairs_path}) gives no CODEX image for {sid}; it cannot be "
-                                             "registered or labelled")
-            elif not codex.exists():
-                c.add(sid, "codex", ERROR, f"pairs.csv ({pairs_path}) names the CODEX image {codex}, which does not "
-                                           "exist")
-                codex = None
-            out[sid] = codex
-        for sid in all_ids:
-            if sid not in pairs:
-                c.add(sid, "codex", WARNING, f"slide {sid} is not in {pairs_path}; stages that read it skip the slide")
-        return out
-    c.add(COHORT_ROW, "codex", WARNING, f"no pairs.csv in {cohort}: CODEX images are looked up as codex/{{slide}}.*")
-    codex_dir = cohort / "codex"
-    found = {}
-    if codex_dir.is_dir():
-        for p in sorted(codex_dir.iterdir()):
-            if not p.name.startswith("."):
-                found.setdefault(slide_id_from_path(p), p)
-    for sid in he:
-        out[sid] = found.get(sid)
-        if out[sid] is None:
-            c.add(sid, "codex", WARNING, f"no CODEX image for {sid} in {codex_dir}")
-    return out
-
-
-def _pairs_as_written(path: Path) -> dict[str, tuple[Path, Path | None]]:
-    """``pairs.csv`` rows by the slide id of the H&E path as written (a link keeps its own name; ``read_pairs``
-    resolves links, so its ids are the targets')."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    out: dict[str, tuple[Path, Path | None]] = {}
-    for r in rows:
-        he = path.parent / r["he_slide"].strip()
-        cx = (r["codex_image"] or "").strip()
-        out[slide_id_from_path(he)] = (he, path.parent / cx if cx else None)
-    return out
+# CODEX and panel
 
 
 def _check_codex(sid: str, path: Path, panel: list[tuple[int, str]] | None, panel_path: Path, c: _Collector,
@@ -254,18 +294,6 @@ def _check_codex(sid: str, path: Path, panel: list[tuple[int, str]] | None, pane
 # clinical and splits
 
 
-def check_output_folder(out: Path, c: _Collector) -> None:
-    """``out`` must be a writable folder, or creatable in a writable parent."""
-    p = out.resolve()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if not p.is_dir():
-        c.add(COHORT_ROW, "he", ERROR, f"output folder {out}: {p} is not a folder; choose another OUT")
-    elif not os.access(p, os.W_OK | os.X_OK):
-        c.add(COHORT_ROW, "he", ERROR, f"output folder {out} is not writable ({p}); choose another OUT or fix its "
-                                       "permissions")
-
-
 def check_cohort(cohort: str | os.PathLike, out: str | os.PathLike | None = None) -> CohortCheck:
     """Run every check on ``cohort`` (and the output folder ``out`` when given); see the module docstring."""
     cohort = Path(cohort)
@@ -273,11 +301,12 @@ def check_cohort(cohort: str | os.PathLike, out: str | os.PathLike | None = None
         raise PipelineError(f"cohort folder not found: {cohort}")
     c = _Collector()
     mpp: dict[str, str] = {}
-    he = _check_he(cohort, c, mpp)
-    he_dir = cohort / "he"
-    all_ids = sorted({slide_id_from_path(p) for p in he_dir.iterdir()
-                      if not p.name.startswith(".") and p.suffix.lower() in HE_EXTENSIONS}) if he_dir.is_dir() else []
-    codex = _codex_paths(cohort, he, all_ids, c)
+    slides, source = _resolve(cohort, c)
+    in_error = {f.slide for f in c.findings if f.level == ERROR and f.column == "he"}
+    _check_he(slides, c, mpp, in_error)
+    if slides:
+        _stages_agree(cohort, c)
+    ids = sorted(slides)
     panel_path = cohort / "marker_panel.csv"
     panel = None
     if panel_path.exists():
@@ -285,16 +314,18 @@ def check_cohort(cohort: str | os.PathLike, out: str | os.PathLike | None = None
             panel = read_marker_panel(panel_path)
         except PipelineError as e:
             c.add(COHORT_ROW, "panel", ERROR, str(e))
+        else:
+            check_panel_channels(panel, panel_path, c)
     else:
         c.add(COHORT_ROW, "panel", WARNING, f"no marker panel {panel_path}: stages map markers by OME channel names")
-    for sid, path in sorted(codex.items()):
-        if path is not None and sid in all_ids:
+    for sid, (_, path) in sorted(slides.items()):
+        if path is not None:
             _check_codex(sid, path, panel, panel_path, c, mpp)
-    case_of = check_clinical(cohort, all_ids, c)
-    check_splits(cohort, all_ids, case_of, c)
+    case_of = check_clinical(cohort, ids, c, source)
+    check_splits(cohort, ids, case_of, c, source)
     if out is not None:
         check_output_folder(Path(out), c)
-    return CohortCheck(slides=all_ids, findings=c.findings, mpp=mpp)
+    return CohortCheck(slides=ids, findings=c.findings, mpp=mpp, source=source)
 
 
 def _short(text: str, width: int) -> str:
@@ -312,10 +343,12 @@ def format_table(result: CohortCheck, width: int = 34) -> str:
         row = [sid]
         for col in COLUMNS:
             fs = [f for f in result.findings if f.slide == sid and f.column == col]
-            fs.sort(key=lambda f: f.level != ERROR)
-            if fs:
+            fs.sort(key=lambda f: _RANK[f.level])
+            if fs and fs[0].level == INFO:
+                cell = fs[0].short or f"ok: {fs[0].message}"
+            elif fs:
                 tag = "ERROR" if fs[0].level == ERROR else "warn"
-                cell = f"{tag}: {fs[0].message}"
+                cell = f"{tag}: {fs[0].short or fs[0].message}"
             elif col == "mpp" and sid in result.mpp:
                 cell = result.mpp[sid]
             else:
@@ -327,13 +360,15 @@ def format_table(result: CohortCheck, width: int = 34) -> str:
 
 
 def format_report(result: CohortCheck) -> str:
-    """The table, every problem in full, and a one-line summary."""
+    """The table, every finding in full (errors, then warnings, then notes), and a one-line summary."""
     lines = [format_table(result), ""]
-    for f in sorted(result.findings, key=lambda f: (f.level != ERROR, f.slide, f.column)):
+    for f in sorted(result.findings, key=lambda f: (_RANK[f.level], f.slide, f.column)):
         lines.append(f"{f.level.upper()} [{f.slide} / {f.column}] {f.message}")
-    n_e, n_w = len(result.errors()), len(result.warnings())
+    n_e, n_w, n_i = len(result.errors()), len(result.warnings()), len(result.infos())
     verdict = "cohort OK" if result.ok else "cohort has errors: fix them before running the stages"
-    lines.append(f"{verdict}: {len(result.slides)} slides, {n_e} errors, {n_w} warnings")
+    notes = f", {n_i} notes" if n_i else ""
+    lines.append(f"{verdict}: {len(result.slides)} slides, {n_e} errors, {n_w} warnings{notes} (slides from "
+                 f"{result.source})")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""The table checks of :mod:`preprocess.check_cohort`: ``clinical.csv`` and ``splits/splits_*.csv``.
+"""The table and folder checks of :mod:`preprocess.check_cohort`: ``clinical.csv``, ``splits/splits_*.csv``, the
+marker panel's channels and the output folder.
 
 Each check adds findings to the collector it is given (``c.add(slide, column, level, message)``), using the slide
 ids found in ``he/``; see :mod:`preprocess.check_cohort` for the rules and the report.
@@ -6,11 +7,13 @@ ids found in ``he/``; see :mod:`preprocess.check_cohort` for the rules and the r
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 COHORT_ROW = "(cohort)"
-ERROR, WARNING = "error", "warning"
+ERROR, WARNING, INFO = "error", "warning", "info"
 CLINICAL_COLUMNS = ("case_id", "slide_id", "survival_months", "censorship")
 
 
@@ -24,8 +27,10 @@ def _read_csv(path: Path, c: Any, column: str):
         return None
 
 
-def check_clinical(cohort: Path, ids: list[str], c: Any) -> dict[str, str]:
-    """Check ``clinical.csv``; returns {slide: case id}."""
+def check_clinical(cohort: Path, ids: list[str], c: Any, source: str = "") -> dict[str, str]:
+    """Check ``clinical.csv`` against the cohort's slide ``ids`` (from ``source``: pairs.csv or he/); returns
+    {slide: case id}."""
+    source = source or str(cohort / "he")
     path = cohort / "clinical.csv"
     if not path.exists():
         c.add(COHORT_ROW, "clinical", WARNING, f"no clinical table {path}: the MICA stages (08, 09) need it")
@@ -52,7 +57,8 @@ def check_clinical(cohort: Path, ids: list[str], c: Any) -> dict[str, str]:
             c.add(str(sid), "clinical", ERROR, f"clinical table {path}: censorship of {sid} is {row['censorship']!r}; "
                                                "use 1 = censored, 0 = event")
     for sid in sorted(set(case_of) - set(ids)):
-        c.add(sid, "clinical", WARNING, f"clinical table {path} lists slide {sid}, which is not in {cohort / 'he'}")
+        c.add(sid, "clinical", WARNING, f"clinical table {path} lists slide {sid}, which is not a slide of the "
+                                        f"cohort ({source}); the MICA stages leave it out")
     for sid in ids:
         if sid not in case_of:
             c.add(sid, "clinical", WARNING, f"slide {sid} has no row in {path}; the MICA stages leave it out")
@@ -67,7 +73,10 @@ def _is_number(v: str) -> bool:
     return bool(str(v).strip()) and str(v).strip().lower() != "nan"
 
 
-def check_splits(cohort: Path, ids: list[str], case_of: dict[str, str], c: Any) -> None:
+def check_splits(cohort: Path, ids: list[str], case_of: dict[str, str], c: Any, source: str = "") -> None:
+    """Check ``splits/splits_*.csv`` against the cohort's slide ``ids`` (from ``source``) and the patients of
+    ``case_of``: unknown slides, a slide or a patient in train and val."""
+    source = source or str(cohort / "he")
     split_dir = cohort / "splits"
     files = sorted(split_dir.glob("splits_*.csv")) if split_dir.is_dir() else []
     if not files:
@@ -85,8 +94,8 @@ def check_splits(cohort: Path, ids: list[str], case_of: dict[str, str], c: Any) 
         for k, values in cols.items():
             listed.update(values)
             for sid in sorted(set(values) - set(ids)):
-                c.add(sid, "splits", ERROR, f"split file {path} lists slide {sid} in {k!r}, which is not in "
-                                            f"{cohort / 'he'} (split files hold slide ids, not case ids)")
+                c.add(sid, "splits", ERROR, f"split file {path} lists slide {sid} in {k!r}, which is not a slide "
+                                            f"of the cohort ({source}; split files hold slide ids, not case ids)")
         for sid in sorted(set(cols["train"]) & set(cols["val"])):
             c.add(sid, "splits", ERROR, f"split file {path} lists slide {sid} in both train and val")
         if case_of:
@@ -102,3 +111,41 @@ def check_splits(cohort: Path, ids: list[str], case_of: dict[str, str], c: Any) 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# panel and output folder
+
+
+def check_panel_channels(panel: list[tuple[int, str]], panel_path: Path, c: Any) -> bool:
+    """One marker per channel, channels >= 0; returns False (an error added) otherwise."""
+    by_channel: dict[int, list[str]] = {}
+    for ch, m in panel:
+        by_channel.setdefault(ch, []).append(m)
+    ok = True
+    for ch, ms in sorted(by_channel.items()):
+        if ch < 0:
+            c.add(COHORT_ROW, "panel", ERROR, f"marker panel {panel_path} maps {', '.join(ms)} to channel {ch}; "
+                                              "channels are 0-based indices >= 0")
+            ok = False
+        elif len(ms) > 1:
+            c.add(COHORT_ROW, "panel", ERROR, f"marker panel {panel_path} maps {len(ms)} markers to channel {ch} "
+                                              f"({', '.join(ms)}); each channel holds one marker: fix the channel "
+                                              "indices (duplicate labels otherwise)")
+            ok = False
+    return ok
+
+
+def check_output_folder(out: Path, c: Any) -> None:
+    """``out`` must be a writable folder, or creatable in a writable parent (probed with a file written and removed
+    in the deepest folder that exists; nothing is created)."""
+    p = Path(os.path.abspath(out))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        c.add(COHORT_ROW, "he", ERROR, f"output folder {out}: {p} is not a folder; choose another OUT")
+        return
+    probe = p / f".check_cohort.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        c.add(COHORT_ROW, "he", ERROR, f"output folder {out} is not writable ({p}: {e.strerror or e}); choose "
+                                       "another OUT or fix its permissions")

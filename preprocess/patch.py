@@ -11,7 +11,14 @@ Writes, per slide (paths relative to ``--out``):
                                 (px read at ``patch_level`` before resizing to ``patch_size``), ``level_downsample``,
                                 ``mpp`` (target µm/px, 0.5), ``level0_mpp``, ``schema_version``.
     patches/{slide}_tissue.png  QC thumbnail: tissue contour (green) and kept patches (blue).
+    patches/done/{slide}.json   done-record: the settings, the H&E file (size, mtime) and the schema that made the
+                                slide (``{slide}.failed.json``: why it failed); see :mod:`preprocess.done`.
     patches/config.json, patches/run.log
+
+Slides: ``--he`` files or folders, else ``COHORT/pairs.csv``, else ``COHORT/he/`` (:func:`preprocess.cohort.
+resolve_slides`: the id is the file name as written, up to its first dot; a link keeps its own name). A slide done
+with these settings and this H&E file is skipped; a changed H&E file is redone; a slide done with other settings
+stops the run before any work ("done with other settings: min_tissue 0.5 -> 0.3 ...; pass --overwrite").
 
 Geometry: patch_size_level0 = round(patch_size * target_mpp / level0_mpp) (0.25 µm/px -> 448); the grid starts at
 level-0 pixel (0, 0) with step patch_size_level0 and holds only patches fully inside the slide; a patch is kept
@@ -30,12 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
+from preprocess import done as done_mod
+from preprocess.done import DoneSpec
 from preprocess.pyramid import MPP_TOLERANCE, choose_level, same_mpp
-from preprocess.slide_io import HESlide, list_he_slides
+from preprocess.slide_io import HESlide
 from preprocess.tissue import TissueParams, grid_tissue_mask, patch_tissue_fraction
 from preprocess.utils import (
     PipelineError,
     atomic_path,
+    ensure_writable,
     run_slides,
     save_config,
     select_slides,
@@ -231,34 +241,70 @@ def outputs(slide_id: str, out: Path) -> list[Path]:
     return [d / f"{slide_id}.h5", d / f"{slide_id}_tissue.png"]
 
 
-def _is_done(slide_id: str, out: Path) -> bool:
-    return all(p.exists() for p in outputs(slide_id, out))
+def he_input(slide_id: str, he_paths: dict[str, Path]) -> dict[str, Path]:
+    """The done-record inputs of a slide for the H&E stages: ``{"he": the H&E file as written}``."""
+    return {"he": he_paths[slide_id]}
+
+
+def done_spec(cfg: PatchConfig, he_paths: dict[str, Path]) -> DoneSpec:
+    """What makes a slide's grid (:class:`preprocess.done.DoneSpec`): every setting of ``cfg`` that changes it."""
+    settings = {"patch_size": cfg.patch_size, "target_mpp": cfg.target_mpp, "min_tissue": cfg.min_tissue,
+                "mpp": cfg.mpp, "thumb_size": cfg.thumb_size, **cfg.tissue.to_dict()}
+    return DoneSpec(folder=Path(cfg.out) / "patches", settings=settings, schema=SCHEMA_VERSION,
+                    inputs=functools.partial(he_input, he_paths=he_paths),
+                    outputs=functools.partial(outputs, out=Path(cfg.out)))
 
 
 def collect_he_slides(cohort: Path | None, he: list[Path] | None, wanted: list[str] | None = None,
                       shard: str | None = None) -> tuple[dict[str, Path], list[str]]:
-    """H&E slides by id from ``--he`` (files or folders) or ``COHORT/he``, and the sorted ids to run (``wanted``
-    as in ``--slides``, else all; then this job's ``shard`` ``i/n`` of them); raises :class:`PipelineError` when
-    there is none or a wanted id is missing."""
-    from preprocess.utils import slide_id_from_path
+    """H&E slides by id (:func:`preprocess.cohort.resolve_slides`: ``--he`` files or folders, else
+    ``COHORT/pairs.csv``, else ``COHORT/he``) and the sorted ids to run (``wanted`` as in ``--slides``, else all;
+    then this job's ``shard`` ``i/n`` of them); raises :class:`PipelineError` (one line) when there is none, a
+    wanted id is missing, or the slides' identity is ambiguous (duplicate ids, one file under two ids)."""
+    from preprocess.cohort import resolve_slides
 
-    if he:
-        slides: dict[str, Path] = {}
-        for p in he:
-            if p.is_dir():
-                slides.update(list_he_slides(p))
-            elif p.exists():
-                slides[slide_id_from_path(p)] = p
-            else:
-                raise PipelineError(f"H&E slide or folder not found: {p}")
-        source = ", ".join(str(p) for p in he)
-    elif cohort is None:
-        raise PipelineError("give --cohort (a folder with he/) or --he (slide files or folders)")
-    else:
-        slides, source = list_he_slides(cohort / "he"), str(cohort / "he")
-    if not slides:
-        raise PipelineError(f"no H&E slides found in {source}")
-    return slides, shard_slides(select_slides(sorted(slides), wanted, source), shard)
+    if not he and cohort is not None and not Path(cohort).is_dir():
+        raise PipelineError(f"cohort folder not found: {cohort} (a folder with he/, codex/, pairs.csv); check "
+                            "--cohort")
+    slides = resolve_slides(cohort, he=he)
+    return slides.he_paths(), shard_slides(select_slides(slides.ids, wanted, slides.source), shard)
+
+
+def check_done_settings(slides: list[str], spec: DoneSpec, desc: str, overwrite: bool = False) -> None:
+    """Stop before any work (and before ``save_config``) when a slide is done with other settings or inputs:
+    one :class:`PipelineError` "... done with other settings: <diff> ...; pass --overwrite"."""
+    if overwrite:
+        return
+    conflicts = {}
+    for s in slides:
+        st = done_mod.check(spec, s)
+        if st.state == "conflict":
+            conflicts[s] = st.reason
+    if conflicts:
+        raise done_mod.conflict_error(conflicts, desc)
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise ``PipelineError(message)`` unless ``ok`` (flag checks before any work)."""
+    if not ok:
+        raise PipelineError(message)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One-line :class:`PipelineError` for a flag value outside its range (before any work)."""
+    require(args.patch_size >= 1, f"--patch-size {args.patch_size}: must be >= 1 px")
+    require(args.target_mpp > 0, f"--target-mpp {args.target_mpp}: must be > 0 µm/px")
+    require(0 <= args.min_tissue <= 1, f"--min-tissue {args.min_tissue}: must be in [0, 1] (a fraction of the "
+                                       "patch area)")
+    require(args.mpp is None or args.mpp > 0, f"--mpp {args.mpp}: must be > 0 µm/px")
+    require(args.thumb_size >= 16, f"--thumb-size {args.thumb_size}: must be >= 16 px")
+    require(args.sat_threshold is None or 0 <= args.sat_threshold <= 1,
+            f"--sat-threshold {args.sat_threshold}: must be in [0, 1]")
+    require(0 <= args.min_saturation <= 1, f"--min-saturation {args.min_saturation}: must be in [0, 1]")
+    for flag in ("median_um", "close_um", "min_area_um2", "max_hole_um2"):
+        v = getattr(args, flag)
+        require(v >= 0, f"--{flag.replace('_', '-')} {v}: must be >= 0")
+    require(args.workers >= 1, f"--workers {args.workers}: must be >= 1")
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -278,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m preprocess.patch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--he", type=Path, nargs="+", help="H&E slide files or folders (instead of COHORT/he)")
+    p.add_argument("--he", type=Path, nargs="+",
+                   help="H&E slide files or folders (instead of the cohort's pairs.csv or he/)")
     p.add_argument("--mpp", type=float, help="level-0 µm/px of the H&E slides (overrides their metadata)")
     g = p.add_argument_group("patch grid")
     g.add_argument("--patch-size", type=int, default=224, help="output patch side in px (default 224)")
@@ -306,30 +353,38 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = args.out / "patches"
-    setup_logging(out_dir / "run.log")
+    desc = "patch grid"
+    setup_logging()
     try:
+        check_args(args)
         he_paths, slides = collect_he_slides(args.cohort, args.he, args.slides, args.shard)
+        ensure_writable(out_dir)
     except PipelineError as e:
         log.error("%s", e)
         return 2
+    setup_logging(out_dir / "run.log")
     tissue = TissueParams(sat_threshold=args.sat_threshold, min_saturation=args.min_saturation,
                           median_um=args.median_um, close_um=args.close_um, min_area_um2=args.min_area_um2,
                           max_hole_um2=args.max_hole_um2)
     cfg = PatchConfig(out=args.out, patch_size=args.patch_size, target_mpp=args.target_mpp,
                       min_tissue=args.min_tissue, mpp=args.mpp, thumb_size=args.thumb_size, tissue=tissue)
+    spec = done_spec(cfg, he_paths)
+    try:
+        check_done_settings(slides, spec, desc, args.overwrite)
+    except PipelineError as e:
+        log.error("%s", e)
+        return 2
     save_config(out_dir, vars(args) | {"slides_resolved": slides, "schema_version": SCHEMA_VERSION},
                 name=shard_config_name(args.shard))
     try:
-        report = run_slides(slides, functools.partial(_work, he_paths=he_paths, cfg=cfg),
-                            functools.partial(_is_done, out=args.out), overwrite=args.overwrite,
-                            workers=args.workers, skip_errors=not args.fail_fast, desc="patch grid",
-                            outputs=functools.partial(outputs, out=args.out))
+        report = run_slides(slides, functools.partial(_work, he_paths=he_paths, cfg=cfg), done=spec,
+                            overwrite=args.overwrite, workers=args.workers, skip_errors=not args.fail_fast,
+                            desc=desc)
     except PipelineError as e:  # --fail-fast
         log.error("%s", e)
         return 1
     n = sum(r["patches"] for r in report.results.values())
-    log.info("%d patches written for %d slides into %s", n, len(report.done), out_dir)
-    return 0 if report.ok else 1
+    return report.finish(desc, f"{n} patches written for {len(report.done)} slides into {out_dir}")
 
 
 if __name__ == "__main__":

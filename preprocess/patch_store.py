@@ -12,9 +12,17 @@ Reads ``patches/{slide}.h5`` (stage 01) and writes, relative to ``--out``:
                                 patch_size_level0, mpp, ...) and ``imgs_encoding`` ("raw"). With ``--compression
                                 jpeg`` the patches are JPEG files instead: ``imgs_jpeg`` (N,) variable-length uint8
                                 (one encoded RGB JPEG per patch), ``imgs_shape`` attr (N, 224, 224, 3),
-                                ``imgs_encoding`` = "jpeg", ``jpeg_quality``; read them with :class:`PatchStoreReader`.
+                                ``imgs_encoding`` = "jpeg", ``jpeg_quality``; read them with :class:`PatchStoreReader`
+                                (the format: :mod:`preprocess.patch_store_format`).
     he_patches/{slide}/{slide}_{index}.png   only with ``--png`` (the original HEX code's layout).
+    he_patches/done/{slide}.json   done-record: the settings that change the bytes, the H&E file and the grid (size,
+                                mtime) and the schema; a redone grid redoes the slide's store.
     he_patches/config.json, he_patches/run.log
+
+Slides as in :mod:`preprocess.patch` (``--he``, else ``COHORT/pairs.csv``, else ``COHORT/he/``). With
+``--labelled-only`` (stage 03 after quantify) only the slides with labels ``markers/{slide}.csv`` are stored; a
+slide whose quantification failed (``markers/done/{slide}.failed.json``) is named in the last line with its reason
+and the exit status is 1.
 
 Patches are cut from large regions (about ``--region-px`` px a side at the patch level), not read one by one.
 Each patch is ``read_size_at_level`` px at ``patch_level`` (the level whose downsample is closest to, and not
@@ -37,12 +45,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from preprocess.patch import add_common_args, collect_he_slides, read_grid
+from preprocess.done import DoneSpec
+from preprocess.patch import add_common_args, check_done_settings, collect_he_slides, read_grid, require
+from preprocess.patch_store_format import COMPRESSIONS, PatchStoreReader, encode_jpeg, patch_writer  # noqa: F401
 from preprocess.slide_io import HESlide
 from preprocess.utils import (
     PipelineError,
     atomic_path,
     default_threads,
+    ensure_writable,
     run_slides,
     save_config,
     setup_logging,
@@ -50,6 +61,8 @@ from preprocess.utils import (
 )
 
 log = logging.getLogger(__name__)
+
+# PatchStoreReader and encode_jpeg are re-exported: readers import them from here
 
 SCHEMA_VERSION = 1
 
@@ -76,12 +89,6 @@ def group_into_blocks(coords: np.ndarray, block_level0: int) -> list[np.ndarray]
     k = key[order]
     cuts = np.flatnonzero(np.any(k[1:] != k[:-1], axis=1)) + 1
     return [np.sort(b) for b in np.split(order, cuts)]
-
-
-def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
-    """Consecutive runs [start, stop) of a sorted index array."""
-    cuts = np.flatnonzero(np.diff(idx) != 1) + 1
-    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(idx, cuts)]
 
 
 def iter_patches(slide: HESlide, coords: np.ndarray, level: int, read_size: int, out_size: int,
@@ -144,91 +151,6 @@ class StoreConfig:
     threads: int = 1
 
 
-COMPRESSIONS = ("gzip", "lzf", "none", "jpeg")
-
-
-def encode_jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
-    """One RGB patch (h, w, 3) uint8 as JPEG bytes, (n,) uint8 (OpenCV, 4:2:0 chroma subsampling)."""
-    import cv2
-
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise OSError("JPEG encoding failed")
-    return buf.ravel()
-
-
-class PatchStoreReader:
-    """Random access to the patches of one ``he_patches/{slide}.h5``, whatever its encoding.
-
-    ``reader[i]`` is patch i as (H, W, 3) uint8 RGB; ``len(reader)`` the number of patches. Raw stores
-    (``imgs``, compressed or not) are read as they are; JPEG stores (``imgs_jpeg``) are decoded.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        import h5py
-
-        self.path = Path(path)
-        self._f = h5py.File(self.path, "r")
-        if "imgs" in self._f:
-            self._ds, self.encoding = self._f["imgs"], "raw"
-            self.shape = tuple(self._ds.shape)
-        elif "imgs_jpeg" in self._f:
-            self._ds, self.encoding = self._f["imgs_jpeg"], "jpeg"
-            self.shape = tuple(int(v) for v in self._f.attrs["imgs_shape"])
-        else:
-            self._f.close()
-            raise PipelineError(f"patch store {self.path} has neither 'imgs' nor 'imgs_jpeg'; rerun "
-                                "preprocess.patch_store for it")
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        if self.encoding == "raw":
-            return self._ds[i]
-        import cv2
-
-        return cv2.imdecode(self._ds[i], cv2.IMREAD_COLOR)[..., ::-1].copy()
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self) -> PatchStoreReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _patch_writer(f, n: int, size: int, cfg: StoreConfig):
-    """Create the patch dataset of an open store; returns ``write(indices (k,), patches (k, s, s, 3))``."""
-    import h5py
-
-    if cfg.compression == "jpeg":
-        ds = f.create_dataset("imgs_jpeg", shape=(n,), dtype=h5py.vlen_dtype(np.uint8), chunks=(min(n, 64),))
-        f.attrs.update({"imgs_encoding": "jpeg", "jpeg_quality": int(cfg.jpeg_quality),
-                        "imgs_shape": np.array([n, size, size, 3], np.int64)})
-
-        def write(idx: np.ndarray, patches: np.ndarray) -> None:
-            for i, p in zip(idx, patches):
-                ds[int(i)] = encode_jpeg(p, cfg.jpeg_quality)
-
-        return write
-    comp = None if cfg.compression == "none" else cfg.compression
-    opts = {"compression_opts": int(cfg.compression_level)} if comp == "gzip" else {}
-    ds = f.create_dataset("imgs", shape=(n, size, size, 3), dtype=np.uint8, chunks=(1, size, size, 3),
-                          compression=comp, **opts)
-    f.attrs["imgs_encoding"] = "raw"
-
-    def write(idx: np.ndarray, patches: np.ndarray) -> None:
-        pos = 0
-        for a, b in _runs(idx):
-            ds[a:b] = patches[pos : pos + b - a]
-            pos += b - a
-
-    return write
-
-
 def store_slide(slide_id: str, he_path: str | os.PathLike, cfg: StoreConfig) -> dict:
     """Write ``he_patches/{slide}.h5`` (and the PNG folder with ``cfg.png``) for the grid of one slide."""
     import cv2
@@ -262,7 +184,8 @@ def store_slide(slide_id: str, he_path: str | os.PathLike, cfg: StoreConfig) -> 
             png_tmp.mkdir(parents=True)
         try:
             with atomic_path(out_dir / f"{slide_id}.h5") as tmp, h5py.File(tmp, "w") as f:
-                write = _patch_writer(f, len(coords), size, cfg)
+                write = patch_writer(f, len(coords), size, cfg.compression, cfg.compression_level,
+                                     cfg.jpeg_quality)
                 dset = f.create_dataset("coords", data=coords.astype(np.int64))
                 for k, v in store_attrs.items():
                     f.attrs[k] = v
@@ -291,28 +214,67 @@ def _work(slide_id: str, he_paths: dict[str, Path], cfg: StoreConfig) -> dict:
 
 
 def outputs(slide_id: str, out: Path) -> list[Path]:
-    """The files (and the legacy PNG folder) the store writes for one slide."""
+    """The files (and the legacy PNG folder) the store writes for one slide: removed before a slide is redone."""
     d = Path(out) / "he_patches"
     return [d / f"{slide_id}.h5", d / slide_id]
 
 
-def _is_done(slide_id: str, out: Path, png: bool, patches_dir: Path) -> bool:
-    """The store exists (and its PNG folder with ``png``) and is newer than the slide's grid file."""
+def done_outputs(slide_id: str, out: Path, png: bool) -> list[Path]:
+    """What must exist for a slide to count as stored: the HDF5 file (and the PNG folder with ``--png``)."""
     d = Path(out) / "he_patches"
-    h5, grid = d / f"{slide_id}.h5", Path(patches_dir) / f"{slide_id}.h5"
-    if not h5.exists() or (png and not (d / slide_id).is_dir()):
-        return False
-    if grid.exists() and grid.stat().st_mtime > h5.stat().st_mtime:
-        log.info("%s: %s changed since %s was written; redoing it", slide_id, grid, h5)
-        return False
-    return True
+    return [d / f"{slide_id}.h5", *([d / slide_id] if png else [])]
+
+
+def store_inputs(slide_id: str, he_paths: dict[str, Path], patches_dir: Path) -> dict[str, Path]:
+    """The done-record inputs of a slide: its H&E file and its grid (a redone grid redoes the store)."""
+    return {"he": he_paths[slide_id], "grid": Path(patches_dir) / f"{slide_id}.h5"}
+
+
+def done_spec(cfg: StoreConfig, he_paths: dict[str, Path]) -> DoneSpec:
+    """What makes a slide's store (:class:`preprocess.done.DoneSpec`): the settings that change its bytes (the
+    gzip level only for gzip, the JPEG quality only for JPEG; not ``--region-px`` or the threads)."""
+    settings = {"compression": cfg.compression,
+                "compression_level": cfg.compression_level if cfg.compression == "gzip" else None,
+                "jpeg_quality": cfg.jpeg_quality if cfg.compression == "jpeg" else None,
+                "png": cfg.png, "mpp": cfg.mpp}
+    return DoneSpec(folder=Path(cfg.out) / "he_patches", settings=settings, schema=SCHEMA_VERSION,
+                    inputs=functools.partial(store_inputs, he_paths=he_paths, patches_dir=Path(cfg.patches_dir)),
+                    outputs=functools.partial(done_outputs, out=Path(cfg.out), png=cfg.png))
+
+
+def labelled_slides(slides: list[str], out: Path) -> tuple[list[str], dict[str, str], list[str]]:
+    """Split ``slides`` by their labels ``OUT/markers/{slide}.csv``: (labelled, {slide: why quantify failed} from
+    its failure record ``OUT/markers/done/{slide}.failed.json``, unlabelled slides without a failure record)."""
+    from preprocess.done import read_failure
+
+    markers = Path(out) / "markers"
+    keep, failed, unlabelled = [], {}, []
+    for s in slides:
+        if (markers / f"{s}.csv").is_file():
+            keep.append(s)
+        elif (why := read_failure(markers, s)) is not None:
+            failed[s] = why
+        else:
+            unlabelled.append(s)
+    return keep, failed, unlabelled
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One-line :class:`PipelineError` for a flag value outside its range (before any work)."""
+    require(1 <= args.compression_level <= 9, f"--compression-level {args.compression_level}: must be in 1-9")
+    require(1 <= args.jpeg_quality <= 100, f"--jpeg-quality {args.jpeg_quality}: must be in 1-100")
+    require(args.region_px >= 1, f"--region-px {args.region_px}: must be >= 1 px")
+    require(args.mpp is None or args.mpp > 0, f"--mpp {args.mpp}: must be > 0 µm/px")
+    require(args.threads >= 0, f"--threads {args.threads}: must be >= 0 (0 = automatic)")
+    require(args.workers >= 1, f"--workers {args.workers}: must be >= 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m preprocess.patch_store", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--he", type=Path, nargs="+", help="H&E slide files or folders (instead of COHORT/he)")
+    p.add_argument("--he", type=Path, nargs="+",
+                   help="H&E slide files or folders (instead of the cohort's pairs.csv or he/)")
     p.add_argument("--patches", type=Path, help="folder of the grid files (default OUT/patches)")
     p.add_argument("--mpp", type=float, help="level-0 µm/px of the H&E slides (overrides their metadata)")
     p.add_argument("--png", action="store_true", help="also write he_patches/{slide}/{slide}_{index}.png")
@@ -327,36 +289,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression-level", type=int, default=4, help="gzip level 1-9 (default 4)")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 with --compression jpeg "
                    "(default 90)")
+    p.add_argument("--labelled-only", action="store_true",
+                   help="store only the slides with labels (OUT/markers/{slide}.csv, from preprocess.quantify); "
+                        "the slides whose quantification failed are named with the reason and the exit status is 1")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = args.out / "he_patches"
-    setup_logging(out_dir / "run.log")
     patches_dir = args.patches or args.out / "patches"
+    desc = "H&E patch store"
+    setup_logging()
     try:
+        check_args(args)
         he_paths, slides = collect_he_slides(args.cohort, args.he, args.slides, args.shard)
-        if not 1 <= args.compression_level <= 9 or not 1 <= args.jpeg_quality <= 100:
-            raise PipelineError(f"need 1 <= --compression-level <= 9 and 1 <= --jpeg-quality <= 100 (got "
-                                f"{args.compression_level}, {args.jpeg_quality})")
+        ensure_writable(out_dir)
     except PipelineError as e:
         log.error("%s", e)
         return 2
+    setup_logging(out_dir / "run.log")
+    left_out: dict[str, str] = {}
+    unlabelled: list[str] = []
+    if args.labelled_only:
+        slides, left_out, unlabelled = labelled_slides(slides, args.out)
+        if not slides and not left_out:
+            log.error("%s: none of the %d slides has labels in %s; run preprocess.quantify first (or drop "
+                      "--labelled-only)", desc, len(unlabelled), args.out / "markers")
+            return 2
     cfg = StoreConfig(out=args.out, patches_dir=patches_dir, mpp=args.mpp, png=args.png, region_px=args.region_px,
                       compression=args.compression, compression_level=args.compression_level,
                       jpeg_quality=args.jpeg_quality, threads=args.threads or default_threads(args.workers))
+    spec = done_spec(cfg, he_paths)
+    try:
+        check_done_settings(slides, spec, desc, args.overwrite)
+    except PipelineError as e:
+        log.error("%s", e)
+        return 2
     save_config(out_dir, vars(args) | {"patches_dir": patches_dir, "slides_resolved": slides,
                                        "schema_version": SCHEMA_VERSION}, name=shard_config_name(args.shard))
     try:
-        report = run_slides(slides, functools.partial(_work, he_paths=he_paths, cfg=cfg),
-                            functools.partial(_is_done, out=args.out, png=args.png, patches_dir=patches_dir),
+        report = run_slides(slides, functools.partial(_work, he_paths=he_paths, cfg=cfg), done=spec,
                             overwrite=args.overwrite, workers=args.workers, skip_errors=not args.fail_fast,
-                            desc="H&E patch store", outputs=functools.partial(outputs, out=args.out))
+                            desc=desc, outputs=functools.partial(outputs, out=args.out))
     except PipelineError as e:  # --fail-fast
         log.error("%s", e)
         return 1
-    return 0 if report.ok else 1
+    for s, why in left_out.items():  # not stored: their labels are missing because quantify failed
+        report.failed[s] = f"not stored, no labels: quantify failed: {why}"
+    extra = (f"{len(unlabelled)} slides without labels left out (no {args.out / 'markers'}/{{slide}}.csv and no "
+             f"failure record): {', '.join(unlabelled[:10])}{' ...' if len(unlabelled) > 10 else ''}"
+             if unlabelled else "")
+    return report.finish(desc, extra)
 
 
 if __name__ == "__main__":

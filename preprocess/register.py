@@ -8,8 +8,10 @@ Usage (from the repository root)::
     python -m preprocess.register --cohort sample_cohort --out outputs --shard 3/10     # job array task 3 of 10
     COHORT=/data/lung OUT=/scratch/hex bash scripts/02_register.sh
 
-Inputs: a pairing table ``pairs.csv`` (``he_slide,codex_image``, paths relative to the CSV; default
-``COHORT/pairs.csv``). Outputs under ``OUT/registration/``:
+Inputs: the slides of :func:`preprocess.cohort.resolve_slides`: ``--pairs`` (``he_slide,codex_image``, paths
+relative to the CSV), else ``COHORT/pairs.csv``, else the files of ``COHORT/he/`` with ``COHORT/codex/{slide}.*``
+as their CODEX. Slide ids are the file names as written (a symbolic link keeps its own name), as in every stage.
+Outputs under ``OUT/registration/``:
 
 - ``{slide}.json``: ``he``, ``codex``, ``he_mpp``, ``codex_mpp``, ``affine_codex_to_he`` (3x3, CODEX level-0 px
   (x, y, 1) -> H&E level-0 px, integer coordinates = pixel centres), ``displacement`` (``{"file":
@@ -22,6 +24,14 @@ Inputs: a pairing table ``pairs.csv`` (``he_slide,codex_image``, paths relative 
 - ``{slide}_registered.ome.tif`` with ``--write-registered``: the CODEX resampled into the H&E pixel grid
   (pyramidal OME-TIFF, channel names kept, PhysicalSize = H&E mpp), streamed tile by tile.
 - ``config.json`` (resolved arguments), ``register.log``, ``summary.csv`` (one row per slide).
+- ``done/{slide}.json``: the done-record (:mod:`preprocess.done`): the settings below, the input files (``he``,
+  ``codex``, ``panel`` when it decides the DAPI channel) with size and mtime. A rerun skips a slide done with
+  these inputs and settings, redoes it when an input file changed (said in the log), and stops before any work
+  with ``done with other settings: <diff>; pass --overwrite`` (exit 2) when the settings or input paths differ.
+  The settings are the resolved :class:`RegParams` that change the outputs; not ``threads`` / ``--workers``, not
+  ``--panel-wins`` (it only lets a slide through whose DAPI name disagrees, the values are the same), not
+  ``--write-registered`` / ``--tile-size`` (the export is an extra output: a slide without it is redone when it is
+  asked for; its tile size is layout only). ``done/{slide}.failed.json`` holds why a slide failed.
 
 Method, per pair:
 
@@ -46,17 +56,16 @@ Method, per pair:
    pixel-size ratio by more than ``--max-scale-dev``, shear above ``--max-shear``, a reflection), when palom's
    feature matching returned its identity placeholder, or when too few blocks were usable to refine.
 
+The last log line is ``registration: N done, N skipped (already done), N failed: slide (reason); ...; N flagged``.
 Exit code: 0 when every slide was registered (flagged slides included, they are listed), 1 when any slide failed
-(unreadable or missing file, missing pair, missing pixel size), 2 for argument errors.
+(unreadable or missing CODEX, missing pixel size), 2 before any work for argument errors, a missing pairing table,
+panel or H&E file, an unwritable output folder, or slides done with other settings.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
-import io
-import json
 import logging
 import os
 import sys
@@ -67,6 +76,7 @@ from typing import Any
 
 import numpy as np
 
+from preprocess.cohort import resolve_slides
 from preprocess.panel import DAPI_NAMES, find_dapi_channel  # noqa: F401 (re-exported)
 from preprocess.pyramid import nominal_downsample  # noqa: F401 (re-exported)
 from preprocess.registration.blocks import BlockResult, block_refine, robust_affine_fit  # noqa: F401
@@ -74,11 +84,19 @@ from preprocess.registration.coarse import coarse_affine  # noqa: F401 (re-expor
 from preprocess.registration.field import DisplacementField
 from preprocess.registration.pair import register_pair
 from preprocess.registration.params import RegParams
+from preprocess.registration.stage_files import (
+    SCHEMA_VERSION,
+    done_settings,
+    done_spec,
+    outputs,
+    stop_on_conflicts,
+    write_summary,
+)
 from preprocess.registration.work_images import WorkImage, read_codex_work, read_he_work, work_mpp  # noqa: F401
-from preprocess.slide_io import CodexImage, HESlide, read_pairs
+from preprocess.slide_io import CodexImage, HESlide
 from preprocess.utils import (
     PipelineError,
-    atomic_write_text,
+    ensure_writable,
     run_slides,
     save_config,
     select_slides,
@@ -93,24 +111,22 @@ log = logging.getLogger(__name__)
 __all__ = ["RegParams", "register_pair", "register_slide", "build_parser", "main"]
 
 
-def outputs(slide: str, out_dir: str | os.PathLike) -> list[Path]:
-    """The files stage 02 writes for one slide: record, QC PNG, displacement field, registered OME-TIFF."""
-    reg = Path(out_dir) / "registration"
-    return [reg / f"{slide}.json", reg / f"{slide}_qc.png", reg / f"{slide}_displacement.npy",
-            reg / f"{slide}_registered.ome.tif"]
-
-
-def register_slide(slide: str, pairs: dict[str, tuple[Path, Path]], pairs_path: str, out_dir: str,
+def register_slide(slide: str, pairs: dict[str, tuple[Path, Path | None]], pairs_path: str, out_dir: str,
                    params: RegParams) -> dict[str, Any]:
     """Stage work for one slide (module level so that a process pool can pickle it); writes its outputs.
 
-    The record is written last: it is what marks the slide as registered.
+    ``pairs``: {slide: (H&E path, CODEX path or None)}, paths as written (links not followed); ``pairs_path``: where
+    they came from (the pairing table or the cohort folder), for messages. The record is written last: it is what
+    marks the slide as registered.
     """
     if slide not in pairs:
-        raise PipelineError(f"slide {slide} has no row in the pairing table {pairs_path}")
+        raise PipelineError(f"slide {slide} is not listed in {pairs_path}")
     he_path, codex_path = pairs[slide]
+    table = str(pairs_path).endswith(".csv")
     if codex_path is None or codex_path.is_dir():
-        raise PipelineError(f"slide {slide} has no CODEX image in the pairing table {pairs_path} (empty codex_image)")
+        raise PipelineError(f"slide {slide} has no CODEX image in {pairs_path} (empty codex_image)" if table else
+                            f"slide {slide} has no CODEX image (no codex/{slide}.* beside {pairs_path}); add it, or "
+                            "list the pair in pairs.csv")
     if not he_path.exists():
         raise PipelineError(f"H&E slide not found: {he_path} (listed for {slide} in {pairs_path})")
     if not codex_path.exists():
@@ -144,11 +160,6 @@ def register_slide(slide: str, pairs: dict[str, tuple[Path, Path]], pairs_path: 
 
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
-
-
-def _is_done(slide: str, out_dir: str, write_registered: bool) -> bool:
-    js, png, _, ome = outputs(slide, out_dir)
-    return js.exists() and png.exists() and (ome.exists() or not write_registered)
 
 
 def _route_palom_logs() -> None:
@@ -256,84 +267,78 @@ def _params_from_args(args: argparse.Namespace, marker_panel: Path | None, threa
     )
 
 
-def _write_summary(path: Path, slides: list[str], out_dir: Path, failed: dict[str, str]) -> list[dict[str, Any]]:
-    rows = []
-    for s in slides:
-        js = outputs(s, out_dir)[0]
-        if s in failed:
-            rows.append({"slide": s, "status": "failed", "reason": failed[s]})
-            continue
-        if not js.exists():
-            continue
-        rec = json.loads(js.read_text())
-        q = rec.get("qc", {})
-        rows.append({"slide": s, "status": rec.get("status"), "reason": rec.get("reason") or "",
-                     "ncc_before": q.get("ncc_before"), "ncc_coarse": q.get("ncc_coarse"),
-                     "ncc_affine": q.get("ncc_affine"), "ncc_after": q.get("ncc_after"),
-                     "n_blocks_used": q.get("n_blocks_used"),
-                     "field_max_um": (rec.get("displacement") or {}).get("max_um"),
-                     "seconds": (q.get("seconds") or {}).get("total")})
-    cols = ["slide", "status", "reason", "ncc_before", "ncc_coarse", "ncc_affine", "ncc_after", "n_blocks_used",
-            "field_max_um", "seconds"]
-    buf = io.StringIO()
-    wr = csv.DictWriter(buf, fieldnames=cols)
-    wr.writeheader()
-    for r in rows:
-        wr.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_text(path, buf.getvalue())
-    return rows
+def _check_args(args: argparse.Namespace) -> None:
+    """Invalid values stop before any work (one line naming the flag)."""
+    for name, v in (("--mpp", args.mpp), ("--codex-mpp", args.codex_mpp), ("--block-size", args.block_size),
+                    ("--thumbnail-mpp", args.thumbnail_mpp), ("--qc-mpp", args.qc_mpp),
+                    ("--block-mpp", args.block_mpp), ("--field-outlier-um", args.field_outlier_um)):
+        if v is not None and not v > 0:
+            raise PipelineError(f"{name} must be positive (got {v})")
+    for name, v, lo in (("--upsample", args.upsample, 1), ("--workers", args.workers, 1),
+                        ("--thumbnail-max-px", args.thumbnail_max_px, 64), ("--n-keypoints", args.n_keypoints, 10),
+                        ("--max-blocks", args.max_blocks, 1), ("--min-blocks", args.min_blocks, 1),
+                        ("--tile-size", args.tile_size, 16), ("--dapi-channel", args.dapi_channel, 0)):
+        if v is not None and v < lo:
+            raise PipelineError(f"{name} must be >= {lo} (got {v})")
+    if not 0 <= args.min_tissue <= 1:
+        raise PipelineError(f"--min-tissue must be in [0, 1] (got {args.min_tissue})")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     reg_dir = args.out / "registration"
-    setup_logging(reg_dir / "register.log")
-    _route_palom_logs()
+    setup_logging()
     try:
-        if args.pairs is None and args.cohort is None:
-            raise PipelineError("give --cohort (with COHORT/pairs.csv) or --pairs")
-        pairs_path = args.pairs if args.pairs is not None else args.cohort / "pairs.csv"
-        pairs = read_pairs(pairs_path)
-        slides = shard_slides(select_slides(sorted(pairs), args.slides, str(pairs_path)), args.shard)
-        panel = args.marker_panel
-        if panel is None and args.cohort is not None and (args.cohort / "marker_panel.csv").exists():
-            panel = args.cohort / "marker_panel.csv"
-        if panel is not None and not Path(panel).exists():
-            raise PipelineError(f"marker panel not found: {panel}")
-        for name, v in (("--mpp", args.mpp), ("--codex-mpp", args.codex_mpp), ("--block-size", args.block_size),
-                        ("--thumbnail-mpp", args.thumbnail_mpp), ("--qc-mpp", args.qc_mpp),
-                        ("--block-mpp", args.block_mpp), ("--field-outlier-um", args.field_outlier_um)):
-            if v is not None and v <= 0:
-                raise PipelineError(f"{name} must be positive (got {v})")
-        if args.upsample < 1:
-            raise PipelineError(f"--upsample must be >= 1 (got {args.upsample})")
+        ensure_writable(reg_dir)
     except PipelineError as e:
         log.error("%s", e)
         return 2
-    workers = max(1, min(args.workers, len(slides)))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    params = _params_from_args(args, panel, threads)
+    setup_logging(reg_dir / "register.log")
+    _route_palom_logs()
+    try:
+        _check_args(args)
+        if args.pairs is None and args.cohort is None:
+            raise PipelineError("give --cohort (a folder with pairs.csv, or he/ and codex/) or --pairs")
+        if args.cohort is not None and not args.cohort.is_dir():
+            raise PipelineError(f"cohort folder not found: {args.cohort}")
+        cohort = resolve_slides(args.cohort, pairs=args.pairs, need_codex=True)
+        pairs_path = cohort.source
+        pairs = cohort.pairs()
+        slides = shard_slides(select_slides(cohort.ids, args.slides, pairs_path), args.shard)
+        panel = args.marker_panel
+        if panel is None and args.cohort is not None and (args.cohort / "marker_panel.csv").exists():
+            panel = args.cohort / "marker_panel.csv"
+        if panel is not None and not Path(panel).is_file():
+            raise PipelineError(f"marker panel not found: {panel} (--marker-panel)")
+        workers = max(1, min(args.workers, len(slides)))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        params = _params_from_args(args, panel, threads)
+        spec = done_spec(args, pairs, params)
+        if not args.overwrite:
+            stop_on_conflicts(spec, slides, "register")
+    except PipelineError as e:
+        log.error("%s", e)
+        return 2
     cfg = vars(args).copy()
-    cfg.update(pairs=str(pairs_path), marker_panel=str(panel) if panel else None, resolved_params=asdict(params),
-               slides=slides)
+    cfg.update(pairs=pairs_path, marker_panel=str(panel) if panel else None, resolved_params=asdict(params),
+               slides=slides, done_settings=done_settings(params), schema_version=SCHEMA_VERSION)
     save_config(reg_dir, cfg, name=shard_config_name(args.shard))
     log.info("registering %d slides from %s into %s", len(slides), pairs_path, reg_dir)
-    work = functools.partial(register_slide, pairs=pairs, pairs_path=str(pairs_path), out_dir=str(args.out),
+    work = functools.partial(register_slide, pairs=pairs, pairs_path=pairs_path, out_dir=str(args.out),
                              params=params)
-    is_done = functools.partial(_is_done, out_dir=str(args.out), write_registered=args.write_registered)
-    report = run_slides(slides, work, is_done, overwrite=args.overwrite, workers=workers,
-                        skip_errors=not args.fail_fast, desc="register",
-                        outputs=functools.partial(outputs, out_dir=args.out))
+    try:
+        report = run_slides(slides, work, overwrite=args.overwrite, workers=workers, skip_errors=not args.fail_fast,
+                            desc="register", outputs=functools.partial(outputs, out_dir=args.out), done=spec)
+    except PipelineError as e:  # --fail-fast (conflicts were checked above)
+        log.error("%s", e)
+        return 1
     summary = reg_dir / ("summary.csv" if not args.shard else shard_config_name(args.shard, "summary")[:-5] + ".csv")
-    rows = _write_summary(summary, slides, args.out, report.failed)
+    rows = write_summary(summary, slides, args.out, report.failed)
     flagged = [r for r in rows if r["status"] == "flagged"]
     if flagged:
         log.warning("%d flagged slides (check their _qc.png): %s", len(flagged),
                     "; ".join(f"{r['slide']}: {r['reason']}" for r in flagged))
-    if report.failed:
-        log.error("%d slides failed: %s", len(report.failed), "; ".join(f"{k}: {v}" for k, v in report.failed.items()))
-    log.info("registration: %s; %d flagged; summary in %s", report.summary(), len(flagged), summary)
-    return 0 if report.ok else 1
+    return report.finish("registration", f"{len(flagged)} flagged; summary in {summary}")
 
 
 if __name__ == "__main__":

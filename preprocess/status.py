@@ -3,22 +3,19 @@
     python -m preprocess.status OUT [--cohort COHORT]
 
 A stage counts as done for a slide when its output exists under its final name (every stage writes atomically, so
-a name that exists is a complete file); HDF5 outputs are also opened. The stages and what marks them done:
+a name that exists is a complete file; HDF5 outputs are also opened) and, for the stages that keep done-records
+(``{folder}/done/{slide}.json``, :mod:`preprocess.done`), its record is there and its input files are the ones it
+was made from. The stages (OUT-relative; ``{E}``/``{R}``: one column per folder or file found):
 
-    patch           patches/{slide}.h5
-    registration    registration/{slide}.json (its "status": ok = done, flagged = flagged, with its "reason")
-    markers         markers/{slide}.csv
-    he_patches      he_patches/{slide}.h5 (stale when older than patches/{slide}.h5)
-    hex_pred        hex_pred/{slide}.h5
-    virtual_codex   virtual_codex/{slide}.json
-    features/E      features/E/h5_files/{slide}.h5, one column per encoder folder E
-    codex_features/E  a dataset {slide} in codex_features/E.h5
-    ig/R            mica_runs/R/ig/{slide}.h5, one column per MICA run R
+<STAGE TABLE>
 
-A slide without the output is "failed" when the stage left a reason for it (``registration/summary.csv`` rows with
-status failed, or an ERROR line ``{slide}: reason`` in the stage's ``*.log`` files), else "missing". Slides are
-those of ``COHORT/he/`` with ``--cohort``, else every slide id any output names. The exit status is 0 (the command
-only reports).
+"stale": the output exists but its done-record is missing (an older version or an interrupted run made it) or an
+input file changed since (e.g. a redone grid under an old patch store): the next run of the stage redoes it. A
+slide is "failed" when the stage's failure record ``{folder}/done/{slide}.failed.json`` gives a reason (the last
+run of that slide failed), or, without the output, when the stage left one elsewhere (``summary*.csv`` rows with
+status failed, an ERROR line ``{slide}: reason`` in its ``*.log`` files); else "missing". Slides are the
+cohort's (``--cohort``: ``pairs.csv`` when present, else ``he/``), else every slide id any output or record names.
+The exit status is 0 (the command only reports), 2 when OUT or COHORT cannot be read.
 """
 
 from __future__ import annotations
@@ -29,10 +26,10 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from preprocess.done import DONE_DIR, file_stamp, read_failure
 from preprocess.utils import PipelineError
 
 log = logging.getLogger(__name__)
@@ -48,6 +45,101 @@ class StageState:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One status column (the one table of stages: the docstring's list is made from it).
+
+    Attributes:
+        name: column name; ``{E}``/``{R}`` in it makes one column per match of the same part of ``output``.
+        output: the slide's output under OUT (``{slide}``; without ``{slide}`` the slide is a dataset in the file).
+        records: folder under OUT whose ``done/`` holds the done- and failure records, or None.
+        logs: folder under OUT with the stage's ``*.log`` / ``summary*.csv`` (default: ``records``, else the
+            output's folder).
+        note: what else marks the state (for the docstring).
+    """
+
+    name: str
+    output: str
+    records: str | None = None
+    logs: str | None = None
+    note: str = ""
+
+    @property
+    def log_folder(self) -> str:
+        return self.logs or self.records or str(Path(self.output).parent)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("patch", "patches/{slide}.h5", "patches"),
+    Stage("registration", "registration/{slide}.json", "registration",
+          note='its "status": ok = done, flagged = flagged (with its "reason")'),
+    Stage("markers", "markers/{slide}.csv", "markers"),
+    Stage("he_patches", "he_patches/{slide}.h5", "he_patches"),
+    Stage("hex_pred", "hex_pred/{slide}.h5", "hex_pred"),
+    Stage("virtual_codex", "virtual_codex/{slide}.json", "virtual_codex"),
+    Stage("features/{E}", "features/{E}/h5_files/{slide}.h5", "features/{E}", note="one column per encoder folder E"),
+    Stage("codex_features/{E}", "codex_features/{E}.h5", logs="codex_features/{E}",
+          note="a dataset named after the slide in the file"),
+    Stage("ig/{R}", "mica_runs/{R}/ig/{slide}.h5", note="one column per MICA run R"),
+)
+_NOT_SLIDES = {"summary", "config", "normalization", "run"}
+_VAR = re.compile(r"\{([A-Z])\}")
+
+
+def _stage_table() -> str:
+    rows = []
+    for st in STAGES:
+        marks = st.output + (f" (records in {st.records}/done/)" if st.records else "")
+        line = f"    {st.name:<20}{marks}"
+        note = f"; {st.note}" if st.note else ""
+        rows.append(line + note if len(line + note) <= 116 else f"{line}\n    {'':<20}{note[2:]}")
+    return "\n".join(rows)
+
+
+__doc__ = (__doc__ or "").replace("<STAGE TABLE>", _stage_table())
+
+
+@dataclass(frozen=True)
+class Column:
+    """A stage expanded for one output root: its column name and its templates with ``{E}``/``{R}`` filled in."""
+
+    name: str
+    output: str
+    records: str | None
+    logs: str
+
+    @property
+    def per_file(self) -> bool:
+        """The slides are datasets of one file (no ``{slide}`` in the output)."""
+        return "{slide}" not in self.output
+
+    def path(self, out: Path, slide: str) -> Path:
+        return out / (self.output if self.per_file else self.output.replace("{slide}", slide))
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    return _VAR.sub(lambda k: values[k.group(1)], template)
+
+
+def columns(out: Path) -> list[Column]:
+    """The stage columns of ``out``: the fixed ones, and one per folder/file found for templated stages."""
+    cols = []
+    for st in STAGES:
+        if not _VAR.search(st.name):
+            cols.append(Column(st.name, st.output, st.records, st.log_folder))
+            continue
+        base = st.output.split("{slide}")[0].rstrip("/") if "{slide}" in st.output else st.output
+        rx = re.compile("^" + re.sub(r"\\\{([A-Z])\\\}", r"(?P<\1>[^/]+)", re.escape(base)) + "$")
+        for match in sorted(out.glob(_VAR.sub("*", base))):
+            m = rx.match(match.relative_to(out).as_posix())
+            if m is None or any(v.startswith(".") for v in m.groupdict().values()):
+                continue
+            v = m.groupdict()
+            cols.append(Column(_fill(st.name, v), _fill(st.output, v), _fill(st.records, v) if st.records else None,
+                               _fill(st.log_folder, v)))
+    return cols
+
+
 def _h5_ok(path: Path) -> str | None:
     """None when ``path`` opens as HDF5, else the error."""
     import h5py
@@ -59,36 +151,53 @@ def _h5_ok(path: Path) -> str | None:
         return f"unreadable HDF5 {path.name}: {e}"
 
 
-def _file_state(path: Path) -> StageState | None:
+def _output_state(col: Column, out: Path, slide: str) -> StageState | None:
+    """The state its output shows (None: no output)."""
+    path = col.path(out, slide)
     if not path.is_file():
         return None
+    if col.per_file:
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as f:
+                return StageState("done") if slide in f else None
+        except OSError as e:
+            return StageState("failed", f"unreadable HDF5 {path.name}: {e}")
     if path.suffix == ".h5":
         err = _h5_ok(path)
         if err:
             return StageState("failed", err)
+    if col.name == "registration":
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            return StageState("failed", f"unreadable record {path.name}: {e}")
+        if rec.get("status") == "flagged":
+            return StageState("flagged", str(rec.get("reason") or "flagged by QC"))
     return StageState("done")
 
 
-def _registration_state(out: Path, slide: str) -> StageState | None:
-    path = out / "registration" / f"{slide}.json"
-    if not path.is_file():
-        return None
+def _record_state(folder: Path, slide: str) -> StageState | None:
+    """"stale" when the done-record is missing, unreadable, or an input file (not a folder) changed since."""
+    path = folder / DONE_DIR / f"{slide}.json"
     try:
         rec = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        return StageState("failed", f"unreadable record {path.name}: {e}")
-    if rec.get("status") == "flagged":
-        return StageState("flagged", str(rec.get("reason") or "flagged by QC"))
-    return StageState("done")
-
-
-def _he_patches_state(out: Path, slide: str) -> StageState | None:
-    st = _file_state(out / "he_patches" / f"{slide}.h5")
-    grid = out / "patches" / f"{slide}.h5"
-    if st is not None and st.state == "done" and grid.exists() and \
-            grid.stat().st_mtime > (out / "he_patches" / f"{slide}.h5").stat().st_mtime:
-        return StageState("stale", "patches/{slide}.h5 is newer: rerun stage 03".replace("{slide}", slide))
-    return st
+    except FileNotFoundError:
+        return StageState("stale", "no done-record (an older version or an interrupted run): the next run redoes it")
+    except (OSError, ValueError):
+        return StageState("stale", f"unreadable done-record {path}: the next run redoes it")
+    changed = []
+    for role, was in sorted((rec.get("inputs") or {}).items()):
+        p = Path(str(was.get("path", "")))
+        if p.is_dir():
+            continue
+        now = file_stamp(p)
+        if (was.get("size"), was.get("mtime_ns")) != (now["size"], now["mtime_ns"]):
+            changed.append(f"{role} {p.name}")
+    if changed:
+        return StageState("stale", f"input changed since it was done ({', '.join(changed)}): the next run redoes it")
+    return None
 
 
 _ERROR_LINE = re.compile(r"\bERROR\s+\S+:\s+(?P<slide>[A-Za-z0-9_-]+): (?P<reason>.*)$")
@@ -120,20 +229,18 @@ def _log_failures(folder: Path) -> dict[str, str]:
     return failed
 
 
-def _simple(folder: str, suffix: str) -> Callable[[Path, str], StageState | None]:
-    return lambda out, slide: _file_state(out / folder / f"{slide}{suffix}")
-
-
-STAGES: list[tuple[str, Callable[[Path, str], StageState | None]]] = [
-    ("patch", _simple("patches", ".h5")),
-    ("registration", _registration_state),
-    ("markers", _simple("markers", ".csv")),
-    ("he_patches", _he_patches_state),
-    ("hex_pred", _simple("hex_pred", ".h5")),
-    ("virtual_codex", _simple("virtual_codex", ".json")),
-]
-_STAGE_DIRS = {"patch": "patches", "registration": "registration", "markers": "markers",
-               "he_patches": "he_patches", "hex_pred": "hex_pred", "virtual_codex": "virtual_codex"}
+def stage_state(col: Column, out: Path, slide: str, log_failures: dict[str, str]) -> StageState:
+    """The state of one stage column for one slide (see the module docstring for the order of the rules)."""
+    st = _output_state(col, out, slide)
+    failure = read_failure(out / col.records, slide) if col.records else None
+    if failure is not None and (st is None or st.state != "failed"):
+        return StageState("failed", failure)
+    if st is None:
+        reason = log_failures.get(slide)
+        return StageState("failed", reason) if reason else StageState("missing")
+    if st.state in ("done", "flagged") and col.records:
+        return _record_state(out / col.records, slide) or st
+    return st
 
 
 def _ids_in(folder: Path, suffix: str) -> set[str]:
@@ -143,47 +250,24 @@ def _ids_in(folder: Path, suffix: str) -> set[str]:
             if p.name.endswith(suffix) and not p.name.startswith(".") and "." not in p.name[: -len(suffix)]}
 
 
-def _dynamic_stages(out: Path) -> list[tuple[str, Callable[[Path, str], StageState | None], Path]]:
-    """Columns per feature encoder, CODEX-feature file and MICA run found under ``out``."""
-    cols: list[tuple[str, Callable[[Path, str], StageState | None], Path]] = []
-    for d in sorted((out / "features").glob("*/h5_files")):
-        cols.append((f"features/{d.parent.name}", lambda o, s, d=d: _file_state(d / f"{s}.h5"), d.parent))
-    for f in sorted((out / "codex_features").glob("*.h5")):
-        if f.name.startswith("."):
-            continue
-        cols.append((f"codex_features/{f.stem}", lambda o, s, f=f: _codex_feature_state(f, s), f.with_suffix("")))
-    for d in sorted((out / "mica_runs").glob("*/ig")):
-        cols.append((f"ig/{d.parent.name}", lambda o, s, d=d: _file_state(d / f"{s}.h5"), d))
-    return cols
-
-
-def _codex_feature_state(path: Path, slide: str) -> StageState | None:
+def _slides_in(out: Path, cols: list[Column]) -> set[str]:
+    """Every slide id an output or a record of ``cols`` names."""
     import h5py
 
-    try:
-        with h5py.File(path, "r") as f:
-            return StageState("done") if slide in f else None
-    except OSError as e:
-        return StageState("failed", f"unreadable HDF5 {path.name}: {e}")
-
-
-def _slides_in(out: Path) -> set[str]:
     ids: set[str] = set()
-    for folder, suffix in (("patches", ".h5"), ("registration", ".json"), ("markers", ".csv"), ("he_patches", ".h5"),
-                           ("hex_pred", ".h5"), ("virtual_codex", ".json")):
-        ids |= _ids_in(out / folder, suffix)
-    for d in list((out / "features").glob("*/h5_files")) + list((out / "mica_runs").glob("*/ig")):
-        ids |= _ids_in(d, ".h5")
-    for f in (out / "codex_features").glob("*.h5"):
-        import h5py
-
-        try:
-            with h5py.File(f, "r") as h:
-                ids |= set(h.keys())
-        except OSError:
-            continue
-    ids -= {"summary", "config", "normalization", "run"}
-    return ids
+    for col in cols:
+        if col.per_file:
+            try:
+                with h5py.File(out / col.output, "r") as h:
+                    ids |= set(h.keys())
+            except OSError:
+                pass
+        else:
+            rel = Path(col.output)
+            ids |= _ids_in(out / rel.parent, rel.name.replace("{slide}", ""))
+        if col.records:
+            ids |= _ids_in(out / col.records / DONE_DIR, ".failed.json")
+    return ids - _NOT_SLIDES
 
 
 def slide_status(out: str | Path, slides: list[str] | None = None) -> dict[str, dict[str, StageState]]:
@@ -191,21 +275,11 @@ def slide_status(out: str | Path, slides: list[str] | None = None) -> dict[str, 
     out = Path(out)
     if not out.is_dir():
         raise PipelineError(f"output folder not found: {out}")
-    dynamic = _dynamic_stages(out)
-    failures = {name: _log_failures(out / _STAGE_DIRS[name]) for name, _ in STAGES}
-    failures.update({name: _log_failures(folder) for name, _, folder in dynamic})
-    ids = sorted(slides) if slides is not None else sorted(_slides_in(out) | {s for f in failures.values() for s in f})
-    table: dict[str, dict[str, StageState]] = {}
-    for s in ids:
-        row: dict[str, StageState] = {}
-        for name, fn in [(n, f) for n, f in STAGES] + [(n, f) for n, f, _ in dynamic]:
-            st = fn(out, s)
-            if st is None:
-                reason = failures[name].get(s)
-                st = StageState("failed", reason) if reason else StageState("missing")
-            row[name] = st
-        table[s] = row
-    return table
+    cols = columns(out)
+    failures = {col.name: _log_failures(out / col.logs) for col in cols}
+    ids = sorted(slides) if slides is not None else sorted(_slides_in(out, cols) |
+                                                           {s for f in failures.values() for s in f})
+    return {s: {col.name: stage_state(col, out, s, failures[col.name]) for col in cols} for s in ids}
 
 
 def format_status(table: dict[str, dict[str, StageState]], width: int = 40) -> str:
@@ -236,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="output root of the stages (OUT)")
     p.add_argument("--cohort", type=Path, default=None,
-                   help="cohort folder: report the slides of COHORT/he/ (default: every slide an output names)")
+                   help="cohort folder: report its slides (pairs.csv when present, else he/; default: every slide "
+                        "an output names)")
     return p
 
 
@@ -246,9 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         slides = None
         if args.cohort is not None:
-            from preprocess.slide_io import list_he_slides
+            from preprocess.cohort import resolve_slides
 
-            slides = sorted(list_he_slides(args.cohort / "he"))
+            if not args.cohort.is_dir():
+                raise PipelineError(f"cohort folder not found: {args.cohort}")
+            slides = resolve_slides(args.cohort, require_he=False).ids
         table = slide_status(args.out, slides)
     except PipelineError as e:
         log.error("%s", e)

@@ -2,25 +2,61 @@
 # Stage 03: mean intensity of the 40 CODEX markers under every patch (through the registration), normalisation to
 # [0,1] fitted on the slides you choose, and the matched H&E patch store.
 # Writes OUT/markers/{slide}.csv, OUT/markers/normalization.json, OUT/he_patches/{slide}.h5.
-# Job arrays: run every task with SHARD=i/n (pass 1 + patch store only), then once NORMALIZE_ONLY=1 (normalisation).
-COHORT=${COHORT:-sample_cohort}
-OUT=${OUT:-outputs}
-WORKERS=${WORKERS:-2}
-FIT_SPLIT=${FIT_SPLIT:-}                 # fit the percentiles on this split's train column, e.g. $COHORT/splits/splits_0.csv
+# Two steps: python -m preprocess.quantify (EXTRA goes to it), then python -m preprocess.patch_store (STORE_EXTRA
+# goes to it) with --labelled-only: it stores the slides quantify labelled and names the ones it failed. The store
+# runs even when quantify failed for some slides; a quantify that stopped before any slide (exit 2: bad input or
+# flags) stops the stage. The last line says how each step ended; the exit status is non-zero when either failed.
+# Arguments of this script go to both steps (use flags both take, e.g. --overwrite, --slides ..., --fail-fast):
+# bash scripts/03_quantify.sh --overwrite redoes the labels and the patch stores.
+# Job arrays: run every task with SHARD=i/n (pass 1 + patch store only; labels do not exist before the
+# normalisation, so each task stores every slide of its shard, as with --no-normalize), then once NORMALIZE_ONLY=1
+# (the normalisation only: EXTRA and the arguments go to python -m preprocess.normalize).
+# (--help: these variables and the modules' flags; runs nothing).
+COHORT=${COHORT:-sample_cohort}          # input folder (pairs.csv, marker_panel.csv, he/, codex/)
+OUT=${OUT:-outputs}                      # output root: reads patches/ and registration/ of stages 01-02
+WORKERS=${WORKERS:-2}                    # slides processed in parallel (both steps)
+FIT_SPLIT=${FIT_SPLIT:-}                 # fit the percentiles on this split's train column, e.g. COHORT/splits/splits_0.csv
 SHARD=${SHARD:-}                         # job arrays: "i/n" = every n-th slide from i
 NORMALIZE_ONLY=${NORMALIZE_ONLY:-}       # 1: only the normalisation step (after all shards)
-EXTRA=${EXTRA:-}                         # e.g. "--legacy-columns --overwrite"
-STORE_EXTRA=${STORE_EXTRA:-}             # flags for the patch store, e.g. "--png" or "--compression jpeg"
+EXTRA=${EXTRA:-}                         # more flags for preprocess.quantify, e.g. "--legacy-columns --allow-flagged"
+STORE_EXTRA=${STORE_EXTRA:-}             # more flags for preprocess.patch_store, e.g. "--png" or "--compression jpeg"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-require_module preprocess.quantify
-require_module preprocess.patch_store
+require_module preprocess.quantify preprocess.patch_store preprocess.normalize
 if [ -n "$NORMALIZE_ONLY" ]; then
   # shellcheck disable=SC2086
-  exec python -m preprocess.normalize --cohort "$COHORT" --out "$OUT" ${FIT_SPLIT:+--fit-split "$FIT_SPLIT"} $EXTRA
+  exec python -m preprocess.normalize --cohort "$COHORT" --out "$OUT" ${FIT_SPLIT:+--fit-split "$FIT_SPLIT"} \
+    $EXTRA "$@"
 fi
+hint="python -m preprocess.status $OUT lists the failed slides"
+set +e
 # shellcheck disable=SC2086
 python -m preprocess.quantify --cohort "$COHORT" --out "$OUT" --workers "$WORKERS" ${SHARD:+--shard "$SHARD"} \
-  ${FIT_SPLIT:+--fit-split "$FIT_SPLIT"} $EXTRA
+  ${FIT_SPLIT:+--fit-split "$FIT_SPLIT"} $EXTRA "$@"
+q=$?
+set -e
+case $q in
+  0) q_msg="quantify: ok" ;;
+  1) q_msg="quantify failed for some slides (exit 1)" ;;
+  2) echo "stage 03: quantify stopped before any slide (exit 2: bad input or flags, see above); patch store not run" >&2
+     exit 2 ;;
+  *) echo "stage 03: quantify ended with exit $q; patch store not run" >&2
+     exit "$q" ;;
+esac
+SELECT=(--labelled-only)                 # only the slides quantify labelled
+case " $EXTRA $* " in                    # pass 1 only: the labels come with NORMALIZE_ONLY=1, store every slide
+  *" --no-normalize "*) SELECT=() ;;
+esac
+if [ -n "$SHARD" ]; then SELECT=(); fi
+set +e
 # shellcheck disable=SC2086
 python -m preprocess.patch_store --cohort "$COHORT" --out "$OUT" --workers "$WORKERS" ${SHARD:+--shard "$SHARD"} \
-  $STORE_EXTRA
+  ${SELECT[@]+"${SELECT[@]}"} $STORE_EXTRA "$@"
+s=$?
+set -e
+if [ "$s" -eq 0 ]; then s_msg="patch store: ok"; else s_msg="patch store failed (exit $s)"; fi
+if [ "$q" -ne 0 ] || [ "$s" -ne 0 ]; then
+  echo "stage 03: $q_msg; $s_msg ($hint)" >&2
+  if [ "$q" -ne 0 ]; then exit "$q"; fi
+  exit "$s"
+fi
+echo "stage 03: $q_msg; $s_msg" >&2

@@ -2,19 +2,23 @@
 # Stage 04: train HEX (H&E patch -> 40 markers). GPUS>0: torchrun with GPUS CUDA processes per node (NCCL; a machine
 # where torch sees no GPU stops with the reason); GPUS=0: one CPU process. Training defaults follow the backbone
 # (python -m hex.train --help): paper settings = BACKBONE=musk WEIGHTS=/path/to/musk.safetensors EPOCHS=120 GPUS=8.
+# Arguments of this script go to python -m hex.train after EXTRA (in the --check call and in every torchrun rank):
+# bash scripts/04_train_hex.sh --overwrite. TORCHRUN_ARGS go to torchrun itself (GPUS>0).
+# (--help: these variables and the module's flags; runs nothing).
 COHORT=${COHORT:-sample_cohort}          # for clinical.csv and splits/
 OUT=${OUT:-outputs}                      # holds he_patches/ and markers/ from stage 03; run goes to OUT/runs/RUN
-FOLD=${FOLD:-0}
+FOLD=${FOLD:-0}                          # trains on COHORT/splits/splits_FOLD.csv
 RUN=${RUN:-hex_fold${FOLD}}              # a rerun with the same RUN resumes it (and must use the same settings)
 BACKBONE=${BACKBONE:-musk}               # musk | dinov2_vits14_reg | timm:<name> | tiny
 WEIGHTS=${WEIGHTS:-}                     # local weights file (or hf_hub:<repo> with internet); empty = random init
-GPUS=${GPUS:-0}
-NNODES=${NNODES:-1}
+GPUS=${GPUS:-0}                          # CUDA processes per node (torchrun); 0 = one CPU process
+NNODES=${NNODES:-1}                      # nodes (GPUS>0); several: give TORCHRUN_ARGS
 EPOCHS=${EPOCHS:-120}
-WORKERS=${WORKERS:-8}
+WORKERS=${WORKERS:-8}                    # DataLoader workers per process
 KEEP_LAST=${KEEP_LAST:-0}                # keep only the newest K epoch checkpoints (0 = all; MUSK: ~1.5 GB each)
-EXTRA=${EXTRA:-}                         # flags for hex.train, e.g. "--batch-size 48 --lr 1e-5"
-TORCHRUN_ARGS=${TORCHRUN_ARGS:-}         # multi-node: "--node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29500"
+EXTRA=${EXTRA:-}                         # more flags for hex.train, e.g. "--batch-size 48 --lr 1e-5"
+TORCHRUN_ARGS=${TORCHRUN_ARGS:-}         # flags for torchrun itself (GPUS>0), e.g. for several nodes
+                                         # "--node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29500"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_module hex.train
 ARGS=(--data "$OUT" --out "$OUT" --run-name "$RUN" --split "$COHORT/splits/splits_${FOLD}.csv"
@@ -25,13 +29,13 @@ if [ "$GPUS" -gt 0 ]; then
   ARGS+=(--device cuda)
   # flags, inputs and CUDA are checked once here: torchrun would start (and --max-restarts restart) every rank
   # shellcheck disable=SC2086
-  WORLD_SIZE=$((GPUS * NNODES)) python -m hex.train "${ARGS[@]}" $EXTRA --check
+  WORLD_SIZE=$((GPUS * NNODES)) python -m hex.train "${ARGS[@]}" $EXTRA "$@" --check
   RDZV=()
   [ "$NNODES" -eq 1 ] && [ -z "$TORCHRUN_ARGS" ] && RDZV=(--standalone)  # free port: no clash with other jobs
   # shellcheck disable=SC2086
   torchrun "${RDZV[@]}" --nnodes "$NNODES" --nproc-per-node "$GPUS" --max-restarts 3 $TORCHRUN_ARGS \
-    -m hex.train "${ARGS[@]}" $EXTRA
+    -m hex.train "${ARGS[@]}" $EXTRA "$@"
 else
   # shellcheck disable=SC2086
-  python -m hex.train "${ARGS[@]}" --device cpu $EXTRA
+  python -m hex.train "${ARGS[@]}" --device cpu $EXTRA "$@"
 fi

@@ -2,18 +2,22 @@
 # Stage 06: whole-slide HEX inference -> OUT/hex_pred/{slide}.h5, then the virtual CODEX maps -> OUT/virtual_codex/.
 # GPUS>0: torchrun with GPUS processes (slides shared among them, NCCL); GPUS=0: one CPU process.
 # Original release checkpoint: CHECKPOINT=/path/checkpoint.pth BACKBONE=musk WEIGHTS=/path/musk/model.safetensors
+# Arguments of this script go to python -m hex.infer_wsi after EXTRA: bash scripts/06_infer_wsi.sh --overwrite.
+# TORCHRUN_ARGS go to torchrun itself (GPUS>0). (--help: these variables and the module's flags; runs nothing).
 COHORT=${COHORT:-sample_cohort}          # slides in COHORT/he/
 OUT=${OUT:-outputs}                      # OUT/patches/ (stage 01 grid, used when STRIDE is empty) and OUT/runs/RUN
-RUN=${RUN:-hex_fold0}                    # checkpoint OUT/runs/RUN/best.safetensors unless CHECKPOINT is set
+FOLD=${FOLD:-0}                          # names the default RUN (the model stage 04 trained on this fold)
+RUN=${RUN:-hex_fold${FOLD}}              # checkpoint OUT/runs/RUN/best.safetensors unless CHECKPOINT is set
 CHECKPOINT=${CHECKPOINT:-}               # best.safetensors, checkpoints/epoch_k.pt, or the original checkpoint.pth
 BACKBONE=${BACKBONE:-}                   # original checkpoint.pth only (default musk)
 WEIGHTS=${WEIGHTS:-}                     # original heads-only checkpoint.pth: backbone weights file
 STRIDE=${STRIDE:-}                       # tile step in px at 0.5 µm/px; empty = patch size (stage-01 grid), e.g. 56
-GPUS=${GPUS:-0}
-NNODES=${NNODES:-1}
+GPUS=${GPUS:-0}                          # processes per node (torchrun); 0 = one CPU process
+NNODES=${NNODES:-1}                      # nodes (GPUS>0); several: give TORCHRUN_ARGS
 WORKERS=${WORKERS:-4}                    # DataLoader workers reading regions, per process
-EXTRA=${EXTRA:-}                         # e.g. "--raw-units --batch-size 256 --shard 0/4 --no-maps"
-TORCHRUN_ARGS=${TORCHRUN_ARGS:-}         # multi-node (NNODES>1): "--node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29500"
+EXTRA=${EXTRA:-}                         # more flags for hex.infer_wsi, e.g. "--raw-units --batch-size 256 --shard 0/4"
+TORCHRUN_ARGS=${TORCHRUN_ARGS:-}         # flags for torchrun itself (GPUS>0), e.g. for several nodes
+                                         # "--node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29500"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_module hex.infer_wsi
 ARGS=(--cohort "$COHORT" --out "$OUT" --run-name "$RUN" --workers "$WORKERS")
@@ -24,8 +28,8 @@ ARGS=(--cohort "$COHORT" --out "$OUT" --run-name "$RUN" --workers "$WORKERS")
 if [ "$GPUS" -gt 0 ]; then
   if [ "$NNODES" -eq 1 ] && [ -z "$TORCHRUN_ARGS" ]; then TORCHRUN_ARGS="--standalone"; fi
   # shellcheck disable=SC2086
-  torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS" $TORCHRUN_ARGS -m hex.infer_wsi "${ARGS[@]}" $EXTRA
+  torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS" $TORCHRUN_ARGS -m hex.infer_wsi "${ARGS[@]}" $EXTRA "$@"
 else
   # shellcheck disable=SC2086
-  python -m hex.infer_wsi "${ARGS[@]}" $EXTRA
+  python -m hex.infer_wsi "${ARGS[@]}" $EXTRA "$@"
 fi

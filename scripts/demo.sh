@@ -8,6 +8,7 @@ TISSUE_MM=${TISSUE_MM:-1.5}              # side of each synthetic tissue section
 HEX_EPOCHS=${HEX_EPOCHS:-40}             # epochs of the tiny HEX model
 MICA_EPOCHS=${MICA_EPOCHS:-20}           # epochs of each MICA fold (paper: 20)
 WORKERS=${WORKERS:-2}
+HEX_EXTRA=${HEX_EXTRA:---save-every 10}  # flags for hex.train in stage 04 (its EXTRA), e.g. "--save-every 5 --lr 3e-4"
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_setup_env.sh"
 export COHORT="$DEMO_OUT/cohort" OUT="$DEMO_OUT" WORKERS
@@ -40,7 +41,7 @@ run_stage "02 register" bash scripts/02_register.sh
 FIT_SPLIT="$COHORT/splits/splits_0.csv" run_stage "03 quantify" bash scripts/03_quantify.sh
 # tiny CNN from scratch with the backbone's default recipe (no pretrained weights: every block trainable, lr 1e-3,
 # batch 32, LDS re-weighting), the paper's loss (adaptive robust) and FDS
-RUN=demo_tiny BACKBONE=tiny EPOCHS=$HEX_EPOCHS WORKERS=1 GPUS=0 EXTRA="${HEX_EXTRA:---save-every 10}" \
+RUN=demo_tiny BACKBONE=tiny EPOCHS=$HEX_EPOCHS WORKERS=1 GPUS=0 EXTRA="$HEX_EXTRA" \
   run_stage "04 train HEX (tiny)" bash scripts/04_train_hex.sh
 RUN=demo_tiny WORKERS=0 GPUS=0 EXTRA="--visible-markers $COHORT/ground_truth.json" \
   run_stage "05 test HEX" bash scripts/05_test_hex.sh

@@ -14,8 +14,9 @@ import h5py
 import numpy as np
 import pytest
 
+from preprocess import done as done_mod
 from preprocess.check_cohort import check_cohort, format_report, main
-from preprocess.status import STAGES, format_status, slide_status
+from preprocess.status import STAGES, StageState, format_status, slide_status
 from preprocess.status import main as status_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,9 +59,22 @@ def test_sample_cohort_passes(cohort: Path) -> None:
     assert proc.stdout.count(" ok ") >= 2 and "codex 0.377" in proc.stdout
 
 
+def _warnings(root: Path) -> str:
+    res = check_cohort(root)
+    return "\n".join(f"{f.slide} {f.column} {f.message}" for f in res.warnings())
+
+
 def test_duplicate_id_rescan(cohort: Path, tmp_path: Path) -> None:
     root = _copy(cohort, tmp_path / "c")
     shutil.copy(root / "he" / "slide_000.tif", root / "he" / "slide_000.v2.tif")
+    # pairs.csv says which file is slide_000 and every stage reads that one: a warning naming both
+    res = check_cohort(root)
+    assert res.ok, format_report(res)
+    warn = _warnings(root)
+    assert "slide_000.tif, slide_000.v2.tif" in warn and "pairs.csv uses slide_000.tif" in warn
+    assert "2 files: slide_000.tif" in format_report(res)
+    # without pairs.csv the stages stop: an error naming both
+    (root / "pairs.csv").unlink()
     err = _errors(root)
     assert "slide_000.v2.tif" in err and "share the slide id slide_000" in err
 
@@ -70,8 +84,54 @@ def test_symlink_with_other_name(cohort: Path, tmp_path: Path) -> None:
     (tmp_path / "elsewhere").mkdir()
     shutil.move(root / "he" / "slide_001.tif", tmp_path / "elsewhere" / "scan_17.tif")
     (root / "he" / "slide_001.tif").symlink_to(tmp_path / "elsewhere" / "scan_17.tif")
+    res = check_cohort(root)  # fine: outputs are named after the link; noted with the target
+    assert res.ok and not res.warnings(), format_report(res)
+    assert [(f.slide, f.level) for f in res.findings] == [("slide_001", "info")]
+    assert "scan_17.tif" in res.findings[0].message and "ok, link to scan_17.tif" in format_report(res)
+    assert main([str(root)]) == 0
+    # a broken link
+    (tmp_path / "elsewhere" / "scan_17.tif").rename(tmp_path / "elsewhere" / "moved.tif")
     err = _errors(root)
-    assert "symbolic link" in err and "scan_17" in err and "slide_001" in err
+    assert "slide_001" in err and "symbolic link" in err and "does not exist" in err
+    # two ids that are one file
+    (root / "he" / "slide_001.tif").unlink()
+    (root / "he" / "slide_001.tif").symlink_to(root / "he" / "slide_000.tif")
+    err = _errors(root)
+    assert "slides slide_000, slide_001 are one file" in err
+
+
+def test_ids_differ_between_he_pairs_clinical_and_splits(cohort: Path, tmp_path: Path) -> None:
+    root = _copy(cohort, tmp_path / "c")
+    (root / "he" / "slide_001.tif").rename(root / "he" / "slide_1.tif")  # pairs.csv still names slide_001.tif
+    clin = (root / "clinical.csv").read_text().splitlines()
+    (root / "clinical.csv").write_text("\n".join([*clin, clin[-1].replace("slide_001", "slide_777")]) + "\n")
+    (root / "splits" / "splits_0.csv").write_text("train,val\nslide_000,slide_001\nslide_999,\n")
+    res = check_cohort(root)
+    err, warn = _errors(root), _warnings(root)
+    assert "slide_001" in err and "slide_001.tif" in err and "does not exist" in err
+    assert "slide_1.tif" in warn and "does not list" in warn  # the renamed file is not processed
+    assert "slide_777" in warn and "clinical" in warn
+    assert "slide_999" in err and "splits_0.csv" in err
+    assert res.source.endswith("pairs.csv")
+
+
+def test_panel_with_two_markers_on_one_channel(cohort: Path, tmp_path: Path) -> None:
+    root = _copy(cohort, tmp_path / "c")
+    lines = (root / "marker_panel.csv").read_text().splitlines()
+    ch = lines[2].split(",")[0]
+    lines[3] = f"{ch},{lines[3].split(',')[1]}"  # the marker of channel 2 moved onto channel 1
+    (root / "marker_panel.csv").write_text("\n".join(lines) + "\n")
+    err = _errors(root)
+    assert f"maps 2 markers to channel {ch}" in err and lines[2].split(",")[1] in err
+
+
+def test_unwritable_output_folder(cohort: Path, tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "a_file" / "out"
+    res = check_cohort(cohort, out)
+    assert not res.ok and any("a_file" in f.message and "not a folder" in f.message for f in res.errors())
+    assert main([str(cohort), "--out", str(out)]) == 1
+    assert check_cohort(cohort, tmp_path / "new" / "out").ok and not (tmp_path / "new").exists()
 
 
 def test_panel_name_mismatch(cohort: Path, tmp_path: Path) -> None:
@@ -123,6 +183,14 @@ def _h5(path: Path, **datasets) -> None:
             f[k] = v
 
 
+def _record(out: Path, folder: str, slide: str, inputs: dict | None = None) -> done_mod.DoneSpec:
+    """A done-record for ``slide`` in ``OUT/folder/done/`` (as a stage would write it after the slide)."""
+    spec = done_mod.DoneSpec(folder=out / folder, settings={}, schema=1, inputs=lambda s: dict(inputs or {}),
+                             outputs=lambda s: [])
+    done_mod.write_record(spec, slide)
+    return spec
+
+
 def test_status_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     coords = np.zeros((3, 2), np.int64)
@@ -137,20 +205,48 @@ def test_status_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _h5(out / "features" / "hex_tiny" / "h5_files" / "s1.h5", features=np.zeros((3, 4), np.float32))
     _h5(out / "codex_features" / "stats.h5", s2=np.zeros((40, 10), np.float32))
     _h5(out / "mica_runs" / "r0" / "ig" / "s1.h5", coords=coords)
+    for folder, slides in (("patches", ["s1", "s2"]), ("registration", ["s1", "s2"]), ("markers", ["s1"]),
+                           ("features/hex_tiny", ["s1"])):
+        for s in slides:
+            _record(out, folder, s)
+    # quantify failed for s2 (its failure record), and for s4, which has no other trace
+    for s, why in (("s2", "CODEX image not found: s2.ome.tif"), ("s4", "no registration record")):
+        done_mod.write_failure(_record(out, "markers", s), s, why)
+    # the patch store: s1 made by an older version (no done-record), s2 made from a grid that was redone since
+    _h5(out / "he_patches" / "s1.h5", imgs=np.zeros((3, 2, 2, 3), np.uint8))
+    _h5(out / "he_patches" / "s2.h5", imgs=np.zeros((3, 2, 2, 3), np.uint8))
+    _record(out, "he_patches", "s2", {"grid": out / "patches" / "s2.h5"})
+    _h5(out / "patches" / "s2.h5", coords=np.zeros((4, 2), np.int64))  # redone: its size changes
+    os.utime(out / "patches" / "s2.h5", ns=(1, 1))  # and its mtime, whatever the clock's resolution
 
     table = slide_status(out)
-    assert sorted(table) == ["s1", "s2", "s3"]
+    assert sorted(table) == ["s1", "s2", "s3", "s4"]
     assert table["s1"]["patch"].state == "done" and table["s1"]["registration"].state == "done"
     assert table["s2"]["registration"].state == "flagged" and "low NCC" in table["s2"]["registration"].reason
     assert table["s3"]["patch"].state == "failed" and "no tissue" in table["s3"]["patch"].reason
-    assert table["s2"]["markers"].state == "missing"
+    assert table["s2"]["markers"] == StageState("failed", "CODEX image not found: s2.ome.tif")
+    assert table["s4"]["markers"] == StageState("failed", "no registration record")
+    assert table["s3"]["markers"].state == "missing"
+    assert table["s1"]["he_patches"].state == "stale" and "no done-record" in table["s1"]["he_patches"].reason
+    assert table["s2"]["he_patches"].state == "stale" and "grid s2.h5" in table["s2"]["he_patches"].reason
     assert table["s1"]["features/hex_tiny"].state == "done" and table["s2"]["features/hex_tiny"].state == "missing"
     assert table["s2"]["codex_features/stats"].state == "done"
     assert table["s1"]["codex_features/stats"].state == "missing"
     assert table["s1"]["ig/r0"].state == "done"
     text = format_status(table)
-    assert "patch: 2 done, 1 failed, 0 missing" in text
+    assert "patch: 2 done, 1 failed, 1 missing" in text and "he_patches: 0 done, 0 failed, 2 missing, 2 stale" in text
     assert status_main([str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "s3" in printed and "no tissue" in printed
-    assert {s for s, _ in STAGES} >= {"patch", "registration", "markers", "he_patches", "hex_pred", "virtual_codex"}
+    assert "s3" in printed and "no tissue" in printed and "CODEX image not found" in printed
+    assert [s.name for s in STAGES[:6]] == ["patch", "registration", "markers", "he_patches", "hex_pred",
+                                            "virtual_codex"]
+    assert status_main([str(tmp_path / "nope")]) == 2
+
+
+def test_status_stage_table_is_in_one_place() -> None:
+    """The docstring's stage list is made from STAGES (one table), and names every stage."""
+    import preprocess.status as status
+
+    assert "<STAGE TABLE>" not in (status.__doc__ or "")
+    for st in STAGES:
+        assert f"    {st.name:<20}{st.output}" in (status.__doc__ or "")

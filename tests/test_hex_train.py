@@ -318,7 +318,7 @@ def test_two_ranks_batch_b_equal_one_rank_batch_2b(cohort: Path, ddp_run: Path, 
 @pytest.mark.slow
 def test_two_rank_evaluation_equals_one_rank(cohort: Path, ddp_run: Path, tmp_path: Path) -> None:
     common = ["--out", str(ddp_run), "--run-name", "ddp", "--data", str(cohort), "--workers", "0", "--no-plots",
-              "--batch-size", "5"]
+              "--batch-size", "5", "--allow-train-slides"]  # every labelled slide, the training ones too
     r = _torchrun("hex.test", [*common, "--test-dir", str(tmp_path / "two")])
     assert r.returncode == 0, r.stderr[-3000:]
     assert hex_test.main([*common, "--test-dir", str(tmp_path / "one")]) == 0

@@ -251,6 +251,9 @@ def test_bad_slides_one_line_each(cohort: tuple[Path, Path], tmp_path: Path, cap
     text = capfd.readouterr().err + caplog.text
     assert "Traceback" not in text
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    final = errors.pop()  # the stage's last line: counts, each failed slide with its reason, the warnings
+    assert final.startswith("hex_pred: 3 done, 0 skipped (already done), 4 failed: corrupt (cannot read"), final
+    assert all(f"{s} (" in final for s in ("empty", "trunc", "small")) and "2 with warnings (blank, café" in final
     for name in ("empty.tif", "trunc.tif", "corrupt.tif", "small.tif"):
         assert sum(name in m for m in errors) == 1, (name, errors)
     assert "0-byte" in next(m for m in errors if "empty.tif" in m)
@@ -264,8 +267,7 @@ def test_bad_slides_one_line_each(cohort: tuple[Path, Path], tmp_path: Path, cap
     coords, pred, _ = _preds(pred_dir / "blank.h5")
     assert coords.shape == (0, 2) and pred.shape == (0, 40)
     assert _preds(pred_dir / "good.h5")[1].shape[0] > 0 and _preds(pred_dir / "café.h5")[1].shape[0] > 0
-    assert any("3 done (2 with warnings), 0 skipped (already done), 4 failed" in r.getMessage()
-               for r in caplog.records)
+    assert caplog.records[-1].getMessage() == final
 
 
 # ------------------------------------------------------------------------------------------ original checkpoints
@@ -337,7 +339,7 @@ def test_torchrun_two_ranks_equal_one(cohort: tuple[Path, Path], tmp_path: Path)
            *common, "--out", str(tmp_path / "two"), "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "3 done (0 with warnings), 0 skipped (already done), 0 failed" in r.stderr
+    assert "hex_pred: 3 done, 0 skipped (already done), 0 failed" in r.stderr
     assert infer_wsi.main([*common, "--out", str(tmp_path / "one")]) == 0
     for sid in ("a", "b", "c"):
         c1, p1, a1 = _preds(tmp_path / "one" / "hex_pred" / f"{sid}.h5")

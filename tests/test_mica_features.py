@@ -20,6 +20,7 @@ from PIL import Image
 from hex import backbones as bb
 from hex.data import BatchTransform
 from mica import codex_encoders as ce
+from mica import codex_run as cr
 from mica import extract_features as ef
 from preprocess import patch, patch_store
 from sample_data.writers import write_aperio_tiff
@@ -93,8 +94,9 @@ def test_he_tiny_equals_direct_forward_skip_overwrite(cohort) -> None:
     assert ef.main([*args, "--slides", "a", "--overwrite"]) == 0
     after = _mtimes(files)
     assert after[:2] != before[:2] and after[2:] == before[2:]
-    assert ef.main([*args, "--slides", "a", "--interpolation", "bilinear"]) == 0  # other settings: redone
-    assert _mtimes(files[:2]) != after[:2]
+    # other settings: stop before any work (tests/test_chain_mica.py), --overwrite redoes
+    assert ef.main([*args, "--slides", "a", "--interpolation", "bilinear"]) == 2
+    assert _mtimes(files) == after
 
 
 def test_he_hex_run_backbone(cohort) -> None:
@@ -133,15 +135,21 @@ def test_empty_grid_gives_empty_bag(cohort, tmp_path, caplog) -> None:
     assert "is empty" in caplog.text
 
 
-def test_bad_input_and_failures(cohort, tmp_path) -> None:
+def test_bad_input_and_failures(cohort, tmp_path, caplog) -> None:
     d, out, w = cohort
     base = ["--cohort", str(d), "--out", str(out), "--what", "he", "--workers", "0"]
     assert ef.main([*base, "--encoder", "nope"]) == 2
     assert ef.main([*base, "--encoder", "hex:missing_run"]) == 2
     assert ef.main([*base, "--encoder", "tiny", "--weights", str(tmp_path / "none.pth")]) == 2
     assert ef.main([*base, "--encoder", "tiny", "--shard", "3/2"]) == 2
-    # a slide without a grid fails (exit 1) while the others are done
-    assert ef.main([*base, "--encoder", "tiny", "--weights", str(w), "--patches", str(tmp_path)]) == 1
+    # a slide without a grid fails (exit 1) while the others are done; the last line names it and why
+    (tmp_path / "patches").mkdir()
+    (tmp_path / "patches" / "a.h5").write_bytes((out / "patches" / "a.h5").read_bytes())
+    assert ef.main(["--cohort", str(d), "--out", str(tmp_path / "o"), "--what", "he", "--workers", "0", "--encoder",
+                    "tiny", "--weights", str(w), "--patches", str(tmp_path / "patches")]) == 1
+    assert ef.feature_paths(tmp_path / "o", "tiny", "a")[0].is_file()
+    last = caplog.records[-1].getMessage()
+    assert last.startswith("H&E features (tiny): 1 done, 0 skipped (already done), 1 failed: b (patch grid not found")
 
 
 def test_shards_cover_every_slide_once() -> None:
@@ -246,10 +254,13 @@ def test_codex_stats_cli_skip_and_errors(tmp_path) -> None:
             mask = np.asarray(Image.open(tmp_path / f"virtual_codex/{s}_mask.png")) > 0
             np.testing.assert_allclose(f[s][:], ce.stats_features(vmap, mask, MARKERS), rtol=1e-6)
             assert f[s].shape == (40, 10) and f[s].dtype == np.float32
-    parts = [ce.part_path(tmp_path, "stats", s) for s in maps]
+    parts = [cr.part_path(tmp_path, "stats", s) for s in maps]
     before = _mtimes(parts)
     assert ef.main(args) == 0 and _mtimes(parts) == before
-    assert ef.main([*args, "--high", "0.3"]) == 0 and all(a != b for a, b in zip(_mtimes(parts), before))
+    assert ef.main([*args, "--high", "0.3"]) == 2 and _mtimes(parts) == before  # other settings: stop
+    assert ef.main([*args, "--high", "0.3", "--overwrite"]) == 0
+    assert all(a != b for a, b in zip(_mtimes(parts), before))
+    args = [*args, "--high", "0.3"]
     # a map with the wrong channel count fails that slide only (exit 1); the combined file keeps the others
     np.save(tmp_path / "virtual_codex/s3.npy", np.zeros((5, 5, 7), np.float16))
     assert ef.main(args) == 1
@@ -294,12 +305,12 @@ def test_dinov2_codex_weights_and_cross_slide_batches(tmp_path) -> None:
     torch.save(_to_original_layout(src.model.state_dict()), tmp_path / "dinov2_vits14_reg4_pretrain.pth")
     enc = ef.load_encoder("dinov2_vits14_reg", weights=str(tmp_path / "dinov2_vits14_reg4_pretrain.pth"), depth=1)
     assert (enc.embed_dim, enc.input_size, enc.mean) == (384, 224, bb.IMAGENET_MEAN)
-    found = ce.find_maps(tmp_path)
+    found = cr.find_maps(tmp_path)
     assert sorted(found) == ["s1", "s2"]
-    rep = ce.run_image(["s1", "s2"], found, tmp_path, "dino", "dinov2_vits14_reg", enc.module, 224, enc.mean,
-                       enc.std, torch.device("cpu"), "{}", batch_size=24, workers=0, progress=False)
+    rep = cr.run_image(["s1", "s2"], found, tmp_path, "dino", "dinov2_vits14_reg", enc.module, 224, enc.mean,
+                       enc.std, torch.device("cpu"), {}, batch_size=24, workers=0, progress=False)
     assert rep.done == ["s1", "s2"] and not rep.failed
-    ce.assemble(tmp_path, "dino", "dinov2_vits14_reg")
+    cr.assemble(tmp_path, "dino", "dinov2_vits14_reg")
     with h5py.File(tmp_path / "codex_features/dino.h5") as f:
         got = {s: f[s][:] for s in f}
         assert list(f.attrs["markers"]) == MARKERS and f.attrs["feature_dim"] == 384
@@ -310,8 +321,8 @@ def test_dinov2_codex_weights_and_cross_slide_batches(tmp_path) -> None:
             want = src(x[:8]).numpy()
         np.testing.assert_allclose(got[s][:8], want, rtol=1e-3, atol=1e-4)
     assert not np.allclose(got["s1"], got["s2"])
-    again = ce.run_image(["s1", "s2"], found, tmp_path, "dino", "dinov2_vits14_reg", enc.module, 224, enc.mean,
-                         enc.std, torch.device("cpu"), "{}", progress=False)
+    again = cr.run_image(["s1", "s2"], found, tmp_path, "dino", "dinov2_vits14_reg", enc.module, 224, enc.mean,
+                         enc.std, torch.device("cpu"), {}, progress=False)
     assert again.skipped == ["s1", "s2"] and not again.done
 
 

@@ -90,6 +90,10 @@ def test_panel_and_pairs_errors(tmp_path):
     with pytest.raises(PipelineError, match="nope.csv"):
         read_pairs(tmp_path / "nope.csv")
     (tmp_path / "pairs.csv").write_text("he_slide,codex_image\nhe/s1.svs,codex/s1.ome.tif\n")
+    with pytest.raises(PipelineError, match="H&E file not found for 1 slides: s1"):
+        read_pairs(tmp_path / "pairs.csv")
+    (tmp_path / "he").mkdir()
+    (tmp_path / "he" / "s1.svs").write_bytes(b"")
     pairs = read_pairs(tmp_path / "pairs.csv")
     assert list(pairs) == ["s1"] and pairs["s1"][1] == (tmp_path / "codex/s1.ome.tif").resolve()
 
@@ -108,6 +112,8 @@ def test_single_channel_ome_reads_as_cyx(tmp_path):
 
 def test_pairs_with_empty_codex_cell(tmp_path):
     (tmp_path / "pairs.csv").write_text("he_slide,codex_image\nhe/s1.svs,\n")
+    (tmp_path / "he").mkdir()
+    (tmp_path / "he" / "s1.svs").write_bytes(b"")
     assert read_pairs(tmp_path / "pairs.csv")["s1"][1] is None  # the stages fail this slide, naming the table
 
 

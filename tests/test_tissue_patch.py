@@ -147,8 +147,9 @@ def test_shards_partition_the_slides_and_a_failed_redo_leaves_nothing(he_slides,
     assert patch.main([*args, "--shard", "1/2"]) == 0
     assert sorted(p.name for p in (tmp_path / "patches").glob("*.h5")) == ["s025.h5", "s05.h5"]
     assert (tmp_path / "patches" / "config_shard1of2.json").exists()
-    # s05 redone with a setting that fails: its old grid does not stay behind for the later stages
-    assert patch.main([*args, "--slides", "s05", "--min-tissue", "1.01", "--overwrite"]) == 1
+    # s05 redone with a setting that fails (no fragment is large enough to be tissue): its old grid does not stay
+    # behind for the later stages
+    assert patch.main([*args, "--slides", "s05", "--min-area-um2", "1e12", "--overwrite"]) == 1
     assert not (tmp_path / "patches" / "s05.h5").exists() and not (tmp_path / "patches" / "s05_tissue.png").exists()
 
 
@@ -158,7 +159,9 @@ def test_skip_and_overwrite(he_slides, tmp_path):
     assert patch.main(args) == 0
     f = tmp_path / "patches" / "s05.h5"
     t0 = f.stat().st_mtime_ns
-    assert patch.main(args + ["--min-tissue", "0.9"]) == 0 and f.stat().st_mtime_ns == t0
+    assert patch.main(args) == 0 and f.stat().st_mtime_ns == t0  # same settings: skipped
+    # other settings: stops before any work (tests/test_chain_patch.py has the message), --overwrite redoes it
+    assert patch.main(args + ["--min-tissue", "0.9"]) == 2 and f.stat().st_mtime_ns == t0
     assert patch.main(args + ["--min-tissue", "0.9", "--overwrite"]) == 0 and f.stat().st_mtime_ns != t0
     with h5py.File(f) as h:
         assert h.attrs["min_tissue"] == 0.9 and h["tissue_fraction"][:].min() >= 0.9

@@ -242,8 +242,11 @@ def test_he_slide_gives_canvas_and_preview(tmp_path):
     assert res["mpp"] == pytest.approx(0.5) and res["he_path"] == str(he)
     assert Image.open(res["paths"]["preview"][0]).size[0] > 300
     assert is_done(tmp_path / "vc", "h1") and not is_done(tmp_path / "vc", "other")
-    again = write_slide_maps(pred, tmp_path / "vc")
+    again = write_slide_maps(pred, tmp_path / "vc", preview_markers=["cd8", "Ki67"])
     assert again["skipped"] is True
+    with pytest.raises(PipelineError, match=r"done with other settings: preview_markers .*pass --overwrite"):
+        write_slide_maps(pred, tmp_path / "vc")  # another preview choice: not silently kept, not silently redone
+    assert write_slide_maps(pred, tmp_path / "vc", overwrite=True)["skipped"] is False
 
 
 def test_preview_marker_choice():

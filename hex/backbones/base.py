@@ -356,16 +356,16 @@ def load_weights(model: Backbone, weights: str | os.PathLike) -> LoadReport:
 
 
 def save_backbone(model: Backbone, path: str | os.PathLike) -> Path:
-    """Write ``model.weights_module()``'s state dict as safetensors (temp file + ``os.replace``) with the spec as
+    """Write ``model.weights_module()``'s state dict as safetensors (atomically) with the spec as
     metadata; ``create(name, weights=path, <same kw>)`` restores it."""
     from safetensors.torch import save_file
 
+    from preprocess.utils import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.weights_module().state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"backbone": model.spec.name, "spec": json.dumps(model.spec.to_dict())})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # the usual file mode, and no half-written file under the final name
+        save_file(tensors, str(tmp), metadata={"backbone": model.spec.name, "spec": json.dumps(model.spec.to_dict())})
     return path
 
 

@@ -4,6 +4,8 @@
 * clinical table ``clinical.csv``: ``case_id,slide_id`` (one row per slide). A patient whose slides sit in two
   columns is an error, and so is a split slide the clinical table does not list (``allow_unknown=True`` lets it be
   its own patient, with a warning), since the leakage check cannot see such slides.
+* :func:`check_split_slides`: split ids without a label table or patches (a typo, another id spelling, a slide the
+  earlier stages skipped) stop the stage with one line that lists them all, before any work.
 """
 
 from __future__ import annotations
@@ -42,6 +44,29 @@ def read_split(path: str | os.PathLike, column: str) -> list[str]:
     if dup:
         raise PipelineError(f"split file {path}: column {column!r} lists slides more than once: {dup[:10]}")
     return ids
+
+
+def check_split_slides(slides: Sequence[str], markers_dir: str | os.PathLike, patches_dir: str | os.PathLike,
+                       source: str | os.PathLike) -> None:
+    """Every slide of ``slides`` (named by ``source``: a split file, ``--slides``) has a label table
+    ``markers_dir/{slide}.csv`` and patches (``patches_dir/{slide}.h5`` or the PNG folder ``patches_dir/{slide}/``);
+    else one :class:`PipelineError` line listing the slides that lack them."""
+    mdir, pdir = Path(markers_dir), Path(patches_dir)
+    no_labels = [s for s in slides if not (mdir / f"{s}.csv").is_file()]
+    no_patches = [s for s in slides if s not in no_labels and not (pdir / f"{s}.h5").is_file()
+                  and not (pdir / s).is_dir()]
+    parts = []
+    if no_labels:
+        parts.append(f"{len(no_labels)} have no label table in {mdir} ({_listed(no_labels)})")
+    if no_patches:
+        parts.append(f"{len(no_patches)} have no patches in {pdir} ({_listed(no_patches)})")
+    if parts:
+        raise PipelineError(f"{source}: of its {len(slides)} slides {'; '.join(parts)}; fix the ids (the slide file "
+                            "name up to its first dot) or run stages 01-03 for them")
+
+
+def _listed(ids: Sequence[str], n: int = 10) -> str:
+    return ", ".join(ids[:n]) + (f", ... ({len(ids) - n} more)" if len(ids) > n else "")
 
 
 def read_clinical(path: str | os.PathLike) -> dict[str, str]:

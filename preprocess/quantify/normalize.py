@@ -3,9 +3,18 @@
 value = clip((raw - P_low) / (P_high - P_low), 0, 1) per marker, with P_low / P_high the ``low_pct`` / ``high_pct``
 percentiles of the raw patch means over the *fit slides'* patches with coverage >= ``min_coverage``. The fit set
 is explicit (``fit_slides``; a split file's ``train`` column), so validation and test slides can stay out of the
-percentiles; ``normalization.json`` records it (``fit_slides``) and the slides it was applied to. Slides whose raw
-means are stale (:func:`preprocess.quantify.raw.stale_reason`) are neither pooled nor labelled, and an old label
-file of theirs is removed.
+percentiles; ``normalization.json`` records it (``fit_slides``) and the slides it was applied to.
+
+Keyed, by redoing: the step is cheap (it reads the raw CSVs), so every run recomputes the normalisation from the
+fresh raw means (:func:`preprocess.quantify.raw.read_record`) and the settings given now, and rewrites each label
+file ``markers/{slide}.csv`` whose content changes (a file whose bytes would be the same is left alone, so later
+stages do not see a change that is none). ``normalization.json`` holds the settings it was made with
+(``settings``: fit slides and their source, percentiles, coverage threshold, columns, or the applied file); when
+they differ from the previous run's, the log says so (``normalisation settings changed since the last run: <diff>;
+relabelling``) -- so labels made with another ``--fit-split`` or other percentiles are never kept. Labels that
+this run cannot vouch for are removed: those of slides whose raw means are stale, and, when the percentiles
+changed, those of cohort slides outside this run's ``--slides``. Raw means made with different pass-1 settings
+(shards run with other flags) are not pooled: the step stops and names the difference.
 """
 
 from __future__ import annotations
@@ -14,13 +23,15 @@ import csv
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from preprocess.quantify.raw import label_csv_path, load_raw, raw_csv_path, stale_reason
-from preprocess.utils import PipelineError, atomic_path, remove_outputs, write_json
+from preprocess.done import diff_settings
+from preprocess.quantify.raw import label_csv_path, load_raw, raw_csv_path, raw_meta_path, read_record
+from preprocess.utils import PipelineError, atomic_write_text, remove_outputs, write_json
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +65,13 @@ def apply_normalization(raw: np.ndarray, norm: dict) -> np.ndarray:
 def load_normalization(path: str | os.PathLike, markers: list[str]) -> dict:
     """A ``normalization.json`` for exactly ``markers`` (same order)."""
     path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"normalization file not found: {path}")
-    norm = json.loads(path.read_text())
+    if not path.is_file():
+        raise PipelineError(f"normalization file not found: {path} (--normalization)")
+    try:
+        norm = json.loads(path.read_text())
+        norm["values"]  # noqa: B018 - its presence is the check
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PipelineError(f"{path} is not a normalization.json of stage 03 ({e})") from None
     if list(norm.get("markers", [])) != markers:
         raise PipelineError(f"normalization file {path} is for the markers {norm.get('markers', [])[:5]}..., "
                             f"not the panel's {markers[:5]}... (same markers in the same order needed)")
@@ -66,8 +81,8 @@ def load_normalization(path: str | os.PathLike, markers: list[str]) -> dict:
 def split_column(path: str | os.PathLike, column: str = "train") -> list[str]:
     """Slide ids of one column of a split file (``splits_k.csv``: train,val; empty cells ignored)."""
     path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"split file not found: {path}")
+    if not path.is_file():
+        raise PipelineError(f"split file not found: {path} (--fit-split)")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or column not in rows[0]:
@@ -91,8 +106,8 @@ def fresh_slides(out: str | os.PathLike, slides: list[str], drop_stale_labels: b
     """The slides whose raw means are fresh; a stale slide's label file is removed (it would be trusted)."""
     ok = []
     for s in slides:
-        why = stale_reason(out, s)
-        if why is None:
+        rec, why = read_record(out, s)
+        if rec is not None:
             ok.append(s)
             continue
         if drop_stale_labels and remove_outputs([label_csv_path(out, s)]):
@@ -102,11 +117,62 @@ def fresh_slides(out: str | os.PathLike, slides: list[str], drop_stale_labels: b
     return ok
 
 
+def check_pass1_settings(out: str | os.PathLike, slides: list[str]) -> dict:
+    """The pass-1 settings shared by the raw means of ``slides``; raw means made two ways stop (one line)."""
+    groups: dict[str, list[str]] = {}
+    settings: dict[str, dict] = {}
+    for s in slides:
+        rec, _ = read_record(out, s)
+        st = (rec or {}).get("settings", {})
+        key = json.dumps(st, sort_keys=True)
+        groups.setdefault(key, []).append(s)
+        settings[key] = st
+    if len(groups) > 1:
+        (a, sa), (b, sb) = list(groups.items())[:2]
+        raise PipelineError(
+            f"the raw marker means in {Path(out) / 'markers' / 'raw'} were made with different settings: "
+            f"{', '.join(diff_settings(settings[a], settings[b]))} ({', '.join(sa[:3])} vs {', '.join(sb[:3])}); "
+            "rerun `python -m preprocess.quantify` with one set of settings and --overwrite")
+    return next(iter(settings.values()), {})
+
+
+@dataclass
+class Normalisation:
+    """Outcome of the step: the record written, the slides labelled, which label files were (re)written."""
+
+    norm: dict
+    slides: list[str]
+    written: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        how = (f"from {self.norm['settings']['normalization_file']}" if self.norm["settings"]["mode"] == "fixed"
+               else f"fitted on {len(self.norm['fit_slides'])} slides, {self.norm['n_patches']} patches")
+        return (f"{len(self.slides)} slides normalised (P{self.norm['percentiles'][0]:g}..P"
+                f"{self.norm['percentiles'][1]:g} {how}), {len(self.written)} label files written, "
+                f"{len(self.slides) - len(self.written)} unchanged")
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    try:
+        if path.read_text() == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
+    return True
+
+
 def normalize_cohort(out: str | os.PathLike, slides: list[str], markers: list[str], min_coverage: float,
                      low_pct: float, high_pct: float, legacy_columns: bool, fixed: dict | None = None,
-                     fit_slides: list[str] | None = None) -> dict:
+                     fit_slides: list[str] | None = None, settings: dict | None = None,
+                     others: list[str] | None = None) -> Normalisation:
     """Percentiles over ``fit_slides`` (default: all of ``slides``; unless ``fixed``), then
-    ``markers/{slide}.csv`` for each of ``slides``; writes ``markers/normalization.json``."""
+    ``markers/{slide}.csv`` for each of ``slides``; writes ``markers/normalization.json`` (with ``settings``).
+
+    ``others``: cohort slides outside ``slides``; their label files are removed when the percentiles changed.
+    """
     out = Path(out)
     fit = list(slides) if fit_slides is None else list(fit_slides)
     raws = {}
@@ -120,8 +186,24 @@ def normalize_cohort(out: str | os.PathLike, slides: list[str], markers: list[st
         norm = compute_normalization(values, markers, low_pct, high_pct)
         norm |= {"fit_slides": fit, "applied_to": list(slides), "min_coverage": min_coverage}
     else:
-        norm = fixed | {"applied_to": list(slides)}
-    write_json(out / "markers" / "normalization.json", norm)
+        norm = {k: v for k, v in fixed.items() if k != "settings"} | {"applied_to": list(slides),
+                                                                        "min_coverage": min_coverage}
+    norm["settings"] = dict(settings or {})
+    norm_path = out / "markers" / "normalization.json"
+    prev = _read_json(norm_path)
+    if prev is not None and prev.get("settings") and prev["settings"] != norm["settings"]:
+        log.info("normalisation settings changed since the last run: %s; relabelling",
+                 ", ".join(diff_settings(prev["settings"], norm["settings"])))
+    result = Normalisation(norm, list(slides))
+    if prev is not None and (prev.get("values") != norm["values"] or prev.get("markers") != norm["markers"]):
+        for s in others or []:
+            if s not in slides and remove_outputs([label_csv_path(out, s)]):
+                result.removed.append(s)
+        if result.removed:
+            log.warning("removed the labels of %s: made with the earlier percentiles, not relabelled by this run "
+                        "(--slides); normalise without --slides to label them", ", ".join(result.removed))
+    if prev != json.loads(json.dumps(norm)):
+        write_json(norm_path, norm)
     for s in tqdm(slides, desc="normalising", unit="slide", leave=False):
         df = raws[s]
         vals = apply_normalization(df[markers].to_numpy(np.float64), norm)
@@ -130,10 +212,17 @@ def normalize_cohort(out: str | os.PathLike, slides: list[str], markers: list[st
         if legacy_columns:
             for k in range(len(markers)):
                 outdf[f"mean_intensity_channel{k + 1}"] = vals[:, k]
-        with atomic_path(label_csv_path(out, s)) as tmp:
-            outdf.to_csv(tmp, index=False, float_format="%.7g")
-        log.info("%s: %d of its patches have coverage >= %.2f", s, len(df), min_coverage)
-    return norm
+        if _write_if_changed(label_csv_path(out, s), outdf.to_csv(index=False, float_format="%.7g")):
+            result.written.append(s)
+        log.debug("%s: %d of its patches have coverage >= %.2f", s, len(df), min_coverage)
+    return result
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,43 +252,79 @@ def add_normalization_args(p) -> None:
 def check_normalization_args(args) -> None:
     if not (0 <= args.low_pct < args.high_pct <= 100):
         raise PipelineError(f"need 0 <= --low-pct < --high-pct <= 100 (got {args.low_pct}, {args.high_pct})")
+    if not 0 <= args.min_coverage <= 1:
+        raise PipelineError(f"--min-coverage must be in [0, 1] (got {args.min_coverage})")
     if sum(x is not None for x in (args.fit_slides, args.fit_split, args.normalization)) > 1:
         raise PipelineError("give at most one of --fit-slides, --fit-split and --normalization")
 
 
-def resolve_run(args):
-    """What both stage-03 commands start with: logging to ``OUT/markers/run.log``, the checks, and the inputs:
-    (Tables, the ``--slides`` of the pairing table)."""
-    from preprocess.quantify.tables import resolve_tables
-    from preprocess.utils import select_slides, setup_logging
+@dataclass(frozen=True)
+class NormPlan:
+    """What the step will fit on or apply, read before any work: ``fit`` (None: every slide normalised),
+    ``source`` (for messages), ``fixed`` (a normalization record to apply, or None)."""
 
+    fit: list[str] | None = None
+    source: str = "every slide normalised"
+    fixed: dict | None = None
+
+
+def plan_normalization(args, markers: list[str], cohort_ids: list[str]) -> NormPlan:
+    """Read ``--fit-split`` / ``--fit-slides`` / ``--normalization`` and check them against the cohort."""
+    if args.normalization is not None:
+        return NormPlan(fixed=load_normalization(args.normalization, markers), source=str(args.normalization))
+    if args.fit_split is not None:
+        fit, source = split_column(args.fit_split, args.fit_column), f"column {args.fit_column!r} of {args.fit_split}"
+    elif args.fit_slides:
+        fit, source = list(args.fit_slides), "--fit-slides"
+    else:
+        return NormPlan()
+    unknown = [s for s in fit if s not in set(cohort_ids)]
+    if unknown:
+        raise PipelineError(f"fit slides {unknown[:5]} (from {source}) are not slides of the cohort; fix the ids or "
+                            "drop them from the fit set")
+    return NormPlan(fit=fit, source=source)
+
+
+def resolve_run(args, check=None):
+    """What both stage-03 commands start with: the output folder checked writable, logging to
+    ``OUT/markers/run.log``, the checks, and the inputs: (Tables, the ``--slides`` of the cohort, NormPlan)."""
+    from preprocess.quantify.tables import resolve_tables
+    from preprocess.utils import ensure_writable, select_slides, setup_logging
+
+    setup_logging()
+    ensure_writable(Path(args.out) / "markers")
     setup_logging(Path(args.out) / "markers" / "run.log")
     check_normalization_args(args)
+    if check is not None:
+        check(args)
     tables = resolve_tables(args)
-    return tables, select_slides(sorted(tables.pairs), args.slides, str(tables.pairs_path))
+    plan = plan_normalization(args, tables.markers, tables.ids)
+    return tables, select_slides(tables.ids, args.slides, tables.source), plan
 
 
-def run_normalization(args, out: Path, candidates: list[str], markers: list[str]) -> dict:
+def run_normalization(args, out: Path, candidates: list[str], markers: list[str], plan: NormPlan,
+                      others: list[str] | None = None) -> Normalisation:
     """Normalise the fresh slides among ``candidates`` with the options of :func:`add_normalization_args`."""
-    fixed = load_normalization(args.normalization, markers) if args.normalization else None
     slides = fresh_slides(out, candidates)
     if not slides:
         raise PipelineError(f"no slide has fresh raw marker means in {Path(out) / 'markers' / 'raw'}; run "
                             "`python -m preprocess.quantify` (pass 1) first")
-    fit = None
-    if args.fit_split is not None:
-        fit = split_column(args.fit_split, args.fit_column)
-        source = f"column {args.fit_column!r} of {args.fit_split}"
-    elif args.fit_slides:
-        fit, source = list(args.fit_slides), "--fit-slides"
-    if fit is not None:
-        missing = [s for s in fit if s not in slides]
+    if plan.fit is not None:
+        missing = [s for s in plan.fit if s not in slides]
         if missing:
-            raise PipelineError(f"fit slides {missing[:5]} (from {source}) have no fresh raw marker means in "
+            raise PipelineError(f"fit slides {missing[:5]} (from {plan.source}) have no fresh raw marker means in "
                                 f"{Path(out) / 'markers' / 'raw'}; quantify them first or drop them from the fit set")
-    norm = normalize_cohort(out, slides, markers, args.min_coverage, args.low_pct, args.high_pct,
-                            args.legacy_columns, fixed, fit)
-    log.info("normalised %d slides (P%g..P%g %s) into %s", len(slides), norm["percentiles"][0],
-             norm["percentiles"][1], "from " + str(args.normalization) if fixed else
-             f"fitted on {len(norm['fit_slides'])} slides, {norm['n_patches']} patches", Path(out) / "markers")
-    return norm
+    pass1 = check_pass1_settings(out, sorted(set(slides) | set(plan.fit or [])))
+    settings = {"mode": "fixed", "normalization_file": str(args.normalization),
+                "min_coverage": args.min_coverage} if plan.fixed else {
+        "mode": "fit", "fit_slides": plan.fit if plan.fit is not None else sorted(slides), "fit_source": plan.source,
+        "low_pct": args.low_pct, "high_pct": args.high_pct, "min_coverage": args.min_coverage}
+    settings |= {"legacy_columns": bool(args.legacy_columns), "pass1": pass1}
+    res = normalize_cohort(out, slides, markers, args.min_coverage, args.low_pct, args.high_pct,
+                           args.legacy_columns, plan.fixed, plan.fit, settings, others)
+    flagged = [s for s in slides if (_read_json(raw_meta_path(out, s)) or {}).get("registration_status") == "flagged"]
+    if flagged:
+        log.warning("the labels of %s come from flagged registrations (quantified with --allow-flagged)",
+                    ", ".join(flagged))
+    log.info("normalisation: %s into %s", res.summary, Path(out) / "markers")
+    return res

@@ -1,11 +1,14 @@
-"""Raw per-patch marker means (pass 1 output): ``markers/raw/{slide}.csv`` and its sidecar ``{slide}.json``.
+"""Raw per-patch marker means (pass 1 output): ``markers/raw/{slide}.csv``, its sidecar ``{slide}.json`` and the
+slide's done-record ``markers/done/{slide}.json``.
 
-The CSV is ``slide,index,x,y,coverage,n_codex_px,<markers>`` for every grid patch. The sidecar names the inputs
-it was made from (grid, registration record, displacement field, CODEX image) with their modification times, and
-the resolved channels as (marker, channel index, OME name) triples. A raw file is *fresh* when both exist and
-every input still exists with the modification time it had then (no clock comparison, so clock skew on shared
-filesystems does not matter); only fresh files are skipped in pass 1 and pooled / labelled in pass 2, so a slide
-whose registration was redone (or removed because it failed) never keeps labels from its old transform.
+The CSV is ``slide,index,x,y,coverage,n_codex_px,<markers>`` for every grid patch. The sidecar holds the resolved
+channels as (marker, channel index, OME name) triples and the registration's status. The done-record
+(:mod:`preprocess.done`, written by the stage runner) names what they were made from: the settings that change the
+values, and the input files (``codex``, ``grid``, ``registration``, ``field``, ``panel``) with their size and
+mtime. Raw means are *fresh* when both files and the record exist and every input file still has the size and
+mtime it had then (no clock comparison, so clock skew on shared filesystems does not matter): only fresh raw means
+are skipped in pass 1 and pooled / labelled by the normalisation, so a slide whose registration was redone (or
+removed because it failed), or whose panel was fixed, never keeps labels from the old inputs.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from preprocess.done import DONE_DIR, file_stamp
 from preprocess.utils import PipelineError, write_json
 
 log = logging.getLogger(__name__)
 
 RAW_META_COLUMNS = ["slide", "index", "x", "y", "coverage", "n_codex_px"]
+RAW_SCHEMA = 2
+"""Version of the pass-1 files (the done-record's ``schema``)."""
 
 
 def raw_csv_path(out: str | os.PathLike, slide_id: str) -> Path:
@@ -35,34 +41,47 @@ def label_csv_path(out: str | os.PathLike, slide_id: str) -> Path:
     return Path(out) / "markers" / f"{slide_id}.csv"
 
 
+def record_path(out: str | os.PathLike, slide_id: str) -> Path:
+    """The pass-1 done-record of a slide (``markers/done/{slide}.json``)."""
+    return Path(out) / "markers" / DONE_DIR / f"{slide_id}.json"
+
+
 def write_raw_meta(out: str | os.PathLike, slide_id: str, meta: dict[str, Any]) -> None:
     write_json(raw_meta_path(out, slide_id), meta)
 
 
 def input_entry(path: str | os.PathLike | None) -> dict[str, Any] | None:
-    """``{"path", "mtime_ns"}`` of an input file as pass 1 reads it (None for no file)."""
+    """``{"path", "mtime_ns"}`` of an input file as pass 1 reads it (None for no file), for the sidecar."""
     if path is None:
         return None
     return {"path": str(path), "mtime_ns": Path(path).stat().st_mtime_ns}
 
 
-def stale_reason(out: str | os.PathLike, slide_id: str) -> str | None:
-    """Why the raw means of ``slide_id`` cannot be used (None: they are fresh)."""
-    csv, meta_path = raw_csv_path(out, slide_id), raw_meta_path(out, slide_id)
+def read_record(out: str | os.PathLike, slide_id: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(the slide's pass-1 done-record, None) when its raw means are fresh, else (None, why not)."""
+    csv, meta_path, rec_path = raw_csv_path(out, slide_id), raw_meta_path(out, slide_id), record_path(out, slide_id)
     if not csv.exists() or not meta_path.exists():
-        return f"no raw marker means ({csv} and {meta_path.name})"
+        return None, f"no raw marker means ({csv} and {meta_path.name})"
     try:
-        meta = json.loads(meta_path.read_text())
-        inputs = [e for e in (meta.get("inputs") or {}).values() if e]
-        for e in inputs:
-            p = Path(e["path"])
-            if not p.exists():
-                return f"its input {p} is gone"
-            if p.stat().st_mtime_ns != int(e["mtime_ns"]):
-                return f"{p} changed since {csv} was written"
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        return f"{meta_path} is not a raw-means sidecar of this version"
-    return None
+        rec = json.loads(rec_path.read_text())
+        if rec.get("schema") != RAW_SCHEMA:
+            return None, f"its raw means were made by another version (schema {rec.get('schema')}); rerun pass 1"
+        for entry in rec["inputs"].values():
+            now = file_stamp(entry["path"])
+            if now["size"] < 0 <= entry["size"]:
+                return None, f"its input {entry['path']} is gone"
+            if (now["size"], now["mtime_ns"]) != (entry["size"], entry["mtime_ns"]):
+                return None, f"{entry['path']} changed since {csv} was written"
+    except FileNotFoundError:
+        return None, f"its raw means have no done-record ({rec_path}): made by an older version; rerun pass 1"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, f"{rec_path} is not a done-record of this version; rerun pass 1"
+    return rec, None
+
+
+def stale_reason(out: str | os.PathLike, slide_id: str) -> str | None:
+    """Why the raw means of ``slide_id`` cannot be used (None: they are fresh); see :func:`read_record`."""
+    return read_record(out, slide_id)[1]
 
 
 def load_raw(path: str | os.PathLike, markers: list[str]):

@@ -1,31 +1,55 @@
-"""Stage 03 pass 1 per slide (raw means through the registration) and the ``python -m preprocess.quantify`` CLI."""
+"""Stage 03 pass 1 per slide (raw means through the registration) and the ``python -m preprocess.quantify`` CLI.
+
+Pass 1 is keyed by a done-record per slide (``markers/done/{slide}.json``, :mod:`preprocess.done`):
+
+- inputs: ``codex`` (the CODEX image as the pairing table or ``COHORT/codex/`` names it), ``grid``
+  (``patches/{slide}.h5``), ``registration`` (``registration/{slide}.json``), ``field`` (its displacement field
+  file, stamped as missing when it has none) and ``panel`` (the marker panel CSV). A changed input file (stage 01
+  or 02 redone, the panel fixed) redoes the slide, and the log says which file.
+- settings (:func:`done_settings`): ``channels_by``, ``codex_mpp``, ``nodata_um`` -- what changes the values of a
+  slide. Not recorded: the panel's content (it is the ``panel`` input: editing it redoes the slides, it does not
+  stop them), ``--allow-flagged`` / ``--panel-wins`` / ``--num-markers`` (they decide whether a slide may be
+  quantified, not its values; the sidecar records a flagged registration, and the normalisation warns about the
+  labels made through one), ``--mpp`` (a check only), ``--region-px`` / ``--threads`` / ``--workers`` (how the
+  work is cut, not what it computes).
+- A rerun with other settings or other input paths stops before any work and before ``config.json`` is written:
+  ``... done with other settings: <diff>; pass --overwrite`` (exit 2).
+
+A slide that fails leaves ``markers/done/{slide}.failed.json`` with the reason (read with
+``preprocess.done.read_failure(OUT / "markers", slide)``) and neither raw means nor labels. The last log line
+covers both passes: ``quantify: N done, N skipped (already done), N failed: slide (reason); labels: ...``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from preprocess import done as done_mod
 from preprocess.panel import resolve_channel_map
 from preprocess.patch import add_common_args, read_grid
 from preprocess.quantify.accumulate import quantify_patches
 from preprocess.quantify.geometry import load_registration
 from preprocess.quantify.normalize import add_normalization_args, resolve_run, run_normalization
 from preprocess.quantify.raw import (
+    RAW_SCHEMA,
     input_entry,
     label_csv_path,
     raw_csv_path,
     raw_meta_path,
-    stale_reason,
     write_raw_meta,
 )
-from preprocess.quantify.tables import add_table_args
+from preprocess.quantify.tables import Tables, add_table_args
 from preprocess.slide_io import CodexImage
 from preprocess.utils import (
     PipelineError,
@@ -39,7 +63,8 @@ from preprocess.utils import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = RAW_SCHEMA
+DESC = "quantify"
 
 
 @dataclass(frozen=True)
@@ -73,7 +98,8 @@ def quantify_slide(slide_id: str, codex_path: str | os.PathLike | None, cfg: Qua
     field_file = reg_path.parent / rec["displacement"]["file"] if rec.get("displacement") else None
     size = int(attrs["patch_size_level0"])
     if codex_path is None or not str(codex_path).strip() or Path(codex_path).is_dir():
-        raise PipelineError(f"slide {slide_id} has no CODEX image in the pairing table")
+        raise PipelineError(f"slide {slide_id} has no CODEX image (an empty codex_image in pairs.csv, or no "
+                            f"COHORT/codex/{slide_id}.*); add it, or list the pair in pairs.csv")
     if not Path(codex_path).exists():
         raise PipelineError(f"CODEX image not found: {codex_path}")
     inputs |= {"displacement": input_entry(field_file), "codex": input_entry(codex_path)}
@@ -111,6 +137,7 @@ def quantify_slide(slide_id: str, codex_path: str | os.PathLike | None, cfg: Qua
         "channels": [[m, int(i), n] for m, i, n in channel_map],
         "channels_units": "[marker, 0-based channel index in the CODEX file, OME channel name (null: none)]",
         "through_displacement_field": field_file is not None, "nodata_px": cell,
+        "registration_status": rec.get("status"),
         "patches_missing_data": int(np.sum(nodata > 0.01)),
     })
     log.info("%s: %d patches, %d with coverage > 0, median coverage %.3f%s", slide_id, len(coords),
@@ -144,12 +171,58 @@ def outputs(slide_id: str, out: Path) -> list[Path]:
     return [raw_csv_path(out, slide_id), raw_meta_path(out, slide_id), label_csv_path(out, slide_id)]
 
 
-def _is_done(slide_id: str, out: Path) -> bool:
-    """Raw means exist and are newer than the grid, registration record and field they were made from."""
-    why = stale_reason(out, slide_id)
-    if why is not None and raw_csv_path(out, slide_id).exists():
-        log.info("%s: %s; recomputing", slide_id, why)
-    return why is None
+def done_outputs(slide_id: str, out: Path) -> list[Path]:
+    """What must exist for pass 1 of a slide to count as done (the raw means and their sidecar)."""
+    return [raw_csv_path(out, slide_id), raw_meta_path(out, slide_id)]
+
+
+def field_path(reg_path: Path) -> Path:
+    """The displacement field file a registration record names (the stage-02 name when it names none)."""
+    try:
+        rec = json.loads(reg_path.read_text())
+        name = (rec.get("displacement") or {}).get("file")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return reg_path.parent / (name or f"{reg_path.stem}_displacement.npy")
+
+
+def done_inputs(slide_id: str, pairs: Mapping[str, tuple[Path, Path | None]], patches_dir: Path,
+                registration_dir: Path, panel_path: Path) -> dict[str, Path]:
+    """{role: file} pass 1 of a slide is made from (see the module docstring)."""
+    reg = Path(registration_dir) / f"{slide_id}.json"
+    roles = {"grid": Path(patches_dir) / f"{slide_id}.h5", "registration": reg, "field": field_path(reg),
+             "panel": Path(panel_path)}
+    codex = pairs[slide_id][1] if slide_id in pairs else None
+    if codex is not None:
+        roles["codex"] = Path(codex)
+    return roles
+
+
+def done_settings(cfg: QuantConfig, channels_by: str) -> dict[str, Any]:
+    """The settings that change a slide's raw means (see the module docstring)."""
+    return {"channels_by": channels_by, "codex_mpp": cfg.codex_mpp, "nodata_um": float(cfg.nodata_um)}
+
+
+def done_spec(cfg: QuantConfig, tables: Tables, channels_by: str) -> done_mod.DoneSpec:
+    """Pass 1's :class:`preprocess.done.DoneSpec`: records in ``OUT/markers/done/``."""
+    return done_mod.DoneSpec(
+        folder=Path(cfg.out) / "markers", settings=done_settings(cfg, channels_by), schema=SCHEMA_VERSION,
+        inputs=functools.partial(done_inputs, pairs=tables.pairs, patches_dir=cfg.patches_dir,
+                                 registration_dir=cfg.registration_dir, panel_path=tables.panel_path),
+        outputs=functools.partial(done_outputs, out=cfg.out))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Invalid values stop before any work (one line naming the flag)."""
+    for name, v, lo in (("--workers", args.workers, 1), ("--region-px", args.region_px, 16),
+                        ("--threads", args.threads, 0)):
+        if v < lo:
+            raise PipelineError(f"{name} must be >= {lo} (got {v})")
+    for name, v in (("--codex-mpp", args.codex_mpp), ("--mpp", args.mpp)):
+        if v is not None and not v > 0:
+            raise PipelineError(f"{name} must be positive (got {v})")
+    if not args.nodata_um >= 0:
+        raise PipelineError(f"--nodata-um must be >= 0 (0 = no test; got {args.nodata_um})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,42 +259,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out_dir = args.out / "markers"
     try:
-        tables, selected = resolve_run(args)
+        tables, selected, plan = resolve_run(args, check_args)
         slides = shard_slides(selected, args.shard)
+        threads = args.threads or default_threads(args.workers)
+        cfg = QuantConfig(out=args.out, patches_dir=args.patches or args.out / "patches",
+                          registration_dir=args.registration or args.out / "registration",
+                          markers=tuple(tables.markers),
+                          panel=tuple(tables.panel) if args.channels_by == "index" else None,
+                          panel_path=str(tables.panel_path), codex_mpp=args.codex_mpp, he_mpp=args.mpp,
+                          allow_flagged=args.allow_flagged, region_px=args.region_px, threads=threads,
+                          panel_wins=args.panel_wins, nodata_um=args.nodata_um)
+        for what, folder, stage, flag in (
+                ("patch grid folder", cfg.patches_dir, "preprocess.patch (stage 01)", "--patches"),
+                ("registration folder", cfg.registration_dir, "preprocess.register (stage 02)", "--registration")):
+            if not Path(folder).is_dir():
+                raise PipelineError(f"{what} not found: {folder}; run {stage} first, or give {flag}")
+        spec = done_spec(cfg, tables, args.channels_by)
+        if not args.overwrite:
+            conflicts = {s: st.reason for s in slides if (st := done_mod.check(spec, s)).state == "conflict"}
+            if conflicts:
+                raise done_mod.conflict_error(conflicts, DESC)
     except PipelineError as e:
         log.error("%s", e)
         return 2
-    threads = args.threads or default_threads(args.workers)
-    cfg = QuantConfig(out=args.out, patches_dir=args.patches or args.out / "patches",
-                      registration_dir=args.registration or args.out / "registration", markers=tuple(tables.markers),
-                      panel=tuple(tables.panel) if args.channels_by == "index" else None,
-                      panel_path=str(tables.panel_path), codex_mpp=args.codex_mpp, he_mpp=args.mpp,
-                      allow_flagged=args.allow_flagged, region_px=args.region_px, threads=threads,
-                      panel_wins=args.panel_wins, nodata_um=args.nodata_um)
-    save_config(out_dir, vars(args) | {"pairs_resolved": tables.pairs_path, "panel_resolved": tables.panel_path,
+    out_dir = args.out / "markers"
+    save_config(out_dir, vars(args) | {"pairs_resolved": tables.source, "panel_resolved": tables.panel_path,
                                        "markers": tables.markers, "slides_resolved": slides,
-                                       "threads_resolved": threads, "schema_version": SCHEMA_VERSION},
+                                       "threads_resolved": threads, "schema_version": SCHEMA_VERSION,
+                                       "done_settings": spec.settings},
                 name=shard_config_name(args.shard))
     try:
-        report = run_slides(slides, functools.partial(_work, pairs=tables.pairs, cfg=cfg),
-                            functools.partial(_is_done, out=args.out), overwrite=args.overwrite, workers=args.workers,
-                            skip_errors=not args.fail_fast, desc="marker means (raw)",
-                            outputs=functools.partial(outputs, out=args.out))
-    except PipelineError as e:  # --fail-fast
+        report = run_slides(slides, functools.partial(_work, pairs=tables.pairs, cfg=cfg), overwrite=args.overwrite,
+                            workers=args.workers, skip_errors=not args.fail_fast, desc=DESC,
+                            outputs=functools.partial(outputs, out=args.out), done=spec)
+    except PipelineError as e:  # --fail-fast (conflicts were checked above)
         log.error("%s", e)
         return 1
     if args.shard or args.no_normalize:
-        log.info("pass 1 done (%s); normalise after all shards with `python -m preprocess.normalize --out %s%s`",
-                 report.summary(), args.out, f" --cohort {args.cohort}" if args.cohort else "")
-        return 0 if report.ok else 1
-    # the slides to label: every slide of the pairing table with fresh raw means (this run's or cached), or the
-    # selected ones when a fixed normalisation is applied
-    candidates = [s for s in (selected if args.normalization else sorted(tables.pairs)) if s not in report.failed]
+        return report.finish(DESC, "labels: not written (pass 1 only); normalise after all shards with "
+                                   f"`python -m preprocess.normalize --out {args.out}"
+                                   f"{f' --cohort {args.cohort}' if args.cohort else ''}`")
+    # the slides to label: every slide of the cohort with fresh raw means (this run's or cached)
+    candidates = [s for s in tables.ids if s not in report.failed]
     try:
-        run_normalization(args, args.out, candidates, tables.markers)
+        extra = "labels: " + run_normalization(args, args.out, candidates, tables.markers, plan).summary
+        failed_norm = False
     except PipelineError as e:
-        log.error("%s", e)
-        return 1
-    return 0 if report.ok else 1
+        log.error("normalisation: %s", e)
+        extra, failed_norm = f"labels: not written ({e})", True
+    rc = report.finish(DESC, extra)
+    return max(rc, 1) if failed_norm else rc

@@ -8,6 +8,7 @@
 - :mod:`~preprocess.registration.record_qc`: QC scores and figure, and the registration record.
 - :mod:`~preprocess.registration.pair`: :func:`register_pair`, the steps in order for one pair.
 - :mod:`~preprocess.registration.export`: the CODEX resampled into the H&E pixel grid (OME-TIFF).
+- :mod:`~preprocess.registration.stage_files`: the stage's files per slide, its done-record and summary table.
 
 The command line is :mod:`preprocess.register`.
 """

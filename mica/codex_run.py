@@ -1,0 +1,296 @@
+"""Stage 07, CODEX side: virtual CODEX maps in, one feature part per slide out, the combined file, the drivers.
+
+Inputs (``hex.virtual_codex``): ``OUT/virtual_codex/{slide}.npy`` (H', W', C) P99-normalised, ``{slide}_mask.png``
+(255 = tissue) and ``{slide}.json`` (``markers``). Outputs::
+
+    OUT/codex_features/{encdir}/{slide}.h5        per-slide part: features (C, D') float32 (the resumable unit)
+    OUT/codex_features/{encdir}/done/{slide}.json what it was made with (:mod:`mica.feature_done`)
+    OUT/codex_features/{encdir}.h5                one (C, D') dataset per slide, rebuilt from the parts done with
+                                                  this run's settings (:func:`assemble`)
+
+The encoders themselves (stats descriptors, channel images for DINOv2) are in :mod:`mica.codex_encoders`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from mica import codex_encoders as ce
+from preprocess import done as done_mod
+from preprocess.utils import PipelineError, StageReport, atomic_path, remove_outputs, remove_stale_temps
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = ce.SCHEMA_VERSION
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs: OUT/virtual_codex/{slide}.npy (+ {slide}_mask.png, {slide}.json from hex.virtual_codex)
+
+
+def find_maps(out: str | os.PathLike) -> dict[str, Path]:
+    """Virtual CODEX maps by slide id: ``OUT/virtual_codex/{slide}.npy`` (mask files excluded)."""
+    d = Path(out) / "virtual_codex"
+    return {p.stem: p for p in sorted(d.glob("*.npy")) if not p.stem.endswith("_mask") and not p.name.startswith(".")}
+
+
+def read_mask(npy_path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """Tissue mask (H', W') bool beside a map: ``{slide}_mask.png`` (hex.virtual_codex: 255 = tissue) or
+    ``{slide}_mask.npy``; None when there is none. A mask of another shape is a :class:`PipelineError`."""
+    base = npy_path.with_name(npy_path.stem + "_mask")
+    for p in (base.with_suffix(".png"), base.with_suffix(".npy")):
+        if not p.is_file():
+            continue
+        if p.suffix == ".png":
+            from PIL import Image
+
+            with Image.open(p) as im:
+                mask = np.asarray(im.convert("L")) > 127
+        else:
+            mask = np.load(p, allow_pickle=False) > 0
+        if mask.shape != tuple(shape):
+            raise PipelineError(f"tissue mask {p} is {mask.shape}, its map {npy_path} is {tuple(shape)}; rerun "
+                                "hex.virtual_codex for this slide")
+        return mask
+    return None
+
+
+def read_markers(out: str | os.PathLike, slide: str, npy_path: Path) -> list[str]:
+    """Marker names of a map (HEX output order): ``virtual_codex/{slide}.json`` ``markers``, else the ``markers``
+    attribute of ``hex_pred/{slide}.h5``."""
+    rec = npy_path.with_suffix(".json")
+    if rec.is_file():
+        try:
+            markers = json.loads(rec.read_text()).get("markers")
+        except json.JSONDecodeError:
+            markers = None
+        if markers:
+            return [str(m) for m in markers]
+    pred = Path(out) / "hex_pred" / f"{slide}.h5"
+    if pred.is_file():
+        import h5py
+
+        with h5py.File(pred, "r") as f:
+            if "markers" in f.attrs:
+                return [m.decode() if isinstance(m, bytes) else str(m) for m in np.atleast_1d(f.attrs["markers"])]
+    raise PipelineError(f"no marker names for {npy_path}: neither {rec} nor {pred} (attr 'markers') lists them; "
+                        "rerun hex.infer_wsi / hex.virtual_codex")
+
+
+def load_map(out: str | os.PathLike, slide: str, npy_path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(map (H', W', C) float16/32, tissue mask (H', W') bool, C marker names) of one slide; the mask falls back to
+    'any channel > 0' (0 = no tissue in the maps)."""
+    try:
+        vmap = np.load(npy_path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"cannot read {npy_path} ({e}); rerun hex.virtual_codex for this slide") from e
+    if vmap.ndim != 3:
+        raise PipelineError(f"{npy_path} has shape {vmap.shape}; expected (H', W', markers)")
+    markers = read_markers(out, slide, npy_path)
+    if len(markers) != vmap.shape[-1]:
+        raise PipelineError(f"{npy_path} has {vmap.shape[-1]} channels but {len(markers)} marker names")
+    mask = read_mask(npy_path, vmap.shape[:2])
+    if mask is None:
+        mask = (vmap > 0).any(axis=-1)
+    return vmap, mask, markers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# outputs: OUT/codex_features/{encdir}/{slide}.h5 (parts) -> OUT/codex_features/{encdir}.h5
+
+
+def part_path(out: str | os.PathLike, encdir: str, slide: str) -> Path:
+    """``OUT/codex_features/{encdir}/{slide}.h5``."""
+    return Path(out) / "codex_features" / encdir / f"{slide}.h5"
+
+
+def combined_path(out: str | os.PathLike, encdir: str) -> Path:
+    """``OUT/codex_features/{encdir}.h5``."""
+    return Path(out) / "codex_features" / f"{encdir}.h5"
+
+
+def write_part(path: Path, feats: np.ndarray, markers: Sequence[str], attrs: dict) -> None:
+    """One slide's (C, D') features with its marker names and settings, atomically."""
+    import h5py
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=np.asarray(feats, np.float32))
+        f.attrs["markers"] = list(markers)
+        for k, v in attrs.items():
+            f.attrs[k] = v
+
+
+def part_slides(out: str | os.PathLike, encdir: str) -> list[str]:
+    """Slides with a part file in ``OUT/codex_features/{encdir}/``."""
+    d = Path(out) / "codex_features" / encdir
+    return sorted(p.stem for p in d.glob("*.h5") if not p.name.startswith("."))
+
+
+def assemble(out: str | os.PathLike, encdir: str, encoder: str, feature_names: Sequence[str] | None = None,
+             slides: Sequence[str] | None = None) -> Path:
+    """Write ``codex_features/{encdir}.h5`` from the parts of ``slides`` (default: every part in
+    ``codex_features/{encdir}/``), atomically.
+
+    File attrs: ``encoder``, ``markers``, ``schema_version``, ``feature_dim`` (+ ``feature_names``); one (C, D')
+    float32 dataset per slide with attr ``source``. Parts with different marker lists are a :class:`PipelineError`.
+    """
+    import h5py
+
+    names = part_slides(out, encdir) if slides is None else sorted(slides)
+    parts = [part_path(out, encdir, s) for s in names]
+    dst = combined_path(out, encdir)
+    markers: list[str] | None = None
+    dim = None
+    with atomic_path(dst) as tmp, h5py.File(tmp, "w") as g:
+        for p in parts:
+            with h5py.File(p, "r") as f:
+                m = [str(x) for x in f.attrs["markers"]]
+                feats = f["features"][:]
+                source = str(f.attrs.get("source", ""))
+            if markers is None:
+                markers, dim = m, feats.shape[1]
+            elif m != markers or feats.shape[1] != dim:
+                raise PipelineError(f"{p}: markers/feature size differ from the other slides' ({len(m)} markers, D' "
+                                    f"{feats.shape[1]} vs {len(markers)}, {dim}); rerun with --overwrite")
+            ds = g.create_dataset(p.stem, data=feats.astype(np.float32))
+            ds.attrs["source"] = source
+        g.attrs["encoder"] = encoder
+        g.attrs["markers"] = markers or []
+        g.attrs["schema_version"] = SCHEMA_VERSION
+        g.attrs["feature_dim"] = int(dim or 0)
+        if feature_names is not None:
+            g.attrs["feature_names"] = list(feature_names)
+    log.info("%s: %d slides", dst, len(parts))
+    return dst
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# drivers
+
+
+def stats_slide(slide: str, npy_path: Path, out: Path, encdir: str, high: float,
+                settings: Mapping[str, Any] | str) -> dict:
+    """Stats features of one slide -> its part file (module level: runs in a process pool)."""
+    vmap, mask, markers = load_map(out, slide, npy_path)
+    feats = ce.stats_features(vmap, mask, markers, high=high)
+    write_part(part_path(out, encdir, slide), feats, markers,
+               {"encoder": ce.STATS_ENCODER, "source": str(npy_path), "settings": _as_json(settings),
+                "feature_names": list(ce.STATS_FEATURES), "schema_version": SCHEMA_VERSION})
+    return {"tissue_pixels": int(mask.sum())}
+
+
+def _as_json(settings: Mapping[str, Any] | str) -> str:
+    return settings if isinstance(settings, str) else json.dumps(dict(settings), default=str)
+
+
+class MapImages(Dataset):
+    """Item i = (slide, uint8 grey images (C, 1, S, S) of its channels resized to S, markers, error message)."""
+
+    def __init__(self, out: Path, slides: Sequence[str], maps: dict[str, Path], size: int):
+        self.out, self.slides, self.maps, self.size = out, list(slides), maps, int(size)
+
+    def __len__(self) -> int:
+        return len(self.slides)
+
+    def __getitem__(self, i: int):
+        s = self.slides[i]
+        try:
+            vmap, _, markers = load_map(self.out, s, self.maps[s])
+            grey = ce.resize_grey(ce.channel_images(vmap), self.size)
+            return s, (grey * 255).round().to(torch.uint8), markers, ""
+        except PipelineError as e:
+            return s, None, None, str(e)
+
+
+def _plan(slides: Sequence[str], spec: done_mod.DoneSpec, overwrite: bool, rep: StageReport) -> tuple[list, dict]:
+    """The slides to do (their outputs and stale temps removed, records cleared) and their input stamps; the
+    skipped ones go to ``rep``. Other settings: one :class:`PipelineError` before any work (as ``run_slides``)."""
+    todo, conflicts = [], {}
+    for s in slides:
+        st = done_mod.check(spec, s)
+        if st.state == "done" and not overwrite:
+            rep.skipped.append(s)
+        elif st.state == "conflict" and not overwrite:
+            conflicts[s] = st.reason
+        else:
+            todo.append(s)
+            if st.state != "done" and st.reason != "not done":
+                log.info("%s: %s", s, st.reason)
+    if conflicts:
+        raise done_mod.conflict_error(conflicts, "CODEX features")
+    stamps = {}
+    for s in todo:
+        done_mod.clear(spec, s)
+        stamps[s] = {k: done_mod.file_stamp(v) for k, v in spec.inputs(s).items()}
+        outs = list(spec.outputs(s))
+        remove_outputs(outs)
+        remove_stale_temps(outs)
+    return todo, stamps
+
+
+@torch.inference_mode()
+def run_image(slides: Sequence[str], maps: dict[str, Path], out: Path, encdir: str, name: str, module: nn.Module,
+              input_size: int, mean: Sequence[float], std: Sequence[float], device: torch.device,
+              settings: Mapping[str, Any] | done_mod.DoneSpec, batch_size: int = 64, workers: int = 0,
+              amp: torch.dtype | None = None, overwrite: bool = False, skip_errors: bool = True,
+              progress: bool = True) -> StageReport:
+    """Image-encoder features (C, D) of each slide's channels, batched across slides (a batch may hold channels of
+    several slides); each map is loaded once (DataLoader ``workers``). Writes one part and its done-record per
+    slide; ``settings`` (or a ready :class:`preprocess.done.DoneSpec`) decide what counts as done."""
+    from hex.evaluate import autocast
+    from mica.feature_done import codex_spec
+
+    spec = settings if isinstance(settings, done_mod.DoneSpec) else codex_spec(out, encdir, settings)
+    rep = StageReport()
+    todo, stamps = _plan(slides, spec, overwrite, rep)
+    loader = DataLoader(MapImages(out, todo, maps, input_size), batch_size=None, num_workers=min(workers, len(todo)))
+    pending: dict[str, list] = {}  # slide -> [features (C, D) or None, markers, channels filled]
+
+    def fail(s: str, err: str) -> None:
+        if not skip_errors:
+            raise PipelineError(err)
+        rep.failed[s] = err
+        log.error("%s: %s", s, err)
+        with contextlib.suppress(OSError):
+            done_mod.write_failure(spec, s, err)
+
+    def items():
+        for s, grey, markers, err in tqdm(loader, desc=f"CODEX features ({name})", unit="slide", disable=not progress):
+            if err:
+                fail(s, err)
+                continue
+            pending[s] = [None, list(markers), 0]
+            yield s, grey
+
+    module.eval()
+    for batch, keys in ce.channel_batches(items(), batch_size):
+        x = ce.to_model_input(batch.to(device, non_blocking=True).float() / 255.0, mean, std)
+        with autocast(device, amp):
+            y = module(x).float().cpu().numpy()
+        for (s, c), row in zip(keys, y):
+            entry = pending[s]
+            if entry[0] is None:
+                entry[0] = np.zeros((len(entry[1]), row.shape[0]), np.float32)
+            entry[0][c] = row
+            entry[2] += 1
+            if entry[2] == len(entry[1]):
+                write_part(part_path(out, encdir, s), entry[0], entry[1],
+                           {"encoder": name, "source": str(maps[s]), "settings": _as_json(spec.settings),
+                            "schema_version": SCHEMA_VERSION})
+                done_mod.write_record(spec, s, stamps[s])
+                del pending[s]
+                rep.done.append(s)
+    log.info("CODEX features (%s): %s", name, rep.summary())
+    return rep

@@ -289,7 +289,7 @@ def _prepare(args: argparse.Namespace, ctx: DistContext) -> None:
 
 def _conflicts(spec: done_mod.DoneSpec, slides: Sequence[str], args: argparse.Namespace) -> str | None:
     """The one-line error for slides (of this job) done with other settings, or None (rank 0 decides)."""
-    found = {s: st.reason for s in slides if (st := done_mod.check(spec, s)).state == "conflict"}
+    found = done_mod.conflicts(spec, slides)
     if found and not args.overwrite:
         return str(done_mod.conflict_error(found, "hex_pred"))
     if not args.no_maps and not args.overwrite:

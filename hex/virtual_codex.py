@@ -153,7 +153,7 @@ def map_conflicts(slides: Sequence[str], pred_dir: Path, out_dir: Path, he: Mapp
     """{slide: diff} of the slides whose maps were done with another preview-marker choice or other input files
     (checked before any work; :func:`preprocess.done.conflict_error` makes the one-line error)."""
     spec = map_spec(out_dir, preview_markers, {s: Path(pred_dir) / f"{s}.h5" for s in slides}, he)
-    return {s: st.reason for s in slides if (st := done_mod.check(spec, s)).state == "conflict"}
+    return done_mod.conflicts(spec, slides)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -132,9 +132,7 @@ def recorded(spec: done_mod.DoneSpec) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_conflicts(spec: done_mod.DoneSpec, slides: Sequence[str]) -> dict[str, str]:
-    """{slide: diff} of the ``slides`` whose outputs were made with other settings or other input files."""
-    return {s: st.reason for s in slides if (st := done_mod.check(spec, s)).state == "conflict"}
+run_conflicts = done_mod.conflicts  # {slide: diff} of the slides made with other settings or input files
 
 
 def check_outside(spec: done_mod.DoneSpec, slides: Sequence[str], overwrite: bool, desc: str) -> None:

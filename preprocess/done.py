@@ -186,3 +186,19 @@ def conflict_error(conflicts: Mapping[str, str], desc: str) -> PipelineError:
         f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
         f"{f'; {more} more with other differences' if more else ''}); pass --overwrite to redo them with these "
         "settings, or use another --out")
+
+
+def conflicts(spec: DoneSpec, slides: Sequence[str]) -> dict[str, str]:
+    """{slide: diff} of the slides done with other settings or input files than ``spec``."""
+    return {s: st.reason for s in slides if (st := check(spec, s)).state == "conflict"}
+
+
+def stop_on_conflicts(spec: DoneSpec, slides: Sequence[str], desc: str, overwrite: bool = False) -> None:
+    """Raise the one-line :func:`conflict_error` when a slide is done with other settings (unless ``overwrite``).
+
+    Stages call it before ``save_config`` and before any work, so that the run config always describes the outputs.
+    """
+    if not overwrite:
+        found = conflicts(spec, slides)
+        if found:
+            raise conflict_error(found, desc)

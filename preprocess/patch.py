@@ -270,20 +270,6 @@ def collect_he_slides(cohort: Path | None, he: list[Path] | None, wanted: list[s
     return slides.he_paths(), shard_slides(select_slides(slides.ids, wanted, slides.source), shard)
 
 
-def check_done_settings(slides: list[str], spec: DoneSpec, desc: str, overwrite: bool = False) -> None:
-    """Stop before any work (and before ``save_config``) when a slide is done with other settings or inputs:
-    one :class:`PipelineError` "... done with other settings: <diff> ...; pass --overwrite"."""
-    if overwrite:
-        return
-    conflicts = {}
-    for s in slides:
-        st = done_mod.check(spec, s)
-        if st.state == "conflict":
-            conflicts[s] = st.reason
-    if conflicts:
-        raise done_mod.conflict_error(conflicts, desc)
-
-
 def require(ok: bool, message: str) -> None:
     """Raise ``PipelineError(message)`` unless ``ok`` (flag checks before any work)."""
     if not ok:
@@ -370,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                       min_tissue=args.min_tissue, mpp=args.mpp, thumb_size=args.thumb_size, tissue=tissue)
     spec = done_spec(cfg, he_paths)
     try:
-        check_done_settings(slides, spec, desc, args.overwrite)
+        done_mod.stop_on_conflicts(spec, slides, desc, args.overwrite)
     except PipelineError as e:
         log.error("%s", e)
         return 2

@@ -45,8 +45,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from preprocess import done as done_mod
 from preprocess.done import DoneSpec
-from preprocess.patch import add_common_args, check_done_settings, collect_he_slides, read_grid, require
+from preprocess.patch import add_common_args, collect_he_slides, read_grid, require
 from preprocess.patch_store_format import COMPRESSIONS, PatchStoreReader, encode_jpeg, patch_writer  # noqa: F401
 from preprocess.slide_io import HESlide
 from preprocess.utils import (
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                       jpeg_quality=args.jpeg_quality, threads=args.threads or default_threads(args.workers))
     spec = done_spec(cfg, he_paths)
     try:
-        check_done_settings(slides, spec, desc, args.overwrite)
+        done_mod.stop_on_conflicts(spec, slides, desc, args.overwrite)
     except PipelineError as e:
         log.error("%s", e)
         return 2

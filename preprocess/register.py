@@ -76,6 +76,7 @@ from typing import Any
 
 import numpy as np
 
+from preprocess import done as done_mod
 from preprocess.cohort import resolve_slides
 from preprocess.panel import DAPI_NAMES, find_dapi_channel  # noqa: F401 (re-exported)
 from preprocess.pyramid import nominal_downsample  # noqa: F401 (re-exported)
@@ -89,7 +90,6 @@ from preprocess.registration.stage_files import (
     done_settings,
     done_spec,
     outputs,
-    stop_on_conflicts,
     write_summary,
 )
 from preprocess.registration.work_images import WorkImage, read_codex_work, read_he_work, work_mpp  # noqa: F401
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         params = _params_from_args(args, panel, threads)
         spec = done_spec(args, pairs, params)
         if not args.overwrite:
-            stop_on_conflicts(spec, slides, "register")
+            done_mod.stop_on_conflicts(spec, slides, "register")
     except PipelineError as e:
         log.error("%s", e)
         return 2

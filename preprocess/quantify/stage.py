@@ -276,10 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             if not Path(folder).is_dir():
                 raise PipelineError(f"{what} not found: {folder}; run {stage} first, or give {flag}")
         spec = done_spec(cfg, tables, args.channels_by)
-        if not args.overwrite:
-            conflicts = {s: st.reason for s in slides if (st := done_mod.check(spec, s)).state == "conflict"}
-            if conflicts:
-                raise done_mod.conflict_error(conflicts, DESC)
+        done_mod.stop_on_conflicts(spec, slides, DESC, args.overwrite)
     except PipelineError as e:
         log.error("%s", e)
         return 2

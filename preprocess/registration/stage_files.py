@@ -67,14 +67,6 @@ def done_spec(args: argparse.Namespace, pairs: Mapping[str, tuple[Path, Path | N
         outputs=functools.partial(done_outputs, out_dir=args.out, write_registered=params.write_registered))
 
 
-def stop_on_conflicts(spec: done_mod.DoneSpec, slides: list[str], desc: str) -> None:
-    """Raise the one-line conflict error when a slide is done with other settings or input files (before
-    ``save_config``, so that the run config always describes the outputs)."""
-    conflicts = {s: st.reason for s in slides if (st := done_mod.check(spec, s)).state == "conflict"}
-    if conflicts:
-        raise done_mod.conflict_error(conflicts, desc)
-
-
 def write_summary(path: Path, slides: list[str], out_dir: Path, failed: dict[str, str]) -> list[dict[str, Any]]:
     """One row per slide (failed ones with their reason) -> ``path`` (CSV); returns the rows."""
     rows = []

@@ -239,6 +239,23 @@ class BagDataset(Dataset):
                 "y_bin": torch.tensor(int(self.y_bin[i])), "censorship": torch.tensor(float(self.censorship[i])),
                 "time": torch.tensor(float(self.time[i])), "response": torch.tensor(float(self.response[i]))}
 
+    def feature_sample(self, per_bag: int = 256, seed: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Training data for input standardisation: up to ``per_bag`` random patches of every unit's H&E bag,
+        pooled (M,Dp), and every unit's CODEX token set (U,T,Dc) (None for an input the dataset does not use)."""
+        rng = np.random.default_rng(seed)
+        path = None
+        if self.use_path:
+            parts = []
+            for u in self.units:
+                x = torch.cat([self.source.load_path(s)[0] for s in u.slides])
+                parts.append(x[torch.from_numpy(rng.permutation(len(x))[:per_bag])] if len(x) > per_bag else x)
+            path = torch.cat(parts)
+        codex = None
+        if self.use_codex:
+            codex = torch.from_numpy(np.stack([np.mean([self.source.codex(s) for s in u.slides], axis=0)
+                                               for u in self.units]))
+        return path, codex
+
 
 def build_fold(clinical: pd.DataFrame, split_csv: str | os.PathLike, source: FeatureSource, unit: str = "patient",
                mode: str = "coattn", task: str = "survival", n_bins: int = 4, bins_from: str = "train",

@@ -29,6 +29,7 @@ from torch import nn
 from preprocess.utils import PipelineError
 
 MODES = ("coattn", "path", "codex")
+STANDARDIZE = ("none", "codex", "path", "both")
 TASKS = ("survival", "response")
 FUSIONS = ("concat", "bilinear")
 
@@ -114,13 +115,18 @@ class MICA(nn.Module):
         d: model width (256); transformer FFN 2d, ``heads`` heads, ``layers`` layers.
         dropout: 0.25 everywhere (fc, attention pooling, transformers, rho).
         fusion: "concat" (2d -> d -> d) or "bilinear" (``BilinearFusion``), coattn only.
+        standardize: inputs standardised inside the model, ``"none"``, ``"codex"``, ``"path"`` or ``"both"``:
+            x -> (x - shift) / scale with buffers (CODEX (T,Dc), H&E (Dp,)) that :meth:`fit_standardization` sets
+            from the training fold, so the checkpoint carries them and test / IG see the same inputs (IG
+            attributes the raw features).
     """
 
     def __init__(self, mode: str = "coattn", task: str = "survival", path_dim: int = 1024, codex_dim: int = 384,
                  n_tokens: int = 40, n_bins: int = 4, d: int = 256, dropout: float = 0.25, fusion: str = "concat",
-                 heads: int = 8, layers: int = 2) -> None:
+                 heads: int = 8, layers: int = 2, standardize: str = "none") -> None:
         super().__init__()
-        for name, value, allowed in (("mode", mode, MODES), ("task", task, TASKS), ("fusion", fusion, FUSIONS)):
+        for name, value, allowed in (("mode", mode, MODES), ("task", task, TASKS), ("fusion", fusion, FUSIONS),
+                                     ("standardize", standardize, STANDARDIZE)):
             if value not in allowed:
                 raise PipelineError(f"unknown MICA {name} {value!r}; choose one of {', '.join(allowed)}")
         if d % heads:
@@ -130,8 +136,17 @@ class MICA(nn.Module):
         self.out_dim = n_bins if task == "survival" else 1
         self.model_args: dict[str, Any] = {"mode": mode, "task": task, "path_dim": path_dim, "codex_dim": codex_dim,
                                            "n_tokens": n_tokens, "n_bins": n_bins, "d": d, "dropout": dropout,
-                                           "fusion": fusion, "heads": heads, "layers": layers}
+                                           "fusion": fusion, "heads": heads, "layers": layers,
+                                           "standardize": standardize}
         uses_path, uses_codex = mode in ("coattn", "path"), mode in ("coattn", "codex")
+        self.std_path = uses_path and standardize in ("path", "both")
+        self.std_codex = uses_codex and standardize in ("codex", "both")
+        if self.std_path:
+            self.register_buffer("path_shift", torch.zeros(path_dim))
+            self.register_buffer("path_scale", torch.ones(path_dim))
+        if self.std_codex:
+            self.register_buffer("codex_shift", torch.zeros(n_tokens, codex_dim))
+            self.register_buffer("codex_scale", torch.ones(n_tokens, codex_dim))
         if uses_path:
             self.path_fc = _fc(path_dim, d, dropout)
         if uses_codex:
@@ -161,14 +176,36 @@ class MICA(nn.Module):
                                 f"feature files against the model's {name}_dim / n_tokens")
         return x.to(next(self.parameters()).dtype)
 
+    @torch.no_grad()
+    def fit_standardization(self, path_sample: torch.Tensor | None, codex_units: torch.Tensor | None) -> None:
+        """Set the standardisation buffers from training data: ``path_sample`` (M,Dp) patches pooled over the
+        training bags, ``codex_units`` (U,T,Dc) the training units' token sets; each feature gets its mean and sd
+        (an sd below 1e-6 of the largest, e.g. a constant descriptor, keeps scale 1)."""
+        for on, x, name in ((self.std_path, path_sample, "path"), (self.std_codex, codex_units, "codex")):
+            if not on:
+                continue
+            if x is None or len(x) < 2:
+                raise PipelineError(f"MICA --standardize {name}: needs at least 2 training items")
+            x = x.double()
+            mu, sd = x.mean(0), x.std(0)
+            sd = torch.where(sd > 1e-6 * sd.max().clamp_min(1e-12), sd, torch.ones_like(sd))
+            getattr(self, f"{name}_shift").copy_(mu.to(getattr(self, f"{name}_shift").dtype))
+            getattr(self, f"{name}_scale").copy_(sd.to(getattr(self, f"{name}_scale").dtype))
+
     # ------------------------------------------------------------------ forward
     def _forward(self, path: torch.Tensor | None, codex: torch.Tensor | None,
                  need_weights: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         attn: dict[str, torch.Tensor] = {}
         if self.mode in ("coattn", "path"):
-            h_path = self.path_fc(self._check(path, "path", self.path_dim))                 # (B,N,d)
+            x = self._check(path, "path", self.path_dim)
+            if self.std_path:
+                x = (x - self.path_shift) / self.path_scale
+            h_path = self.path_fc(x)                                                        # (B,N,d)
         if self.mode in ("coattn", "codex"):
-            h_codex = self.codex_fc(self._check(codex, "codex", self.codex_dim, self.n_tokens))  # (B,T,d)
+            x = self._check(codex, "codex", self.codex_dim, self.n_tokens)
+            if self.std_codex:
+                x = (x - self.codex_shift) / self.codex_scale
+            h_codex = self.codex_fc(x)                                                      # (B,T,d)
             if self.mode == "coattn" and h_codex.shape[0] != h_path.shape[0]:
                 raise PipelineError(f"MICA path batch {h_path.shape[0]} != codex batch {h_codex.shape[0]}")
 

@@ -70,7 +70,7 @@ log = logging.getLogger("mica.train")
 # settings that must not change when a run is resumed
 RESUME_KEYS = ("mode", "task", "fusion", "model_dim", "n_bins", "bins_from", "unit", "encoder", "codex_encoder",
                "features_dir", "codex_features", "grad_accum", "lr", "weight_decay", "dropout", "alpha_surv", "seed",
-               "keep", "epochs")
+               "keep", "epochs", "standardize")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n-bins", type=int, default=4, help="hazard bins (quantiles of uncensored times)")
     m.add_argument("--bins-from", choices=("train", "cohort"), default="train",
                    help="bins from the training fold's uncensored times, or from the whole cohort (the original)")
+    m.add_argument("--standardize", choices=("none", "codex", "path", "both"), default="none",
+                   help="standardise these inputs per feature with the training fold's mean and sd (kept in the "
+                        "checkpoint): codex = the CODEX tokens (advised for --codex-encoder stats, whose descriptors "
+                        "have very different ranges), path = the H&E patch features")
     m.add_argument("--unit", choices=("patient", "slide"), default="patient",
                    help="patient: a patient's slides are one bag (concatenated patches, averaged CODEX tokens)")
     t = p.add_argument_group("optimisation (defaults: the original)")
@@ -143,7 +147,7 @@ def model_args_for(args: argparse.Namespace, ds: BagDataset) -> dict[str, Any]:
     return {"mode": args.mode, "task": args.task, "path_dim": int(item["path"].shape[1]) if item["path"] is not None
             else 1024, "codex_dim": int(item["codex"].shape[1]) if item["codex"] is not None else 384,
             "n_tokens": int(item["codex"].shape[0]) if item["codex"] is not None else 40, "n_bins": args.n_bins,
-            "d": args.model_dim, "dropout": args.dropout, "fusion": args.fusion}
+            "d": args.model_dim, "dropout": args.dropout, "fusion": args.fusion, "standardize": args.standardize}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,7 +174,10 @@ def train_fold(args: argparse.Namespace, fold: int, run_dir: Path, device: torch
     train_ds, val_ds, edges = build_fold(clinical, split_csv, feature_source(args), args.unit, args.mode, args.task,
                                          args.n_bins, args.bins_from)
     seed_everything(args.seed + fold)
-    model = build_model(model_args_for(args, train_ds)).to(device)
+    model = build_model(model_args_for(args, train_ds))
+    if args.standardize != "none":
+        model.fit_standardization(*train_ds.feature_sample(seed=args.seed + fold))
+    model = model.to(device)
     margs = model.model_args
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                            weight_decay=args.weight_decay)

@@ -146,3 +146,27 @@ def test_model_args_roundtrip_and_errors() -> None:
         m(path, codex[:, :39])
     with pytest.raises(PipelineError, match="path input"):
         m(path[..., :5], codex)
+
+
+def test_standardization_is_the_fold_z_score_and_travels_with_the_state() -> None:
+    torch.manual_seed(0)
+    kw = {"mode": "coattn", "path_dim": 6, "codex_dim": 5, "n_tokens": 4, "d": 16, "heads": 2, "dropout": 0.0}
+    plain = MICA(**kw).eval()
+    std = MICA(**kw, standardize="both").eval()
+    std.load_state_dict(plain.state_dict(), strict=False)  # same weights; buffers stay at identity
+    path_tr = torch.randn(50, 6) * torch.tensor([1, 10, 100, 0.1, 1, 5]) + 3
+    codex_tr = torch.randn(20, 4, 5) * 7 - 2
+    codex_tr[:, 0, 0] = 0.5  # a constant descriptor keeps scale 1
+    std.fit_standardization(path_tr, codex_tr)
+    assert torch.equal(std.codex_scale[0, 0], torch.tensor(1.0))
+    path, codex = torch.randn(1, 9, 6) * 10, torch.randn(1, 4, 5) * 7
+    mu_p, sd_p = path_tr.mean(0), path_tr.std(0)
+    mu_c, sd_c = codex_tr.mean(0), codex_tr.std(0)
+    sd_c[0, 0] = 1.0
+    want = plain((path - mu_p) / sd_p, (codex - mu_c) / sd_c)
+    torch.testing.assert_close(std(path, codex), want, rtol=1e-4, atol=1e-5)
+    again = build_model(json.loads(json.dumps(std.model_args))).eval()
+    again.load_state_dict(std.state_dict(), strict=True)  # the buffers are in the checkpoint
+    torch.testing.assert_close(again(path, codex), std(path, codex))
+    with pytest.raises(PipelineError, match="standardize"):
+        MICA(**kw, standardize="zscore")

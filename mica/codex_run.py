@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from mica import codex_encoders as ce
 from preprocess import done as done_mod
-from preprocess.utils import PipelineError, StageReport, atomic_path, remove_outputs, remove_stale_temps
+from preprocess.utils import PipelineError, StageReport, atomic_path, plan_slides
 
 log = logging.getLogger(__name__)
 
@@ -215,28 +215,9 @@ class MapImages(Dataset):
 
 
 def _plan(slides: Sequence[str], spec: done_mod.DoneSpec, overwrite: bool, rep: StageReport) -> tuple[list, dict]:
-    """The slides to do (their outputs and stale temps removed, records cleared) and their input stamps; the
-    skipped ones go to ``rep``. Other settings: one :class:`PipelineError` before any work (as ``run_slides``)."""
-    todo, conflicts = [], {}
-    for s in slides:
-        st = done_mod.check(spec, s)
-        if st.state == "done" and not overwrite:
-            rep.skipped.append(s)
-        elif st.state == "conflict" and not overwrite:
-            conflicts[s] = st.reason
-        else:
-            todo.append(s)
-            if st.state != "done" and st.reason != "not done":
-                log.info("%s: %s", s, st.reason)
-    if conflicts:
-        raise done_mod.conflict_error(conflicts, "CODEX features")
-    stamps = {}
-    for s in todo:
-        done_mod.clear(spec, s)
-        stamps[s] = {k: done_mod.file_stamp(v) for k, v in spec.inputs(s).items()}
-        outs = list(spec.outputs(s))
-        remove_outputs(outs)
-        remove_stale_temps(outs)
+    """The slides to do and their input stamps (:func:`preprocess.utils.plan_slides`); the skipped go to ``rep``."""
+    todo, skipped, stamps = plan_slides(slides, spec, overwrite=overwrite, desc="CODEX features")
+    rep.skipped.extend(skipped)
     return todo, stamps
 
 

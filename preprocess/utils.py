@@ -285,6 +285,62 @@ class StageReport:
         return 0 if self.ok else 1
 
 
+def plan_slides(
+    slides: Iterable[str],
+    done: Any = None,
+    is_done: Callable[[str], bool] | None = None,
+    *,
+    overwrite: bool = False,
+    desc: str = "slides",
+    outputs: Callable[[str], Iterable[str | os.PathLike]] | None = None,
+) -> tuple[list[str], list[str], dict[str, dict]]:
+    """Decide which slides to (re)do, as :func:`run_slides` does, and clear the way for them.
+
+    Returns (todo, skipped, stamps): ``stamps`` = each todo slide's input stamps taken now (for its done-record).
+    The todo slides' records, outputs (``outputs`` or ``done.outputs``) and stale temp files are removed. A slide
+    done with other settings raises one :class:`PipelineError` before anything is removed (unless ``overwrite``).
+    """
+    from preprocess import done as done_mod
+
+    if done is None and is_done is None:
+        raise TypeError("plan_slides needs is_done or done")
+    if outputs is None and done is not None:
+        outputs = done.outputs
+    todo, skipped, conflicts, reasons = [], [], {}, {}
+    for s in slides:
+        if done is not None:
+            st = done_mod.check(done, s)
+            if st.state == "done" and not overwrite:
+                skipped.append(s)
+            elif st.state == "conflict" and not overwrite:
+                conflicts[s] = st.reason
+            else:
+                todo.append(s)
+                if st.state != "done" and st.reason != "not done":
+                    reasons[s] = st.reason
+        elif not overwrite and is_done(s):
+            skipped.append(s)
+        else:
+            todo.append(s)
+    if conflicts:
+        raise done_mod.conflict_error(conflicts, desc)
+    if skipped:
+        log.info("%s: %d slides already done (use --overwrite to redo)", desc, len(skipped))
+    for s, why in reasons.items():
+        log.info("%s: %s", s, why)
+    stamps: dict[str, dict] = {}
+    for s in todo:
+        if done is not None:
+            done_mod.clear(done, s)
+            stamps[s] = {k: done_mod.file_stamp(v) for k, v in done.inputs(s).items()}
+        if outputs is not None:
+            outs = list(outputs(s))
+            gone = remove_outputs(outs) + remove_stale_temps(outs)
+            if gone:
+                log.debug("%s: removed earlier outputs %s before redoing it", s, [str(p) for p in gone])
+    return todo, skipped, stamps
+
+
 def run_slides(
     slides: Iterable[str],
     work: Callable[[str], Any],
@@ -315,44 +371,8 @@ def run_slides(
     """
     from preprocess import done as done_mod
 
-    if done is None and is_done is None:
-        raise TypeError("run_slides needs is_done or done")
-    if outputs is None and done is not None:
-        outputs = done.outputs
     report = StageReport()
-    todo, conflicts, reasons = [], {}, {}
-    for s in slides:
-        if done is not None:
-            st = done_mod.check(done, s)
-            if st.state == "done" and not overwrite:
-                report.skipped.append(s)
-            elif st.state == "conflict" and not overwrite:
-                conflicts[s] = st.reason
-            else:
-                todo.append(s)
-                if st.state != "done" and st.reason != "not done":
-                    reasons[s] = st.reason
-        elif not overwrite and is_done(s):
-            report.skipped.append(s)
-        else:
-            todo.append(s)
-    if conflicts:
-        raise done_mod.conflict_error(conflicts, desc)
-    if report.skipped:
-        log.info("%s: %d slides already done (use --overwrite to redo)", desc, len(report.skipped))
-    for s, why in reasons.items():
-        log.info("%s: %s", s, why)
-
-    stamps: dict[str, dict] = {}
-    for s in todo:
-        if done is not None:
-            done_mod.clear(done, s)
-            stamps[s] = {k: done_mod.file_stamp(v) for k, v in done.inputs(s).items()}
-        if outputs is not None:
-            outs = list(outputs(s))
-            gone = remove_outputs(outs) + remove_stale_temps(outs)
-            if gone:
-                log.debug("%s: removed earlier outputs %s before redoing it", s, [str(p) for p in gone])
+    todo, report.skipped, stamps = plan_slides(slides, done, is_done, overwrite=overwrite, desc=desc, outputs=outputs)
 
     def _record(slide: str, fn: Callable[[], Any]) -> None:
         try:

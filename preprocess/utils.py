@@ -402,5 +402,5 @@ def run_slides(
             futures = {pool.submit(work, s): s for s in todo}
             for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="slide"):
                 _record(futures[fut], fut.result)
-    log.info("%s: %s", desc, report.summary())
+    log.debug("%s: %s", desc, report.summary())  # the stage logs its one last line (StageReport.finish)
     return report

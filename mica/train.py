@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bins from the training fold's uncensored times, or from the whole cohort (the original)")
     m.add_argument("--standardize", choices=("none", "codex", "path", "both"), default="none",
                    help="standardise these inputs per feature with the training fold's mean and sd (kept in the "
-                        "checkpoint): codex = the CODEX tokens (advised for --codex-encoder stats, whose descriptors "
-                        "have very different ranges), path = the H&E patch features")
+                        "checkpoint): codex = the CODEX tokens (the stats descriptors have very different ranges), "
+                        "path = the H&E patch features (default none, as the original; on the validation cohort "
+                        "codex gave no gain: README)")
     m.add_argument("--unit", choices=("patient", "slide"), default="patient",
                    help="patient: a patient's slides are one bag (concatenated patches, averaged CODEX tokens)")
     t = p.add_argument_group("optimisation (defaults: the original)")

@@ -10,6 +10,7 @@ MICA_EPOCHS=${MICA_EPOCHS:-20}           # epochs of each MICA fold (paper: 20)
 WORKERS=${WORKERS:-2}
 HEX_EXTRA=${HEX_EXTRA:---save-every 10}  # flags for hex.train in stage 04 (its EXTRA), e.g. "--save-every 5 --lr 3e-4"
 set -euo pipefail
+case $DEMO_OUT in /*) ;; *) DEMO_OUT="$PWD/$DEMO_OUT" ;; esac  # relative to where you run it (as the stage scripts)
 source "$(dirname "${BASH_SOURCE[0]}")/_setup_env.sh"
 export COHORT="$DEMO_OUT/cohort" OUT="$DEMO_OUT" WORKERS
 start=$(date +%s)

@@ -81,12 +81,12 @@ def ig_spec(run_dir: Path, fold: int, settings: dict[str, Any]) -> done_mod.Done
 def check_ig(run_dir: Path, val_slides: dict[int, list[str]], settings: dict[str, Any], overwrite: bool) -> None:
     """Before any work: IG files of these folds' validation slides (or of others in ``ig/``) made with other
     settings stop the run (:mod:`mica.feature_done` rules)."""
-    from mica.feature_done import check_outside, run_conflicts
+    from mica.feature_done import check_outside
 
     conflicts: dict[str, str] = {}
     if not overwrite:
         for k, slides in val_slides.items():
-            conflicts |= run_conflicts(ig_spec(run_dir, k, settings), slides)
+            conflicts |= done_mod.conflicts(ig_spec(run_dir, k, settings), slides)
     if conflicts:
         raise done_mod.conflict_error(conflicts, "IG")
     if val_slides:

@@ -132,7 +132,6 @@ def recorded(spec: done_mod.DoneSpec) -> dict[str, dict[str, Any]]:
     return out
 
 
-run_conflicts = done_mod.conflicts  # {slide: diff} of the slides made with other settings or input files
 
 
 def check_outside(spec: done_mod.DoneSpec, slides: Sequence[str], overwrite: bool, desc: str) -> None:
@@ -163,7 +162,7 @@ def check_outside(spec: done_mod.DoneSpec, slides: Sequence[str], overwrite: boo
 def check_before_work(spec: done_mod.DoneSpec, slides: Sequence[str], overwrite: bool, desc: str) -> None:
     """Stop (one :class:`PipelineError`) when slides of this run, or recorded slides outside it, were made with
     other settings; see the module docstring. Reads records only: no work, nothing written."""
-    conflicts = {} if overwrite else run_conflicts(spec, slides)
+    conflicts = {} if overwrite else done_mod.conflicts(spec, slides)
     if conflicts:
         raise done_mod.conflict_error(conflicts, desc)
     check_outside(spec, slides, overwrite, desc)

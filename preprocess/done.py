@@ -105,6 +105,20 @@ def diff_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def changed_inputs(inputs: Mapping[str, Mapping[str, Any]], files_only: bool = False) -> list[tuple[str, str, bool]]:
+    """``(role, path, gone)`` of each input of a record (``{role: file_stamp}``) whose size or mtime differs now;
+    ``gone``: the file existed when recorded and does not now. ``files_only`` skips inputs that are folders."""
+    out = []
+    for role, was in sorted(inputs.items()):
+        path = str(was.get("path", ""))
+        if files_only and Path(path).is_dir():
+            continue
+        now = file_stamp(path)
+        if (was.get("size"), was.get("mtime_ns")) != (now["size"], now["mtime_ns"]):
+            out.append((role, path, now["size"] < 0 <= int(was.get("size", -1))))
+    return out
+
+
 def check(spec: DoneSpec, slide: str) -> DoneState:
     """Compare the slide's done-record with ``spec`` (see the module docstring)."""
     outs = [Path(p) for p in spec.outputs(slide)]
@@ -121,16 +135,15 @@ def check(spec: DoneSpec, slide: str) -> DoneState:
         return DoneState("redo", f"made by another version of the code (schema {rec.get('schema')} -> "
                                  f"{spec.schema}); redoing it")
     diffs = diff_settings(rec.get("settings", {}), spec.settings)
-    now = {k: file_stamp(v) for k, v in spec.inputs(slide).items()}
+    now = {k: str(Path(v)) for k, v in spec.inputs(slide).items()}
     was = rec.get("inputs", {})
     for role in sorted(set(was) | set(now)):
-        a, b = was.get(role, {}).get("path", "unset"), now.get(role, {}).get("path", "unset")
+        a, b = was.get(role, {}).get("path", "unset"), now.get(role, "unset")
         if a != b:
             diffs.append(f"input {role} {a} -> {b}")
     if diffs:
         return DoneState("conflict", ", ".join(diffs))
-    changed = [f"{role} {now[role]['path']}" for role in sorted(now)
-               if (was[role].get("size"), was[role].get("mtime_ns")) != (now[role]["size"], now[role]["mtime_ns"])]
+    changed = [f"{role} {path}" for role, path, _ in changed_inputs(was)]
     if changed:
         return DoneState("redo", f"input changed since it was done ({'; '.join(changed)}); redoing it")
     return DoneState("done")

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocess.done import DONE_DIR, file_stamp, read_failure
+from preprocess.done import DONE_DIR, changed_inputs, read_failure
 from preprocess.utils import PipelineError
 
 log = logging.getLogger(__name__)
@@ -187,14 +187,7 @@ def _record_state(folder: Path, slide: str) -> StageState | None:
         return StageState("stale", "no done-record (an older version or an interrupted run): the next run redoes it")
     except (OSError, ValueError):
         return StageState("stale", f"unreadable done-record {path}: the next run redoes it")
-    changed = []
-    for role, was in sorted((rec.get("inputs") or {}).items()):
-        p = Path(str(was.get("path", "")))
-        if p.is_dir():
-            continue
-        now = file_stamp(p)
-        if (was.get("size"), was.get("mtime_ns")) != (now["size"], now["mtime_ns"]):
-            changed.append(f"{role} {p.name}")
+    changed = [f"{role} {Path(p).name}" for role, p, _ in changed_inputs(rec.get("inputs") or {}, files_only=True)]
     if changed:
         return StageState("stale", f"input changed since it was done ({', '.join(changed)}): the next run redoes it")
     return None

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from preprocess.done import DONE_DIR, file_stamp
+from preprocess.done import DONE_DIR, changed_inputs
 from preprocess.utils import PipelineError, write_json
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,8 @@ def read_record(out: str | os.PathLike, slide_id: str) -> tuple[dict[str, Any] |
         rec = json.loads(rec_path.read_text())
         if rec.get("schema") != RAW_SCHEMA:
             return None, f"its raw means were made by another version (schema {rec.get('schema')}); rerun pass 1"
-        for entry in rec["inputs"].values():
-            now = file_stamp(entry["path"])
-            if now["size"] < 0 <= entry["size"]:
-                return None, f"its input {entry['path']} is gone"
-            if (now["size"], now["mtime_ns"]) != (entry["size"], entry["mtime_ns"]):
-                return None, f"{entry['path']} changed since {csv} was written"
+        for _, path, gone in changed_inputs(rec["inputs"])[:1]:
+            return None, f"its input {path} is gone" if gone else f"{path} changed since {csv} was written"
     except FileNotFoundError:
         return None, f"its raw means have no done-record ({rec_path}): made by an older version; rerun pass 1"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

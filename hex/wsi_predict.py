@@ -48,10 +48,9 @@ class InferConfig:
 # grid
 
 
-def _use_stage01_grid(grid_file: Path, cfg: InferConfig) -> bool:
-    if not grid_file.is_file():
+def _use_stage01_grid(attrs: dict | None, cfg: InferConfig) -> bool:
+    if attrs is None:
         return False
-    _, attrs = read_grid(grid_file)
     size = int(attrs["patch_size"])
     same_mpp = abs(float(attrs.get("mpp", cfg.target_mpp)) - cfg.target_mpp) < 1e-6
     return same_mpp and cfg.patch_size in (None, size) and cfg.stride in (None, size)
@@ -62,9 +61,10 @@ def build_tiles(slide_id: str, he_path: Path, cfg: InferConfig) -> tuple[TileReg
     import h5py
 
     grid_file = cfg.grid_dir / f"{slide_id}.h5"
-    if _use_stage01_grid(grid_file, cfg):
-        tiles = TileRegions.from_grid(he_path, grid_file, mpp=cfg.mpp, region_px=cfg.region_px)
-        _, attrs = read_grid(grid_file)
+    grid = read_grid(grid_file) if grid_file.is_file() else None  # read once: (coords, attrs)
+    attrs = grid[1] if grid is not None else None
+    if _use_stage01_grid(attrs, cfg):
+        tiles = TileRegions.from_grid(he_path, grid, mpp=cfg.mpp, region_px=cfg.region_px)
         with h5py.File(grid_file, "r") as f:
             frac = f["tissue_fraction"][:] if "tissue_fraction" in f else np.ones(tiles.num_tiles, np.float32)
         size = int(attrs["patch_size"])
@@ -74,7 +74,7 @@ def build_tiles(slide_id: str, he_path: Path, cfg: InferConfig) -> tuple[TileReg
             log.warning("%s: the grid was made at %.4f µm/px, the slide reads %.4f µm/px (--mpp?)", slide_id,
                         float(attrs["level0_mpp"]), tiles.mpp)
     else:
-        size = cfg.patch_size or (int(read_grid(grid_file)[1]["patch_size"]) if grid_file.is_file() else 224)
+        size = cfg.patch_size or (int(attrs["patch_size"]) if attrs is not None else 224)
         tiles, frac, info = tissue_tiles(he_path, size, cfg.stride or size, cfg.target_mpp, cfg.min_tissue,
                                          cfg.thumb_size, cfg.mpp, cfg.region_px)
         info["grid_source"] = "computed"

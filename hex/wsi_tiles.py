@@ -80,17 +80,20 @@ class TileRegions(Dataset):
     """
 
     def __init__(self, he_path: str | os.PathLike, coords: np.ndarray, patch_size_level0: int, level: int,
-                 read_size: int, out_size: int, region_px: int = 2048, mpp: float | None = None):
+                 read_size: int | None, out_size: int, region_px: int = 2048, mpp: float | None = None):
         self.he_path = Path(he_path)
         self.coords = np.ascontiguousarray(np.asarray(coords, dtype=np.int64).reshape(-1, 2))
         self.patch_size_level0 = int(patch_size_level0)
-        self.level, self.read_size, self.out_size = int(level), int(read_size), int(out_size)
+        self.level, self.out_size = int(level), int(out_size)
         self.region_px, self.mpp_override = int(region_px), mpp
         with HESlide(self.he_path, mpp=mpp) as slide:
             if not 0 <= self.level < slide.level_count:
                 raise PipelineError(f"{self.he_path} has {slide.level_count} pyramid levels, tiles ask for level "
-                                    f"{self.level}; rebuild the grid for this slide")
+                                    f"{self.level}; rebuild the grid for this slide (preprocess.patch --overwrite)")
             self.downsample = float(slide.level_downsamples[self.level])
+            # None: the side at the level from the slide's own downsample, as the patch store computes it
+            self.read_size = int(read_size) if read_size is not None else max(1, round(self.patch_size_level0
+                                                                                     / self.downsample))
             self.dimensions = tuple(int(v) for v in slide.dimensions)
             self.mpp = float(slide.mpp)
         w0, h0 = self.dimensions
@@ -104,20 +107,14 @@ class TileRegions(Dataset):
         self._pid = -1
 
     @classmethod
-    def from_grid(cls, he_path: str | os.PathLike, grid_path: str | os.PathLike, mpp: float | None = None,
-                  region_px: int = 2048) -> TileRegions:
+    def from_grid(cls, he_path: str | os.PathLike, grid: str | os.PathLike | tuple[np.ndarray, dict],
+                  mpp: float | None = None, region_px: int = 2048) -> TileRegions:
         """Tiles of a stage-01 grid file ``patches/{slide}.h5`` (``coords`` + ``patch_size``, ``patch_level``,
-        ``patch_size_level0`` attributes); ``read_size`` from the slide's own level downsample, as the patch store
-        computes it."""
-        coords, attrs = read_grid(grid_path)
-        level, ps0 = int(attrs["patch_level"]), int(attrs["patch_size_level0"])
-        with HESlide(he_path, mpp=mpp) as slide:
-            if level >= slide.level_count:
-                raise PipelineError(f"patch grid {grid_path} asks for level {level} but {slide.path} has "
-                                    f"{slide.level_count} levels; rerun preprocess.patch for this slide")
-            ds = slide.level_downsamples[level]
-        read_size = max(1, int(round(ps0 / ds)))
-        return cls(he_path, coords, ps0, level, read_size, int(attrs["patch_size"]), region_px=region_px, mpp=mpp)
+        ``patch_size_level0`` attributes), or of its ``(coords, attrs)`` already read with
+        :func:`preprocess.patch.read_grid`; ``read_size`` from the slide's own level downsample."""
+        coords, attrs = read_grid(grid) if not isinstance(grid, tuple) else grid
+        return cls(he_path, coords, int(attrs["patch_size_level0"]), int(attrs["patch_level"]), None,
+                   int(attrs["patch_size"]), region_px=region_px, mpp=mpp)
 
     # ------------------------------------------------------------------------------------------------------------
     @property

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hex.data import read_split
+from preprocess.cohort import clean_id, read_split
 from preprocess.utils import PipelineError
 
 log = logging.getLogger(__name__)
@@ -31,11 +30,6 @@ log = logging.getLogger(__name__)
 REQUIRED = ("case_id", "slide_id")
 SURVIVAL_COLUMNS = ("survival_months", "censorship")
 ID_HINT = "slide ids are file names up to their first dot (slide_000.svs -> slide_000), as in he/ or pairs.csv"
-
-
-def _clean_id(v: Any) -> str:
-    s = str(v).strip()
-    return s[:-2] if re.fullmatch(r"\d+\.0", s) else s
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,8 +52,8 @@ def read_clinical_table(path: str | os.PathLike, task: str = "survival") -> pd.D
         raise PipelineError(f"clinical table {path} lacks columns {missing} (has {list(df.columns)}); the MCAT format "
                             "is case_id,slide_id,survival_months,censorship[,response,covariates...]")
     df = df[df["slide_id"].notna()].copy()
-    df["slide_id"] = [_clean_id(s) for s in df["slide_id"]]
-    df["case_id"] = [_clean_id(c) for c in df["case_id"]]
+    df["slide_id"] = [clean_id(s) for s in df["slide_id"]]
+    df["case_id"] = [clean_id(c) for c in df["case_id"]]
     dup = sorted(df["slide_id"][df["slide_id"].duplicated()].unique())
     if dup:
         raise PipelineError(f"clinical table {path}: slides listed more than once: {dup[:10]}")

@@ -12,38 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
+from preprocess.cohort import clean_id, read_split  # noqa: F401 (read_split re-exported)
 from preprocess.utils import PipelineError
 
 log = logging.getLogger(__name__)
-
-
-def _clean_id(v: Any) -> str:
-    s = str(v).strip()
-    return s[:-2] if re.fullmatch(r"\d+\.0", s) else s  # "4.0" written by pandas for numeric ids -> "4"
-
-
-def read_split(path: str | os.PathLike, column: str) -> list[str]:
-    """Slide ids in ``column`` of a split CSV (empty cells skipped); a missing file/column or no ids is an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"split file {path} does not exist")
-    df = pd.read_csv(path, dtype=str)
-    if column not in df.columns:
-        raise PipelineError(f"split file {path} has no column {column!r} (columns: {list(df.columns)})")
-    ids = [_clean_id(v) for v in df[column].dropna() if str(v).strip()]
-    if not ids:
-        raise PipelineError(f"split file {path}: column {column!r} lists no slides")
-    dup = sorted({s for s in ids if ids.count(s) > 1})
-    if dup:
-        raise PipelineError(f"split file {path}: column {column!r} lists slides more than once: {dup[:10]}")
-    return ids
 
 
 def check_split_slides(slides: Sequence[str], markers_dir: str | os.PathLike, patches_dir: str | os.PathLike,
@@ -78,7 +55,7 @@ def read_clinical(path: str | os.PathLike) -> dict[str, str]:
     for col in ("case_id", "slide_id"):
         if col not in df.columns:
             raise PipelineError(f"clinical table {path} has no column {col!r} (columns: {list(df.columns)})")
-    return {_clean_id(s): _clean_id(c) for s, c in zip(df["slide_id"], df["case_id"]) if pd.notna(s)}
+    return {clean_id(s): clean_id(c) for s, c in zip(df["slide_id"], df["case_id"]) if pd.notna(s)}
 
 
 def load_split(

@@ -19,7 +19,6 @@ changed, those of cohort slides outside this run's ``--slides``. Raw means made 
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from preprocess.cohort import read_split
 from preprocess.done import diff_settings
 from preprocess.quantify.raw import label_csv_path, load_raw, raw_csv_path, raw_meta_path, read_record
 from preprocess.utils import PipelineError, atomic_write_text, remove_outputs, write_json
@@ -76,21 +76,6 @@ def load_normalization(path: str | os.PathLike, markers: list[str]) -> dict:
         raise PipelineError(f"normalization file {path} is for the markers {norm.get('markers', [])[:5]}..., "
                             f"not the panel's {markers[:5]}... (same markers in the same order needed)")
     return norm
-
-
-def split_column(path: str | os.PathLike, column: str = "train") -> list[str]:
-    """Slide ids of one column of a split file (``splits_k.csv``: train,val; empty cells ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"split file not found: {path} (--fit-split)")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or column not in rows[0]:
-        raise PipelineError(f"split file {path} has no column {column!r} (columns: {list(rows[0]) if rows else []})")
-    ids = [r[column].strip() for r in rows if (r[column] or "").strip()]
-    if not ids:
-        raise PipelineError(f"split file {path}: column {column!r} is empty")
-    return ids
 
 
 def fit_leakage(norm: dict, slides: list[str]) -> list[str]:
@@ -273,7 +258,7 @@ def plan_normalization(args, markers: list[str], cohort_ids: list[str]) -> NormP
     if args.normalization is not None:
         return NormPlan(fixed=load_normalization(args.normalization, markers), source=str(args.normalization))
     if args.fit_split is not None:
-        fit, source = split_column(args.fit_split, args.fit_column), f"column {args.fit_column!r} of {args.fit_split}"
+        fit, source = read_split(args.fit_split, args.fit_column), f"column {args.fit_column!r} of {args.fit_split}"
     elif args.fit_slides:
         fit, source = list(args.fit_slides), "--fit-slides"
     else:

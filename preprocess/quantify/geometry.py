@@ -32,11 +32,9 @@ class CodexToHE:
 
     def he_to_codex(self, pts: np.ndarray) -> np.ndarray:
         """CODEX level-0 points (N, 2) shown at H&E level-0 points (N, 2)."""
-        pts = np.asarray(pts, np.float64).reshape(-1, 2)
-        if self.field is not None:
-            return self.field.he_to_codex(self.affine, pts)
-        inv = np.linalg.inv(self.affine)
-        return pts @ inv[:2, :2].T + inv[:2, 2]
+        from preprocess.registration.record_qc import he_to_codex_points
+
+        return he_to_codex_points(self.affine, self.field, np.asarray(pts, np.float64).reshape(-1, 2))
 
     def grid_to_he(self, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """H&E level-0 (X, Y), each (h, w) float64, of the CODEX pixel centres (u (w,), v (h,))."""

@@ -14,7 +14,12 @@ prints the mean c-index over the cohort's folds of:
   (``codex_features/stats.h5``) and the H&E bags (mean and max over patches of ``features/{enc}/h5_files``).
 
 The measured-label probe bounds what any model of patch-level marker means can reach: the generator's risk
-counts cells (CD8 T cells in or at tumour nests per tumour area, ...), which 224 px patch means blur.
+counts cells (CD8 T cells in or at tumour nests per tumour area, ...), which 224 px patch means blur
+(``bench/count_ceiling.py``: what exact cell counts would reach).
+
+It also prints a reference for the integrated-gradient check (``sample_data.mica_scoring.ig_risk_auroc``: mean
+per-slide AUROC of |patch attribution| for the risk-mask patches): the same AUROC for a hand-made patch score that
+knows which markers matter, CD8 + TCF-1 + CD68 + CD66b, from the measured labels and from HEX's predictions.
 """
 
 from __future__ import annotations
@@ -100,6 +105,35 @@ def inputs(cohort: Path, out: Path, slides: list[str]) -> dict[str, dict[str, np
     return {k: v for k, v in X.items() if len(v) == len(slides)}
 
 
+RISK_MARKERS = ("CD8", "TCF-1", "CD68", "CD66b")
+
+
+def ig_reference(cohort: Path, out: Path, slides: list[str]) -> dict[str, float]:
+    """Mean per-slide AUROC with which sum(RISK_MARKERS) per patch finds the risk-mask patches (IG's yardstick)."""
+    import h5py
+    from sklearn.metrics import roc_auc_score
+
+    from sample_data.mica_scoring import RISK_DEVIATION, patch_risk_deviation
+
+    gt = json.loads((cohort / "ground_truth.json").read_text())
+    res: dict[str, list[float]] = {"measured CODEX labels": [], "HEX predictions": []}
+    for s in slides:
+        lab = pd.read_csv(out / "markers" / f"{s}.csv")
+        with h5py.File(out / "hex_pred" / f"{s}.h5", "r") as f:
+            names = [m.decode() if isinstance(m, bytes) else str(m) for m in f.attrs["markers"]]
+            pred = dict(zip(map(tuple, f["coords"][:].tolist()), f["codex_prediction"][:].astype(float)))
+            ps = float(f.attrs["patch_size_level0"])
+        coords = lab[["x", "y"]].to_numpy()
+        keep = np.array([tuple(c) in pred for c in coords.tolist()])
+        y = patch_risk_deviation(cohort, s, coords[keep], ps, gt) > RISK_DEVIATION
+        if y.all() or not y.any():
+            continue
+        hx = np.stack([pred[tuple(c)] for c in coords[keep].tolist()])
+        res["measured CODEX labels"].append(roc_auc_score(y, lab.loc[keep, list(RISK_MARKERS)].sum(1)))
+        res["HEX predictions"].append(roc_auc_score(y, hx[:, [names.index(m) for m in RISK_MARKERS]].sum(1)))
+    return {k: float(np.mean(v)) for k, v in res.items() if v}
+
+
 class _Null:
     def __enter__(self) -> None:
         return None
@@ -135,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| Cox probe: {name} | {best[0]:.3f} ± {best[1]:.3f} (alpha {best[2]}) |")
     print(f"({len(slides)} slides, {len(splits)} folds; c-index over all patients of the truth: "
           f"{cindex(y, parts['truth (true_risk)']):.3f})")
+    print(f"\n| patch score ({' + '.join(RISK_MARKERS)}) | mean per-slide AUROC for the risk-mask patches |\n|---|---|")
+    for name, auc in ig_reference(args.cohort, args.out, slides).items():
+        print(f"| {name} | {auc:.3f} |")
     return 0
 
 

@@ -103,10 +103,9 @@ def _zero_box(channels, box: list[int]):
         yield ch
 
 
-def generate_slide(job: SlideJob) -> dict:
-    """Generate one slide (layout, cells, images, risk mask); returns its ground truth and outcome features."""
-    cv2.setNumThreads(1)
-    t0, c0 = time.perf_counter(), time.process_time()
+def slide_tissue(job: SlideJob) -> tuple[np.random.Generator, tissue.Layout, tissue.Cells]:
+    """The slide's latent layout and its cells with their expression (no images); also the slide's random stream,
+    positioned after them (what :func:`generate_slide` draws next from)."""
     rng = _rng(job)
     p = job.patient
     jitter = tissue.Patient(case_id=p.case_id, age=p.age, stage=p.stage, hot=p.hot + rng.normal(0, 0.25),
@@ -117,6 +116,14 @@ def generate_slide(job: SlideJob) -> dict:
     layout = tissue.make_layout(rng, jitter, job.tissue_um, job.margin_um)
     cells = tissue.place_cells(rng, layout, jitter, job.density)
     cells.expr = tissue.express(rng, cells, layout, jitter, slide_offsets)
+    return rng, layout, cells
+
+
+def generate_slide(job: SlideJob) -> dict:
+    """Generate one slide (layout, cells, images, risk mask); returns its ground truth and outcome features."""
+    cv2.setNumThreads(1)
+    t0, c0 = time.perf_counter(), time.process_time()
+    rng, layout, cells = slide_tissue(job)
 
     # CODEX field: a square of codex_coverage x the tissue diameter, shifted and rotated
     he = render.he_frame(layout.side_um, job.he_mpp)
@@ -170,7 +177,7 @@ def generate_slide(job: SlideJob) -> dict:
     }
     if box is not None:
         truth["nodata_box_codex_px"] = box
-    return {"slide_id": job.slide_id, "case_id": p.case_id, "n_cells": len(cells),
+    return {"slide_id": job.slide_id, "case_id": job.patient.case_id, "n_cells": len(cells),
             "features": outcomes.slide_features(cells, layout), "ground_truth": truth, "timing": timing}
 
 
@@ -289,6 +296,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def cohort_jobs(args: argparse.Namespace, n_pat: int):
+    """The cohort's patients and slide jobs from the parsed flags (``ground_truth.json`` ``params`` hold them), and
+    the outcome and split random streams: ``(patients, jobs, rng_out, rng_split)``. Same flags -> same cohort."""
+    root = np.random.SeedSequence(args.seed)
+    rng_pat, rng_out, rng_split = (np.random.default_rng(s) for s in root.spawn(3))
+    patients = [tissue.sample_patient(rng_pat, f"case_{i:03d}") for i in range(n_pat)]
+    owners = _assign_slides(rng_pat, args.slides, n_pat)
+    jobs = [SlideJob(out=str(args.out), slide_id=f"slide_{i:03d}", patient=patients[owners[i]], entropy=args.seed,
+                     spawn_key=(1000 + i,), tissue_um=1000.0 * args.tissue_mm, margin_um=args.margin_um,
+                     density=args.cell_density, rotation_deg=args.rotation_deg, shift_um=args.shift_um,
+                     codex_coverage=args.codex_coverage, images=not args.tables_only, he_mpp=args.he_mpp,
+                     warp_um=args.warp_um, warp_corr_um=1000.0 * args.warp_corr_mm,
+                     nodata_frac=args.nodata_frac if i < args.nodata_slides else 0.0) for i in range(args.slides)]
+    return patients, jobs, rng_out, rng_split
+
+
 def main(argv: list[str] | None = None) -> int:
     """Generate the cohort; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -305,16 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / sub).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    root = np.random.SeedSequence(args.seed)
-    rng_pat, rng_out, rng_split = (np.random.default_rng(s) for s in root.spawn(3))
-    patients = [tissue.sample_patient(rng_pat, f"case_{i:03d}") for i in range(n_pat)]
-    owners = _assign_slides(rng_pat, args.slides, n_pat)
-    jobs = [SlideJob(out=str(out), slide_id=f"slide_{i:03d}", patient=patients[owners[i]], entropy=args.seed,
-                     spawn_key=(1000 + i,), tissue_um=1000.0 * args.tissue_mm, margin_um=args.margin_um,
-                     density=args.cell_density, rotation_deg=args.rotation_deg, shift_um=args.shift_um,
-                     codex_coverage=args.codex_coverage, images=not args.tables_only, he_mpp=args.he_mpp,
-                     warp_um=args.warp_um, warp_corr_um=1000.0 * args.warp_corr_mm,
-                     nodata_frac=args.nodata_frac if i < args.nodata_slides else 0.0) for i in range(args.slides)]
+    patients, jobs, rng_out, rng_split = cohort_jobs(args, n_pat)
     log.info("generating %d slides of %d patients into %s (%d workers)", len(jobs), n_pat, out, args.workers)
     if args.workers > 1 and len(jobs) > 1:
         ctx = mp.get_context("forkserver")

@@ -1,0 +1,130 @@
+"""What exact cell counts would reach on a synthetic cohort: the generator's cells rebuilt, Cox probes (not CI).
+
+    python bench/count_ceiling.py --cohort /tmp/hex_val/cohort          # a cohort made by sample_data.make_cohort
+
+``bench/mica_ceiling.py`` probes what the pipeline's *inputs* hold (measured CODEX patch labels, HEX predictions,
+feature bags). This script asks the question before that: how much of the generator's risk could any model of
+these images reach, if it counted cells perfectly? It rebuilds every slide's latent layout and cells from the
+cohort's own flags (``ground_truth.json`` ``params``; ``sample_data.make_cohort.cohort_jobs`` / ``slide_tissue``,
+byte-identical to the generation, no images) and fits the same elastic-net Cox probes on the same 5 folds as
+``mica_ceiling.py`` on:
+
+- ``exact counts the risk uses``: the generator's own per-slide scores (CD8 and TCF-1+ T cells at tumour nests,
+  myeloid cells in foci) recomputed from the rebuilt cells (a check: they equal ``ground_truth.json``'s);
+- ``exact counts H&E shows``: T cells (CD8 and CD4 look the same in H&E) at nests per tumour area and myeloid cells
+  in foci per tissue area, counted cell by cell. TCF-1 is a hidden cell state (``sample_data.celltypes``), so
+  this is the most any H&E model -- and virtual CODEX, which is computed from the H&E -- could know;
+- ``exact patch counts``: the same cell types counted per ``--patch-um`` square patch (112 µm = 224 px at
+  0.5 µm/px) and summarised per slide (tumour-area-weighted CD8 and TCF-1+ counts, mean myeloid count): what a
+  perfect patch-level CODEX (cell counts, not intensities) would give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def slide_counts(layout, cells, patch_um: float) -> dict[str, np.ndarray]:
+    """Per-slide probe inputs of one slide: ``visible`` (2,), ``patch`` (3,) (see the module docstring)."""
+    from sample_data import outcomes
+    from sample_data.panel import MARKER_INDEX
+    from sample_data.tissue import CD4T, CD8T, MACRO, NEUTRO
+
+    f = outcomes.slide_features(cells, layout)
+    t = cells.type
+    at_nest = layout.sample("tumour", cells.x, cells.y) > -outcomes.NEST_MARGIN_UM
+    tcell = (t == CD8T) | (t == CD4T)
+    myeloid = (t == MACRO) | (t == NEUTRO)
+    in_foci = myeloid & (layout.sample("myeloid", cells.x, cells.y) > 0.5)
+    visible = np.array([np.log1p((tcell & at_nest).sum() / max(f["tumour_mm2"], 1e-3) / 50.0),
+                        np.log1p(in_foci.sum() / max(f["tissue_mm2"], 1e-3) / 50.0)])
+    # exact counts per square patch of the tissue (>= half tissue on the layout grid)
+    g = layout.grid_um
+    n = int(layout.side_um // patch_um)
+    tissue, tumour = layout.tissue > 0, (layout.tumour > 0) & (layout.tissue > 0)
+    tcf = tcell & (cells.expr[:, MARKER_INDEX["TCF-1"]] > 0.3)
+    px, py = (cells.x // patch_um).astype(int), (cells.y // patch_um).astype(int)
+    rows = []
+    for a in range(n):
+        for b in range(n):
+            sl = (slice(int(a * patch_um / g), int((a + 1) * patch_um / g)),
+                  slice(int(b * patch_um / g), int((b + 1) * patch_um / g)))
+            if tissue[sl].mean() < 0.5:
+                continue
+            m = (py == a) & (px == b)
+            rows.append((tumour[sl].mean(), (m & (t == CD8T)).sum(), (m & tcf).sum(), (m & myeloid).sum()))
+    r = np.array(rows, float).reshape(-1, 4)
+    w = r[:, 0]
+    patch = np.array([np.log1p((r[:, 1] * w).sum() / max(w.sum(), 1e-3)),
+                      np.log1p((r[:, 2] * w).sum() / max(w.sum(), 1e-3)),
+                      np.log1p(r[:, 3].mean() if len(r) else 0.0)])
+    return {"features": f, "visible": visible, "patch": patch}
+
+
+def rebuild(cohort: Path, patch_um: float) -> tuple[dict[str, dict], dict]:
+    """``({slide: slide_counts(...)}, ground truth)`` for every slide of ``cohort``, cells rebuilt from its flags."""
+    from sample_data import make_cohort
+
+    gt = json.loads((cohort / "ground_truth.json").read_text())
+    params = {**gt["params"], "out": cohort, "tables_only": True, "seed": gt["seed"]}
+    args = argparse.Namespace(**params)
+    n_pat = len(gt["patients"])
+    _, jobs, _, _ = make_cohort.cohort_jobs(args, n_pat)
+    out = {}
+    for job in tqdm(jobs, desc="cells", unit="slide"):
+        _, layout, cells = make_cohort.slide_tissue(job)
+        out[job.slide_id] = slide_counts(layout, cells, patch_um)
+    return out, gt
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mica_ceiling import _surv, cindex, folds, probe
+
+    from sample_data import outcomes
+
+    p = argparse.ArgumentParser(prog="python bench/count_ceiling.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cohort", type=Path, default=Path("/tmp/hex_val/cohort"))
+    p.add_argument("--patch-um", type=float, default=112.0, help="side of the square patches, µm")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.001, 0.01, 0.1], help="elastic-net penalties")
+    args = p.parse_args(argv)
+    clin = pd.read_csv(args.cohort / "clinical.csv").set_index("slide_id")
+    counts, gt = rebuild(args.cohort, args.patch_um)
+    slides = sorted(clin.index)
+    case = {s: clin.at[s, "case_id"] for s in slides}
+    by_case: dict[str, list[str]] = {}
+    for s in slides:
+        by_case.setdefault(case[s], []).append(s)
+    # check: the rebuilt cells give the generator's scores
+    worst = max(abs(outcomes.patient_scores([counts[s]["features"] for s in by_case[case[s]]])[k]
+                    - gt["patients"][case[s]]["scores"][k]) for s in slides for k in ("cd8", "tcf1", "myeloid"))
+    splits = folds(args.cohort)
+    truth = np.array([gt["patients"][case[s]]["true_risk"] for s in slides])
+    idx = {s: i for i, s in enumerate(slides)}
+    print(f"rebuilt {len(slides)} slides; largest |score - ground_truth.json| {worst:.1e}\n")
+    print("| input | c-index (mean ± sd over folds) |\n|---|---|")
+    vals = [cindex(_surv(clin, va), truth[[idx[s] for s in va]]) for _, va in splits]
+    print(f"| truth (true_risk) | {np.mean(vals):.3f} ± {np.std(vals):.3f} |")
+    X = {"exact counts the risk uses (CD8, TCF-1+, myeloid)":
+         {s: np.array([gt["patients"][case[s]]["scores"][k] for k in ("cd8", "tcf1", "myeloid")]) for s in slides},
+         "exact counts H&E shows (T cells at nests, myeloid in foci)": {s: counts[s]["visible"] for s in slides},
+         f"exact patch counts ({args.patch_um:g} µm patches)": {s: counts[s]["patch"] for s in slides}}
+    for name, x in X.items():
+        best = max((probe(x, clin, splits, a) + (a,) for a in args.alphas), key=lambda t: t[0])
+        print(f"| Cox probe: {name} | {best[0]:.3f} ± {best[1]:.3f} (alpha {best[2]:g}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,6 +17,13 @@ byte-identical to the generation, no images) and fits the same elastic-net Cox p
 - ``exact patch counts``: the same cell types counted per ``--patch-um`` square patch (112 µm = 224 px at
   0.5 µm/px) and summarised per slide (tumour-area-weighted CD8 and TCF-1+ counts, mean myeloid count): what a
   perfect patch-level CODEX (cell counts, not intensities) would give.
+
+With ``--out`` (the pipeline's outputs) it also prints the yardstick of the integrated-gradient check: the mean
+per-slide AUROC with which exact per-patch cell counts find the risk-mask patches on the stage-01 patches.
+
+The same inputs are probed for the response task with an L2 logistic regression (AUC on each fold's validation
+patients against the observed response; ``truth`` = the generator's response probability). The response also uses
+the fraction of PD-L1+ tumour cells, a hidden state like TCF-1: ``exact counts the response uses`` includes it.
 """
 
 from __future__ import annotations
@@ -72,8 +79,39 @@ def slide_counts(layout, cells, patch_um: float) -> dict[str, np.ndarray]:
     return {"features": f, "visible": visible, "patch": patch}
 
 
-def rebuild(cohort: Path, patch_um: float) -> tuple[dict[str, dict], dict]:
-    """``({slide: slide_counts(...)}, ground truth)`` for every slide of ``cohort``, cells rebuilt from its flags."""
+def patch_aurocs(cohort: Path, out: Path, slide: str, layout, cells, he_mpp: float, gt: dict) -> dict[str, float]:
+    """AUROC with which exact per-patch cell counts find the risk-mask patches of one slide (the IG check's
+    labels, ``sample_data.mica_scoring``), on the slide's stage-01 patches (``OUT/markers/{slide}.csv``, 224 px);
+    empty when the slide has patches of one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    from sample_data import outcomes
+    from sample_data.mica_scoring import RISK_DEVIATION, patch_risk_deviation
+    from sample_data.tissue import CD4T, CD8T, MACRO, NEUTRO
+
+    coords = pd.read_csv(out / "markers" / f"{slide}.csv")[["x", "y"]].to_numpy(float)
+    ps = 224.0
+    y = patch_risk_deviation(cohort, slide, coords, ps, gt) > RISK_DEVIATION
+    if y.all() or not y.any():
+        return {}
+    t = cells.type
+    at_nest = layout.sample("tumour", cells.x, cells.y) > -outcomes.NEST_MARGIN_UM
+    tcell, myeloid = (t == CD8T) | (t == CD4T), (t == MACRO) | (t == NEUTRO)
+    in_foci = myeloid & (layout.sample("myeloid", cells.x, cells.y) > 0.5)
+    m = outcomes.cells_counted(cells, layout)
+    ux, uy = cells.x / he_mpp, cells.y / he_mpp                    # H&E level-0 px (the layout's origin)
+
+    def per_patch(mask: np.ndarray) -> np.ndarray:
+        return np.array([(mask & (ux >= x) & (ux < x + ps) & (uy >= y0) & (uy < y0 + ps)).sum() for x, y0 in coords])
+
+    return {"cells the risk counts": roc_auc_score(y, per_patch(m["cd8"] | m["tcf1"] | m["myeloid"])),
+            "T cells at nests + myeloid in foci (H&E-visible)": roc_auc_score(y, per_patch(tcell & at_nest | in_foci)),
+            "all T cells + all myeloid cells": roc_auc_score(y, per_patch(tcell | myeloid))}
+
+
+def rebuild(cohort: Path, patch_um: float, out: Path | None = None) -> tuple[dict[str, dict], dict]:
+    """``({slide: slide_counts(...)}, ground truth)`` for every slide of ``cohort``, cells rebuilt from its flags;
+    with ``out`` (the pipeline's output root) each entry also holds ``ig_ref`` (:func:`patch_aurocs`)."""
     from sample_data import make_cohort
 
     gt = json.loads((cohort / "ground_truth.json").read_text())
@@ -81,26 +119,30 @@ def rebuild(cohort: Path, patch_um: float) -> tuple[dict[str, dict], dict]:
     args = argparse.Namespace(**params)
     n_pat = len(gt["patients"])
     _, jobs, _, _ = make_cohort.cohort_jobs(args, n_pat)
-    out = {}
+    res = {}
     for job in tqdm(jobs, desc="cells", unit="slide"):
         _, layout, cells = make_cohort.slide_tissue(job)
-        out[job.slide_id] = slide_counts(layout, cells, patch_um)
-    return out, gt
+        res[job.slide_id] = slide_counts(layout, cells, patch_um)
+        if out is not None:
+            res[job.slide_id]["ig_ref"] = patch_aurocs(cohort, out, job.slide_id, layout, cells, job.he_mpp, gt)
+    return res, gt
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mica_ceiling import _surv, cindex, folds, probe
+    from mica_ceiling import _surv, cindex, folds, logistic_probe, probe
 
     from sample_data import outcomes
 
     p = argparse.ArgumentParser(prog="python bench/count_ceiling.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cohort", type=Path, default=Path("/tmp/hex_val/cohort"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="pipeline output root: adds the IG yardstick on its stage-01 patches (markers/{slide}.csv)")
     p.add_argument("--patch-um", type=float, default=112.0, help="side of the square patches, µm")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.001, 0.01, 0.1], help="elastic-net penalties")
     args = p.parse_args(argv)
     clin = pd.read_csv(args.cohort / "clinical.csv").set_index("slide_id")
-    counts, gt = rebuild(args.cohort, args.patch_um)
+    counts, gt = rebuild(args.cohort, args.patch_um, args.out)
     slides = sorted(clin.index)
     case = {s: clin.at[s, "case_id"] for s in slides}
     by_case: dict[str, list[str]] = {}
@@ -123,6 +165,22 @@ def main(argv: list[str] | None = None) -> int:
     for name, x in X.items():
         best = max((probe(x, clin, splits, a) + (a,) for a in args.alphas), key=lambda t: t[0])
         print(f"| Cox probe: {name} | {best[0]:.3f} ± {best[1]:.3f} (alpha {best[2]:g}) |")
+    print("\n| input (response) | AUC (mean ± sd over folds) |\n|---|---|")
+    resp = {s: int(clin.at[s, "response"]) for s in slides}
+    prob = {s: np.array([gt["patients"][case[s]]["true_response_prob"]]) for s in slides}
+    X = {"truth (true_response_prob)": prob,
+         "exact counts the response uses (CD8, TCF-1+, PD-L1+, myeloid)":
+         {s: np.array([gt["patients"][case[s]]["scores"][k] for k in ("cd8", "tcf1", "pdl1", "myeloid")])
+          for s in slides}} | {k: v for k, v in X.items() if not k.startswith("exact counts the risk")}
+    for name, x in X.items():
+        m, sd = logistic_probe(x, resp, splits, fit=not name.startswith("truth"))
+        print(f"| {name} | {m:.3f} ± {sd:.3f} |")
+    refs = [c["ig_ref"] for c in counts.values() if c.get("ig_ref")]
+    if refs:
+        print(f"\n| exact per-patch count ({len(refs)} slides) | mean per-slide AUROC for the risk-mask patches |"
+              "\n|---|---|")
+        for k in refs[0]:
+            print(f"| {k} | {np.mean([r[k] for r in refs]):.3f} |")
     return 0
 
 

@@ -11,7 +11,9 @@ prints the mean c-index over the cohort's folds of:
   mean / sd) fitted on each fold's training patients, on per-slide summaries of: the *measured* CODEX patch labels
   (``markers/{slide}.csv``: mean, mean over the PanCK-high half of the patches, P90 per marker), the same
   summaries of HEX's predictions on the same patches (``hex_pred/{slide}.h5``), the ``stats`` CODEX tokens
-  (``codex_features/stats.h5``) and the H&E bags (mean and max over patches of ``features/{enc}/h5_files``).
+  (``codex_features/stats.h5``) and the H&E bags (mean and max over patches of ``features/{enc}/h5_files``);
+- the same inputs for the response task (when ``clinical.csv`` has ``response``): the validation AUC of an L2
+  logistic regression (:func:`logistic_probe`), in a third column.
 
 The measured-label probe bounds what any model of patch-level marker means can reach: the generator's risk
 counts cells (CD8 T cells in or at tumour nests per tumour area, ...), which 224 px patch means blur
@@ -70,6 +72,25 @@ def probe(X: dict[str, np.ndarray], clin: pd.DataFrame, splits: list, alpha: flo
             m = CoxnetSurvivalAnalysis(l1_ratio=0.5, alphas=[alpha], max_iter=100000).fit((a - mu) / sd,
                                                                                             _surv(clin, tr))
         res.append(cindex(_surv(clin, va), m.predict((b - mu) / sd)))
+    return float(np.mean(res)), float(np.std(res))
+
+
+def logistic_probe(X: dict[str, np.ndarray], y: dict[str, int], splits: list, fit: bool = True) -> tuple[float, float]:
+    """Mean ± sd over folds of the val AUC of an L2 logistic regression on ``X`` (z-scored on train); ``fit=False``
+    scores ``X``'s single column as it is."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    res = []
+    for tr, va in splits:
+        a, b = np.stack([X[s] for s in tr]), np.stack([X[s] for s in va])
+        yt, yv = np.array([y[s] for s in tr]), np.array([y[s] for s in va])
+        if fit:
+            mu, sd = a.mean(0), a.std(0) + 1e-8
+            score = LogisticRegression(max_iter=2000).fit((a - mu) / sd, yt).predict_proba((b - mu) / sd)[:, 1]
+        else:
+            score = b[:, 0]
+        res.append(roc_auc_score(yv, score))
     return float(np.mean(res)), float(np.std(res))
 
 
@@ -160,13 +181,15 @@ def main(argv: list[str] | None = None) -> int:
              "image part of the true risk": -1.2 * sc["cd8"] - 0.8 * sc["tcf1"] + 1.2 * sc["myeloid"],
              "T-cell terms only": -1.2 * sc["cd8"] - 0.8 * sc["tcf1"], "myeloid term only": 1.2 * sc["myeloid"]}
     idx = {s: i for i, s in enumerate(slides)}
-    print("| input | c-index (mean ± sd over folds) |\n|---|---|")
+    resp = {s: int(clin.at[s, "response"]) for s in slides} if "response" in clin else None
+    print("| input | c-index (mean ± sd over folds) | response AUC (logistic probe) |\n|---|---|---|")
     for name, r in parts.items():
         vals = [cindex(_surv(clin, va), r[[idx[s] for s in va]]) for _, va in splits]
-        print(f"| {name} | {np.mean(vals):.3f} ± {np.std(vals):.3f} |")
+        print(f"| {name} | {np.mean(vals):.3f} ± {np.std(vals):.3f} | |")
     for name, X in inputs(args.cohort, args.out, slides).items():
         best = max((probe(X, clin, splits, a) + (a,) for a in args.alphas), key=lambda t: t[0])
-        print(f"| Cox probe: {name} | {best[0]:.3f} ± {best[1]:.3f} (alpha {best[2]}) |")
+        auc = "{:.3f} ± {:.3f}".format(*logistic_probe(X, resp, splits)) if resp else ""
+        print(f"| probe: {name} | {best[0]:.3f} ± {best[1]:.3f} (alpha {best[2]}) | {auc} |")
     print(f"({len(slides)} slides, {len(splits)} folds; c-index over all patients of the truth: "
           f"{cindex(y, parts['truth (true_risk)']):.3f})")
     print(f"\n| patch score ({' + '.join(RISK_MARKERS)}) | mean per-slide AUROC for the risk-mask patches |\n|---|---|")

@@ -34,3 +34,36 @@ def test_rebuilt_cells_give_the_cohorts_scores(tmp_path: Path) -> None:
     for c in counts.values():
         assert c["visible"].shape == (2,) and c["patch"].shape == (3,)
         assert np.isfinite(c["visible"]).all() and np.isfinite(c["patch"]).all()
+
+
+def test_logistic_probe_scores_the_validation_side() -> None:
+    _bench()                                                                  # puts bench/ on sys.path
+    from mica_ceiling import logistic_probe as probe
+    ids = [f"s{i}" for i in range(40)]
+    y = {s: i % 2 for i, s in enumerate(ids)}
+    X = {s: np.array([y[s] + 0.01 * i]) for i, s in enumerate(ids)}          # separable: AUC 1
+    splits = [(ids[:30], ids[30:]), (ids[10:], ids[:10])]
+    assert probe(X, y, splits) == (1.0, 0.0)
+    assert probe({s: -x for s, x in X.items()}, y, splits, fit=False) == (0.0, 0.0)
+
+
+def test_exact_counts_find_the_risk_mask_patches(tmp_path: Path) -> None:
+    """The IG yardstick: per-patch counts of the cells the risk counts, on a 224 px grid, rank the risk-mask
+    patches far above chance (fails when cells and mask are misaligned, e.g. x and y swapped)."""
+    import json
+
+    import pandas as pd
+
+    cohort, out = tmp_path / "c", tmp_path / "out"
+    assert make_cohort.main(["--out", str(cohort), "--slides", "3", "--patients", "3", "--tissue-mm", "0.8",
+                             "--seed", "5", "--workers", "1", "--tables-only", "--log-level", "WARNING"]) == 0
+    gt = json.loads((cohort / "ground_truth.json").read_text())
+    (out / "markers").mkdir(parents=True)
+    for s, info in gt["slides"].items():
+        h, w = info["he_shape"]
+        xy = [(x, y) for y in range(0, h - 223, 224) for x in range(0, w - 223, 224)]
+        pd.DataFrame(xy, columns=["x", "y"]).to_csv(out / "markers" / f"{s}.csv", index=False)
+    counts, _ = _bench().rebuild(cohort, 112.0, out)
+    refs = [c["ig_ref"] for c in counts.values() if c["ig_ref"]]
+    assert refs
+    assert np.mean([r["cells the risk counts"] for r in refs]) > 0.85

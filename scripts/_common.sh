@@ -5,6 +5,8 @@
 #    that directory too, so relative paths in EXTRA-like variables and in the script's arguments mean the same;
 #  - activates .venv when present and puts the repository on PYTHONPATH (PYTHONSAFEPATH=1: a folder in the
 #    current directory never shadows the repository's packages);
+#  - when stderr is not a terminal (a log file, nohup, sbatch), progress bars redraw every TQDM_MININTERVAL
+#    seconds (default 30) instead of ten times a second, so the log keeps one line per bar update, not thousands;
 #  - `require_module mod [mod ...]`, called once by each script: with -h/--help among the script's arguments it
 #    prints the script's header comment, its variables (default, comment and the value this run would use) and
 #    each module's own --help, then exits 0 having run nothing; otherwise a missing module stops with exit 3.
@@ -43,6 +45,9 @@ fi
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 export PYTHONPATH="$_repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONSAFEPATH=1
+if [ ! -t 2 ]; then
+  export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}
+fi
 
 _module_exists() {
   local path

@@ -251,3 +251,15 @@ def test_stage_03_normalize_only(fake, tmp_path):
     assert r.returncode == 0, r.stderr
     (norm,) = _module_calls(calls, "preprocess.normalize")
     assert f"--fit-split {tmp_path}/split.csv --legacy-columns --slides a" in norm and len(calls) == 1
+
+
+@pytest.mark.parametrize("preset, expect", [(None, "30"), ("5", "5")])
+def test_progress_bars_slow_down_in_log_files(tmp_path, preset, expect):
+    """stderr not a terminal (here: a pipe) -> tqdm redraws every 30 s unless the user set TQDM_MININTERVAL."""
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
+    if preset is not None:
+        env["TQDM_MININTERVAL"] = preset
+    r = subprocess.run(["bash", "-c", f'source "{REPO}/scripts/_common.sh"; printf %s "${{TQDM_MININTERVAL:-unset}}"'],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expect

@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from . import outcomes, render, tissue
 from .panel import MARKERS, PANEL_CSV
+from .preview import write_preview
 from .warp import MIN_CORR_UM, displaced, make_warp
 from .writers import write_aperio_tiff, write_ome_pyramid
 
@@ -226,42 +227,6 @@ def _assign_slides(rng: np.random.Generator, n_slides: int, n_patients: int) -> 
     return sorted(owners)
 
 
-def _write_preview(out: Path, slide_id: str, he_mpp: float,
-                   markers: tuple[str, ...] = ("Pan-Cytokeratin", "CD8", "CD68")) -> None:
-    """H&E thumbnail, DAPI and three markers of one slide, read back from its files."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import openslide
-    import tifffile
-
-    slide = openslide.OpenSlide(str(out / "he" / f"{slide_id}.tif"))
-    lvl = slide.level_count - 1 if max(slide.level_dimensions[-1]) >= 400 else slide.level_count - 2
-    lvl = max(lvl, 0)
-    thumb = np.asarray(slide.read_region((0, 0), lvl, slide.level_dimensions[lvl]).convert("RGB"))
-    slide.close()
-    with tifffile.TiffFile(out / "codex" / f"{slide_id}.ome.tif") as tf:
-        levels = tf.series[0].levels
-        lev = next((lv for lv in reversed(levels) if max(lv.shape[1:]) >= 400), levels[0])
-        idx = [MARKERS.index(m) for m in ("DAPI", *markers)]
-        chans = lev.asarray()[idx].astype(np.float32)
-    fig, axes = plt.subplots(1, 5, figsize=(20, 4.6))
-    axes[0].imshow(thumb)
-    axes[0].set_title(f"{slide_id} H&E ({he_mpp:g} µm/px, level {lvl})")
-    cmaps = ("Blues_r", "magma", "magma", "magma")
-    for ax, name, img, cm in zip(axes[1:], ("DAPI", *markers), chans, cmaps):
-        lo, hi = np.percentile(img, [1, 99.7])
-        ax.imshow(np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1), cmap=cm if name != "DAPI" else "gray")
-        ax.set_title(f"CODEX {name} (own frame)")
-    for ax in axes:
-        ax.set_axis_off()
-    fig.suptitle("Synthetic H&E / CODEX pair (same cells; CODEX placed by a known affine and smooth warp)")
-    fig.tight_layout()
-    fig.savefig(out / "preview.png", dpi=80, metadata={"Software": None})
-    plt.close(fig)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options (see the module docstring)."""
     ap = argparse.ArgumentParser(prog="python -m sample_data.make_cohort", description=__doc__.split("\n\n")[0],
@@ -387,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                    if k not in ("out", "workers", "log_level")},
     }
     if not args.tables_only:
-        _write_preview(out, results[0]["slide_id"], args.he_mpp)
+        write_preview(out, results[0]["slide_id"], args.he_mpp)
     # last and atomic: ground_truth.json is what marks a finished cohort (scripts/demo.sh reuses one that has it)
     tmp = out / ".ground_truth.json.tmp"
     tmp.write_text(json.dumps(gt, indent=1) + "\n")

@@ -150,7 +150,7 @@ def train_one_epoch(ddp: nn.Module, step: TrainStep, optimizer: torch.optim.Opti
             feats.append(feat.detach().float())
             labs.append(y.detach().float())
         if is_main and (i % 10 == 0 or i + 1 == n_micro):
-            bar.set_postfix(loss=f"{loss_sum.item() / n_batches:.4f}")
+            bar.set_postfix(loss=f"{loss_sum.item() / n_batches:.4f}", refresh=False)  # drawn at the next update
         bar.update(1)
         t = time.time()
     bar.close()

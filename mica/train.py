@@ -217,7 +217,7 @@ def train_fold(args: argparse.Namespace, fold: int, run_dir: Path, device: torch
                 if (i + 1) % accum == 0 or i + 1 == len(train_ds):
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}", refresh=False)  # drawn at the next update
             bar.close()
             pred, val_loss = predict(model, val_ds, device, args.task, args.workers, args.alpha_surv,
                                      desc=f"fold {fold} val")

@@ -42,25 +42,36 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 
-def slide_counts(layout, cells, patch_um: float) -> dict[str, np.ndarray]:
-    """Per-slide probe inputs of one slide: ``visible`` (2,), ``patch`` (3,) (see the module docstring)."""
+def cell_masks(layout, cells) -> dict[str, np.ndarray]:
+    """Boolean per-cell masks (N,) the probes count: the generator's own (``outcomes.cells_counted``: ``cd8``,
+    ``tcf1``, ``myeloid``, ``pdl1``) and what H&E shows: ``tcell`` (CD8 or CD4), ``tcell_at_nest``, ``myeloid_any``
+    (macrophages, neutrophils), ``myeloid_in_foci``, plus ``cd8_any`` and ``tcf1_any`` (anywhere, for patch counts)."""
     from sample_data import outcomes
     from sample_data.panel import MARKER_INDEX
     from sample_data.tissue import CD4T, CD8T, MACRO, NEUTRO
 
-    f = outcomes.slide_features(cells, layout)
     t = cells.type
-    at_nest = layout.sample("tumour", cells.x, cells.y) > -outcomes.NEST_MARGIN_UM
     tcell = (t == CD8T) | (t == CD4T)
     myeloid = (t == MACRO) | (t == NEUTRO)
-    in_foci = myeloid & (layout.sample("myeloid", cells.x, cells.y) > 0.5)
-    visible = np.array([np.log1p((tcell & at_nest).sum() / max(f["tumour_mm2"], 1e-3) / 50.0),
-                        np.log1p(in_foci.sum() / max(f["tissue_mm2"], 1e-3) / 50.0)])
+    at_nest = layout.sample("tumour", cells.x, cells.y) > -outcomes.NEST_MARGIN_UM
+    return outcomes.cells_counted(cells, layout) | {
+        "tcell": tcell, "tcell_at_nest": tcell & at_nest, "myeloid_any": myeloid,
+        "myeloid_in_foci": myeloid & (layout.sample("myeloid", cells.x, cells.y) > 0.5),
+        "cd8_any": t == CD8T, "tcf1_any": tcell & (cells.expr[:, MARKER_INDEX["TCF-1"]] > 0.3)}
+
+
+def slide_counts(layout, cells, masks: dict[str, np.ndarray], patch_um: float) -> dict[str, np.ndarray]:
+    """Per-slide probe inputs of one slide: ``visible`` (2,), ``patch`` (3,) (see the module docstring);
+    ``masks`` from :func:`cell_masks`."""
+    from sample_data import outcomes
+
+    f = outcomes.slide_features(cells, layout)
+    visible = np.array([np.log1p(masks["tcell_at_nest"].sum() / max(f["tumour_mm2"], 1e-3) / 50.0),
+                        np.log1p(masks["myeloid_in_foci"].sum() / max(f["tissue_mm2"], 1e-3) / 50.0)])
     # exact counts per square patch of the tissue (>= half tissue on the layout grid)
     g = layout.grid_um
     n = int(layout.side_um // patch_um)
     tissue, tumour = layout.tissue > 0, (layout.tumour > 0) & (layout.tissue > 0)
-    tcf = tcell & (cells.expr[:, MARKER_INDEX["TCF-1"]] > 0.3)
     px, py = (cells.x // patch_um).astype(int), (cells.y // patch_um).astype(int)
     rows = []
     for a in range(n):
@@ -70,7 +81,8 @@ def slide_counts(layout, cells, patch_um: float) -> dict[str, np.ndarray]:
             if tissue[sl].mean() < 0.5:
                 continue
             m = (py == a) & (px == b)
-            rows.append((tumour[sl].mean(), (m & (t == CD8T)).sum(), (m & tcf).sum(), (m & myeloid).sum()))
+            rows.append((tumour[sl].mean(), (m & masks["cd8_any"]).sum(), (m & masks["tcf1_any"]).sum(),
+                         (m & masks["myeloid_any"]).sum()))
     r = np.array(rows, float).reshape(-1, 4)
     w = r[:, 0]
     patch = np.array([np.log1p((r[:, 1] * w).sum() / max(w.sum(), 1e-3)),
@@ -79,34 +91,30 @@ def slide_counts(layout, cells, patch_um: float) -> dict[str, np.ndarray]:
     return {"features": f, "visible": visible, "patch": patch}
 
 
-def patch_aurocs(cohort: Path, out: Path, slide: str, layout, cells, he_mpp: float, gt: dict) -> dict[str, float]:
+def patch_aurocs(cohort: Path, out: Path, slide: str, cells, masks: dict[str, np.ndarray], he_mpp: float,
+                 gt: dict) -> dict[str, float]:
     """AUROC with which exact per-patch cell counts find the risk-mask patches of one slide (the IG check's
     labels, ``sample_data.mica_scoring``), on the slide's stage-01 patches (``OUT/markers/{slide}.csv``, 224 px);
-    empty when the slide has patches of one class only."""
+    empty when the slide has patches of one class only. ``masks`` from :func:`cell_masks`."""
     from sklearn.metrics import roc_auc_score
 
-    from sample_data import outcomes
     from sample_data.mica_scoring import RISK_DEVIATION, patch_risk_deviation
-    from sample_data.tissue import CD4T, CD8T, MACRO, NEUTRO
 
     coords = pd.read_csv(out / "markers" / f"{slide}.csv")[["x", "y"]].to_numpy(float)
     ps = 224.0
     y = patch_risk_deviation(cohort, slide, coords, ps, gt) > RISK_DEVIATION
     if y.all() or not y.any():
         return {}
-    t = cells.type
-    at_nest = layout.sample("tumour", cells.x, cells.y) > -outcomes.NEST_MARGIN_UM
-    tcell, myeloid = (t == CD8T) | (t == CD4T), (t == MACRO) | (t == NEUTRO)
-    in_foci = myeloid & (layout.sample("myeloid", cells.x, cells.y) > 0.5)
-    m = outcomes.cells_counted(cells, layout)
     ux, uy = cells.x / he_mpp, cells.y / he_mpp                    # H&E level-0 px (the layout's origin)
 
     def per_patch(mask: np.ndarray) -> np.ndarray:
         return np.array([(mask & (ux >= x) & (ux < x + ps) & (uy >= y0) & (uy < y0 + ps)).sum() for x, y0 in coords])
 
+    m = masks
     return {"cells the risk counts": roc_auc_score(y, per_patch(m["cd8"] | m["tcf1"] | m["myeloid"])),
-            "T cells at nests + myeloid in foci (H&E-visible)": roc_auc_score(y, per_patch(tcell & at_nest | in_foci)),
-            "all T cells + all myeloid cells": roc_auc_score(y, per_patch(tcell | myeloid))}
+            "T cells at nests + myeloid in foci (H&E-visible)":
+                roc_auc_score(y, per_patch(m["tcell_at_nest"] | m["myeloid_in_foci"])),
+            "all T cells + all myeloid cells": roc_auc_score(y, per_patch(m["tcell"] | m["myeloid_any"]))}
 
 
 def rebuild(cohort: Path, patch_um: float, out: Path | None = None) -> tuple[dict[str, dict], dict]:
@@ -115,16 +123,15 @@ def rebuild(cohort: Path, patch_um: float, out: Path | None = None) -> tuple[dic
     from sample_data import make_cohort
 
     gt = json.loads((cohort / "ground_truth.json").read_text())
-    params = {**gt["params"], "out": cohort, "tables_only": True, "seed": gt["seed"]}
-    args = argparse.Namespace(**params)
-    n_pat = len(gt["patients"])
-    _, jobs, _, _ = make_cohort.cohort_jobs(args, n_pat)
+    args = argparse.Namespace(**gt["params"], out=cohort)             # the flags it was made with (seed included)
+    _, jobs, _, _ = make_cohort.cohort_jobs(args, len(gt["patients"]))
     res = {}
     for job in tqdm(jobs, desc="cells", unit="slide"):
         _, layout, cells = make_cohort.slide_tissue(job)
-        res[job.slide_id] = slide_counts(layout, cells, patch_um)
+        masks = cell_masks(layout, cells)
+        res[job.slide_id] = slide_counts(layout, cells, masks, patch_um)
         if out is not None:
-            res[job.slide_id]["ig_ref"] = patch_aurocs(cohort, out, job.slide_id, layout, cells, job.he_mpp, gt)
+            res[job.slide_id]["ig_ref"] = patch_aurocs(cohort, out, job.slide_id, cells, masks, job.he_mpp, gt)
     return res, gt
 
 
@@ -149,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     for s in slides:
         by_case.setdefault(case[s], []).append(s)
     # check: the rebuilt cells give the generator's scores
-    worst = max(abs(outcomes.patient_scores([counts[s]["features"] for s in by_case[case[s]]])[k]
-                    - gt["patients"][case[s]]["scores"][k]) for s in slides for k in ("cd8", "tcf1", "myeloid"))
+    rebuilt = {c: outcomes.patient_scores([counts[s]["features"] for s in ss]) for c, ss in by_case.items()}
+    worst = max(abs(rebuilt[c][k] - gt["patients"][c]["scores"][k])
+                for c in by_case for k in ("cd8", "tcf1", "myeloid"))
     splits = folds(args.cohort)
     truth = np.array([gt["patients"][case[s]]["true_risk"] for s in slides])
     idx = {s: i for i, s in enumerate(slides)}

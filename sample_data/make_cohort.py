@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def cohort_jobs(args: argparse.Namespace, n_pat: int):
+def cohort_jobs(args: argparse.Namespace, n_pat: int
+                ) -> tuple[list[tissue.Patient], list[SlideJob], np.random.Generator, np.random.Generator]:
     """The cohort's patients and slide jobs from the parsed flags (``ground_truth.json`` ``params`` hold them), and
     the outcome and split random streams: ``(patients, jobs, rng_out, rng_split)``. Same flags -> same cohort."""
     root = np.random.SeedSequence(args.seed)

@@ -75,11 +75,6 @@ def read_record(out: str | os.PathLike, slide_id: str) -> tuple[dict[str, Any] |
     return rec, None
 
 
-def stale_reason(out: str | os.PathLike, slide_id: str) -> str | None:
-    """Why the raw means of ``slide_id`` cannot be used (None: they are fresh); see :func:`read_record`."""
-    return read_record(out, slide_id)[1]
-
-
 def load_raw(path: str | os.PathLike, markers: list[str]):
     """Read a raw CSV and check it has the panel's markers (else it is stale: --overwrite)."""
     import pandas as pd

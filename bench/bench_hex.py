@@ -32,11 +32,11 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from hex.data import BatchTransform, build_dataset  # noqa: E402
-from hex.dist import resolve_device  # noqa: E402
 from hex.losses import build_loss  # noqa: E402
 from hex.model import HEX  # noqa: E402
 from hex.test import autocast, resolve_amp  # noqa: E402
 from hex.train import TrainStep  # noqa: E402
+from pipeline.dist import resolve_device  # noqa: E402
 from tests.hex_synthetic import write_synthetic_dataset  # noqa: E402
 
 

@@ -54,7 +54,7 @@ from hex.evaluate import prediction_fn, resolve_amp, run_loop, wants_channels_la
 from hex.infer_wsi import InferConfig, infer_slide  # noqa: E402
 from hex.model import HEX  # noqa: E402
 from hex.wsi_tiles import TileRegions, make_tile_loader  # noqa: E402
-from preprocess.utils import PipelineError  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
 from sample_data.bench_slide import stage01_grid, subset_grid, write_bench_slide  # noqa: E402
 
 TILE = 224  # px at 0.5 µm/px (the synthetic slides are 0.5 µm/px, so a tile is 224 level-0 px)
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     print_table(rec)
     if args.json:
-        from preprocess.utils import write_json
+        from pipeline.io import write_json
 
         write_json(args.json, {"argv": sys.argv if argv is None else list(argv), **rec})
         print(f"numbers: {args.json}")

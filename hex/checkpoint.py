@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from hex.model import HEX, inference_state_dict
-from preprocess.utils import PipelineError, atomic_path, write_json
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 

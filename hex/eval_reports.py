@@ -13,7 +13,7 @@ import pandas as pd
 
 from hex.data import PatchDataset
 from hex.metrics import marker_table, slide_table
-from preprocess.utils import atomic_path, write_json
+from pipeline.io import atomic_path, write_json
 
 log = logging.getLogger("hex.test")
 

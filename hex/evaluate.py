@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from hex.dist import all_gather_objects, shard_indices
+from pipeline.dist import all_gather_objects, shard_indices
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ percentiles). Attributes: ``markers``, ``patch_size`` (px), ``patch_size_level0`
 ``read_size_at_level``, ``checkpoint``, ``checkpoint_sha256``, ``normalization`` (JSON; "null" when unknown),
 ``grid_source``, ``slide_id``, ``he_path``, ``schema_version``. Also ``hex_pred/config.json`` and ``run.log``.
 
-Slides: :func:`preprocess.cohort.resolve_slides` (``COHORT/pairs.csv`` when present, else ``COHORT/he/``, or
+Slides: :func:`pipeline.cohort.resolve_slides` (``COHORT/pairs.csv`` when present, else ``COHORT/he/``, or
 ``--he``); a slide's id is its file name as written (a link keeps its own name), like every other stage.
 
-Done-records (:mod:`preprocess.done`): ``hex_pred/done/{slide}.json`` holds the settings that change the file
+Done-records (:mod:`pipeline.done`): ``hex_pred/done/{slide}.json`` holds the settings that change the file
 (``patch_size``, ``stride``, ``target_mpp``, ``min_tissue``, ``thumb_size``, ``mpp``, ``raw_units``,
 ``normalization``, and the backbone flags of an original checkpoint) and the input files (``he``, ``checkpoint``,
 ``grid``, with size and mtime). A rerun skips slides done with these; redoes a slide whose input changed (the model
@@ -60,21 +60,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from hex.cli import run_cli
-from hex.dist import DistContext, broadcast_object, is_dist
 from hex.evaluate import resolve_amp, wants_channels_last
 from hex.trained import add_checkpoint_args, load_from_args
 from hex.wsi_predict import SCHEMA_VERSION, InferConfig, build_tiles, denormalize, infer_slide
-from preprocess import done as done_mod
-from preprocess.utils import (
-    PipelineError,
-    StageReport,
-    ensure_writable,
-    parse_shard,
-    run_slides,
-    save_config,
-    select_slides,
-)
+from pipeline import done as done_mod
+from pipeline.cli import run_cli
+from pipeline.cohort import select_slides
+from pipeline.dist import DistContext, broadcast_object, is_dist
+from pipeline.errors import PipelineError
+from pipeline.io import ensure_writable, save_config
+from pipeline.runner import StageReport, parse_shard, run_slides
 
 log = logging.getLogger("hex.infer_wsi")
 
@@ -134,7 +129,7 @@ def done_spec(args: argparse.Namespace, cfg: InferConfig, checkpoint: Path, he: 
 
 
 def _predict(slide_id: str, he_paths: dict[str, str], run: dict[str, Any]) -> dict[str, Any]:
-    """One slide for :func:`preprocess.utils.run_slides`: every failure becomes one line (a PipelineError)."""
+    """One slide for :func:`pipeline.runner.run_slides`: every failure becomes one line (a PipelineError)."""
     import openslide
 
     he_path = Path(he_paths[slide_id])
@@ -252,7 +247,7 @@ def _checkpoint(args: argparse.Namespace) -> Path:
 def check_flags(args: argparse.Namespace) -> None:
     """Before any process group or output folder: flag values, the slides (``args.he_resolved``: {id: H&E path},
     ``args.slides_resolved``: the ids of this job) and the checkpoint exist; one line naming the flag or file."""
-    from preprocess.cohort import resolve_slides
+    from pipeline.cohort import resolve_slides
 
     for flag, v, lo in (("--patch-size", args.patch_size, 1), ("--stride", args.stride, 1),
                         ("--thumb-size", args.thumb_size, 16), ("--region-px", args.region_px, 1),

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.utils import PipelineError, atomic_path
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
 

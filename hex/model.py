@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hex import backbones
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger("hex.virtual_codex")
 

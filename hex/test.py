@@ -49,7 +49,6 @@ from typing import Any
 import pandas as pd
 import torch
 
-from hex.cli import run_cli
 from hex.data import (
     LEGACY_PREFIX,
     BatchTransform,
@@ -61,12 +60,14 @@ from hex.data import (
     resolve_markers_dir,
 )
 from hex.data.splits import check_split_slides
-from hex.dist import DistContext, barrier
 from hex.eval_reports import write_reports
 from hex.evaluate import autocast, predict, predict_distributed, resolve_amp, wants_channels_last
 from hex.trained import add_checkpoint_args, load_from_args, load_trained, training_split
-from preprocess import done as done_mod
-from preprocess.utils import PipelineError, ensure_writable, remove_outputs, save_config
+from pipeline import done as done_mod
+from pipeline.cli import run_cli
+from pipeline.dist import DistContext, barrier
+from pipeline.errors import PipelineError
+from pipeline.io import ensure_writable, remove_outputs, save_config
 
 log = logging.getLogger("hex.test")
 

@@ -72,9 +72,16 @@ from torch.utils.data.distributed import DistributedSampler
 
 from hex import backbones
 from hex.checkpoint import prune_checkpoints, remove_run_outputs, save_best, save_checkpoint, training_state
-from hex.cli import run_cli
 from hex.data import BatchTransform
-from hex.dist import (
+from hex.evaluate import predict_distributed
+from hex.losses import LOSSES
+from hex.metrics import mse as mse_per_marker
+from hex.model import HEX
+from hex.train_loop import TrainStep, loss_stats, selection_score, train_one_epoch
+from hex.train_loop import wrap_ddp as _wrap_ddp
+from hex.train_setup import build_state, check_flags, load_inputs, prepare_run_dir, resolve_recipe
+from pipeline.cli import run_cli
+from pipeline.dist import (
     DistContext,
     all_gather_objects,
     barrier,
@@ -84,14 +91,7 @@ from hex.dist import (
     seed_everything,
     set_rng_state,
 )
-from hex.evaluate import predict_distributed
-from hex.losses import LOSSES
-from hex.metrics import mse as mse_per_marker
-from hex.model import HEX
-from hex.train_loop import TrainStep, loss_stats, selection_score, train_one_epoch
-from hex.train_loop import wrap_ddp as _wrap_ddp
-from hex.train_setup import build_state, check_flags, load_inputs, prepare_run_dir, resolve_recipe
-from preprocess.utils import ensure_writable, save_config
+from pipeline.io import ensure_writable, save_config
 
 log = logging.getLogger("hex.train")
 

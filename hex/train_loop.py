@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from hex.data import BatchTransform
-from hex.dist import DistContext, all_reduce_sum
 from hex.evaluate import autocast
 from hex.metrics import pearson
 from hex.model import HEX
+from pipeline.dist import DistContext, all_reduce_sum
 
 log = logging.getLogger(__name__)
 

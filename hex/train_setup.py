@@ -1,7 +1,7 @@
 """Setting up a HEX training run: flag defaults from the backbone's recipe, checks that run before any process group,
 the inputs (split, resume checkpoint, datasets) and the model/optimiser state, fresh or restored.
 
-Used by :mod:`hex.train`; every function raises :class:`~preprocess.utils.PipelineError` with the fix for bad input.
+Used by :mod:`hex.train`; every function raises :class:`~pipeline.errors.PipelineError` with the fix for bad input.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from hex import backbones
 from hex.checkpoint import check_same_run, find_resume, read_checkpoint, run_identity, run_outputs
 from hex.data import build_dataset, load_split, marker_columns, resolve_markers_dir
 from hex.data.splits import check_split_slides
-from hex.dist import DistContext, broadcast_object, seed_everything
 from hex.evaluate import resolve_amp
 from hex.losses import build_loss
 from hex.model import HEX, build_from_args, load_hex_checkpoint
 from hex.train_loop import make_optimizer, make_scheduler
-from preprocess.utils import PipelineError, ensure_writable
+from pipeline.dist import DistContext, broadcast_object, seed_everything
+from pipeline.errors import PipelineError
+from pipeline.io import ensure_writable
 
 log = logging.getLogger("hex.train")
 

@@ -31,7 +31,7 @@ import pandas as pd
 
 from hex.checkpoint import read_checkpoint
 from hex.model import HEX, build_from_args, load_hex_checkpoint, normalize_hex_keys, read_checkpoint_state
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

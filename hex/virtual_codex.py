@@ -26,10 +26,10 @@ Outputs per slide, in ``OUT/virtual_codex/`` (written atomically; ``{slide}.json
 - ``{slide}.json``: markers, s, P, mpp, pixel size, map shape, tile count, source file and checkpoint.
 
 The H&E of a slide (canvas size, preview thumbnail): with ``--cohort`` the cohort's slide of that id
-(:func:`preprocess.cohort.resolve_slides`: ``pairs.csv`` when present, else ``he/``; ids are the names as written),
+(:func:`pipeline.cohort.resolve_slides`: ``pairs.csv`` when present, else ``he/``; ids are the names as written),
 else the prediction file's ``he_path`` when that file exists, else none (canvas = the tiles' extent).
 
-Done-records (:mod:`preprocess.done`): ``virtual_codex/done/{slide}.json`` holds the setting that changes the
+Done-records (:mod:`pipeline.done`): ``virtual_codex/done/{slide}.json`` holds the setting that changes the
 outputs (``preview_markers``), the input files (``pred`` = the prediction file, ``he``; size and mtime) and the
 files of the formats made. A rerun skips a slide whose requested formats are done with these; writes the formats
 it lacks (keeping the others); redoes a slide whose prediction file or H&E changed (removing the other formats'
@@ -61,18 +61,12 @@ from hex.prediction_maps import (
     coverage_ranges,
     read_prediction,
 )
-from preprocess import done as done_mod
-from preprocess.utils import (
-    PipelineError,
-    atomic_path,
-    ensure_writable,
-    remove_outputs,
-    run_slides,
-    save_config,
-    select_slides,
-    setup_logging,
-    write_json,
-)
+from pipeline import done as done_mod
+from pipeline.cohort import select_slides
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, ensure_writable, remove_outputs, save_config, write_json
+from pipeline.logs import setup_logging
+from pipeline.runner import run_slides
 
 log = logging.getLogger("hex.virtual_codex")
 
@@ -151,7 +145,7 @@ def is_done(out_dir: str | Path, slide_id: str, formats: Sequence[str] = FORMATS
 def map_conflicts(slides: Sequence[str], pred_dir: Path, out_dir: Path, he: Mapping[str, Path | None],
                   preview_markers: Sequence[str] | None) -> dict[str, str]:
     """{slide: diff} of the slides whose maps were done with another preview-marker choice or other input files
-    (checked before any work; :func:`preprocess.done.conflict_error` makes the one-line error)."""
+    (checked before any work; :func:`pipeline.done.conflict_error` makes the one-line error)."""
     spec = map_spec(out_dir, preview_markers, {s: Path(pred_dir) / f"{s}.h5" for s in slides}, he)
     return done_mod.conflicts(spec, slides)
 
@@ -326,7 +320,7 @@ def _check_inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Path |
     slides = select_slides(available, args.slides, str(pred_dir))
     cohort_he: dict[str, Path] = {}
     if args.cohort is not None:
-        from preprocess.cohort import resolve_slides
+        from pipeline.cohort import resolve_slides
 
         if not args.cohort.is_dir():
             raise PipelineError(f"--cohort {args.cohort}: folder not found")
@@ -341,7 +335,7 @@ def _check_inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Path |
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hex.dist import close_log_file
+    from pipeline.logs import close_log_file
 
     try:
         args = build_parser().parse_args(argv)

@@ -18,8 +18,9 @@ import torch
 from hex.data import BatchTransform
 from hex.evaluate import prediction_fn, run_loop, wants_channels_last
 from hex.wsi_tiles import TileRegions, make_tile_loader, tissue_tiles
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path
 from preprocess.patch import read_grid
-from preprocess.utils import PipelineError, atomic_path
 
 log = logging.getLogger("hex.infer_wsi")
 

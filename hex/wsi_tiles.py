@@ -44,11 +44,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from pipeline.errors import PipelineError
 from preprocess.patch import full_grid, grid_geometry, read_grid
 from preprocess.patch_store import group_into_blocks, resize_patch
 from preprocess.slide_io import HESlide
 from preprocess.tissue import TissueParams, patch_tissue_fraction, tissue_mask
-from preprocess.utils import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class TileRegions(Dataset):
         region_px: approximate side of one region read at ``level``, px.
         mpp: level-0 µm/px overriding the slide metadata (only needed when the slide has none).
 
-    Raises :class:`preprocess.utils.PipelineError` (one line naming the file) for an unreadable slide, a level the
+    Raises :class:`pipeline.errors.PipelineError` (one line naming the file) for an unreadable slide, a level the
     slide does not have, or tiles outside the slide.
     """
 

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from preprocess.utils import PipelineError, atomic_path
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
 

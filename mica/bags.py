@@ -4,7 +4,7 @@ Layout (stage 07 writes it, stages 08/09 read it)::
 
     OUT/features/{encdir}/h5_files/{slide}.h5   features (N, D) float32, coords (N, 2) int64 level-0 top-left
     OUT/features/{encdir}/pt_files/{slide}.pt   the (N, D) float32 tensor only (CLAM/MCAT convention)
-    OUT/features/{encdir}/done/{slide}.json     what the bag was made with (preprocess.done)
+    OUT/features/{encdir}/done/{slide}.json     what the bag was made with (pipeline.done)
 
 ``{encdir}`` is the encoder name with ``:`` and ``/`` replaced by ``_`` (``hex:demo`` -> ``hex_demo``).
 """
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from preprocess.utils import atomic_path
+from pipeline.io import atomic_path
 
 
 def encoder_dirname(name: str) -> str:

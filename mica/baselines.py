@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mica.survival import binary_auc, c_index, hazard_bins, nll_survival_loss, risk_from_logits, to_bins
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from preprocess.utils import PipelineError, atomic_path, write_json
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
 * split CSV ``splits_{k}.csv``: columns ``train``, ``val`` of SLIDE ids, empty cells where a column is shorter (any
   other column, e.g. the original release's ``patient_*`` columns, is ignored).
 
-Slide ids are the names of :func:`preprocess.cohort.resolve_slides` (the file name up to its first dot, a link's
+Slide ids are the names of :func:`pipeline.cohort.resolve_slides` (the file name up to its first dot, a link's
 own name): when the cohort folder holds slides (``pairs.csv`` or ``he/``), the split ids must be among them
 (:func:`check_cohort_ids`); ids that differ between the clinical table, the splits, the cohort and the feature
 bags stop with one line that lists them.
@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from preprocess.cohort import clean_id, read_split
-from preprocess.utils import PipelineError
+from pipeline.cohort import clean_id, read_split
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +182,13 @@ def check_split_files(splits_dir: str | os.PathLike, folds: list[int]) -> None:
 
 def check_cohort_ids(cohort: str | os.PathLike | None, slides: list[str], table: str) -> None:
     """When ``cohort`` holds slides (``pairs.csv`` or ``he/``), every id of ``slides`` is one of them, resolved by
-    :func:`preprocess.cohort.resolve_slides`; else one line listing them (a cohort without slides: no check)."""
+    :func:`pipeline.cohort.resolve_slides`; else one line listing them (a cohort without slides: no check)."""
     if cohort is None:
         return
     cohort = Path(cohort)
     if not ((cohort / "pairs.csv").is_file() or (cohort / "he").is_dir()):
         return
-    from preprocess.cohort import check_ids, resolve_slides
+    from pipeline.cohort import check_ids, resolve_slides
 
     check_ids(slides, resolve_slides(cohort, require_he=False), table,
               fix=f"fix the ids in {table} or the slide names ({ID_HINT})")

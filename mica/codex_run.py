@@ -28,8 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mica import codex_encoders as ce
-from preprocess import done as done_mod
-from preprocess.utils import PipelineError, StageReport, atomic_path, plan_slides
+from pipeline import done as done_mod
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path
+from pipeline.runner import StageReport, plan_slides
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +217,7 @@ class MapImages(Dataset):
 
 
 def _plan(slides: Sequence[str], spec: done_mod.DoneSpec, overwrite: bool, rep: StageReport) -> tuple[list, dict]:
-    """The slides to do and their input stamps (:func:`preprocess.utils.plan_slides`); the skipped go to ``rep``."""
+    """The slides to do and their input stamps (:func:`pipeline.runner.plan_slides`); the skipped go to ``rep``."""
     todo, skipped, stamps = plan_slides(slides, spec, overwrite=overwrite, desc="CODEX features")
     rep.skipped.extend(skipped)
     return todo, stamps
@@ -229,7 +231,7 @@ def run_image(slides: Sequence[str], maps: dict[str, Path], out: Path, encdir: s
               progress: bool = True) -> StageReport:
     """Image-encoder features (C, D) of each slide's channels, batched across slides (a batch may hold channels of
     several slides); each map is loaded once (DataLoader ``workers``). Writes one part and its done-record per
-    slide; ``settings`` (or a ready :class:`preprocess.done.DoneSpec`) decide what counts as done."""
+    slide; ``settings`` (or a ready :class:`pipeline.done.DoneSpec`) decide what counts as done."""
     from hex.evaluate import autocast
     from mica.feature_done import codex_spec
 

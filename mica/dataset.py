@@ -49,7 +49,7 @@ from mica.clinical import (  # noqa: F401 - re-exported: the tables' readers liv
     read_fold,
     split_path,
 )
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger("mica.extract_features")
 

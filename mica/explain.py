@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 from mica import plots
 from mica.checkpoint import write_csv as _write_csv
 from mica.dataset import BagDataset, FeatureSource
-from preprocess import done as done_mod
-from preprocess.utils import PipelineError, StageReport, remove_outputs
+from pipeline import done as done_mod
+from pipeline.errors import PipelineError
+from pipeline.io import remove_outputs
+from pipeline.runner import StageReport
 
 log = logging.getLogger("mica.test")
 

@@ -19,7 +19,7 @@ or ``hex:RUN``, the backbone (``model.visual``) of the trained HEX run ``OUT/run
 (``--weights`` then names another checkpoint of it). The tiles of the stage-01 grid ``OUT/patches/{slide}.h5``
 (224 px at 20x) are read region by region (:mod:`hex.wsi_tiles`, the stage-06 reader), resized to the encoder's
 input size and normalised with its mean/std (:class:`hex.data.BatchTransform`, evaluation mode), then embedded by
-the one prediction loop (:func:`hex.evaluate.run_loop`). The slides are the cohort's (:func:`preprocess.cohort.
+the one prediction loop (:func:`hex.evaluate.run_loop`). The slides are the cohort's (:func:`pipeline.cohort.
 resolve_slides`: ``COHORT/pairs.csv`` when present, else ``COHORT/he/``, or ``--he``; ids = file names as written,
 so a link names its outputs after itself, as stage 01 names its grid). Outputs (atomic)::
 
@@ -64,14 +64,17 @@ from typing import Any
 
 import torch
 
-from hex.dist import all_gather_objects, barrier
 from mica import codex_encoders as ce
 from mica import codex_run as cr
 from mica import feature_done as fd
 from mica.bags import encoder_dirname, feature_paths, features_dir, read_feature_bag, write_feature_bag
 from mica.encoders import HEX_PREFIX, ImageEncoder, encode_tiles, load_encoder
-from preprocess.done import DoneSpec
-from preprocess.utils import PipelineError, StageReport, ensure_writable, run_slides, save_config, select_slides
+from pipeline.cohort import select_slides
+from pipeline.dist import all_gather_objects, barrier
+from pipeline.done import DoneSpec
+from pipeline.errors import PipelineError
+from pipeline.io import ensure_writable, save_config
+from pipeline.runner import StageReport, run_slides
 
 log = logging.getLogger("mica.extract_features")
 
@@ -217,7 +220,7 @@ class _Part:
 
 
 def _plan_he(args: argparse.Namespace, ctx) -> _Part:
-    from preprocess.cohort import resolve_slides
+    from pipeline.cohort import resolve_slides
 
     cohort = resolve_slides(args.cohort, he=args.he)
     slides = my_slides(select_slides(cohort.ids, args.slides, cohort.source), args.shard)
@@ -353,7 +356,7 @@ def _work(args: argparse.Namespace, ctx) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run stage 07 (see the module docstring); returns the exit code (0, 1 when a slide failed, 2 bad input)."""
-    from hex.cli import run_cli
+    from pipeline.cli import run_cli
 
     return run_cli(build_parser(), argv, _work, _log_file, check_args, logger=log)
 

@@ -1,6 +1,6 @@
 """Done-records of stage 07 (MICA feature bags): which settings and inputs a slide's features were made with.
 
-A slide's features count as done only with the inputs and settings that made them (:mod:`preprocess.done`):
+A slide's features count as done only with the inputs and settings that made them (:mod:`pipeline.done`):
 
 * H&E bags: records in ``OUT/features/{encdir}/done/{slide}.json``; inputs ``he`` (the H&E file as written: a link
   keeps its own name) and ``grid`` (``OUT/patches/{slide}.h5``); settings :func:`he_settings` (encoder, weights and
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from mica.bags import feature_paths, features_dir
-from preprocess import done as done_mod
-from preprocess.utils import PipelineError
+from pipeline import done as done_mod
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _he_outputs(slide: str, out: Path, encoder: str) -> list[Path]:
 
 def he_spec(out: str | os.PathLike, encoder: str, settings: Mapping[str, Any], he_paths: Mapping[str, Path],
             patches_dir: str | os.PathLike) -> done_mod.DoneSpec:
-    """The :class:`preprocess.done.DoneSpec` of the H&E bags of ``encoder`` under ``OUT/features/{encdir}``."""
+    """The :class:`pipeline.done.DoneSpec` of the H&E bags of ``encoder`` under ``OUT/features/{encdir}``."""
     inputs = functools.partial(_he_inputs, he_paths={k: _abs(v) for k, v in he_paths.items()},
                                patches_dir=_abs(patches_dir))
     return done_mod.DoneSpec(features_dir(out, encoder), dict(settings), HE_SCHEMA, inputs=inputs,
@@ -108,7 +108,7 @@ def _codex_outputs(slide: str, out: Path, encdir: str) -> list[Path]:
 
 
 def codex_spec(out: str | os.PathLike, encdir: str, settings: Mapping[str, Any]) -> done_mod.DoneSpec:
-    """The :class:`preprocess.done.DoneSpec` of the CODEX parts under ``OUT/codex_features/{encdir}``."""
+    """The :class:`pipeline.done.DoneSpec` of the CODEX parts under ``OUT/codex_features/{encdir}``."""
     return done_mod.DoneSpec(Path(out) / "codex_features" / encdir, dict(settings), CODEX_SCHEMA,
                              inputs=functools.partial(codex_inputs, out=_abs(out)),
                              outputs=functools.partial(_codex_outputs, out=Path(out), encdir=encdir))

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 MODES = ("coattn", "path", "codex")
 STANDARDIZE = ("none", "codex", "path", "both")

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from preprocess.utils import atomic_path  # noqa: E402
+from pipeline.io import atomic_path  # noqa: E402
 
 log = logging.getLogger(__name__)
 

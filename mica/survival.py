@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -41,15 +41,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hex.cli import EXIT_INPUT_ERROR, run_logged
-from hex.dist import resolve_device
 from mica import plots
 from mica.checkpoint import check_fold_files, load_fold_model
 from mica.checkpoint import write_csv as _write_csv
 from mica.dataset import BagDataset, FeatureSource, build_fold, check_fold_inputs, read_clinical_table
 from mica.explain import check_ig, cohort_marker_attribution, ig_settings, ig_spec, run_ig
 from mica.predict import patient_table, predict
-from preprocess.utils import PipelineError, StageReport, ensure_writable, save_config, setup_logging, write_json
+from pipeline.cli import run_logged
+from pipeline.dist import resolve_device
+from pipeline.errors import EXIT_INPUT_ERROR, PipelineError
+from pipeline.io import ensure_writable, save_config, write_json
+from pipeline.logs import setup_logging
+from pipeline.runner import StageReport
 
 # load_fold_model lives in mica.checkpoint, the IG functions in mica.explain (re-exported here)
 __all__ = ["build_parser", "cohort_marker_attribution", "evaluate_fold", "load_fold_model", "load_run_config", "main",
@@ -121,13 +124,13 @@ class RunInputs:
                              features_dir=c.get("features_dir"), codex_features=c.get("codex_features"))
 
     def he_path(self, slide: str) -> Path | None:
-        """The slide's H&E file in the cohort (:func:`preprocess.cohort.resolve_slides`: pairs.csv, else he/), for
+        """The slide's H&E file in the cohort (:func:`pipeline.cohort.resolve_slides`: pairs.csv, else he/), for
         thumbnails; None without a cohort of slides (a warning once when it cannot be resolved)."""
         if self._he is None:
             self._he = {}
             c = self.cohort
             if c is not None and ((c / "pairs.csv").is_file() or (c / "he").is_dir()):
-                from preprocess.cohort import resolve_slides
+                from pipeline.cohort import resolve_slides
 
                 try:
                     self._he = resolve_slides(c).he_paths()

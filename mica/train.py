@@ -57,13 +57,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from hex.cli import EXIT_INPUT_ERROR, run_logged
-from hex.dist import resolve_device, rng_state, seed_everything, set_rng_state
 from mica.checkpoint import fold_done, save_checkpoint
 from mica.checkpoint import write_csv as _write_csv
 from mica.dataset import BagDataset, FeatureSource, build_fold, check_fold_inputs, read_clinical_table, split_path
 from mica.predict import forward, item_loss, loader, patient_table, predict, score  # noqa: F401 - patient_table: API
-from preprocess.utils import PipelineError, atomic_path, ensure_writable, save_config, setup_logging, write_json
+from pipeline.cli import run_logged
+from pipeline.dist import resolve_device, rng_state, seed_everything, set_rng_state
+from pipeline.errors import EXIT_INPUT_ERROR, PipelineError
+from pipeline.io import atomic_path, ensure_writable, save_config, write_json
+from pipeline.logs import setup_logging
 
 log = logging.getLogger("mica.train")
 

@@ -3,7 +3,7 @@
     python -m preprocess.check_cohort COHORT [--out OUT]
 
 Checks (COHORT in the sample-cohort layout of docs/FORMATS.md). The slides are those every stage resolves
-(:func:`preprocess.cohort.resolve_slides`): the rows of ``pairs.csv`` when it exists, else the files of ``he/``;
+(:func:`pipeline.cohort.resolve_slides`): the rows of ``pairs.csv`` when it exists, else the files of ``he/``;
 the id is the file name as written up to its first dot (a link keeps its own name).
 
 - ``he/`` and ``pairs.csv``: two files with one id (a rescan ``slide_000.v2.tif`` beside ``slide_000.tif``) are an
@@ -36,7 +36,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocess.cohort import CODEX_EXTENSIONS, HE_EXTENSIONS, read_pairs_table, resolve_slides
+from pipeline.cohort import CODEX_EXTENSIONS, HE_EXTENSIONS, read_pairs_table, resolve_slides, slide_id_from_path
+from pipeline.errors import PipelineError
 from preprocess.cohort_tables import (
     COHORT_ROW,
     ERROR,
@@ -49,7 +50,6 @@ from preprocess.cohort_tables import (
 )
 from preprocess.panel import read_marker_panel, resolve_channel_map
 from preprocess.slide_io import CodexImage, HESlide
-from preprocess.utils import PipelineError, slide_id_from_path
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class _Collector:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# slides: the rules of preprocess.cohort.resolve_slides, every problem listed instead of the first
+# slides: the rules of pipeline.cohort.resolve_slides, every problem listed instead of the first
 
 
 def _he_files(he_dir: Path, c: _Collector) -> dict[str, list[Path]]:
@@ -144,7 +144,7 @@ def _codex_folder(cohort: Path, ids: list[str], c: _Collector) -> dict[str, Path
 
 def _resolve(cohort: Path, c: _Collector) -> tuple[dict[str, tuple[Path, Path | None]], str]:
     """The cohort's slides {id: (H&E path as written, CODEX path or None)} and their source, as
-    :func:`preprocess.cohort.resolve_slides` finds them: ``pairs.csv`` when present, else ``he/`` (+ ``codex/``)."""
+    :func:`pipeline.cohort.resolve_slides` finds them: ``pairs.csv`` when present, else ``he/`` (+ ``codex/``)."""
     he_dir, pairs_path = cohort / "he", cohort / "pairs.csv"
     files = _he_files(he_dir, c) if he_dir.is_dir() else {}
     if pairs_path.exists():
@@ -243,8 +243,8 @@ def _open_he(sid: str, p: Path, c: _Collector, mpp: dict[str, str]) -> bool:
 
 
 def _stages_agree(cohort: Path, c: _Collector) -> None:
-    """What the stages themselves do (:func:`preprocess.cohort.resolve_slides`): a stop not found above is added."""
-    quiet = logging.getLogger("preprocess.cohort")
+    """What the stages themselves do (:func:`pipeline.cohort.resolve_slides`): a stop not found above is added."""
+    quiet = logging.getLogger("pipeline.cohort")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # its warnings are findings already
     try:

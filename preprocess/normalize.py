@@ -23,9 +23,10 @@ import argparse
 import logging
 from pathlib import Path
 
+from pipeline.errors import PipelineError
+from pipeline.io import save_config
 from preprocess.quantify.normalize import add_normalization_args, resolve_run, run_normalization
 from preprocess.quantify.tables import add_table_args
-from preprocess.utils import PipelineError, save_config
 
 log = logging.getLogger(__name__)
 

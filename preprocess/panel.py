@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:  # pragma: no cover
     from preprocess.slide_io import CodexImage

@@ -12,10 +12,10 @@ Writes, per slide (paths relative to ``--out``):
                                 ``mpp`` (target µm/px, 0.5), ``level0_mpp``, ``schema_version``.
     patches/{slide}_tissue.png  QC thumbnail: tissue contour (green) and kept patches (blue).
     patches/done/{slide}.json   done-record: the settings, the H&E file (size, mtime) and the schema that made the
-                                slide (``{slide}.failed.json``: why it failed); see :mod:`preprocess.done`.
+                                slide (``{slide}.failed.json``: why it failed); see :mod:`pipeline.done`.
     patches/config.json, patches/run.log
 
-Slides: ``--he`` files or folders, else ``COHORT/pairs.csv``, else ``COHORT/he/`` (:func:`preprocess.cohort.
+Slides: ``--he`` files or folders, else ``COHORT/pairs.csv``, else ``COHORT/he/`` (:func:`pipeline.cohort.
 resolve_slides`: the id is the file name as written, up to its first dot; a link keeps its own name). A slide done
 with these settings and this H&E file is skipped; a changed H&E file is redone; a slide done with other settings
 stops the run before any work ("done with other settings: min_tissue 0.5 -> 0.3 ...; pass --overwrite").
@@ -37,22 +37,16 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess import done as done_mod
-from preprocess.done import DoneSpec
+from pipeline import done as done_mod
+from pipeline.cohort import select_slides
+from pipeline.done import DoneSpec
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, ensure_writable, save_config
+from pipeline.logs import setup_logging
+from pipeline.runner import run_slides, shard_config_name, shard_slides
 from preprocess.pyramid import MPP_TOLERANCE, choose_level, same_mpp
 from preprocess.slide_io import HESlide
 from preprocess.tissue import TissueParams, grid_tissue_mask, patch_tissue_fraction
-from preprocess.utils import (
-    PipelineError,
-    atomic_path,
-    ensure_writable,
-    run_slides,
-    save_config,
-    select_slides,
-    setup_logging,
-    shard_config_name,
-    shard_slides,
-)
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +241,7 @@ def he_input(slide_id: str, he_paths: dict[str, Path]) -> dict[str, Path]:
 
 
 def done_spec(cfg: PatchConfig, he_paths: dict[str, Path]) -> DoneSpec:
-    """What makes a slide's grid (:class:`preprocess.done.DoneSpec`): every setting of ``cfg`` that changes it."""
+    """What makes a slide's grid (:class:`pipeline.done.DoneSpec`): every setting of ``cfg`` that changes it."""
     settings = {"patch_size": cfg.patch_size, "target_mpp": cfg.target_mpp, "min_tissue": cfg.min_tissue,
                 "mpp": cfg.mpp, "thumb_size": cfg.thumb_size, **cfg.tissue.to_dict()}
     return DoneSpec(folder=Path(cfg.out) / "patches", settings=settings, schema=SCHEMA_VERSION,
@@ -257,11 +251,11 @@ def done_spec(cfg: PatchConfig, he_paths: dict[str, Path]) -> DoneSpec:
 
 def collect_he_slides(cohort: Path | None, he: list[Path] | None, wanted: list[str] | None = None,
                       shard: str | None = None) -> tuple[dict[str, Path], list[str]]:
-    """H&E slides by id (:func:`preprocess.cohort.resolve_slides`: ``--he`` files or folders, else
+    """H&E slides by id (:func:`pipeline.cohort.resolve_slides`: ``--he`` files or folders, else
     ``COHORT/pairs.csv``, else ``COHORT/he``) and the sorted ids to run (``wanted`` as in ``--slides``, else all;
     then this job's ``shard`` ``i/n`` of them); raises :class:`PipelineError` (one line) when there is none, a
     wanted id is missing, or the slides' identity is ambiguous (duplicate ids, one file under two ids)."""
-    from preprocess.cohort import resolve_slides
+    from pipeline.cohort import resolve_slides
 
     if not he and cohort is not None and not Path(cohort).is_dir():
         raise PipelineError(f"cohort folder not found: {cohort} (a folder with he/, codex/, pairs.csv); check "

@@ -45,21 +45,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from preprocess import done as done_mod
-from preprocess.done import DoneSpec
+from pipeline import done as done_mod
+from pipeline.done import DoneSpec
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, ensure_writable, save_config
+from pipeline.logs import setup_logging
+from pipeline.runner import default_threads, run_slides, shard_config_name
 from preprocess.patch import add_common_args, collect_he_slides, read_grid, require
 from preprocess.patch_store_format import COMPRESSIONS, PatchStoreReader, encode_jpeg, patch_writer  # noqa: F401
 from preprocess.slide_io import HESlide
-from preprocess.utils import (
-    PipelineError,
-    atomic_path,
-    default_threads,
-    ensure_writable,
-    run_slides,
-    save_config,
-    setup_logging,
-    shard_config_name,
-)
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +226,7 @@ def store_inputs(slide_id: str, he_paths: dict[str, Path], patches_dir: Path) ->
 
 
 def done_spec(cfg: StoreConfig, he_paths: dict[str, Path]) -> DoneSpec:
-    """What makes a slide's store (:class:`preprocess.done.DoneSpec`): the settings that change its bytes (the
+    """What makes a slide's store (:class:`pipeline.done.DoneSpec`): the settings that change its bytes (the
     gzip level only for gzip, the JPEG quality only for JPEG; not ``--region-px`` or the threads)."""
     settings = {"compression": cfg.compression,
                 "compression_level": cfg.compression_level if cfg.compression == "gzip" else None,
@@ -246,7 +240,7 @@ def done_spec(cfg: StoreConfig, he_paths: dict[str, Path]) -> DoneSpec:
 def labelled_slides(slides: list[str], out: Path) -> tuple[list[str], dict[str, str], list[str]]:
     """Split ``slides`` by their labels ``OUT/markers/{slide}.csv``: (labelled, {slide: why quantify failed} from
     its failure record ``OUT/markers/done/{slide}.failed.json``, unlabelled slides without a failure record)."""
-    from preprocess.done import read_failure
+    from pipeline.done import read_failure
 
     markers = Path(out) / "markers"
     keep, failed, unlabelled = [], {}, []

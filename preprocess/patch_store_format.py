@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 COMPRESSIONS = ("gzip", "lzf", "none", "jpeg")
 """Patch encodings: gzip / lzf (lossless HDF5 filters), none (raw), jpeg (lossy, one JPEG per patch)."""

@@ -8,7 +8,7 @@ Usage (from the repository root)::
     python -m preprocess.register --cohort sample_cohort --out outputs --shard 3/10     # job array task 3 of 10
     COHORT=/data/lung OUT=/scratch/hex bash scripts/02_register.sh
 
-Inputs: the slides of :func:`preprocess.cohort.resolve_slides`: ``--pairs`` (``he_slide,codex_image``, paths
+Inputs: the slides of :func:`pipeline.cohort.resolve_slides`: ``--pairs`` (``he_slide,codex_image``, paths
 relative to the CSV), else ``COHORT/pairs.csv``, else the files of ``COHORT/he/`` with ``COHORT/codex/{slide}.*``
 as their CODEX. Slide ids are the file names as written (a symbolic link keeps its own name), as in every stage.
 Outputs under ``OUT/registration/``:
@@ -24,7 +24,7 @@ Outputs under ``OUT/registration/``:
 - ``{slide}_registered.ome.tif`` with ``--write-registered``: the CODEX resampled into the H&E pixel grid
   (pyramidal OME-TIFF, channel names kept, PhysicalSize = H&E mpp), streamed tile by tile.
 - ``config.json`` (resolved arguments), ``register.log``, ``summary.csv`` (one row per slide).
-- ``done/{slide}.json``: the done-record (:mod:`preprocess.done`): the settings below, the input files (``he``,
+- ``done/{slide}.json``: the done-record (:mod:`pipeline.done`): the settings below, the input files (``he``,
   ``codex``, ``panel`` when it decides the DAPI channel) with size and mtime. A rerun skips a slide done with
   these inputs and settings, redoes it when an input file changed (said in the log), and stops before any work
   with ``done with other settings: <diff>; pass --overwrite`` (exit 2) when the settings or input paths differ.
@@ -76,8 +76,12 @@ from typing import Any
 
 import numpy as np
 
-from preprocess import done as done_mod
-from preprocess.cohort import resolve_slides
+from pipeline import done as done_mod
+from pipeline.cohort import resolve_slides, select_slides
+from pipeline.errors import PipelineError
+from pipeline.io import ensure_writable, save_config, write_json
+from pipeline.logs import setup_logging
+from pipeline.runner import run_slides, shard_config_name, shard_slides
 from preprocess.panel import DAPI_NAMES, find_dapi_channel  # noqa: F401 (re-exported)
 from preprocess.pyramid import nominal_downsample  # noqa: F401 (re-exported)
 from preprocess.registration.blocks import BlockResult, block_refine, robust_affine_fit  # noqa: F401
@@ -94,17 +98,6 @@ from preprocess.registration.stage_files import (
 )
 from preprocess.registration.work_images import WorkImage, read_codex_work, read_he_work, work_mpp  # noqa: F401
 from preprocess.slide_io import CodexImage, HESlide
-from preprocess.utils import (
-    PipelineError,
-    ensure_writable,
-    run_slides,
-    save_config,
-    select_slides,
-    setup_logging,
-    shard_config_name,
-    shard_slides,
-    write_json,
-)
 
 log = logging.getLogger(__name__)
 

@@ -231,7 +231,7 @@ def save_overlay_png(path: str | os.PathLike, panels: list[tuple[str, np.ndarray
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from preprocess.utils import atomic_path
+    from pipeline.io import atomic_path
 
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.6), squeeze=False)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.cohort import HE_EXTENSIONS  # noqa: F401 (re-exported)
+from pipeline.cohort import HE_EXTENSIONS  # noqa: F401 (re-exported)
+from pipeline.errors import PipelineError
 from preprocess.panel import read_marker_panel, resolve_channel_map, resolve_channels  # noqa: F401 (re-exported)
 from preprocess.pyramid import MPP_TOLERANCE, choose_level, same_mpp
-from preprocess.utils import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -315,18 +315,18 @@ class CodexImage:
 def read_pairs(path: str | os.PathLike) -> dict[str, tuple[Path, Path | None]]:
     """Read ``pairs.csv`` (``he_slide,codex_image``, paths relative to the CSV's folder) -> {slide: (he, codex)}.
 
-    The rules of :func:`preprocess.cohort.resolve_slides` (ids from the names as written, links kept, one file per
+    The rules of :func:`pipeline.cohort.resolve_slides` (ids from the names as written, links kept, one file per
     id, every H&E file present). An empty ``codex_image`` cell gives ``None``: that slide fails in the stages that
     need its CODEX (with a message naming the table), the others go on.
     """
-    from preprocess.cohort import resolve_slides
+    from pipeline.cohort import resolve_slides
 
     return resolve_slides(pairs=path).pairs()
 
 
 def list_he_slides(folder: str | os.PathLike) -> dict[str, Path]:
     """H&E slides in a folder by slide id (file name up to the first dot); two files with one id stop the run."""
-    from preprocess.cohort import resolve_slides
+    from pipeline.cohort import resolve_slides
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -4,7 +4,7 @@
 
 A stage counts as done for a slide when its output exists under its final name (every stage writes atomically, so
 a name that exists is a complete file; HDF5 outputs are also opened) and, for the stages that keep done-records
-(``{folder}/done/{slide}.json``, :mod:`preprocess.done`), its record is there and its input files are the ones it
+(``{folder}/done/{slide}.json``, :mod:`pipeline.done`), its record is there and its input files are the ones it
 was made from. The stages (OUT-relative; ``{E}``/``{R}``: one column per folder or file found):
 
 <STAGE TABLE>
@@ -29,8 +29,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocess.done import DONE_DIR, changed_inputs, read_failure
-from preprocess.utils import PipelineError
+from pipeline.done import DONE_DIR, changed_inputs, read_failure
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         slides = None
         if args.cohort is not None:
-            from preprocess.cohort import resolve_slides
+            from pipeline.cohort import resolve_slides
 
             if not args.cohort.is_dir():
                 raise PipelineError(f"cohort folder not found: {args.cohort}")

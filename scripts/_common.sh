@@ -3,8 +3,8 @@
 #  - the path variables (COHORT, OUT, FIT_SPLIT, WEIGHTS, CHECKPOINT, CODEX_WEIGHTS) become absolute against the
 #    directory the script was started from (hf_hub:<repo> values stay as they are), and the python modules run in
 #    that directory too, so relative paths in EXTRA-like variables and in the script's arguments mean the same;
-#  - activates .venv when present and puts the repository on PYTHONPATH (PYTHONSAFEPATH=1: a folder in the
-#    current directory never shadows the repository's packages);
+#  - activates .venv when present (the project is installed there, editable: scripts/_setup_env.sh);
+#    PYTHONSAFEPATH=1: a folder in the current directory never shadows the project's packages;
 #  - when stderr is not a terminal (a log file, nohup, sbatch), progress bars redraw every TQDM_MININTERVAL
 #    seconds (default 30) instead of ten times a second, so the log keeps one line per bar update, not thousands;
 #  - `require_module mod [mod ...]`, called once by each script: with -h/--help among the script's arguments it
@@ -43,7 +43,6 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "$_repo/.venv/bin/activate" ]; then
   source "$_repo/.venv/bin/activate"
 fi
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-export PYTHONPATH="$_repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONSAFEPATH=1
 if [ ! -t 2 ]; then
   export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}

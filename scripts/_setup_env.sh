@@ -44,9 +44,16 @@ if [ ! -x "$_venv/bin/python" ] || [ "$(cat "$_stamp" 2>/dev/null)" != "$_want" 
     || { echo "[setup] the environment does not import; see the errors above" >&2; exit 1; }
   echo "$_want" > "$_stamp"
 fi
+# the project itself, editable (its packages import from any folder); redone when pyproject.toml changes
+_proj="$(sha256sum "$_repo/pyproject.toml" | cut -d' ' -f1)"
+if [ "$(cat "$_venv/.project.sha256" 2>/dev/null)" != "$_proj" ]; then
+  "$_venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$_repo" \
+    || "$_venv/bin/python" -m pip install -q --no-deps -e "$_repo" \
+    || { echo "[setup] pip install -e $_repo failed; see the errors above" >&2; exit 1; }
+  echo "$_proj" > "$_venv/.project.sha256"
+fi
 # shellcheck disable=SC1091
 source "$_venv/bin/activate"
 cd "$_repo"
 # idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning slows training up to 20x
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-export PYTHONPATH="$_repo${PYTHONPATH:+:$PYTHONPATH}"

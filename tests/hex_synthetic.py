@@ -21,7 +21,7 @@ from torch import nn
 
 from hex.backbones.musk import _import_beit3
 from hex.data import LEGACY_PREFIX
-from preprocess.utils import write_json
+from pipeline.io import write_json
 
 
 def synthetic_patches(n: int, rng: np.random.Generator, size: int = 224) -> tuple[np.ndarray, np.ndarray]:

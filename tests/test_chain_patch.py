@@ -1,5 +1,5 @@
 """Stage 01 (preprocess.patch) and the patch store (preprocess.patch_store) as a user meets them (issue 11): slide
-identity from preprocess.cohort, done-records keyed on settings and inputs, --labelled-only after a failed
+identity from pipeline.cohort, done-records keyed on settings and inputs, --labelled-only after a failed
 quantification, stale temp files of a killed run, and one-line errors (exit 2, no traceback) before any work."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from preprocess import done as done_mod
+from pipeline import done as done_mod
 from preprocess import patch, patch_store
 from sample_data.writers import write_aperio_tiff
 from tests.hex_synthetic import blob_slide

@@ -7,7 +7,7 @@
 - one bad slide in stage 03: the others are labelled, the last line names it and its reason, exit 1, its failure
   record exists and it has no label file;
 - slides that are symbolic links with other names: registration and labels are named after the link, the ids of
-  preprocess.cohort.resolve_slides (those of stage 01);
+  pipeline.cohort.resolve_slides (those of stage 01);
 - no traceback, exit 2, for a missing input, an unwritable output and a bad flag value, in both stages.
 
 Registration is replaced by a fake ``register_pair`` (palom's work is tested in test_register.py): it writes the
@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.cohort import resolve_slides
+from pipeline.done import read_failure
 from preprocess import quantify as q
 from preprocess import register
-from preprocess.cohort import resolve_slides
-from preprocess.done import read_failure
 from sample_data.writers import write_ome_pyramid
 
 CODEX_MPP = 0.377

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from preprocess import done as done_mod
+from pipeline import done as done_mod
 from preprocess.check_cohort import check_cohort, format_report, main
 from preprocess.status import STAGES, StageState, format_status, slide_status
 from preprocess.status import main as status_main
@@ -196,7 +196,7 @@ def test_status_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     coords = np.zeros((3, 2), np.int64)
     _h5(out / "patches" / "s1.h5", coords=coords)
     _h5(out / "patches" / "s2.h5", coords=coords)
-    (out / "patches" / "run.log").write_text("10:00:00 ERROR preprocess.utils: s3: no tissue found in s3.tif\n")
+    (out / "patches" / "run.log").write_text("10:00:00 ERROR pipeline.runner: s3: no tissue found in s3.tif\n")
     (out / "registration").mkdir()
     (out / "registration" / "s1.json").write_text(json.dumps({"status": "ok"}))
     (out / "registration" / "s2.json").write_text(json.dumps({"status": "flagged", "reason": "low NCC 0.1"}))

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hex.evaluate import predict, run_loop
 from hex.test import match_label_markers
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 
 class _Images(Dataset):

@@ -25,9 +25,9 @@ from hex.data import (
     read_split,
     rotate_batch,
 )
-from hex.dist import shard_indices
 from hex.metrics import marker_table, pearson, spearman
-from preprocess.utils import PipelineError
+from pipeline.dist import shard_indices
+from pipeline.errors import PipelineError
 from tests.hex_synthetic import write_synthetic_dataset
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -316,7 +316,7 @@ def test_jpeg_patch_store_loads(tmp_path: Path) -> None:
 def test_normalization_fit_leakage_warns_or_stops(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """hex.train warns when validation slides were in the normalisation fit set; --strict-normalization stops."""
     from hex.train_setup import check_normalization_fit
-    from preprocess.utils import PipelineError
+    from pipeline.errors import PipelineError
 
     (tmp_path / "normalization.json").write_text(json.dumps({"fit_slides": ["s1", "s2"], "p1": {}, "p99": {}}))
     assert check_normalization_fit(tmp_path, ["s3"]) == []

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hex.model import HEX, build_from_args, inference_state_dict, load_hex_checkpoint
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 from tests.hex_synthetic import ReferenceMusk
 
 MUSK_TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "mlp_dim": 64, "img_size": 32}

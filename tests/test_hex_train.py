@@ -26,11 +26,11 @@ import torch
 from hex import test as hex_test
 from hex import train as hex_train
 from hex.data import BatchTransform
-from hex.dist import cuda_problem
 from hex.losses import build_loss
 from hex.model import HEX
 from hex.train_loop import TrainStep, selection_score, train_one_epoch
-from preprocess.utils import PipelineError
+from pipeline.dist import cuda_problem
+from pipeline.errors import PipelineError
 from tests.hex_synthetic import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -335,7 +335,7 @@ def _failing_rank(rank: int, world: int, store_path: str, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from hex.dist import all_reduce_sum, fail_together
+    from pipeline.dist import all_reduce_sum, fail_together
 
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)

@@ -13,7 +13,7 @@ import torch
 
 from mica.dataset import FeatureSource, build_fold, fold_bins, read_clinical_table, read_fold, write_synthetic_bags
 from mica.survival import hazard_bins, to_bins
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 
 @pytest.fixture()

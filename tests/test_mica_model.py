@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mica.model import MICA, build_model
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 DP, DC, T = 24, 12, 40
 TINY = {"path_dim": DP, "codex_dim": DC, "n_tokens": T, "d": 32, "heads": 4}

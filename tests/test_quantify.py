@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.errors import PipelineError
 from preprocess import quantify as q
 from preprocess.quantify import accumulate
 from preprocess.slide_io import CodexImage
-from preprocess.utils import PipelineError
 from sample_data.writers import write_ome_pyramid
 
 CODEX_MPP = 0.377

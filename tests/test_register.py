@@ -242,8 +242,8 @@ def test_empty_pair_and_missing_codex_fail_naming_the_file(small_cohort, tmp_pat
 
 
 def test_codex_without_pixel_size(tmp_path):
+    from pipeline.errors import PipelineError
     from preprocess.register import RegParams, register_pair
-    from preprocess.utils import PipelineError
 
     truth = synthetic_pair(tmp_path, "nopx", seed=7, he_size=(900, 800), codex_mpp_in_file=None, n_channels=2)
     he, cx = tmp_path / "he" / "nopx.tif", tmp_path / "codex" / "nopx.ome.tif"

@@ -1,4 +1,4 @@
-"""Slide identity (preprocess.cohort) and the stage runner's done-records, stale temps and writable checks."""
+"""Slide identity (pipeline.cohort) and the stage runner's done-records, stale temps and writable checks."""
 
 from __future__ import annotations
 
@@ -11,15 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from preprocess import done as done_mod
-from preprocess.cohort import check_ids, resolve_slides
-from preprocess.utils import (
-    PipelineError,
-    atomic_path,
-    ensure_writable,
-    remove_stale_temps,
-    run_slides,
-)
+from pipeline import done as done_mod
+from pipeline.cohort import check_ids, resolve_slides
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, ensure_writable, remove_stale_temps
+from pipeline.runner import run_slides
 
 
 def _touch(p: Path, text: str = "x") -> Path:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from pipeline.errors import PipelineError
 from preprocess.slide_io import (
     CodexImage,
     HESlide,
@@ -12,7 +13,6 @@ from preprocess.slide_io import (
     resolve_channel_map,
     resolve_channels,
 )
-from preprocess.utils import PipelineError
 from sample_data.writers import write_ome_pyramid
 
 

@@ -24,7 +24,7 @@ from mica.survival import (
     time_dependent_auc,
     to_bins,
 )
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 
 def test_hazard_bins_use_uncensored_quartiles_only() -> None:

@@ -7,10 +7,10 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline.errors import PipelineError
 from preprocess import patch
 from preprocess.slide_io import HESlide
 from preprocess.tissue import TissueParams, patch_tissue_fraction, tissue_mask
-from preprocess.utils import PipelineError
 from sample_data.writers import write_aperio_tiff
 
 

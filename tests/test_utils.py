@@ -8,18 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from preprocess.utils import (
-    PipelineError,
-    atomic_path,
-    parse_shard,
-    run_slides,
-    save_config,
-    select_slides,
-    shard_config_name,
-    shard_slides,
-    slide_id_from_path,
-    write_json,
-)
+from pipeline.cohort import select_slides, slide_id_from_path
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, save_config, write_json
+from pipeline.runner import parse_shard, run_slides, shard_config_name, shard_slides
 
 REPO = Path(__file__).resolve().parents[1]
 

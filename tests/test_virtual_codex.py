@@ -23,7 +23,7 @@ from hex.virtual_codex import (
     read_prediction,
     write_slide_maps,
 )
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 MARKERS = [l.split(",", 1)[1] for l in
            (Path(__file__).parents[1] / "sample_data" / "marker_panel.csv").read_text().split("\n")[1:] if l]

@@ -360,7 +360,7 @@ def save_backbone(model: Backbone, path: str | os.PathLike) -> Path:
     metadata; ``create(name, weights=path, <same kw>)`` restores it."""
     from safetensors.torch import save_file
 
-    from preprocess.utils import atomic_path
+    from pipeline.io import atomic_path
 
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.weights_module().state_dict().items()}

@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from pipeline.errors import PipelineError
 from preprocess.patch_store import PatchStoreReader
-from preprocess.utils import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from preprocess.cohort import clean_id, read_split  # noqa: F401 (read_split re-exported)
-from preprocess.utils import PipelineError
+from pipeline.cohort import clean_id, read_split  # noqa: F401 (read_split re-exported)
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@
 Inputs (paths relative to ``--out`` unless given): ``patches/{slide}.h5`` (stage 01), ``registration/{slide}.json``
 (stage 02: ``affine_codex_to_he`` maps CODEX level-0 pixel (x, y, 1) to H&E level-0 pixel coordinates, and its
 ``displacement`` field when it has one; a record with ``status: flagged`` is refused unless ``--allow-flagged``),
-the slides of :func:`preprocess.cohort.resolve_slides` (``--pairs``, else ``COHORT/pairs.csv``, else ``COHORT/he/``
+the slides of :func:`pipeline.cohort.resolve_slides` (``--pairs``, else ``COHORT/pairs.csv``, else ``COHORT/he/``
 with ``COHORT/codex/{slide}.*``; ids are the names as written, a link keeps its own; the H&E files are never read)
 and the marker panel (channel,marker: the markers, in panel order, and their 0-based channel in the CODEX file; the
 OME channel names must agree unless ``--panel-wins``).

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import PipelineError
 from preprocess.registration.field import DisplacementField, load_field_entry
-from preprocess.utils import PipelineError
 
 # ----------------------------------------------------------------------------------------------------------------
 # the registration's map

@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from preprocess.cohort import read_split
-from preprocess.done import diff_settings
+from pipeline.cohort import read_split
+from pipeline.done import diff_settings
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_write_text, remove_outputs, write_json
 from preprocess.quantify.raw import label_csv_path, load_raw, raw_csv_path, raw_meta_path, read_record
-from preprocess.utils import PipelineError, atomic_write_text, remove_outputs, write_json
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +274,10 @@ def plan_normalization(args, markers: list[str], cohort_ids: list[str]) -> NormP
 def resolve_run(args, check=None):
     """What both stage-03 commands start with: the output folder checked writable, logging to
     ``OUT/markers/run.log``, the checks, and the inputs: (Tables, the ``--slides`` of the cohort, NormPlan)."""
+    from pipeline.cohort import select_slides
+    from pipeline.io import ensure_writable
+    from pipeline.logs import setup_logging
     from preprocess.quantify.tables import resolve_tables
-    from preprocess.utils import ensure_writable, select_slides, setup_logging
 
     setup_logging()
     ensure_writable(Path(args.out) / "markers")

@@ -3,7 +3,7 @@ slide's done-record ``markers/done/{slide}.json``.
 
 The CSV is ``slide,index,x,y,coverage,n_codex_px,<markers>`` for every grid patch. The sidecar holds the resolved
 channels as (marker, channel index, OME name) triples and the registration's status. The done-record
-(:mod:`preprocess.done`, written by the stage runner) names what they were made from: the settings that change the
+(:mod:`pipeline.done`, written by the stage runner) names what they were made from: the settings that change the
 values, and the input files (``codex``, ``grid``, ``registration``, ``field``, ``panel``) with their size and
 mtime. Raw means are *fresh* when both files and the record exist and every input file still has the size and
 mtime it had then (no clock comparison, so clock skew on shared filesystems does not matter): only fresh raw means
@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from preprocess.done import DONE_DIR, changed_inputs
-from preprocess.utils import PipelineError, write_json
+from pipeline.done import DONE_DIR, changed_inputs
+from pipeline.errors import PipelineError
+from pipeline.io import write_json
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Stage 03 pass 1 per slide (raw means through the registration) and the ``python -m preprocess.quantify`` CLI.
 
-Pass 1 is keyed by a done-record per slide (``markers/done/{slide}.json``, :mod:`preprocess.done`):
+Pass 1 is keyed by a done-record per slide (``markers/done/{slide}.json``, :mod:`pipeline.done`):
 
 - inputs: ``codex`` (the CODEX image as the pairing table or ``COHORT/codex/`` names it), ``grid``
   (``patches/{slide}.h5``), ``registration`` (``registration/{slide}.json``), ``field`` (its displacement field
@@ -16,7 +16,7 @@ Pass 1 is keyed by a done-record per slide (``markers/done/{slide}.json``, :mod:
   ``... done with other settings: <diff>; pass --overwrite`` (exit 2).
 
 A slide that fails leaves ``markers/done/{slide}.failed.json`` with the reason (read with
-``preprocess.done.read_failure(OUT / "markers", slide)``) and neither raw means nor labels. The last log line
+``pipeline.done.read_failure(OUT / "markers", slide)``) and neither raw means nor labels. The last log line
 covers both passes: ``quantify: N done, N skipped (already done), N failed: slide (reason); labels: ...``.
 """
 
@@ -35,7 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from preprocess import done as done_mod
+from pipeline import done as done_mod
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, save_config
+from pipeline.runner import default_threads, run_slides, shard_config_name, shard_slides
 from preprocess.panel import resolve_channel_map
 from preprocess.patch import add_common_args, read_grid
 from preprocess.quantify.accumulate import quantify_patches
@@ -51,15 +54,6 @@ from preprocess.quantify.raw import (
 )
 from preprocess.quantify.tables import Tables, add_table_args
 from preprocess.slide_io import CodexImage
-from preprocess.utils import (
-    PipelineError,
-    atomic_path,
-    default_threads,
-    run_slides,
-    save_config,
-    shard_config_name,
-    shard_slides,
-)
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +198,7 @@ def done_settings(cfg: QuantConfig, channels_by: str) -> dict[str, Any]:
 
 
 def done_spec(cfg: QuantConfig, tables: Tables, channels_by: str) -> done_mod.DoneSpec:
-    """Pass 1's :class:`preprocess.done.DoneSpec`: records in ``OUT/markers/done/``."""
+    """Pass 1's :class:`pipeline.done.DoneSpec`: records in ``OUT/markers/done/``."""
     return done_mod.DoneSpec(
         folder=Path(cfg.out) / "markers", settings=done_settings(cfg, channels_by), schema=SCHEMA_VERSION,
         inputs=functools.partial(done_inputs, pairs=tables.pairs, patches_dir=cfg.patches_dir,

@@ -1,6 +1,6 @@
 """The slides and marker panel of stage 03 (pass 1 and the normalisation step share them).
 
-Slides come from :func:`preprocess.cohort.resolve_slides` (``--pairs``, else ``COHORT/pairs.csv``, else
+Slides come from :func:`pipeline.cohort.resolve_slides` (``--pairs``, else ``COHORT/pairs.csv``, else
 ``COHORT/he/`` with ``COHORT/codex/{slide}.*``), ids from the names as written (a link keeps its own name), so that
 the ids are those of stage 01's ``patches/{slide}.h5`` and stage 02's ``registration/{slide}.json``. Stage 03 never
 reads H&E pixels: the H&E files need not exist here.
@@ -13,9 +13,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocess.cohort import resolve_slides
+from pipeline.cohort import resolve_slides
+from pipeline.errors import PipelineError
 from preprocess.panel import read_marker_panel
-from preprocess.utils import PipelineError
 
 log = logging.getLogger(__name__)
 

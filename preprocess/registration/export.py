@@ -19,11 +19,11 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
+from pipeline.io import atomic_path
 from preprocess.registration.field import DisplacementField
 from preprocess.registration.record_qc import he_to_codex_points
 from preprocess.registration_qc import apply_affine, scale_to_level0
 from preprocess.slide_io import CodexImage
-from preprocess.utils import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import PipelineError
 from preprocess.panel import find_dapi_channel
 from preprocess.registration.blocks import BlockResult, block_refine
 from preprocess.registration.coarse import coarse_affine, placement_by_pixel_size
@@ -30,7 +31,6 @@ from preprocess.registration.record_qc import (
 from preprocess.registration.work_images import WorkImage, read_codex_work, read_he_work, work_mpp
 from preprocess.registration_qc import haematoxylin, plausibility, registration_tissue_mask
 from preprocess.slide_io import CodexImage, HESlide
-from preprocess.utils import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from preprocess import done as done_mod
+from pipeline import done as done_mod
+from pipeline.io import atomic_write_text
 from preprocess.registration.params import RegParams
-from preprocess.utils import atomic_write_text
 
 SCHEMA_VERSION = 1
 """Version of what stage 02 writes per slide (the done-record's ``schema``)."""
@@ -59,7 +59,7 @@ def done_outputs(slide: str, out_dir: str | os.PathLike, write_registered: bool)
 
 def done_spec(args: argparse.Namespace, pairs: Mapping[str, tuple[Path, Path | None]],
               params: RegParams) -> done_mod.DoneSpec:
-    """The :class:`preprocess.done.DoneSpec` of a run: ``OUT/registration/done/{slide}.json``."""
+    """The :class:`pipeline.done.DoneSpec` of a run: ``OUT/registration/done/{slide}.json``."""
     panel = params.marker_panel if params.dapi_channel is None else None
     return done_mod.DoneSpec(
         folder=Path(args.out) / "registration", settings=done_settings(params), schema=SCHEMA_VERSION,

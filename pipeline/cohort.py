@@ -1,6 +1,6 @@
 """Slide identity: the one answer, for every stage, to "which slides does this cohort hold, and which files are they".
 
-    from preprocess.cohort import resolve_slides
+    from pipeline.cohort import resolve_slides
     cohort = resolve_slides(Path("/data/lung"))          # pairs.csv when present, else he/ (+ codex/)
     cohort.ids, cohort["slide_000"].he, cohort["slide_000"].codex
 
@@ -28,12 +28,27 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocess.utils import PipelineError, slide_id_from_path
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
 HE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 CODEX_EXTENSIONS = (".tif", ".tiff", ".qptiff", ".btf")
+
+
+def slide_id_from_path(path: str | os.PathLike) -> str:
+    """Slide id = file name up to its first dot (``slide_000.ome.tif`` -> ``slide_000``)."""
+    return Path(path).name.split(".", 1)[0]
+
+
+def select_slides(available: Sequence[str], wanted: Sequence[str] | None, source: str) -> list[str]:
+    """Keep ``wanted`` slide ids (all when None); an id that is not available is an error naming ``source``."""
+    if not wanted:
+        return list(available)
+    missing = [s for s in wanted if s not in set(available)]
+    if missing:
+        raise PipelineError(f"slides {missing} not found in {source}; available: {list(available)[:10]}...")
+    return list(wanted)
 
 
 @dataclass(frozen=True)

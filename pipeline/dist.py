@@ -1,4 +1,4 @@
-"""Distributed helpers shared by the HEX stages (nanoGPT-style: DDP is on when ``RANK`` is set).
+"""Distributed setup shared by every stage that runs under torchrun (nanoGPT-style: DDP is on when ``RANK`` is set).
 
 ``setup_dist()`` returns the same names in every mode, so a training loop never branches on DDP::
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from preprocess.utils import PipelineError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -190,17 +190,6 @@ def broadcast_buffers(module: torch.nn.Module, skip_prefixes: Sequence[str] = ()
     for name, buf in module.named_buffers():
         if not any(name.startswith(p) for p in skip_prefixes):
             dist.broadcast(buf.data, src=0)
-
-
-def close_log_file(path: str | os.PathLike) -> None:
-    """Detach and close the root logger's file handler writing to ``path`` (added by ``setup_logging``), so that a
-    second ``main()`` in the same process does not keep writing into the first run's log."""
-    target = os.path.abspath(path)
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if isinstance(h, logging.FileHandler) and os.path.abspath(h.baseFilename) == target:
-            root.removeHandler(h)
-            h.close()
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> list[int]:

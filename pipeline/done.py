@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from preprocess.utils import PipelineError, write_json
+from pipeline.errors import PipelineError
+from pipeline.io import write_json
 
 DONE_DIR = "done"
 

@@ -37,7 +37,7 @@ from hex.model import HEX  # noqa: E402
 from hex.test import autocast, resolve_amp  # noqa: E402
 from hex.train import TrainStep  # noqa: E402
 from pipeline.dist import resolve_device  # noqa: E402
-from tests.hex_synthetic import write_synthetic_dataset  # noqa: E402
+from tests.fixtures import write_synthetic_dataset  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -28,7 +28,7 @@ from hex.data import (
 from hex.metrics import marker_table, pearson, spearman
 from pipeline.dist import shard_indices
 from pipeline.errors import PipelineError
-from tests.hex_synthetic import write_synthetic_dataset
+from tests.fixtures import write_synthetic_dataset
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -24,7 +24,7 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label, regionprops
 
 OME_NS = {"o": "http://www.openmicroscopy.org/Schemas/OME/2016-06"}
-PANEL = Path(__file__).resolve().parents[1] / "sample_data" / "marker_panel.csv"
+PANEL = Path(__file__).resolve().parents[2] / "sample_data" / "marker_panel.csv"
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

@@ -11,7 +11,7 @@ import pytest
 from preprocess import patch, patch_store
 from preprocess.slide_io import HESlide
 from sample_data.writers import write_aperio_tiff
-from tests.hex_synthetic import blob_slide
+from tests.fixtures import blob_slide
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from mica import train as mt
 from mica.dataset import write_synthetic_bags
 from preprocess import patch
 from sample_data.writers import write_aperio_tiff
-from tests.hex_synthetic import blob_slide
-from tests.test_mica_features import _write_maps
+from tests.fixtures import blob_slide
+from tests.stages.test_mica_features import _write_maps
 
 TRAIN_FAST = ["--encoder", "synth", "--codex-encoder", "synth_codex", "--mode", "path", "--model-dim", "16",
               "--epochs", "1", "--grad-accum", "4", "--lr", "2e-3", "--workers", "0", "--seed", "1"]

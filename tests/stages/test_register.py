@@ -23,7 +23,7 @@ import pytest
 
 from sample_data.writers import write_aperio_tiff, write_ome_pyramid
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HE_MPP, CODEX_MPP = 0.5, 0.377
 
 

@@ -30,9 +30,9 @@ from hex.trained import load_trained, original_markers
 from hex.wsi_tiles import TileRegions, make_tile_loader, tissue_tiles
 from preprocess import patch, patch_store
 from sample_data.writers import write_aperio_tiff
-from tests.hex_synthetic import blob_slide
+from tests.fixtures import blob_slide
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PS = 112  # tile size of these tests (56 µm), small slides stay fast
 MUSK_KW = {"embed_dim": 64, "depth": 2, "num_heads": 2, "img_size": 64}
 

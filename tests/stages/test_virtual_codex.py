@@ -26,7 +26,7 @@ from hex.virtual_codex import (
 from pipeline.errors import PipelineError
 
 MARKERS = [l.split(",", 1)[1] for l in
-           (Path(__file__).parents[1] / "sample_data" / "marker_panel.csv").read_text().split("\n")[1:] if l]
+           (Path(__file__).parents[2] / "sample_data" / "marker_panel.csv").read_text().split("\n")[1:] if l]
 
 
 def _write_pred(path: Path, coords, values, patch: float, stride: float, mpp: float | None = 0.5,

@@ -13,7 +13,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, save_config, write_json
 from pipeline.runner import parse_shard, run_slides, shard_config_name, shard_slides
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_atomic_path_renames_on_success_and_cleans_on_error(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 
 from sample_data import make_cohort, outcomes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench():

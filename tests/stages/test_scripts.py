@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("0[1-9]_*.sh"))
 MODULES = {
     "01_patch.sh": ["preprocess.patch"],

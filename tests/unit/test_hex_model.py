@@ -13,7 +13,7 @@ from torch import nn
 
 from hex.model import HEX, build_from_args, inference_state_dict, load_hex_checkpoint
 from pipeline.errors import PipelineError
-from tests.hex_synthetic import ReferenceMusk
+from tests.fixtures import ReferenceMusk
 
 MUSK_TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "mlp_dim": 64, "img_size": 32}
 

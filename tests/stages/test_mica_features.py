@@ -24,9 +24,9 @@ from mica import codex_run as cr
 from mica import extract_features as ef
 from preprocess import patch, patch_store
 from sample_data.writers import write_aperio_tiff
-from tests.hex_synthetic import blob_slide
+from tests.fixtures import blob_slide
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MARKERS = [f"M{i:02d}" for i in range(37)] + ["Pan-Cytokeratin", "CD8", "CD68"]
 
 

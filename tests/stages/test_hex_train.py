@@ -31,9 +31,9 @@ from hex.model import HEX
 from hex.train_loop import TrainStep, selection_score, train_one_epoch
 from pipeline.dist import cuda_problem
 from pipeline.errors import PipelineError
-from tests.hex_synthetic import write_synthetic_dataset
+from tests.fixtures import write_synthetic_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--backbone", "tiny", "--input-size", "32", "--batch-size", "8", "--workers", "0"]  # tiny recipe otherwise
 MUSK_KW = '{"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64, "img_size": 32}'
 

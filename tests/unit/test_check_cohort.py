@@ -19,7 +19,7 @@ from preprocess.check_cohort import check_cohort, format_report, main
 from preprocess.status import STAGES, StageState, format_status, slide_status
 from preprocess.status import main as status_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

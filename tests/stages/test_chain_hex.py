@@ -29,9 +29,9 @@ from hex import train as hex_train
 from hex.model import HEX
 from hex.trained import original_markers
 from sample_data.writers import write_aperio_tiff
-from tests.hex_synthetic import blob_slide, write_synthetic_dataset
-from tests.test_infer_wsi import _save_run
-from tests.test_virtual_codex import _write_pred
+from tests.fixtures import blob_slide, write_synthetic_dataset
+from tests.stages.test_infer_wsi import _save_run
+from tests.stages.test_virtual_codex import _write_pred
 
 FAST = ["--backbone", "tiny", "--input-size", "32", "--batch-size", "8", "--workers", "0", "--no-fds",
         "--epochs", "1"]

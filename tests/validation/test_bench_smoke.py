@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MUSK_KW = '{"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_dim": 128, "img_size": 64}'
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from hex import backbones as bb
 from hex.backbones.musk import POS_KEY
-from tests.hex_synthetic import ReferenceMusk
+from tests.fixtures import ReferenceMusk
 
 torch.set_num_threads(2)
 

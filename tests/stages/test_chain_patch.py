@@ -17,7 +17,7 @@ import pytest
 from pipeline import done as done_mod
 from preprocess import patch, patch_store
 from sample_data.writers import write_aperio_tiff
-from tests.hex_synthetic import blob_slide
+from tests.fixtures import blob_slide
 
 
 @pytest.fixture(scope="module")

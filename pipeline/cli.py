@@ -93,13 +93,20 @@ class SlideJob:
 @dataclass(frozen=True)
 class Context:
     """Where this process sits in the job when a stage runs without a process group (``pipeline.dist.DistContext``
-    has the same fields; ``device`` is a string here)."""
+    has the same fields; ``device`` is the config's, unresolved). Under torchrun without a process group (e.g. MICA's
+    fold-parallel training) rank and world size come from the environment."""
 
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
     device: Any = "cpu"
     is_main: bool = True
+
+    @classmethod
+    def from_env(cls, device: Any = "cpu") -> Context:
+        rank = int(os.environ.get("RANK", 0) or 0)
+        return cls(rank, int(os.environ.get("LOCAL_RANK", 0) or 0), int(os.environ.get("WORLD_SIZE", 1) or 1),
+                   device, rank == 0)
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
@@ -184,13 +191,14 @@ class Stage:
                 ctx = setup_dist(getattr(cfg, "device", "auto"))
                 cleanup = cleanup_dist
             else:
-                ctx = Context(device=getattr(cfg, "device", "cpu"))
+                ctx = Context.from_env(getattr(cfg, "device", "cpu"))
             if self.prepare is not None:
                 self.prepare(cfg, ctx)
             if self.plan is not None:
                 return run_job(self.plan(cfg), self.name)
             path = self.log_file(cfg) if self.log_file is not None else None
-            setup_logging(path if ctx.is_main else None, rank=ctx.rank)
+            level = getattr(logging, str(getattr(cfg, "log_level", "INFO")).upper(), logging.INFO)
+            setup_logging(path if ctx.is_main else None, level=level, rank=ctx.rank)
             return int(self.run(cfg, ctx) or 0)
         except PipelineError as e:
             log.error("%s", e)

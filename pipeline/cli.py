@@ -133,6 +133,13 @@ def run_job(job: SlideJob, desc: str) -> int:
         cfg = config_dict(job.config) | {"slides_resolved": list(job.slides)} | dict(job.extra_config)
         if job.done is not None:
             cfg.setdefault("schema_version", job.done.schema)
+            others = done_mod.other_settings(job.done, job.slides)
+            if others:  # this config describes this run's slides only; the done-records hold each slide's settings
+                cfg["other_settings"] = others
+                first = next(iter(others))
+                log.warning("%s: %d slides in %s were done with other settings than this run (%s: %s%s); config.json "
+                            "lists them under other_settings, and each slide's done-record holds its own", desc,
+                            len(others), out_dir, first, others[first], ", ..." if len(others) > 1 else "")
         save_config(out_dir, cfg, name=shard_config_name(job.shard))
         try:
             report = run_slides(job.slides, job.work, job.is_done, overwrite=job.overwrite, workers=job.workers,

@@ -207,6 +207,31 @@ def conflicts(spec: DoneSpec, slides: Sequence[str]) -> dict[str, str]:
     return {s: st.reason for s in slides if (st := check(spec, s)).state == "conflict"}
 
 
+def recorded_slides(folder: str | os.PathLike) -> list[str]:
+    """Slides with a done-record in ``folder/done/``."""
+    d = Path(folder) / DONE_DIR
+    if not d.is_dir():
+        return []
+    return sorted(p.name[: -len(".json")] for p in d.glob("*.json") if not p.name.endswith(".failed.json"))
+
+
+def other_settings(spec: DoneSpec, exclude: Sequence[str] = ()) -> dict[str, str]:
+    """{slide: diff} of the slides of ``spec.folder`` (outside ``exclude``) whose done-record holds other settings
+    than ``spec``: a run over some slides (``--slides``, ``--shard``) must not claim its settings for them."""
+    skip, out = set(exclude), {}
+    for slide in recorded_slides(spec.folder):
+        if slide in skip:
+            continue
+        try:
+            rec = json.loads(spec.record_path(slide).read_text())
+        except (OSError, ValueError):
+            continue
+        diffs = diff_settings(spec.settings, rec.get("settings", {}))
+        if diffs:
+            out[slide] = ", ".join(diffs)
+    return out
+
+
 def stop_on_conflicts(spec: DoneSpec, slides: Sequence[str], desc: str, overwrite: bool = False) -> None:
     """Raise the one-line :func:`conflict_error` when a slide is done with other settings (unless ``overwrite``).
 

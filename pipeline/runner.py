@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -56,6 +57,18 @@ def shard_config_name(shard: str | None, stem: str = "config") -> str:
     other's resolved configuration)."""
     parsed = parse_shard(shard)
     return f"{stem}.json" if parsed is None else f"{stem}_shard{parsed[0]}of{parsed[1]}.json"
+
+
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C to the parent, which stops them (one line instead of a traceback per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's worker processes (their slides' temp files are removed by the next run)."""
+    for p in list(getattr(pool, "_processes", {}).values()):
+        with contextlib.suppress(Exception):
+            p.terminate()
 
 
 @dataclass
@@ -196,9 +209,15 @@ def run_slides(
         for s in tqdm(todo, desc=desc, unit="slide", disable=not todo):
             _record(s, lambda s=s: work(s))
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+        try:
             futures = {pool.submit(work, s): s for s in todo}
             for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="slide"):
                 _record(futures[fut], fut.result)
+        except KeyboardInterrupt:  # Ctrl-C: the workers ignore it (no tracebacks from them); stop them now
+            _stop_workers(pool)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     log.debug("%s: %s", desc, report.summary())  # the stage logs its one last line (StageReport.finish)
     return report

@@ -41,6 +41,9 @@ class Artifact:
         content: what it holds (one line; docs/FORMATS.md has the full layout).
         extra: other files of one slide beside the main one, as templates (``{slide}_tissue.png``).
         records: the stage keeps done-records in ``folder/done/`` (``preprocess.status`` reads them).
+        column: its column in ``preprocess.status`` (``{encoder}``/``{run}`` filled per folder or file found):
+            None = the folder, "" = no column. Per-slide artifacts (``{slide}`` in the name, or done-records) get a
+            column; a cohort-wide file gets one only when ``column`` names it (its slides are datasets in it).
     """
 
     key: str
@@ -51,6 +54,7 @@ class Artifact:
     content: str
     extra: tuple[str, ...] = ()
     records: bool = True
+    column: str | None = None
 
     def dir(self, out: str | os.PathLike, **kw: str) -> Path:
         """The artifact's folder under ``out`` (``OUT/features/musk`` for ``encoder="musk"``)."""
@@ -97,13 +101,13 @@ def _fill(template: str, values: dict[str, Any], key: str) -> str:
 
 PATCH_GRID = Artifact("patch_grid", "patches", "{slide}.h5", "01 patch", 1,
                       "coords (N,2) level-0 top-left; attrs patch_size, patch_level, patch_size_level0, mpp",
-                      extra=("{slide}_tissue.png",))
+                      extra=("{slide}_tissue.png",), column="patch")
 REGISTRATION = Artifact("registration", "registration", "{slide}.json", "02 register", 1,
                         "affine CODEX->H&E (level-0 px), block shifts, QC before/after, status ok or flagged",
                         extra=("{slide}_qc.png", "{slide}_displacement.npy"))
-LABELS = Artifact("labels", "markers", "{slide}.csv", "03 quantify", 1,
+LABELS = Artifact("labels", "markers", "{slide}.csv", "03 quantify", 2,
                   "slide,index,x,y,<40 markers> normalised to [0,1]; normalization.json beside them")
-NORMALIZATION = Artifact("normalization", "markers", "normalization.json", "03 quantify", 1,
+NORMALIZATION = Artifact("normalization", "markers", "normalization.json", "03 quantify", 2,
                          "per-marker raw percentiles of the normalisation and the slides it was fitted on",
                          records=False)
 PATCH_STORE = Artifact("patch_store", "he_patches", "{slide}.h5", "03 quantify", 1,
@@ -112,10 +116,11 @@ HEX_RUN = Artifact("hex_run", "runs/{run}", "best.safetensors", "04 train HEX", 
                    "config.json, checkpoints/epoch_{k}.pt, best.safetensors + best.json, TensorBoard events",
                    records=False)
 HEX_TEST = Artifact("hex_test", "runs/{run}/test", "marker_pearson.csv", "05 test HEX", 1,
-                    "patch_predictions.csv, marker_pearson.csv, scatter/bar PNGs", records=False)
+                    "patch_predictions.csv, marker_pearson.csv, slide_pearson.csv, summary.json, scatter/bar PNGs; "
+                    "done/evaluation.json", records=False)
 PREDICTIONS = Artifact("predictions", "hex_pred", "{slide}.h5", "06 infer WSI", 1,
                        "coords (N,2), codex_prediction (N,40) float32; attrs markers, stride_level0, checkpoint")
-VIRTUAL_CODEX = Artifact("virtual_codex", "virtual_codex", "{slide}.json", "06 infer WSI", 1,
+VIRTUAL_CODEX = Artifact("virtual_codex", "virtual_codex", "{slide}.json", "06 infer WSI", 2,
                          "{slide}.npy (H',W',40) float16 map + mask, .ome.tif (40 named channels), _preview.png, "
                          ".geojson; {slide}.json describes them",
                          extra=("{slide}.npy", "{slide}_mask.png", "{slide}.ome.tif", "{slide}_preview.png",
@@ -124,16 +129,16 @@ FEATURE_BAGS = Artifact("feature_bags", "features/{encoder}", "h5_files/{slide}.
                         "features (N,D) float32, coords (N,2); pt_files/{slide}.pt (N,D) tensor (CLAM/MCAT)",
                         extra=("pt_files/{slide}.pt",))
 CODEX_FEATURES = Artifact("codex_features", "codex_features/{encoder}", "{slide}.h5", "07 features", 1,
-                          "per-slide part: CODEX channel tokens (40, D') float32 (the resumable unit)")
+                          "per-slide part: CODEX channel tokens (40, D') float32 (the resumable unit)", column="")
 CODEX_FEATURE_TABLE = Artifact("codex_feature_table", "codex_features", "{encoder}.h5", "07 features", 1,
                                "one (40, D') dataset per slide, gathered from the parts done with one setting",
-                               records=False)
+                               records=False, column="codex_features/{encoder}")
 MICA_RUN = Artifact("mica_run", "mica_runs/{run}", "summary.csv", "08 train MICA", 1,
                     "config.json, fold_{k}/checkpoint.pt, fold_{k}/val_predictions.csv, summary.csv, KM plot",
                     records=False)
 ATTRIBUTIONS = Artifact("attributions", "mica_runs/{run}/ig", "{slide}.h5", "09 test MICA", 1,
                         "coords, path_attr (N,), codex_attr (40,); attrs baseline, steps, delta; heatmap PNG",
-                        records=False)
+                        records=False, column="ig/{run}")
 
 REGISTRY: dict[str, Artifact] = {a.key: a for a in (
     PATCH_GRID, REGISTRATION, LABELS, NORMALIZATION, PATCH_STORE, HEX_RUN, HEX_TEST, PREDICTIONS, VIRTUAL_CODEX,

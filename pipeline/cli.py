@@ -70,6 +70,8 @@ class SlideJob:
         overwrite / workers / fail_fast: the usual flags.
         shard: ``"i/n"`` for job arrays (the config file is named per shard).
         summary: ``summary(report) -> str`` appended to the last line (e.g. "1200 patches written ...").
+        finish: ``finish(report) -> exit code`` instead of ``summary``, for a stage with more to do after the slides
+            (stage 03's normalisation, stage 02's summary table): it logs the one last line (``report.finish``).
         is_done / outputs: for stages without done-records (see :func:`pipeline.runner.run_slides`).
         log_name: the log file in ``out_dir`` (default ``run.log``).
     """
@@ -84,6 +86,7 @@ class SlideJob:
     fail_fast: bool = False
     shard: str | None = None
     summary: Callable[[StageReport], str] | None = None
+    finish: Callable[[StageReport], int] | None = None
     is_done: Callable[[str], bool] | None = None
     outputs: Callable[[str], Iterable[str | os.PathLike]] | None = None
     log_name: str = "run.log"
@@ -147,6 +150,8 @@ def run_job(job: SlideJob, desc: str) -> int:
         except PipelineError as e:  # --fail-fast: the first failing slide stops the run
             log.error("%s", e)
             return 1
+        if job.finish is not None:
+            return job.finish(report)
         return report.finish(desc, job.summary(report) if job.summary is not None else "")
     finally:
         close_log_file(out_dir / job.log_name)

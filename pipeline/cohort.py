@@ -90,7 +90,7 @@ class CohortSlides:
         return {s: v.he for s, v in sorted(self.slides.items())}
 
     def pairs(self) -> dict[str, tuple[Path, Path | None]]:
-        """{slide: (H&E path, CODEX path or None)}, the form of :func:`preprocess.slide_io.read_pairs`."""
+        """{slide: (H&E path, CODEX path or None)}."""
         return {s: (v.he, v.codex) for s, v in sorted(self.slides.items())}
 
 
@@ -244,30 +244,3 @@ def check_ids(named: Iterable[str], cohort: CohortSlides, table: str | os.PathLi
                             f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}"
                             f"{'; ' + fix if fix else '; fix the ids (the file name up to its first dot)'}")
 
-
-def clean_id(v: object) -> str:
-    """A slide or case id from a table cell: stripped, and ``"4.0"`` (pandas' float of a numeric id) -> ``"4"``."""
-    import re
-
-    s = str(v).strip()
-    return s[:-2] if re.fullmatch(r"\d+\.0", s) else s
-
-
-def read_split(path: str | os.PathLike, column: str) -> list[str]:
-    """Slide ids in ``column`` of a split CSV (``splits_k.csv``: train,val; empty cells skipped); a missing file or
-    column, no ids, or an id listed twice is one :class:`PipelineError` line."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"split file not found: {path} does not exist (a CSV with train,val columns of slide ids)")
-    df = pd.read_csv(path, dtype=str)
-    if column not in df.columns:
-        raise PipelineError(f"split file {path} has no column {column!r} (columns: {list(df.columns)})")
-    ids = [clean_id(v) for v in df[column].dropna() if str(v).strip()]
-    if not ids:
-        raise PipelineError(f"split file {path}: column {column!r} lists no slides")
-    dup = sorted({s for s in ids if ids.count(s) > 1})
-    if dup:
-        raise PipelineError(f"split file {path}: column {column!r} lists slides more than once: {dup[:10]}")
-    return ids

@@ -72,6 +72,8 @@ class DoneSpec:
         inputs: slide -> {role: input file}, e.g. ``{"he": ..., "grid": ...}`` (picklable: a module-level
             function or a ``functools.partial``).
         outputs: slide -> the output files that must all exist for the slide to count as done.
+        slide_settings: slide -> the settings that differ per slide (e.g. a pixel-size table's value), merged
+            over ``settings`` in that slide's record (:meth:`settings_of`); None when every slide has ``settings``.
     """
 
     folder: Path
@@ -79,6 +81,11 @@ class DoneSpec:
     schema: int
     inputs: Callable[[str], Mapping[str, str | os.PathLike]]
     outputs: Callable[[str], Sequence[str | os.PathLike]]
+    slide_settings: Callable[[str], Mapping[str, Any]] | None = None
+
+    def settings_of(self, slide: str) -> dict[str, Any]:
+        """The settings that make ``slide``: ``settings`` with its per-slide ones (``slide_settings``) over them."""
+        return {**self.settings, **(self.slide_settings(slide) if self.slide_settings is not None else {})}
 
     def record_path(self, slide: str) -> Path:
         return Path(self.folder) / DONE_DIR / f"{slide}.json"
@@ -135,7 +142,7 @@ def check(spec: DoneSpec, slide: str) -> DoneState:
     if rec.get("schema") != spec.schema:
         return DoneState("redo", f"made by another version of the code (schema {rec.get('schema')} -> "
                                  f"{spec.schema}); redoing it")
-    diffs = diff_settings(rec.get("settings", {}), spec.settings)
+    diffs = diff_settings(rec.get("settings", {}), spec.settings_of(slide))
     now = {k: str(Path(v)) for k, v in spec.inputs(slide).items()}
     was = rec.get("inputs", {})
     for role in sorted(set(was) | set(now)):
@@ -158,7 +165,7 @@ def write_record(spec: DoneSpec, slide: str, inputs: Mapping[str, Mapping[str, A
     """
     stamps = dict(inputs) if inputs is not None else {k: file_stamp(v) for k, v in spec.inputs(slide).items()}
     path = spec.record_path(slide)
-    write_json(path, {"schema": spec.schema, "settings": _plain(dict(spec.settings)), "inputs": stamps,
+    write_json(path, {"schema": spec.schema, "settings": _plain(spec.settings_of(slide)), "inputs": stamps,
                       "outputs": [Path(p).name for p in spec.outputs(slide)],
                       "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     with contextlib.suppress(FileNotFoundError):
@@ -226,7 +233,7 @@ def other_settings(spec: DoneSpec, exclude: Sequence[str] = ()) -> dict[str, str
             rec = json.loads(spec.record_path(slide).read_text())
         except (OSError, ValueError):
             continue
-        diffs = diff_settings(spec.settings, rec.get("settings", {}))
+        diffs = diff_settings(spec.settings_of(slide), rec.get("settings", {}))
         if diffs:
             out[slide] = ", ".join(diffs)
     return out

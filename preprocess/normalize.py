@@ -21,14 +21,36 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pipeline.errors import PipelineError
-from pipeline.io import save_config
-from preprocess.quantify.normalize import add_normalization_args, resolve_run, run_normalization
+from pipeline import artifacts as art
+from pipeline.cli import Stage, config_from_args
+from pipeline.io import config_dict, ensure_writable, save_config
+from preprocess.quantify.normalize import (
+    NormSettings,
+    add_normalization_args,
+    check_normalization_args,
+    resolve_inputs,
+    run_normalization,
+)
 from preprocess.quantify.tables import add_table_args
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NormalizeConfig(NormSettings):
+    """The flags of ``python -m preprocess.normalize`` (same names)."""
+
+    out: Path
+    cohort: Path | None = None
+    slides: list[str] | None = None
+    overwrite: bool = False
+    pairs: Path | None = None
+    panel: Path | None = None
+    num_markers: int = 40
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,17 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        tables, slides, plan = resolve_run(args)
-        save_config(args.out / "markers", vars(args) | {"markers": tables.markers, "slides_resolved": slides},
-                    name="config_normalize.json")
-        run_normalization(args, args.out, slides, tables.markers, plan, others=tables.ids)
-    except PipelineError as e:
-        log.error("%s", e)
-        return 2
+def make_config(args: argparse.Namespace) -> NormalizeConfig:
+    """The flags as a :class:`NormalizeConfig` (the normalisation's flag checks first)."""
+    check_normalization_args(args)
+    return config_from_args(NormalizeConfig, args)
+
+
+def _writable(cfg: NormalizeConfig, ctx: Any) -> None:
+    ensure_writable(art.LABELS.dir(cfg.out))
+
+
+def run(cfg: NormalizeConfig, ctx: Any) -> int:
+    """Read the inputs, save the resolved configuration (``markers/config_normalize.json``), normalise."""
+    tables, slides, plan = resolve_inputs(cfg, cfg.cohort, cfg.pairs, cfg.panel, cfg.num_markers, cfg.slides)
+    save_config(art.LABELS.dir(cfg.out), config_dict(cfg) | {"markers": tables.markers, "slides_resolved": slides},
+                name="config_normalize.json")
+    run_normalization(cfg, cfg.out, slides, tables.markers, plan, others=tables.ids)
     return 0
+
+
+STAGE = Stage("normalisation", build_parser, make_config, run=run, prepare=_writable,
+              log_file=lambda cfg: art.LABELS.dir(cfg.out) / "run.log")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

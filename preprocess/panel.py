@@ -15,12 +15,9 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from preprocess.slide_io import CodexImage
+from preprocess.slide_io import CodexImage
 
 log = logging.getLogger(__name__)
 

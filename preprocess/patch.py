@@ -19,6 +19,9 @@ Slides: ``--he`` files or folders, else ``COHORT/pairs.csv``, else ``COHORT/he/`
 resolve_slides`: the id is the file name as written, up to its first dot; a link keeps its own name). A slide done
 with these settings and this H&E file is skipped; a changed H&E file is redone; a slide done with other settings
 stops the run before any work ("done with other settings: min_tissue 0.5 -> 0.3 ...; pass --overwrite").
+Level-0 µm/px: the slide's metadata, or ``--mpp`` for every slide; a slide's row of ``--pixel-sizes`` (default
+``COHORT/pixel_sizes.csv`` when it exists; :mod:`preprocess.pixel_sizes`) wins over both, and is recorded as that
+slide's ``mpp`` setting in its done-record.
 
 Geometry: patch_size_level0 = round(patch_size * target_mpp / level0_mpp) (0.25 µm/px -> 448); the grid starts at
 level-0 pixel (0, 0) with step patch_size_level0 and holds only patches fully inside the slide; a patch is kept
@@ -29,6 +32,7 @@ coarsest whose downsample does not exceed patch_size_level0 / patch_size.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
@@ -37,20 +41,21 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import done as done_mod
-from pipeline.cohort import select_slides
+from pipeline import artifacts as art
+from pipeline.cli import SlideJob, Stage, config_from_args, require
+from pipeline.cohort import resolve_slides, select_slides
 from pipeline.done import DoneSpec
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, ensure_writable, save_config
-from pipeline.logs import setup_logging
-from pipeline.runner import run_slides, shard_config_name, shard_slides
+from pipeline.io import atomic_path
+from pipeline.runner import StageReport, shard_slides
+from preprocess.pixel_sizes import PixelSizes, add_pixel_sizes_arg, resolve_pixel_sizes
 from preprocess.pyramid import MPP_TOLERANCE, choose_level, same_mpp
 from preprocess.slide_io import HESlide
 from preprocess.tissue import TissueParams, grid_tissue_mask, patch_tissue_fraction
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = art.PATCH_GRID.schema
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,8 @@ def _qc_image(thumb: np.ndarray, mask: np.ndarray, coords: np.ndarray, ds: float
 
 @dataclass(frozen=True)
 class PatchConfig:
-    """Everything one slide's job needs (picklable for the process pool)."""
+    """Stage 01's settings: the flags of ``python -m preprocess.patch`` (same names). A slide's job reads the grid
+    and tissue ones; ``mpp`` is the slide's level-0 µm/px override (``--mpp``, or its row of ``--pixel-sizes``)."""
 
     out: Path
     patch_size: int = 224
@@ -175,7 +181,27 @@ class PatchConfig:
     min_tissue: float = 0.5
     mpp: float | None = None
     thumb_size: int = 2048
-    tissue: TissueParams = TissueParams()
+    sat_threshold: float | None = TissueParams.sat_threshold
+    min_saturation: float = TissueParams.min_saturation
+    median_um: float = TissueParams.median_um
+    close_um: float = TissueParams.close_um
+    min_area_um2: float = TissueParams.min_area_um2
+    max_hole_um2: float = TissueParams.max_hole_um2
+    cohort: Path | None = None
+    he: list[Path] | None = None
+    slides: list[str] | None = None
+    pixel_sizes: Path | None = None
+    overwrite: bool = False
+    workers: int = 1
+    fail_fast: bool = False
+    shard: str | None = None
+
+    @property
+    def tissue(self) -> TissueParams:
+        """The tissue-mask thresholds (:class:`preprocess.tissue.TissueParams`)."""
+        return TissueParams(sat_threshold=self.sat_threshold, min_saturation=self.min_saturation,
+                            median_um=self.median_um, close_um=self.close_um, min_area_um2=self.min_area_um2,
+                            max_hole_um2=self.max_hole_um2)
 
 
 def patch_slide(slide_id: str, he_path: str | os.PathLike, cfg: PatchConfig) -> dict:
@@ -187,7 +213,6 @@ def patch_slide(slide_id: str, he_path: str | os.PathLike, cfg: PatchConfig) -> 
     import cv2
     import h5py
 
-    out_dir = Path(cfg.out) / "patches"
     with HESlide(he_path, mpp=cfg.mpp) as slide:
         geom = grid_geometry(slide, cfg.patch_size, cfg.target_mpp)
         thumb, ds = slide.thumbnail(cfg.thumb_size)
@@ -209,14 +234,15 @@ def patch_slide(slide_id: str, he_path: str | os.PathLike, cfg: PatchConfig) -> 
             )
         attrs = geom.attrs() | {"min_tissue": cfg.min_tissue, "tissue_threshold": thr, "slide_id": slide_id,
                                 "he_path": str(slide.path), "level_dimensions": np.asarray(slide.level_dimensions)}
-        with atomic_path(out_dir / f"{slide_id}.h5") as tmp, h5py.File(tmp, "w") as f:
+        grid_file, qc_file = art.PATCH_GRID.files(cfg.out, slide_id)
+        with atomic_path(grid_file) as tmp, h5py.File(tmp, "w") as f:
             dset = f.create_dataset("coords", data=coords.astype(np.int64))
             f.create_dataset("tissue_fraction", data=frac)
             for k, v in attrs.items():
                 f.attrs[k] = v
                 dset.attrs[k] = v
         qc = _qc_image(thumb, mask, coords, ds, geom.patch_size_level0)
-        with atomic_path(out_dir / f"{slide_id}_tissue.png") as tmp:
+        with atomic_path(qc_file) as tmp:
             if not cv2.imwrite(str(tmp), qc):
                 raise OSError(f"could not write {tmp}")
     log.info("%s: %d patches (%d px at level %d, level-0 %d px), tissue threshold %.3f", slide_id, len(coords),
@@ -225,14 +251,13 @@ def patch_slide(slide_id: str, he_path: str | os.PathLike, cfg: PatchConfig) -> 
             "patch_level": geom.patch_level}
 
 
-def _work(slide_id: str, he_paths: dict[str, Path], cfg: PatchConfig) -> dict:
-    return patch_slide(slide_id, he_paths[slide_id], cfg)
+def _work(slide_id: str, he_paths: dict[str, Path], cfg: PatchConfig, sizes: PixelSizes) -> dict:
+    return patch_slide(slide_id, he_paths[slide_id], dataclasses.replace(cfg, mpp=sizes.he_mpp(slide_id)))
 
 
 def outputs(slide_id: str, out: Path) -> list[Path]:
-    """The files stage 01 writes for one slide."""
-    d = Path(out) / "patches"
-    return [d / f"{slide_id}.h5", d / f"{slide_id}_tissue.png"]
+    """The files stage 01 writes for one slide (``patches/{slide}.h5`` and its tissue QC figure)."""
+    return art.PATCH_GRID.files(out, slide_id)
 
 
 def he_input(slide_id: str, he_paths: dict[str, Path]) -> dict[str, Path]:
@@ -240,13 +265,21 @@ def he_input(slide_id: str, he_paths: dict[str, Path]) -> dict[str, Path]:
     return {"he": he_paths[slide_id]}
 
 
-def done_spec(cfg: PatchConfig, he_paths: dict[str, Path]) -> DoneSpec:
-    """What makes a slide's grid (:class:`pipeline.done.DoneSpec`): every setting of ``cfg`` that changes it."""
+def he_mpp_setting(slide_id: str, sizes: PixelSizes) -> dict[str, float | None]:
+    """The per-slide done-record setting of the H&E stages: ``{"mpp": the slide's level-0 µm/px override}``."""
+    return {"mpp": sizes.he_mpp(slide_id)}
+
+
+def done_spec(cfg: PatchConfig, he_paths: dict[str, Path], sizes: PixelSizes | None = None) -> DoneSpec:
+    """What makes a slide's grid (:class:`pipeline.done.DoneSpec`): every setting of ``cfg`` that changes it, with
+    the slide's own ``mpp`` (``--mpp`` or its row of the pixel-size table)."""
+    sizes = sizes if sizes is not None else PixelSizes(he_default=cfg.mpp)
     settings = {"patch_size": cfg.patch_size, "target_mpp": cfg.target_mpp, "min_tissue": cfg.min_tissue,
                 "mpp": cfg.mpp, "thumb_size": cfg.thumb_size, **cfg.tissue.to_dict()}
-    return DoneSpec(folder=Path(cfg.out) / "patches", settings=settings, schema=SCHEMA_VERSION,
+    return DoneSpec(folder=art.PATCH_GRID.dir(cfg.out), settings=settings, schema=art.PATCH_GRID.schema,
                     inputs=functools.partial(he_input, he_paths=he_paths),
-                    outputs=functools.partial(outputs, out=Path(cfg.out)))
+                    outputs=functools.partial(outputs, out=Path(cfg.out)),
+                    slide_settings=functools.partial(he_mpp_setting, sizes=sizes))
 
 
 def collect_he_slides(cohort: Path | None, he: list[Path] | None, wanted: list[str] | None = None,
@@ -255,8 +288,6 @@ def collect_he_slides(cohort: Path | None, he: list[Path] | None, wanted: list[s
     ``COHORT/pairs.csv``, else ``COHORT/he``) and the sorted ids to run (``wanted`` as in ``--slides``, else all;
     then this job's ``shard`` ``i/n`` of them); raises :class:`PipelineError` (one line) when there is none, a
     wanted id is missing, or the slides' identity is ambiguous (duplicate ids, one file under two ids)."""
-    from pipeline.cohort import resolve_slides
-
     if not he and cohort is not None and not Path(cohort).is_dir():
         raise PipelineError(f"cohort folder not found: {cohort} (a folder with he/, codex/, pairs.csv); check "
                             "--cohort")
@@ -264,14 +295,8 @@ def collect_he_slides(cohort: Path | None, he: list[Path] | None, wanted: list[s
     return slides.he_paths(), shard_slides(select_slides(slides.ids, wanted, slides.source), shard)
 
 
-def require(ok: bool, message: str) -> None:
-    """Raise ``PipelineError(message)`` unless ``ok`` (flag checks before any work)."""
-    if not ok:
-        raise PipelineError(message)
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """One-line :class:`PipelineError` for a flag value outside its range (before any work)."""
+def make_config(args: argparse.Namespace) -> PatchConfig:
+    """The flags as a :class:`PatchConfig`; a value outside its range stops with one line (before any work)."""
     require(args.patch_size >= 1, f"--patch-size {args.patch_size}: must be >= 1 px")
     require(args.target_mpp > 0, f"--target-mpp {args.target_mpp}: must be > 0 µm/px")
     require(0 <= args.min_tissue <= 1, f"--min-tissue {args.min_tissue}: must be in [0, 1] (a fraction of the "
@@ -285,6 +310,7 @@ def check_args(args: argparse.Namespace) -> None:
         v = getattr(args, flag)
         require(v >= 0, f"--{flag.replace('_', '-')} {v}: must be >= 0")
     require(args.workers >= 1, f"--workers {args.workers}: must be >= 1")
+    return config_from_args(PatchConfig, args)
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -307,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--he", type=Path, nargs="+",
                    help="H&E slide files or folders (instead of the cohort's pairs.csv or he/)")
     p.add_argument("--mpp", type=float, help="level-0 µm/px of the H&E slides (overrides their metadata)")
+    add_pixel_sizes_arg(p)
     g = p.add_argument_group("patch grid")
     g.add_argument("--patch-size", type=int, default=224, help="output patch side in px (default 224)")
     g.add_argument("--target-mpp", type=float, default=0.5, help="µm per output pixel (default 0.5 = 20x)")
@@ -330,41 +357,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    out_dir = args.out / "patches"
-    desc = "patch grid"
-    setup_logging()
-    try:
-        check_args(args)
-        he_paths, slides = collect_he_slides(args.cohort, args.he, args.slides, args.shard)
-        ensure_writable(out_dir)
-    except PipelineError as e:
-        log.error("%s", e)
-        return 2
-    setup_logging(out_dir / "run.log")
-    tissue = TissueParams(sat_threshold=args.sat_threshold, min_saturation=args.min_saturation,
-                          median_um=args.median_um, close_um=args.close_um, min_area_um2=args.min_area_um2,
-                          max_hole_um2=args.max_hole_um2)
-    cfg = PatchConfig(out=args.out, patch_size=args.patch_size, target_mpp=args.target_mpp,
-                      min_tissue=args.min_tissue, mpp=args.mpp, thumb_size=args.thumb_size, tissue=tissue)
-    spec = done_spec(cfg, he_paths)
-    try:
-        done_mod.stop_on_conflicts(spec, slides, desc, args.overwrite)
-    except PipelineError as e:
-        log.error("%s", e)
-        return 2
-    save_config(out_dir, vars(args) | {"slides_resolved": slides, "schema_version": SCHEMA_VERSION},
-                name=shard_config_name(args.shard))
-    try:
-        report = run_slides(slides, functools.partial(_work, he_paths=he_paths, cfg=cfg), done=spec,
-                            overwrite=args.overwrite, workers=args.workers, skip_errors=not args.fail_fast,
-                            desc=desc)
-    except PipelineError as e:  # --fail-fast
-        log.error("%s", e)
-        return 1
+def _summary(report: StageReport, out_dir: Path) -> str:
     n = sum(r["patches"] for r in report.results.values())
-    return report.finish(desc, f"{n} patches written for {len(report.done)} slides into {out_dir}")
+    return f"{n} patches written for {len(report.done)} slides into {out_dir}"
+
+
+def plan(cfg: PatchConfig) -> SlideJob:
+    """The slides of this run and what makes each one done (:class:`pipeline.cli.SlideJob`)."""
+    he_paths, slides = collect_he_slides(cfg.cohort, cfg.he, cfg.slides, cfg.shard)
+    sizes = resolve_pixel_sizes(cfg.pixel_sizes, cfg.cohort, he_paths, he_mpp=cfg.mpp)
+    out_dir = art.PATCH_GRID.dir(cfg.out)
+    return SlideJob(out_dir, slides, functools.partial(_work, he_paths=he_paths, cfg=cfg, sizes=sizes),
+                    done=done_spec(cfg, he_paths, sizes), config=cfg, overwrite=cfg.overwrite, workers=cfg.workers,
+                    fail_fast=cfg.fail_fast, shard=cfg.shard, summary=functools.partial(_summary, out_dir=out_dir),
+                    extra_config={"pixel_sizes_resolved": sizes.path})
+
+
+STAGE = Stage("patch grid", build_parser, make_config, plan=plan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ Reads ``patches/{slide}.h5`` (stage 01) and writes, relative to ``--out``:
                                 mtime) and the schema; a redone grid redoes the slide's store.
     he_patches/config.json, he_patches/run.log
 
-Slides as in :mod:`preprocess.patch` (``--he``, else ``COHORT/pairs.csv``, else ``COHORT/he/``). With
+Slides and pixel sizes as in :mod:`preprocess.patch` (``--he``, else ``COHORT/pairs.csv``, else ``COHORT/he/``;
+``--mpp`` and ``--pixel-sizes``). With
 ``--labelled-only`` (stage 03 after quantify) only the slides with labels ``markers/{slide}.csv`` are stored; a
 slide whose quantification failed (``markers/done/{slide}.failed.json``) is named in the last line with its reason
 and the exit status is 1.
@@ -33,6 +34,7 @@ above, 0.5 µm/px over the slide's mpp); when that is not ``patch_size`` (224) i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
@@ -45,21 +47,20 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline import done as done_mod
-from pipeline.done import DoneSpec
+from pipeline import artifacts as art
+from pipeline.cli import SlideJob, Stage, config_from_args, require
+from pipeline.done import DoneSpec, read_failure
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, ensure_writable, save_config
-from pipeline.logs import setup_logging
-from pipeline.runner import default_threads, run_slides, shard_config_name
-from preprocess.patch import add_common_args, collect_he_slides, read_grid, require
-from preprocess.patch_store_format import COMPRESSIONS, PatchStoreReader, encode_jpeg, patch_writer  # noqa: F401
+from pipeline.io import atomic_path
+from pipeline.runner import StageReport, default_threads
+from preprocess.patch import add_common_args, collect_he_slides, he_mpp_setting, read_grid
+from preprocess.patch_store_format import COMPRESSIONS, patch_writer
+from preprocess.pixel_sizes import PixelSizes, add_pixel_sizes_arg, resolve_pixel_sizes
 from preprocess.slide_io import HESlide
 
 log = logging.getLogger(__name__)
 
-# PatchStoreReader and encode_jpeg are re-exported: readers import them from here
-
-SCHEMA_VERSION = 1
+DESC = "H&E patch store"
 
 
 def resize_patch(img: np.ndarray, size: int) -> np.ndarray:
@@ -133,7 +134,8 @@ def iter_patches(slide: HESlide, coords: np.ndarray, level: int, read_size: int,
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Everything one slide's job needs (picklable for the process pool)."""
+    """The patch store's settings: the flags of ``python -m preprocess.patch_store`` (same names; ``patches_dir`` is
+    ``--patches``, resolved). A slide's job reads the first ones; ``mpp`` is the slide's level-0 µm/px override."""
 
     out: Path
     patches_dir: Path
@@ -144,6 +146,15 @@ class StoreConfig:
     compression_level: int = 4  # gzip level 1-9
     jpeg_quality: int = 90
     threads: int = 1
+    cohort: Path | None = None
+    he: list[Path] | None = None
+    slides: list[str] | None = None
+    pixel_sizes: Path | None = None
+    labelled_only: bool = False
+    overwrite: bool = False
+    workers: int = 1
+    fail_fast: bool = False
+    shard: str | None = None
 
 
 def store_slide(slide_id: str, he_path: str | os.PathLike, cfg: StoreConfig) -> dict:
@@ -155,7 +166,7 @@ def store_slide(slide_id: str, he_path: str | os.PathLike, cfg: StoreConfig) -> 
     coords, attrs = read_grid(grid_path)
     if len(coords) == 0:
         raise PipelineError(f"patch grid {grid_path} is empty; rerun preprocess.patch with a lower --min-tissue")
-    out_dir = Path(cfg.out) / "he_patches"
+    store_file, png_dir = outputs(slide_id, cfg.out)
     level, ps0, size = int(attrs["patch_level"]), int(attrs["patch_size_level0"]), int(attrs["patch_size"])
     with HESlide(he_path, mpp=cfg.mpp) as slide:
         if level >= slide.level_count:
@@ -171,14 +182,15 @@ def store_slide(slide_id: str, he_path: str | os.PathLike, cfg: StoreConfig) -> 
             raise PipelineError(f"patch grid {grid_path} has patches outside {slide.path} ({w0}x{h0} px); "
                                 "was it made for another slide?")
         store_attrs = {k: v for k, v in attrs.items() if k not in ("level_dimensions",)}
-        store_attrs |= {"read_size_at_level": read_size, "level_downsample": ds, "schema_version": SCHEMA_VERSION,
+        store_attrs |= {"read_size_at_level": read_size, "level_downsample": ds,
+                        "schema_version": art.PATCH_STORE.schema,
                         "slide_id": slide_id, "source_grid": str(grid_path), "channel_order": "RGB"}
-        png_tmp = out_dir / f".{slide_id}.png.tmp" if cfg.png else None
+        png_tmp = png_dir.with_name(f".{slide_id}.png.tmp") if cfg.png else None
         if png_tmp is not None:
             shutil.rmtree(png_tmp, ignore_errors=True)
             png_tmp.mkdir(parents=True)
         try:
-            with atomic_path(out_dir / f"{slide_id}.h5") as tmp, h5py.File(tmp, "w") as f:
+            with atomic_path(store_file) as tmp, h5py.File(tmp, "w") as f:
                 write = patch_writer(f, len(coords), size, cfg.compression, cfg.compression_level,
                                      cfg.jpeg_quality)
                 dset = f.create_dataset("coords", data=coords.astype(np.int64))
@@ -193,10 +205,9 @@ def store_slide(slide_id: str, he_path: str | os.PathLike, cfg: StoreConfig) -> 
                             if not cv2.imwrite(str(png_tmp / f"{slide_id}_{int(i)}.png"), p[..., ::-1]):
                                 raise OSError(f"could not write {png_tmp / f'{slide_id}_{int(i)}.png'}")
             if png_tmp is not None:
-                final = out_dir / slide_id
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(png_tmp, final)
+                if png_dir.exists():
+                    shutil.rmtree(png_dir)
+                os.replace(png_tmp, png_dir)
         finally:
             if png_tmp is not None and png_tmp.exists():
                 shutil.rmtree(png_tmp, ignore_errors=True)
@@ -204,20 +215,20 @@ def store_slide(slide_id: str, he_path: str | os.PathLike, cfg: StoreConfig) -> 
     return {"patches": int(len(coords))}
 
 
-def _work(slide_id: str, he_paths: dict[str, Path], cfg: StoreConfig) -> dict:
-    return store_slide(slide_id, he_paths[slide_id], cfg)
+def _work(slide_id: str, he_paths: dict[str, Path], cfg: StoreConfig, sizes: PixelSizes) -> dict:
+    return store_slide(slide_id, he_paths[slide_id], dataclasses.replace(cfg, mpp=sizes.he_mpp(slide_id)))
 
 
 def outputs(slide_id: str, out: Path) -> list[Path]:
-    """The files (and the legacy PNG folder) the store writes for one slide: removed before a slide is redone."""
-    d = Path(out) / "he_patches"
-    return [d / f"{slide_id}.h5", d / slide_id]
+    """The file and the legacy PNG folder the store writes for one slide: removed before a slide is redone."""
+    store = art.PATCH_STORE.path(out, slide_id)
+    return [store, store.parent / slide_id]
 
 
 def done_outputs(slide_id: str, out: Path, png: bool) -> list[Path]:
     """What must exist for a slide to count as stored: the HDF5 file (and the PNG folder with ``--png``)."""
-    d = Path(out) / "he_patches"
-    return [d / f"{slide_id}.h5", *([d / slide_id] if png else [])]
+    store, png_dir = outputs(slide_id, out)
+    return [store, *([png_dir] if png else [])]
 
 
 def store_inputs(slide_id: str, he_paths: dict[str, Path], patches_dir: Path) -> dict[str, Path]:
@@ -225,43 +236,45 @@ def store_inputs(slide_id: str, he_paths: dict[str, Path], patches_dir: Path) ->
     return {"he": he_paths[slide_id], "grid": Path(patches_dir) / f"{slide_id}.h5"}
 
 
-def done_spec(cfg: StoreConfig, he_paths: dict[str, Path]) -> DoneSpec:
+def done_spec(cfg: StoreConfig, he_paths: dict[str, Path], sizes: PixelSizes | None = None) -> DoneSpec:
     """What makes a slide's store (:class:`pipeline.done.DoneSpec`): the settings that change its bytes (the
-    gzip level only for gzip, the JPEG quality only for JPEG; not ``--region-px`` or the threads)."""
+    gzip level only for gzip, the JPEG quality only for JPEG; not ``--region-px`` or the threads), with the slide's
+    own ``mpp`` (``--mpp`` or its row of the pixel-size table)."""
+    sizes = sizes if sizes is not None else PixelSizes(he_default=cfg.mpp)
     settings = {"compression": cfg.compression,
                 "compression_level": cfg.compression_level if cfg.compression == "gzip" else None,
                 "jpeg_quality": cfg.jpeg_quality if cfg.compression == "jpeg" else None,
                 "png": cfg.png, "mpp": cfg.mpp}
-    return DoneSpec(folder=Path(cfg.out) / "he_patches", settings=settings, schema=SCHEMA_VERSION,
+    return DoneSpec(folder=art.PATCH_STORE.dir(cfg.out), settings=settings, schema=art.PATCH_STORE.schema,
                     inputs=functools.partial(store_inputs, he_paths=he_paths, patches_dir=Path(cfg.patches_dir)),
-                    outputs=functools.partial(done_outputs, out=Path(cfg.out), png=cfg.png))
+                    outputs=functools.partial(done_outputs, out=Path(cfg.out), png=cfg.png),
+                    slide_settings=functools.partial(he_mpp_setting, sizes=sizes))
 
 
 def labelled_slides(slides: list[str], out: Path) -> tuple[list[str], dict[str, str], list[str]]:
     """Split ``slides`` by their labels ``OUT/markers/{slide}.csv``: (labelled, {slide: why quantify failed} from
     its failure record ``OUT/markers/done/{slide}.failed.json``, unlabelled slides without a failure record)."""
-    from pipeline.done import read_failure
-
-    markers = Path(out) / "markers"
     keep, failed, unlabelled = [], {}, []
     for s in slides:
-        if (markers / f"{s}.csv").is_file():
+        if art.LABELS.path(out, s).is_file():
             keep.append(s)
-        elif (why := read_failure(markers, s)) is not None:
+        elif (why := read_failure(art.LABELS.dir(out), s)) is not None:
             failed[s] = why
         else:
             unlabelled.append(s)
     return keep, failed, unlabelled
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """One-line :class:`PipelineError` for a flag value outside its range (before any work)."""
+def make_config(args: argparse.Namespace) -> StoreConfig:
+    """The flags as a :class:`StoreConfig`; a value outside its range stops with one line (before any work)."""
     require(1 <= args.compression_level <= 9, f"--compression-level {args.compression_level}: must be in 1-9")
     require(1 <= args.jpeg_quality <= 100, f"--jpeg-quality {args.jpeg_quality}: must be in 1-100")
     require(args.region_px >= 1, f"--region-px {args.region_px}: must be >= 1 px")
     require(args.mpp is None or args.mpp > 0, f"--mpp {args.mpp}: must be > 0 µm/px")
     require(args.threads >= 0, f"--threads {args.threads}: must be >= 0 (0 = automatic)")
     require(args.workers >= 1, f"--workers {args.workers}: must be >= 1")
+    return config_from_args(StoreConfig, args, patches_dir=args.patches or art.PATCH_GRID.dir(args.out),
+                            threads=args.threads or default_threads(args.workers))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="H&E slide files or folders (instead of the cohort's pairs.csv or he/)")
     p.add_argument("--patches", type=Path, help="folder of the grid files (default OUT/patches)")
     p.add_argument("--mpp", type=float, help="level-0 µm/px of the H&E slides (overrides their metadata)")
+    add_pixel_sizes_arg(p)
     p.add_argument("--png", action="store_true", help="also write he_patches/{slide}/{slide}_{index}.png")
     p.add_argument("--region-px", type=int, default=2048,
                    help="side of the regions read at the patch level, px (default 2048)")
@@ -280,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", choices=COMPRESSIONS, default="gzip",
                    help="patch encoding: gzip (default) / lzf are lossless HDF5 filters that every HDF5 reader "
                         "decodes; none stores raw pixels (largest, fastest); jpeg stores one JPEG per patch (lossy, "
-                        "smallest; read with preprocess.patch_store.PatchStoreReader). See bench/bench_quantify.py")
+                        "smallest; read with preprocess.patch_store_format.PatchStoreReader). See "
+                        "bench/bench_quantify.py")
     p.add_argument("--compression-level", type=int, default=4, help="gzip level 1-9 (default 4)")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 with --compression jpeg "
                    "(default 90)")
@@ -290,52 +305,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    out_dir = args.out / "he_patches"
-    patches_dir = args.patches or args.out / "patches"
-    desc = "H&E patch store"
-    setup_logging()
-    try:
-        check_args(args)
-        he_paths, slides = collect_he_slides(args.cohort, args.he, args.slides, args.shard)
-        ensure_writable(out_dir)
-    except PipelineError as e:
-        log.error("%s", e)
-        return 2
-    setup_logging(out_dir / "run.log")
-    left_out: dict[str, str] = {}
-    unlabelled: list[str] = []
-    if args.labelled_only:
-        slides, left_out, unlabelled = labelled_slides(slides, args.out)
-        if not slides and not left_out:
-            log.error("%s: none of the %d slides has labels in %s; run preprocess.quantify first (or drop "
-                      "--labelled-only)", desc, len(unlabelled), args.out / "markers")
-            return 2
-    cfg = StoreConfig(out=args.out, patches_dir=patches_dir, mpp=args.mpp, png=args.png, region_px=args.region_px,
-                      compression=args.compression, compression_level=args.compression_level,
-                      jpeg_quality=args.jpeg_quality, threads=args.threads or default_threads(args.workers))
-    spec = done_spec(cfg, he_paths)
-    try:
-        done_mod.stop_on_conflicts(spec, slides, desc, args.overwrite)
-    except PipelineError as e:
-        log.error("%s", e)
-        return 2
-    save_config(out_dir, vars(args) | {"patches_dir": patches_dir, "slides_resolved": slides,
-                                       "schema_version": SCHEMA_VERSION}, name=shard_config_name(args.shard))
-    try:
-        report = run_slides(slides, functools.partial(_work, he_paths=he_paths, cfg=cfg), done=spec,
-                            overwrite=args.overwrite, workers=args.workers, skip_errors=not args.fail_fast,
-                            desc=desc, outputs=functools.partial(outputs, out=args.out))
-    except PipelineError as e:  # --fail-fast
-        log.error("%s", e)
-        return 1
+def _finish(report: StageReport, left_out: dict[str, str], unlabelled: list[str], out: Path) -> int:
+    """The last line: the slides left out for want of labels count as failed when quantify failed for them."""
     for s, why in left_out.items():  # not stored: their labels are missing because quantify failed
         report.failed[s] = f"not stored, no labels: quantify failed: {why}"
-    extra = (f"{len(unlabelled)} slides without labels left out (no {args.out / 'markers'}/{{slide}}.csv and no "
+    extra = (f"{len(unlabelled)} slides without labels left out (no {art.LABELS.dir(out)}/{{slide}}.csv and no "
              f"failure record): {', '.join(unlabelled[:10])}{' ...' if len(unlabelled) > 10 else ''}"
              if unlabelled else "")
-    return report.finish(desc, extra)
+    return report.finish(DESC, extra)
+
+
+def plan(cfg: StoreConfig) -> SlideJob:
+    """The slides of this run (with ``--labelled-only``, those quantify labelled) and what makes each one done."""
+    he_paths, slides = collect_he_slides(cfg.cohort, cfg.he, cfg.slides, cfg.shard)
+    left_out: dict[str, str] = {}
+    unlabelled: list[str] = []
+    if cfg.labelled_only:
+        slides, left_out, unlabelled = labelled_slides(slides, cfg.out)
+        if not slides and not left_out:
+            raise PipelineError(f"{DESC}: none of the {len(unlabelled)} slides has labels in "
+                                f"{art.LABELS.dir(cfg.out)}; run preprocess.quantify first (or drop --labelled-only)")
+    sizes = resolve_pixel_sizes(cfg.pixel_sizes, cfg.cohort, he_paths, he_mpp=cfg.mpp)
+    return SlideJob(art.PATCH_STORE.dir(cfg.out), slides,
+                    functools.partial(_work, he_paths=he_paths, cfg=cfg, sizes=sizes), done=done_spec(cfg, he_paths,
+                                                                                                  sizes),
+                    config=cfg, overwrite=cfg.overwrite, workers=cfg.workers, fail_fast=cfg.fail_fast,
+                    shard=cfg.shard, outputs=functools.partial(outputs, out=Path(cfg.out)),
+                    finish=functools.partial(_finish, left_out=left_out, unlabelled=unlabelled, out=Path(cfg.out)),
+                    extra_config={"pixel_sizes_resolved": sizes.path})
+
+
+STAGE = Stage(DESC, build_parser, make_config, plan=plan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Raw stores hold ``imgs`` (N, H, W, 3) uint8 RGB, one patch per chunk, optionally with a lossless HDF5 filter
 (gzip, lzf); JPEG stores hold ``imgs_jpeg`` (N,) variable-length uint8 (one RGB JPEG per patch) with the attribute
 ``imgs_shape``. ``imgs_encoding`` says which; :class:`PatchStoreReader` reads both. The stage that writes the
-stores is :mod:`preprocess.patch_store` (which re-exports these names).
+stores is :mod:`preprocess.patch_store`.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ Outputs under ``OUT/registration/``:
 Method, per pair:
 
 1. Working images at ``--thumbnail-mpp`` µm/px (both images resampled to the same pixel size, using the pixel sizes
-   from the files or ``--mpp`` / ``--codex-mpp``): H&E -> haematoxylin (``rgb2hed``), CODEX -> DAPI.
+   from the files, ``--mpp`` / ``--codex-mpp``, or the slide's row of ``--pixel-sizes``, default
+   ``COHORT/pixel_sizes.csv``: :mod:`preprocess.pixel_sizes`): H&E -> haematoxylin (``rgb2hed``), CODEX -> DAPI.
 2. Coarse affine: palom ``Aligner.coarse_register_affine`` (ORB keypoints + RANSAC) on these images.
 3. Block shifts: the H&E haematoxylin at ``--block-mpp`` µm/px (a pyramid level, area-averaged by an integer
    factor when finer: 40x slides) is cut into ``--block-size`` µm blocks; palom ``compute_shifts`` warps the DAPI
@@ -65,53 +66,43 @@ panel or H&E file, an unwritable output folder, or slides done with other settin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
-import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import done as done_mod
+from pipeline import artifacts as art
+from pipeline.cli import SlideJob, Stage, config_from_args, require
 from pipeline.cohort import resolve_slides, select_slides
 from pipeline.errors import PipelineError
-from pipeline.io import ensure_writable, save_config, write_json
-from pipeline.logs import setup_logging
-from pipeline.runner import run_slides, shard_config_name, shard_slides
-from preprocess.panel import DAPI_NAMES, find_dapi_channel  # noqa: F401 (re-exported)
-from preprocess.pyramid import nominal_downsample  # noqa: F401 (re-exported)
-from preprocess.registration.blocks import BlockResult, block_refine, robust_affine_fit  # noqa: F401
-from preprocess.registration.coarse import coarse_affine  # noqa: F401 (re-exported)
+from pipeline.io import write_json
+from pipeline.runner import StageReport, shard_config_name, shard_slides
+from preprocess.pixel_sizes import PixelSizes, add_pixel_sizes_arg, resolve_pixel_sizes
 from preprocess.registration.field import DisplacementField
 from preprocess.registration.pair import register_pair
 from preprocess.registration.params import RegParams
-from preprocess.registration.stage_files import (
-    SCHEMA_VERSION,
-    done_settings,
-    done_spec,
-    outputs,
-    write_summary,
-)
-from preprocess.registration.work_images import WorkImage, read_codex_work, read_he_work, work_mpp  # noqa: F401
+from preprocess.registration.stage_files import done_settings, done_spec, outputs, write_summary
 from preprocess.slide_io import CodexImage, HESlide
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RegParams", "register_pair", "register_slide", "build_parser", "main"]
-
-
 def register_slide(slide: str, pairs: dict[str, tuple[Path, Path | None]], pairs_path: str, out_dir: str,
-                   params: RegParams) -> dict[str, Any]:
+                   params: RegParams, sizes: PixelSizes | None = None) -> dict[str, Any]:
     """Stage work for one slide (module level so that a process pool can pickle it); writes its outputs.
 
     ``pairs``: {slide: (H&E path, CODEX path or None)}, paths as written (links not followed); ``pairs_path``: where
-    they came from (the pairing table or the cohort folder), for messages. The record is written last: it is what
-    marks the slide as registered.
+    they came from (the pairing table or the cohort folder), for messages; ``sizes``: the slide's pixel sizes
+    (``--mpp`` / ``--codex-mpp`` or its row of the pixel-size table) replace ``params.he_mpp`` / ``codex_mpp``. The
+    record is written last: it is what marks the slide as registered.
     """
+    if sizes is not None:
+        params = dataclasses.replace(params, he_mpp=sizes.he_mpp(slide), codex_mpp=sizes.codex_mpp(slide))
     if slide not in pairs:
         raise PipelineError(f"slide {slide} is not listed in {pairs_path}")
     he_path, codex_path = pairs[slide]
@@ -200,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     px = p.add_argument_group("pixel sizes")
     px.add_argument("--mpp", type=float, help="H&E level-0 µm/px (overrides the slide metadata)")
     px.add_argument("--codex-mpp", type=float, help="CODEX level-0 µm/px (overrides the OME PhysicalSizeX)")
+    add_pixel_sizes_arg(px)
     px.add_argument("--dapi-channel", type=int, help="CODEX DAPI channel index (default: from the panel / names)")
     px.add_argument("--panel-wins", action="store_true",
                     help="use the panel's DAPI channel even when the OME channel there has another name (default: "
@@ -246,87 +238,82 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _params_from_args(args: argparse.Namespace, marker_panel: Path | None, threads: int) -> RegParams:
-    return RegParams(
-        he_mpp=args.mpp, codex_mpp=args.codex_mpp, dapi_channel=args.dapi_channel,
-        marker_panel=str(marker_panel) if marker_panel else None, panel_wins=args.panel_wins,
-        thumbnail_mpp=args.thumbnail_mpp, thumbnail_max_px=args.thumbnail_max_px, n_keypoints=args.n_keypoints,
-        block_mpp=args.block_mpp, block_size_um=args.block_size, max_blocks=args.max_blocks, upsample=args.upsample,
-        pcc_sigma=args.pcc_sigma, min_tissue=args.min_tissue, min_blocks=args.min_blocks,
-        displacement=not args.no_displacement, field_outlier_um=args.field_outlier_um,
-        min_field_blocks=args.min_field_blocks, qc_mpp=args.qc_mpp,
-        ncc_threshold=args.ncc_threshold, max_scale_dev=args.max_scale_dev, max_shear=args.max_shear,
-        write_registered=args.write_registered, tile_size=args.tile_size, threads=threads,
-    )
+@dataclass(frozen=True)
+class RegisterConfig:
+    """Stage 02's settings: the flags of ``python -m preprocess.register`` (same names); a slide's job gets them as
+    :class:`RegParams` (:meth:`params`)."""
+
+    out: Path = Path("outputs")
+    cohort: Path | None = None
+    pairs: Path | None = None
+    marker_panel: Path | None = None
+    slides: list[str] | None = None
+    overwrite: bool = False
+    workers: int = 1
+    fail_fast: bool = False
+    shard: str | None = None
+    mpp: float | None = None
+    codex_mpp: float | None = None
+    pixel_sizes: Path | None = None
+    dapi_channel: int | None = None
+    panel_wins: bool = False
+    thumbnail_mpp: float = RegParams.thumbnail_mpp
+    thumbnail_max_px: int = RegParams.thumbnail_max_px
+    n_keypoints: int = RegParams.n_keypoints
+    block_mpp: float = RegParams.block_mpp
+    block_size: float = RegParams.block_size_um
+    max_blocks: int = RegParams.max_blocks
+    upsample: int = RegParams.upsample
+    pcc_sigma: float = RegParams.pcc_sigma
+    min_tissue: float = RegParams.min_tissue
+    min_blocks: int = RegParams.min_blocks
+    no_displacement: bool = False
+    field_outlier_um: float = RegParams.field_outlier_um
+    min_field_blocks: int = RegParams.min_field_blocks
+    qc_mpp: float = RegParams.qc_mpp
+    ncc_threshold: float = RegParams.ncc_threshold
+    max_scale_dev: float = RegParams.max_scale_dev
+    max_shear: float = RegParams.max_shear
+    write_registered: bool = False
+    tile_size: int = RegParams.tile_size
+
+    def params(self, marker_panel: Path | None, threads: int) -> RegParams:
+        """The registration parameters of every slide (``marker_panel``: the resolved panel)."""
+        return RegParams(
+            he_mpp=self.mpp, codex_mpp=self.codex_mpp, dapi_channel=self.dapi_channel,
+            marker_panel=str(marker_panel) if marker_panel else None, panel_wins=self.panel_wins,
+            thumbnail_mpp=self.thumbnail_mpp, thumbnail_max_px=self.thumbnail_max_px, n_keypoints=self.n_keypoints,
+            block_mpp=self.block_mpp, block_size_um=self.block_size, max_blocks=self.max_blocks,
+            upsample=self.upsample, pcc_sigma=self.pcc_sigma, min_tissue=self.min_tissue, min_blocks=self.min_blocks,
+            displacement=not self.no_displacement, field_outlier_um=self.field_outlier_um,
+            min_field_blocks=self.min_field_blocks, qc_mpp=self.qc_mpp, ncc_threshold=self.ncc_threshold,
+            max_scale_dev=self.max_scale_dev, max_shear=self.max_shear, write_registered=self.write_registered,
+            tile_size=self.tile_size, threads=threads,
+        )
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    """Invalid values stop before any work (one line naming the flag)."""
+def make_config(args: argparse.Namespace) -> RegisterConfig:
+    """The flags as a :class:`RegisterConfig`; invalid values stop before any work (one line naming the flag)."""
     for name, v in (("--mpp", args.mpp), ("--codex-mpp", args.codex_mpp), ("--block-size", args.block_size),
                     ("--thumbnail-mpp", args.thumbnail_mpp), ("--qc-mpp", args.qc_mpp),
                     ("--block-mpp", args.block_mpp), ("--field-outlier-um", args.field_outlier_um)):
-        if v is not None and not v > 0:
-            raise PipelineError(f"{name} must be positive (got {v})")
+        require(v is None or v > 0, f"{name} must be positive (got {v})")
     for name, v, lo in (("--upsample", args.upsample, 1), ("--workers", args.workers, 1),
                         ("--thumbnail-max-px", args.thumbnail_max_px, 64), ("--n-keypoints", args.n_keypoints, 10),
                         ("--max-blocks", args.max_blocks, 1), ("--min-blocks", args.min_blocks, 1),
                         ("--tile-size", args.tile_size, 16), ("--dapi-channel", args.dapi_channel, 0)):
-        if v is not None and v < lo:
-            raise PipelineError(f"{name} must be >= {lo} (got {v})")
-    if not 0 <= args.min_tissue <= 1:
-        raise PipelineError(f"--min-tissue must be in [0, 1] (got {args.min_tissue})")
+        require(v is None or v >= lo, f"{name} must be >= {lo} (got {v})")
+    require(0 <= args.min_tissue <= 1, f"--min-tissue must be in [0, 1] (got {args.min_tissue})")
+    require(args.pairs is not None or args.cohort is not None,
+            "give --cohort (a folder with pairs.csv, or he/ and codex/) or --pairs")
+    return config_from_args(RegisterConfig, args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    reg_dir = args.out / "registration"
-    setup_logging()
-    try:
-        ensure_writable(reg_dir)
-    except PipelineError as e:
-        log.error("%s", e)
-        return 2
-    setup_logging(reg_dir / "register.log")
-    _route_palom_logs()
-    try:
-        _check_args(args)
-        if args.pairs is None and args.cohort is None:
-            raise PipelineError("give --cohort (a folder with pairs.csv, or he/ and codex/) or --pairs")
-        if args.cohort is not None and not args.cohort.is_dir():
-            raise PipelineError(f"cohort folder not found: {args.cohort}")
-        cohort = resolve_slides(args.cohort, pairs=args.pairs, need_codex=True)
-        pairs_path = cohort.source
-        pairs = cohort.pairs()
-        slides = shard_slides(select_slides(cohort.ids, args.slides, pairs_path), args.shard)
-        panel = args.marker_panel
-        if panel is None and args.cohort is not None and (args.cohort / "marker_panel.csv").exists():
-            panel = args.cohort / "marker_panel.csv"
-        if panel is not None and not Path(panel).is_file():
-            raise PipelineError(f"marker panel not found: {panel} (--marker-panel)")
-        workers = max(1, min(args.workers, len(slides)))
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        params = _params_from_args(args, panel, threads)
-        spec = done_spec(args, pairs, params)
-        if not args.overwrite:
-            done_mod.stop_on_conflicts(spec, slides, "register")
-    except PipelineError as e:
-        log.error("%s", e)
-        return 2
-    cfg = vars(args).copy()
-    cfg.update(pairs=pairs_path, marker_panel=str(panel) if panel else None, resolved_params=asdict(params),
-               slides=slides, done_settings=done_settings(params), schema_version=SCHEMA_VERSION)
-    save_config(reg_dir, cfg, name=shard_config_name(args.shard))
-    log.info("registering %d slides from %s into %s", len(slides), pairs_path, reg_dir)
-    work = functools.partial(register_slide, pairs=pairs, pairs_path=pairs_path, out_dir=str(args.out),
-                             params=params)
-    try:
-        report = run_slides(slides, work, overwrite=args.overwrite, workers=workers, skip_errors=not args.fail_fast,
-                            desc="register", outputs=functools.partial(outputs, out_dir=args.out), done=spec)
-    except PipelineError as e:  # --fail-fast (conflicts were checked above)
-        log.error("%s", e)
-        return 1
-    summary = reg_dir / ("summary.csv" if not args.shard else shard_config_name(args.shard, "summary")[:-5] + ".csv")
-    rows = write_summary(summary, slides, args.out, report.failed)
+def _finish(report: StageReport, cfg: RegisterConfig, slides: list[str]) -> int:
+    """The summary table, the flagged slides, and the last line ``registration: ...; N flagged; summary in ...``."""
+    reg_dir = art.REGISTRATION.dir(cfg.out)
+    summary = reg_dir / ("summary.csv" if not cfg.shard else shard_config_name(cfg.shard, "summary")[:-5] + ".csv")
+    rows = write_summary(summary, slides, cfg.out, report.failed)
     flagged = [r for r in rows if r["status"] == "flagged"]
     if flagged:
         log.warning("%d flagged slides (check their _qc.png): %s", len(flagged),
@@ -334,5 +321,41 @@ def main(argv: list[str] | None = None) -> int:
     return report.finish("registration", f"{len(flagged)} flagged; summary in {summary}")
 
 
+def plan(cfg: RegisterConfig) -> SlideJob:
+    """The pairs of this run, the resolved panel and parameters, and what makes each slide done."""
+    if cfg.cohort is not None and not cfg.cohort.is_dir():
+        raise PipelineError(f"cohort folder not found: {cfg.cohort}")
+    cohort = resolve_slides(cfg.cohort, pairs=cfg.pairs, need_codex=True)
+    pairs_path = cohort.source
+    pairs = cohort.pairs()
+    slides = shard_slides(select_slides(cohort.ids, cfg.slides, pairs_path), cfg.shard)
+    panel = cfg.marker_panel
+    if panel is None and cfg.cohort is not None and (cfg.cohort / "marker_panel.csv").exists():
+        panel = cfg.cohort / "marker_panel.csv"
+    if panel is not None and not Path(panel).is_file():
+        raise PipelineError(f"marker panel not found: {panel} (--marker-panel)")
+    sizes = resolve_pixel_sizes(cfg.pixel_sizes, cfg.cohort, pairs, he_mpp=cfg.mpp, codex_mpp=cfg.codex_mpp)
+    workers = max(1, min(cfg.workers, len(slides)))
+    params = cfg.params(panel, threads=max(1, (os.cpu_count() or 1) // workers))
+    _route_palom_logs()
+    log.info("registering %d slides from %s into %s", len(slides), pairs_path, art.REGISTRATION.dir(cfg.out))
+    work = functools.partial(register_slide, pairs=pairs, pairs_path=pairs_path, out_dir=str(cfg.out),
+                             params=params, sizes=sizes)
+    return SlideJob(art.REGISTRATION.dir(cfg.out), slides, work, done=done_spec(cfg.out, pairs, params, sizes),
+                    config=cfg, overwrite=cfg.overwrite, workers=workers, fail_fast=cfg.fail_fast, shard=cfg.shard,
+                    outputs=functools.partial(outputs, out_dir=cfg.out), log_name="register.log",
+                    finish=functools.partial(_finish, cfg=cfg, slides=slides),
+                    extra_config={"pairs": pairs_path, "marker_panel": str(panel) if panel else None,
+                                  "resolved_params": asdict(params), "slides": slides,
+                                  "done_settings": done_settings(params), "pixel_sizes_resolved": sizes.path})
+
+
+STAGE = Stage("register", build_parser, make_config, plan=plan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return STAGE.main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -133,10 +133,6 @@ def registration_tissue_mask(rgb: np.ndarray, mpp: float, min_od: float = 0.1, s
     return mask.astype(bool)
 
 
-tissue_mask = registration_tissue_mask
-"""Former name (same function)."""
-
-
 def robust_normalize(img: np.ndarray, mask: np.ndarray | None = None, pct: tuple[float, float] = (1, 99.5)
                      ) -> np.ndarray:
     """Rescale to [0, 1] between percentiles (taken inside ``mask`` when given); float32."""

@@ -1,5 +1,9 @@
 """Slide readers: H&E whole-slide images (OpenSlide) and CODEX pyramidal OME-TIFFs (tifffile + zarr).
 
+Which slides a run has is :func:`pipeline.cohort.resolve_slides`; which channel holds a marker is
+:mod:`preprocess.panel`; a pixel size the metadata lacks or gets wrong comes from ``--mpp`` / ``--codex-mpp`` or a
+per-slide table (:mod:`preprocess.pixel_sizes`).
+
 Conventions (docs/FORMATS.md): pixel (x, y) = (column, row); level-0 coordinates; a level with downsample d
 has its pixel c centred on level-0 coordinate (c + 0.5) * d - 0.5. Readers open lazily, work as context
 managers, and never load a whole level-0 image unless asked to.
@@ -14,9 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cohort import HE_EXTENSIONS  # noqa: F401 (re-exported)
 from pipeline.errors import PipelineError
-from preprocess.panel import read_marker_panel, resolve_channel_map, resolve_channels  # noqa: F401 (re-exported)
 from preprocess.pyramid import MPP_TOLERANCE, choose_level, same_mpp
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ class HESlide:
         if mx is None and my is None:
             raise PipelineError(
                 f"the H&E slide {self.path} has no microns-per-pixel in its metadata; pass --mpp (level-0 µm/px, "
-                "e.g. 0.25 for 40x, 0.5 for 20x)"
+                "e.g. 0.25 for 40x, 0.5 for 20x), or give this slide's he_mpp in a pixel-size table (--pixel-sizes)"
             )
         mx, my = mx or my, my or mx
         if not same_mpp(mx, my, MPP_TOLERANCE):
@@ -242,7 +244,8 @@ class CodexImage:
         self.mpp = float(mpp) if mpp else ome_mpp
         if not self.mpp:
             raise PipelineError(
-                f"the CODEX image {self.path} has no PhysicalSizeX in its OME-XML; pass --codex-mpp (µm/px)"
+                f"the CODEX image {self.path} has no PhysicalSizeX in its OME-XML; pass --codex-mpp (µm/px), or "
+                "give this slide's codex_mpp in a pixel-size table (--pixel-sizes)"
             )
         store = series.aszarr()
         grp = zarr.open(store, mode="r")
@@ -306,34 +309,3 @@ class CodexImage:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# pairs and slide folders
-
-
-def read_pairs(path: str | os.PathLike) -> dict[str, tuple[Path, Path | None]]:
-    """Read ``pairs.csv`` (``he_slide,codex_image``, paths relative to the CSV's folder) -> {slide: (he, codex)}.
-
-    The rules of :func:`pipeline.cohort.resolve_slides` (ids from the names as written, links kept, one file per
-    id, every H&E file present). An empty ``codex_image`` cell gives ``None``: that slide fails in the stages that
-    need its CODEX (with a message naming the table), the others go on.
-    """
-    from pipeline.cohort import resolve_slides
-
-    return resolve_slides(pairs=path).pairs()
-
-
-def list_he_slides(folder: str | os.PathLike) -> dict[str, Path]:
-    """H&E slides in a folder by slide id (file name up to the first dot); two files with one id stop the run."""
-    from pipeline.cohort import resolve_slides
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PipelineError(f"H&E folder not found: {folder}")
-    try:
-        return resolve_slides(he=[folder]).he_paths()
-    except PipelineError as e:
-        if "no H&E slides found" in str(e):
-            return {}
-        raise

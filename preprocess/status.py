@@ -5,7 +5,8 @@
 A stage counts as done for a slide when its output exists under its final name (every stage writes atomically, so
 a name that exists is a complete file; HDF5 outputs are also opened) and, for the stages that keep done-records
 (``{folder}/done/{slide}.json``, :mod:`pipeline.done`), its record is there and its input files are the ones it
-was made from. The stages (OUT-relative; ``{E}``/``{R}``: one column per folder or file found):
+was made from. The stages are the per-slide artifacts of :mod:`pipeline.artifacts` (OUT-relative; ``{E}``/``{R}``:
+one column per encoder / run folder or file found):
 
 <STAGE TABLE>
 
@@ -25,10 +26,12 @@ import csv
 import json
 import logging
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from pipeline import artifacts as art
+from pipeline.cli import Stage, config_from_args
 from pipeline.done import DONE_DIR, changed_inputs, read_failure
 from pipeline.errors import PipelineError
 
@@ -46,42 +49,55 @@ class StageState:
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One status column (the one table of stages: the docstring's list is made from it).
+class StageColumn:
+    """One status column, made from an artifact of the registry (the docstring's list is made from them).
 
     Attributes:
         name: column name; ``{E}``/``{R}`` in it makes one column per match of the same part of ``output``.
         output: the slide's output under OUT (``{slide}``; without ``{slide}`` the slide is a dataset in the file).
         records: folder under OUT whose ``done/`` holds the done- and failure records, or None.
-        logs: folder under OUT with the stage's ``*.log`` / ``summary*.csv`` (default: ``records``, else the
-            output's folder).
+        logs: folder under OUT with the stage's ``*.log`` / ``summary*.csv``.
+        key: the artifact's registry key.
         note: what else marks the state (for the docstring).
     """
 
     name: str
     output: str
-    records: str | None = None
-    logs: str | None = None
+    records: str | None
+    logs: str
+    key: str
     note: str = ""
 
-    @property
-    def log_folder(self) -> str:
-        return self.logs or self.records or str(Path(self.output).parent)
+
+_TEMPLATE_VAR = re.compile(r"\{(?!slide\})(\w)\w*\}")
 
 
-STAGES: tuple[Stage, ...] = (
-    Stage("patch", "patches/{slide}.h5", "patches"),
-    Stage("registration", "registration/{slide}.json", "registration",
-          note='its "status": ok = done, flagged = flagged (with its "reason")'),
-    Stage("markers", "markers/{slide}.csv", "markers"),
-    Stage("he_patches", "he_patches/{slide}.h5", "he_patches"),
-    Stage("hex_pred", "hex_pred/{slide}.h5", "hex_pred"),
-    Stage("virtual_codex", "virtual_codex/{slide}.json", "virtual_codex"),
-    Stage("features/{E}", "features/{E}/h5_files/{slide}.h5", "features/{E}", note="one column per encoder folder E"),
-    Stage("codex_features/{E}", "codex_features/{E}.h5", logs="codex_features/{E}",
-          note="a dataset named after the slide in the file"),
-    Stage("ig/{R}", "mica_runs/{R}/ig/{slide}.h5", note="one column per MICA run R"),
-)
+def _short(template: str) -> str:
+    """``features/{encoder}`` -> ``features/{E}``: the registry's variables as one capital letter."""
+    return _TEMPLATE_VAR.sub(lambda m: "{" + m.group(1).upper() + "}", template)
+
+
+def stage_columns(registry: dict[str, art.Artifact] = art.REGISTRY) -> tuple[StageColumn, ...]:
+    """The status columns: every per-slide artifact of ``registry`` (``{slide}`` in its name, or done-records), and
+    the cohort-wide files whose ``column`` names one; in registry order (stage order)."""
+    cols = []
+    for a in registry.values():
+        if a.column == "" or (a.column is None and "{slide}" not in a.name and not a.records):
+            continue
+        output = _short(a.template())
+        records = _short(a.folder) if a.records else None
+        notes = []
+        if a.key == art.REGISTRATION.key:
+            notes.append('its "status": ok = done, flagged = flagged (with its "reason")')
+        if "{slide}" not in output:
+            notes.append("a dataset named after the slide in the file")
+        notes += [f"one column per {v} found" for v in re.findall(r"\{(?!slide\})(\w+)\}", a.template())]
+        cols.append(StageColumn(_short(a.column or a.folder), output, records, records or str(Path(output).parent),
+                                a.key, "; ".join(notes)))
+    return tuple(cols)
+
+
+STAGES: tuple[StageColumn, ...] = stage_columns()
 _NOT_SLIDES = {"summary", "config", "normalization", "run"}
 _VAR = re.compile(r"\{([A-Z])\}")
 
@@ -107,6 +123,7 @@ class Column:
     output: str
     records: str | None
     logs: str
+    key: str
 
     @property
     def per_file(self) -> bool:
@@ -126,7 +143,7 @@ def columns(out: Path) -> list[Column]:
     cols = []
     for st in STAGES:
         if not _VAR.search(st.name):
-            cols.append(Column(st.name, st.output, st.records, st.log_folder))
+            cols.append(Column(st.name, st.output, st.records, st.logs, st.key))
             continue
         base = st.output.split("{slide}")[0].rstrip("/") if "{slide}" in st.output else st.output
         rx = re.compile("^" + re.sub(r"\\\{([A-Z])\\\}", r"(?P<\1>[^/]+)", re.escape(base)) + "$")
@@ -136,7 +153,7 @@ def columns(out: Path) -> list[Column]:
                 continue
             v = m.groupdict()
             cols.append(Column(_fill(st.name, v), _fill(st.output, v), _fill(st.records, v) if st.records else None,
-                               _fill(st.log_folder, v)))
+                               _fill(st.logs, v), st.key))
     return cols
 
 
@@ -168,7 +185,7 @@ def _output_state(col: Column, out: Path, slide: str) -> StageState | None:
         err = _h5_ok(path)
         if err:
             return StageState("failed", err)
-    if col.name == "registration":
+    if col.key == art.REGISTRATION.key:
         try:
             rec = json.loads(path.read_text())
         except (OSError, ValueError) as e:
@@ -308,24 +325,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        slides = None
-        if args.cohort is not None:
-            from pipeline.cohort import resolve_slides
+@dataclass(frozen=True)
+class StatusConfig:
+    """The arguments of ``python -m preprocess.status``; it logs warnings and errors only (the table is printed)."""
 
-            if not args.cohort.is_dir():
-                raise PipelineError(f"cohort folder not found: {args.cohort}")
-            slides = resolve_slides(args.cohort, require_he=False).ids
-        table = slide_status(args.out, slides)
-    except PipelineError as e:
-        log.error("%s", e)
-        return 2
-    print(format_status(table))
+    out: Path
+    cohort: Path | None = None
+    log_level: str = "WARNING"
+
+
+def make_config(args: argparse.Namespace) -> StatusConfig:
+    return config_from_args(StatusConfig, args)
+
+
+def run(cfg: StatusConfig, ctx: Any) -> int:
+    """Print the table of ``cfg.out`` (the cohort's slides with ``cfg.cohort``); 0, it only reports."""
+    slides = None
+    if cfg.cohort is not None:
+        from pipeline.cohort import resolve_slides
+
+        if not cfg.cohort.is_dir():
+            raise PipelineError(f"cohort folder not found: {cfg.cohort}")
+        slides = resolve_slides(cfg.cohort, require_he=False).ids
+    print(format_status(slide_status(cfg.out, slides)))
     return 0
 
 
+STAGE = Stage("status", build_parser, make_config, run=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return STAGE.main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

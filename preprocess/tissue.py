@@ -108,10 +108,6 @@ def grid_tissue_mask(rgb: np.ndarray, thumb_mpp: float,
     return mask.astype(bool), float(thr)
 
 
-tissue_mask = grid_tissue_mask
-"""The name ``hex.wsi_tiles`` and older code import (same function)."""
-
-
 def patch_tissue_fraction(mask: np.ndarray, downsample: float, coords: np.ndarray, size_level0: float) -> np.ndarray:
     """Exact fraction of each square patch covered by the thumbnail mask.
 

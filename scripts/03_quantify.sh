@@ -6,6 +6,7 @@
 # goes to it) with --labelled-only: it stores the slides quantify labelled and names the ones it failed. The store
 # runs even when quantify failed for some slides; a quantify that stopped before any slide (exit 2: bad input or
 # flags) stops the stage. The last line says how each step ended; the exit status is non-zero when either failed.
+# Both steps and these rules are python -m preprocess.labels; this script passes it the variables below.
 # Arguments of this script go to both steps (use flags both take, e.g. --overwrite, --slides ..., --fail-fast):
 # bash scripts/03_quantify.sh --overwrite redoes the labels and the patch stores.
 # Job arrays: run every task with SHARD=i/n (pass 1 + patch store only; labels do not exist before the
@@ -21,42 +22,7 @@ NORMALIZE_ONLY=${NORMALIZE_ONLY:-}       # 1: only the normalisation step (after
 EXTRA=${EXTRA:-}                         # more flags for preprocess.quantify, e.g. "--legacy-columns --allow-flagged"
 STORE_EXTRA=${STORE_EXTRA:-}             # more flags for preprocess.patch_store, e.g. "--png" or "--compression jpeg"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-require_module preprocess.quantify preprocess.patch_store preprocess.normalize
-if [ -n "$NORMALIZE_ONLY" ]; then
-  # shellcheck disable=SC2086
-  exec python -m preprocess.normalize --cohort "$COHORT" --out "$OUT" ${FIT_SPLIT:+--fit-split "$FIT_SPLIT"} \
-    $EXTRA "$@"
-fi
-hint="python -m preprocess.status $OUT lists the failed slides"
-set +e
-# shellcheck disable=SC2086
-python -m preprocess.quantify --cohort "$COHORT" --out "$OUT" --workers "$WORKERS" ${SHARD:+--shard "$SHARD"} \
-  ${FIT_SPLIT:+--fit-split "$FIT_SPLIT"} $EXTRA "$@"
-q=$?
-set -e
-case $q in
-  0) q_msg="quantify: ok" ;;
-  1) q_msg="quantify failed for some slides (exit 1)" ;;
-  2) echo "stage 03: quantify stopped before any slide (exit 2: bad input or flags, see above); patch store not run" >&2
-     exit 2 ;;
-  *) echo "stage 03: quantify ended with exit $q; patch store not run" >&2
-     exit "$q" ;;
-esac
-SELECT=(--labelled-only)                 # only the slides quantify labelled
-case " $EXTRA $* " in                    # pass 1 only: the labels come with NORMALIZE_ONLY=1, store every slide
-  *" --no-normalize "*) SELECT=() ;;
-esac
-if [ -n "$SHARD" ]; then SELECT=(); fi
-set +e
-# shellcheck disable=SC2086
-python -m preprocess.patch_store --cohort "$COHORT" --out "$OUT" --workers "$WORKERS" ${SHARD:+--shard "$SHARD"} \
-  ${SELECT[@]+"${SELECT[@]}"} $STORE_EXTRA "$@"
-s=$?
-set -e
-if [ "$s" -eq 0 ]; then s_msg="patch store: ok"; else s_msg="patch store failed (exit $s)"; fi
-if [ "$q" -ne 0 ] || [ "$s" -ne 0 ]; then
-  echo "stage 03: $q_msg; $s_msg ($hint)" >&2
-  if [ "$q" -ne 0 ]; then exit "$q"; fi
-  exit "$s"
-fi
-echo "stage 03: $q_msg; $s_msg" >&2
+require_module preprocess.labels preprocess.quantify preprocess.patch_store preprocess.normalize
+python -m preprocess.labels --cohort "$COHORT" --out "$OUT" --workers "$WORKERS" ${SHARD:+--shard "$SHARD"} \
+  ${FIT_SPLIT:+--fit-split "$FIT_SPLIT"} ${NORMALIZE_ONLY:+--normalize-only} --quantify-flags="$EXTRA" \
+  --store-flags="$STORE_EXTRA" -- "$@"

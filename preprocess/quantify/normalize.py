@@ -19,6 +19,7 @@ changed, those of cohort slides outside this run's ``--slides``. Raw means made 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -28,15 +29,25 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.cohort import read_split
+from pipeline import artifacts as art
+from pipeline.cli import require
+from pipeline.cohort import select_slides
 from pipeline.done import diff_settings
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_text, remove_outputs, write_json
-from preprocess.quantify.raw import label_csv_path, load_raw, raw_csv_path, raw_meta_path, read_record
+from pipeline.tables import read_split
+from preprocess.quantify.raw import (
+    SLIDE_SETTINGS,
+    label_csv_path,
+    load_raw,
+    raw_csv_path,
+    raw_dir,
+    raw_meta_path,
+    read_record,
+)
+from preprocess.quantify.tables import Tables, resolve_tables
 
 log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 2
 
 
 def compute_normalization(values: np.ndarray, markers: list[str], low_pct: float, high_pct: float) -> dict:
@@ -49,7 +60,7 @@ def compute_normalization(values: np.ndarray, markers: list[str], low_pct: float
     flat = [m for m, a, b in zip(markers, lo, hi) if not b > a]
     if flat:
         log.warning("markers with P%g == P%g over the fit slides (normalised to 0): %s", high_pct, low_pct, flat)
-    return {"schema_version": SCHEMA_VERSION, "markers": markers, "percentiles": [low_pct, high_pct],
+    return {"schema_version": art.NORMALIZATION.schema, "markers": markers, "percentiles": [low_pct, high_pct],
             "values": [lo.tolist(), hi.tolist()], "n_patches": int(len(values)),
             "formula": "clip((raw - values[0]) / (values[1] - values[0]), 0, 1); 0 where values[1] <= values[0]"}
 
@@ -104,19 +115,20 @@ def fresh_slides(out: str | os.PathLike, slides: list[str], drop_stale_labels: b
 
 
 def check_pass1_settings(out: str | os.PathLike, slides: list[str]) -> dict:
-    """The pass-1 settings shared by the raw means of ``slides``; raw means made two ways stop (one line)."""
+    """The pass-1 settings shared by the raw means of ``slides`` (a slide's own pixel size aside,
+    :data:`~preprocess.quantify.raw.SLIDE_SETTINGS`); raw means made two ways stop (one line)."""
     groups: dict[str, list[str]] = {}
     settings: dict[str, dict] = {}
     for s in slides:
         rec, _ = read_record(out, s)
-        st = (rec or {}).get("settings", {})
+        st = {k: v for k, v in (rec or {}).get("settings", {}).items() if k not in SLIDE_SETTINGS}
         key = json.dumps(st, sort_keys=True)
         groups.setdefault(key, []).append(s)
         settings[key] = st
     if len(groups) > 1:
         (a, sa), (b, sb) = list(groups.items())[:2]
         raise PipelineError(
-            f"the raw marker means in {Path(out) / 'markers' / 'raw'} were made with different settings: "
+            f"the raw marker means in {raw_dir(out)} were made with different settings: "
             f"{', '.join(diff_settings(settings[a], settings[b]))} ({', '.join(sa[:3])} vs {', '.join(sb[:3])}); "
             "rerun `python -m preprocess.quantify` with one set of settings and --overwrite")
     return next(iter(settings.values()), {})
@@ -175,7 +187,7 @@ def normalize_cohort(out: str | os.PathLike, slides: list[str], markers: list[st
         norm = {k: v for k, v in fixed.items() if k != "settings"} | {"applied_to": list(slides),
                                                                         "min_coverage": min_coverage}
     norm["settings"] = dict(settings or {})
-    norm_path = out / "markers" / "normalization.json"
+    norm_path = art.NORMALIZATION.path(out)
     prev = _read_json(norm_path)
     if prev is not None and prev.get("settings") and prev["settings"] != norm["settings"]:
         log.info("normalisation settings changed since the last run: %s; relabelling",
@@ -215,7 +227,22 @@ def _read_json(path: Path) -> dict | None:
 # the step's options (shared by ``python -m preprocess.normalize`` and ``python -m preprocess.quantify``)
 
 
-def add_normalization_args(p) -> None:
+@dataclass(frozen=True, kw_only=True)
+class NormSettings:
+    """The flags of the normalisation step (:func:`add_normalization_args`), same names; the configs of both
+    stage-03 commands extend it."""
+
+    fit_slides: list[str] | None = None
+    fit_split: Path | None = None
+    fit_column: str = "train"
+    min_coverage: float = 0.95
+    low_pct: float = 1.0
+    high_pct: float = 99.0
+    normalization: Path | None = None
+    legacy_columns: bool = False
+
+
+def add_normalization_args(p: argparse.ArgumentParser) -> None:
     """Flags of the normalisation step."""
     g = p.add_argument_group("normalisation (pass 2; runs once, after every shard of pass 1)")
     g.add_argument("--fit-slides", nargs="+", metavar="SLIDE",
@@ -235,13 +262,13 @@ def add_normalization_args(p) -> None:
                    help="also write mean_intensity_channel{1..K} columns (the original HEX CSV layout)")
 
 
-def check_normalization_args(args) -> None:
-    if not (0 <= args.low_pct < args.high_pct <= 100):
-        raise PipelineError(f"need 0 <= --low-pct < --high-pct <= 100 (got {args.low_pct}, {args.high_pct})")
-    if not 0 <= args.min_coverage <= 1:
-        raise PipelineError(f"--min-coverage must be in [0, 1] (got {args.min_coverage})")
-    if sum(x is not None for x in (args.fit_slides, args.fit_split, args.normalization)) > 1:
-        raise PipelineError("give at most one of --fit-slides, --fit-split and --normalization")
+def check_normalization_args(args: argparse.Namespace) -> None:
+    """One line for a normalisation flag out of range or two fit sets at once (before any work)."""
+    require(0 <= args.low_pct < args.high_pct <= 100,
+            f"need 0 <= --low-pct < --high-pct <= 100 (got {args.low_pct}, {args.high_pct})")
+    require(0 <= args.min_coverage <= 1, f"--min-coverage must be in [0, 1] (got {args.min_coverage})")
+    require(sum(x is not None for x in (args.fit_slides, args.fit_split, args.normalization)) <= 1,
+            "give at most one of --fit-slides, --fit-split and --normalization")
 
 
 @dataclass(frozen=True)
@@ -254,14 +281,14 @@ class NormPlan:
     fixed: dict | None = None
 
 
-def plan_normalization(args, markers: list[str], cohort_ids: list[str]) -> NormPlan:
+def plan_normalization(cfg: NormSettings, markers: list[str], cohort_ids: list[str]) -> NormPlan:
     """Read ``--fit-split`` / ``--fit-slides`` / ``--normalization`` and check them against the cohort."""
-    if args.normalization is not None:
-        return NormPlan(fixed=load_normalization(args.normalization, markers), source=str(args.normalization))
-    if args.fit_split is not None:
-        fit, source = read_split(args.fit_split, args.fit_column), f"column {args.fit_column!r} of {args.fit_split}"
-    elif args.fit_slides:
-        fit, source = list(args.fit_slides), "--fit-slides"
+    if cfg.normalization is not None:
+        return NormPlan(fixed=load_normalization(cfg.normalization, markers), source=str(cfg.normalization))
+    if cfg.fit_split is not None:
+        fit, source = read_split(cfg.fit_split, cfg.fit_column), f"column {cfg.fit_column!r} of {cfg.fit_split}"
+    elif cfg.fit_slides:
+        fit, source = list(cfg.fit_slides), "--fit-slides"
     else:
         return NormPlan()
     unknown = [s for s in fit if s not in set(cohort_ids)]
@@ -271,48 +298,38 @@ def plan_normalization(args, markers: list[str], cohort_ids: list[str]) -> NormP
     return NormPlan(fit=fit, source=source)
 
 
-def resolve_run(args, check=None):
-    """What both stage-03 commands start with: the output folder checked writable, logging to
-    ``OUT/markers/run.log``, the checks, and the inputs: (Tables, the ``--slides`` of the cohort, NormPlan)."""
-    from pipeline.cohort import select_slides
-    from pipeline.io import ensure_writable
-    from pipeline.logs import setup_logging
-    from preprocess.quantify.tables import resolve_tables
-
-    setup_logging()
-    ensure_writable(Path(args.out) / "markers")
-    setup_logging(Path(args.out) / "markers" / "run.log")
-    check_normalization_args(args)
-    if check is not None:
-        check(args)
-    tables = resolve_tables(args)
-    plan = plan_normalization(args, tables.markers, tables.ids)
-    return tables, select_slides(tables.ids, args.slides, tables.source), plan
+def resolve_inputs(cfg: NormSettings, cohort: Path | None, pairs: Path | None, panel: Path | None,
+                   num_markers: int, slides: list[str] | None) -> tuple[Tables, list[str], NormPlan]:
+    """What both stage-03 commands start with: the cohort's slides and panel (:func:`resolve_tables`), the
+    ``--slides`` among them, and the normalisation's plan."""
+    tables = resolve_tables(cohort, pairs, panel, num_markers)
+    plan = plan_normalization(cfg, tables.markers, tables.ids)
+    return tables, select_slides(tables.ids, slides, tables.source), plan
 
 
-def run_normalization(args, out: Path, candidates: list[str], markers: list[str], plan: NormPlan,
+def run_normalization(cfg: NormSettings, out: Path, candidates: list[str], markers: list[str], plan: NormPlan,
                       others: list[str] | None = None) -> Normalisation:
-    """Normalise the fresh slides among ``candidates`` with the options of :func:`add_normalization_args`."""
+    """Normalise the fresh slides among ``candidates`` with the settings ``cfg``."""
     slides = fresh_slides(out, candidates)
     if not slides:
-        raise PipelineError(f"no slide has fresh raw marker means in {Path(out) / 'markers' / 'raw'}; run "
+        raise PipelineError(f"no slide has fresh raw marker means in {raw_dir(out)}; run "
                             "`python -m preprocess.quantify` (pass 1) first")
     if plan.fit is not None:
         missing = [s for s in plan.fit if s not in slides]
         if missing:
             raise PipelineError(f"fit slides {missing[:5]} (from {plan.source}) have no fresh raw marker means in "
-                                f"{Path(out) / 'markers' / 'raw'}; quantify them first or drop them from the fit set")
+                                f"{raw_dir(out)}; quantify them first or drop them from the fit set")
     pass1 = check_pass1_settings(out, sorted(set(slides) | set(plan.fit or [])))
-    settings = {"mode": "fixed", "normalization_file": str(args.normalization),
-                "min_coverage": args.min_coverage} if plan.fixed else {
+    settings = {"mode": "fixed", "normalization_file": str(cfg.normalization),
+                "min_coverage": cfg.min_coverage} if plan.fixed else {
         "mode": "fit", "fit_slides": plan.fit if plan.fit is not None else sorted(slides), "fit_source": plan.source,
-        "low_pct": args.low_pct, "high_pct": args.high_pct, "min_coverage": args.min_coverage}
-    settings |= {"legacy_columns": bool(args.legacy_columns), "pass1": pass1}
-    res = normalize_cohort(out, slides, markers, args.min_coverage, args.low_pct, args.high_pct,
-                           args.legacy_columns, plan.fixed, plan.fit, settings, others)
+        "low_pct": cfg.low_pct, "high_pct": cfg.high_pct, "min_coverage": cfg.min_coverage}
+    settings |= {"legacy_columns": bool(cfg.legacy_columns), "pass1": pass1}
+    res = normalize_cohort(out, slides, markers, cfg.min_coverage, cfg.low_pct, cfg.high_pct,
+                           cfg.legacy_columns, plan.fixed, plan.fit, settings, others)
     flagged = [s for s in slides if (_read_json(raw_meta_path(out, s)) or {}).get("registration_status") == "flagged"]
     if flagged:
         log.warning("the labels of %s come from flagged registrations (quantified with --allow-flagged)",
                     ", ".join(flagged))
-    log.info("normalisation: %s into %s", res.summary, Path(out) / "markers")
+    log.info("normalisation: %s into %s", res.summary, art.LABELS.dir(out))
     return res

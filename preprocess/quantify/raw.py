@@ -19,32 +19,41 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.done import DONE_DIR, changed_inputs
+from pipeline import artifacts as art
+from pipeline.done import changed_inputs
 from pipeline.errors import PipelineError
 from pipeline.io import write_json
 
 log = logging.getLogger(__name__)
 
 RAW_META_COLUMNS = ["slide", "index", "x", "y", "coverage", "n_codex_px"]
-RAW_SCHEMA = 2
-"""Version of the pass-1 files (the done-record's ``schema``)."""
+RAW_SCHEMA = art.LABELS.schema
+"""Version of the pass-1 files (the done-record's ``schema``: the labels artifact's in :mod:`pipeline.artifacts`)."""
+SLIDE_SETTINGS = ("codex_mpp",)
+"""Done-record settings that belong to one slide (its pixel size, from ``--codex-mpp`` or the pixel-size table),
+not to the run: raw means made with different values of these are pooled by the normalisation."""
+
+
+def raw_dir(out: str | os.PathLike) -> Path:
+    """``OUT/markers/raw``: the raw means of pass 1 and their sidecars."""
+    return art.LABELS.dir(out) / "raw"
 
 
 def raw_csv_path(out: str | os.PathLike, slide_id: str) -> Path:
-    return Path(out) / "markers" / "raw" / f"{slide_id}.csv"
+    return raw_dir(out) / f"{slide_id}.csv"
 
 
 def raw_meta_path(out: str | os.PathLike, slide_id: str) -> Path:
-    return Path(out) / "markers" / "raw" / f"{slide_id}.json"
+    return raw_dir(out) / f"{slide_id}.json"
 
 
 def label_csv_path(out: str | os.PathLike, slide_id: str) -> Path:
-    return Path(out) / "markers" / f"{slide_id}.csv"
+    return art.LABELS.path(out, slide_id)
 
 
 def record_path(out: str | os.PathLike, slide_id: str) -> Path:
     """The pass-1 done-record of a slide (``markers/done/{slide}.json``)."""
-    return Path(out) / "markers" / DONE_DIR / f"{slide_id}.json"
+    return art.LABELS.records_dir(out) / f"{slide_id}.json"
 
 
 def write_raw_meta(out: str | os.PathLike, slide_id: str, meta: dict[str, Any]) -> None:

@@ -1,4 +1,56 @@
-"""Stage 03 pass 1 per slide (raw means through the registration) and the ``python -m preprocess.quantify`` CLI.
+"""Stage 03: mean intensity of every CODEX marker under every H&E patch, then normalisation to [0, 1].
+
+    python -m preprocess.quantify --cohort sample_cohort --out outputs --workers 2
+    python -m preprocess.quantify --cohort sample_cohort --out outputs --fit-split sample_cohort/splits/splits_0.csv
+    python -m preprocess.quantify --pairs pairs.csv --panel marker_panel.csv --out outputs --legacy-columns
+    python -m preprocess.quantify --cohort C --out O --shard 0/4 ... --shard 3/4   # job array: pass 1 only, then
+    python -m preprocess.normalize --cohort C --out O --fit-split C/splits/splits_0.csv
+    python -m preprocess.quantify --cohort test_cohort --out out_test \\
+        --normalization outputs/markers/normalization.json        # apply a training cohort's percentiles
+
+Inputs (paths relative to ``--out`` unless given): ``patches/{slide}.h5`` (stage 01), ``registration/{slide}.json``
+(stage 02: ``affine_codex_to_he`` maps CODEX level-0 pixel (x, y, 1) to H&E level-0 pixel coordinates, and its
+``displacement`` field when it has one; a record with ``status: flagged`` is refused unless ``--allow-flagged``),
+the slides of :func:`pipeline.cohort.resolve_slides` (``--pairs``, else ``COHORT/pairs.csv``, else ``COHORT/he/``
+with ``COHORT/codex/{slide}.*``; ids are the names as written, a link keeps its own; the H&E files are never read)
+and the marker panel (channel,marker: the markers, in panel order, and their 0-based channel in the CODEX file; the
+OME channel names must agree unless ``--panel-wins``).
+
+Two passes:
+1. per slide, raw means -> ``markers/raw/{slide}.csv``: ``slide,index,x,y,coverage,n_codex_px,<markers>`` for every
+   grid patch (``index`` = row in ``patches/{slide}.h5``; x, y = level-0 top-left), and ``markers/raw/{slide}.json``
+   (resolved (marker, channel, OME name) triples). The mean of a marker is the average of the CODEX
+   level-0 pixels whose centres, mapped through the registration (affine, then the displacement field), fall
+   inside the patch (pixel centres at integer coordinates; a patch with top-left x and side s holds
+   [x - 0.5, x + s - 0.5)); ``n_codex_px`` counts them. ``coverage`` is the fraction of the patch's area covered
+   by the mapped CODEX image (exact polygon clipping; with a field, of the map linearised at the patch) times
+   (1 - its missing-data fraction): the part of the patch in all-zero CODEX areas holding a ``--nodata-um``
+   square (zero fill: missing tiles, outside the stitched ROI) beyond what its glass explains (1 - the stage-01
+   tissue fraction; background-subtracted glass is all-zero too). Keyed by a done-record per slide
+   (``markers/done/{slide}.json``: the CODEX, grid, registration, field and panel files, and the settings that
+   change the values; below): a slide done with these is skipped, one whose input changed (a fixed panel
+   included) is redone, one done with other settings stops the run before any work (``--overwrite`` to redo).
+   A slide that is redone loses its old outputs first; one that fails keeps none, and its reason is in
+   ``markers/done/{slide}.failed.json``.
+2. normalisation (:mod:`preprocess.quantify.normalize`; also ``python -m preprocess.normalize``, the one step that
+   runs after all shards of pass 1): per marker, value = clip((raw - P_low) / (P_high - P_low), 0, 1) with
+   P_low / P_high the ``--low-pct`` / ``--high-pct`` percentiles (default 1 and 99) of the raw means of the fit
+   slides' patches with coverage >= ``--min-coverage`` (default 0.95). The fit slides are ``--fit-slides``, a split
+   file's train column (``--fit-split``), or by default every slide normalised; they are recorded in
+   ``markers/normalization.json`` (``fit_slides``). Writes ``markers/{slide}.csv`` (``slide,index,x,y,<markers>``;
+   patches below the coverage threshold are left out; ``--legacy-columns`` adds ``mean_intensity_channel{1..K}``)
+   for every slide of the cohort with fresh raw means. With ``--normalization FILE`` the percentiles of an
+   earlier run are applied instead. ``--shard i/n`` and ``--no-normalize`` run pass 1 only. The step is redone
+   on every run with the settings given now (a label file is rewritten when its content changes; the log names
+   the settings that changed), so labels of another ``--fit-split`` or other percentiles are never kept.
+
+Exit code: 0; 1 when a slide failed (the others are labelled) or the normalisation failed; 2 before any work for
+bad flags, missing inputs (pairing table, panel, split or normalization file, the patches / registration
+folders), an unwritable output folder, or slides done with other settings.
+
+Pixel sizes: the CODEX's from its OME-XML, ``--codex-mpp`` or the slide's row of ``--pixel-sizes`` (default
+``COHORT/pixel_sizes.csv`` when it exists; :mod:`preprocess.pixel_sizes`); the H&E's (only for a check of the
+affine's scale) from the grid file, ``--mpp`` or the table.
 
 Pass 1 is keyed by a done-record per slide (``markers/done/{slide}.json``, :mod:`pipeline.done`):
 
@@ -23,6 +75,7 @@ covers both passes: ``quantify: N done, N skipped (already done), N failed: slid
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -35,15 +88,25 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import artifacts as art
 from pipeline import done as done_mod
+from pipeline.cli import SlideJob, Stage, config_from_args, require
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, save_config
-from pipeline.runner import default_threads, run_slides, shard_config_name, shard_slides
+from pipeline.io import atomic_path, ensure_writable
+from pipeline.runner import StageReport, default_threads, shard_slides
 from preprocess.panel import resolve_channel_map
 from preprocess.patch import add_common_args, read_grid
+from preprocess.pixel_sizes import PixelSizes, add_pixel_sizes_arg, resolve_pixel_sizes
 from preprocess.quantify.accumulate import quantify_patches
 from preprocess.quantify.geometry import load_registration
-from preprocess.quantify.normalize import add_normalization_args, resolve_run, run_normalization
+from preprocess.quantify.normalize import (
+    NormPlan,
+    NormSettings,
+    add_normalization_args,
+    check_normalization_args,
+    resolve_inputs,
+    run_normalization,
+)
 from preprocess.quantify.raw import (
     RAW_SCHEMA,
     input_entry,
@@ -57,7 +120,6 @@ from preprocess.slide_io import CodexImage
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = RAW_SCHEMA
 DESC = "quantify"
 
 
@@ -127,7 +189,7 @@ def quantify_slide(slide_id: str, codex_path: str | os.PathLike | None, cfg: Qua
     with atomic_path(raw_csv_path(cfg.out, slide_id)) as tmp:
         df.to_csv(tmp, index=False)
     write_raw_meta(cfg.out, slide_id, {
-        "schema_version": SCHEMA_VERSION, "slide": slide_id, "inputs": inputs,
+        "schema_version": RAW_SCHEMA, "slide": slide_id, "inputs": inputs,
         "channels": [[m, int(i), n] for m, i, n in channel_map],
         "channels_units": "[marker, 0-based channel index in the CODEX file, OME channel name (null: none)]",
         "through_displacement_field": field_file is not None, "nodata_px": cell,
@@ -156,7 +218,8 @@ def missing_data_fraction(zero_fraction: np.ndarray | None, tissue_fraction: np.
     return np.clip(zero_fraction - (1.0 - np.clip(tissue_fraction, 0.0, 1.0)), 0.0, 1.0)
 
 
-def _work(slide_id: str, pairs: dict[str, tuple[Path, Path | None]], cfg: QuantConfig) -> dict:
+def _work(slide_id: str, pairs: dict[str, tuple[Path, Path | None]], cfg: QuantConfig, sizes: PixelSizes) -> dict:
+    cfg = dataclasses.replace(cfg, codex_mpp=sizes.codex_mpp(slide_id), he_mpp=sizes.he_mpp(slide_id))
     return quantify_slide(slide_id, pairs[slide_id][1], cfg)
 
 
@@ -197,32 +260,67 @@ def done_settings(cfg: QuantConfig, channels_by: str) -> dict[str, Any]:
     return {"channels_by": channels_by, "codex_mpp": cfg.codex_mpp, "nodata_um": float(cfg.nodata_um)}
 
 
-def done_spec(cfg: QuantConfig, tables: Tables, channels_by: str) -> done_mod.DoneSpec:
-    """Pass 1's :class:`pipeline.done.DoneSpec`: records in ``OUT/markers/done/``."""
+def codex_mpp_setting(slide_id: str, sizes: PixelSizes) -> dict[str, float | None]:
+    """A slide's own settings (:data:`~preprocess.quantify.raw.SLIDE_SETTINGS`): its ``codex_mpp`` (``--codex-mpp``
+    or its row of the pixel-size table)."""
+    return {"codex_mpp": sizes.codex_mpp(slide_id)}
+
+
+def done_spec(cfg: QuantConfig, tables: Tables, channels_by: str, sizes: PixelSizes | None = None) -> done_mod.DoneSpec:
+    """Pass 1's :class:`pipeline.done.DoneSpec`: records in ``OUT/markers/done/``; ``sizes`` gives each slide its
+    ``codex_mpp`` (default ``cfg.codex_mpp`` for every slide)."""
+    sizes = sizes if sizes is not None else PixelSizes(codex_default=cfg.codex_mpp)
     return done_mod.DoneSpec(
-        folder=Path(cfg.out) / "markers", settings=done_settings(cfg, channels_by), schema=SCHEMA_VERSION,
+        folder=art.LABELS.dir(cfg.out), settings=done_settings(cfg, channels_by), schema=art.LABELS.schema,
         inputs=functools.partial(done_inputs, pairs=tables.pairs, patches_dir=cfg.patches_dir,
                                  registration_dir=cfg.registration_dir, panel_path=tables.panel_path),
-        outputs=functools.partial(done_outputs, out=cfg.out))
+        outputs=functools.partial(done_outputs, out=cfg.out),
+        slide_settings=functools.partial(codex_mpp_setting, sizes=sizes))
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Invalid values stop before any work (one line naming the flag)."""
+@dataclass(frozen=True, kw_only=True)
+class QuantifyConfig(NormSettings):
+    """Stage 03's settings: the flags of ``python -m preprocess.quantify`` (same names); a slide's job gets them as
+    :class:`QuantConfig`."""
+
+    out: Path
+    cohort: Path | None = None
+    slides: list[str] | None = None
+    overwrite: bool = False
+    workers: int = 1
+    fail_fast: bool = False
+    shard: str | None = None
+    pairs: Path | None = None
+    panel: Path | None = None
+    num_markers: int = 40
+    patches: Path | None = None
+    registration: Path | None = None
+    channels_by: str = "index"
+    panel_wins: bool = False
+    codex_mpp: float | None = None
+    mpp: float | None = None
+    pixel_sizes: Path | None = None
+    allow_flagged: bool = False
+    nodata_um: float = 40.0
+    no_normalize: bool = False
+    region_px: int = 1024
+    threads: int = 0
+
+
+def make_config(args: argparse.Namespace) -> QuantifyConfig:
+    """The flags as a :class:`QuantifyConfig`; invalid values stop before any work (one line naming the flag)."""
+    check_normalization_args(args)
     for name, v, lo in (("--workers", args.workers, 1), ("--region-px", args.region_px, 16),
                         ("--threads", args.threads, 0)):
-        if v < lo:
-            raise PipelineError(f"{name} must be >= {lo} (got {v})")
+        require(v >= lo, f"{name} must be >= {lo} (got {v})")
     for name, v in (("--codex-mpp", args.codex_mpp), ("--mpp", args.mpp)):
-        if v is not None and not v > 0:
-            raise PipelineError(f"{name} must be positive (got {v})")
-    if not args.nodata_um >= 0:
-        raise PipelineError(f"--nodata-um must be >= 0 (0 = no test; got {args.nodata_um})")
+        require(v is None or v > 0, f"{name} must be positive (got {v})")
+    require(args.nodata_um >= 0, f"--nodata-um must be >= 0 (0 = no test; got {args.nodata_um})")
+    return config_from_args(QuantifyConfig, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import preprocess.quantify as pkg
-
-    p = argparse.ArgumentParser(prog="python -m preprocess.quantify", description=pkg.__doc__,
+    p = argparse.ArgumentParser(prog="python -m preprocess.quantify", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     add_table_args(p)
@@ -236,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: stop and list the mismatches)")
     p.add_argument("--codex-mpp", type=float, help="CODEX level-0 µm/px when the OME-XML has none")
     p.add_argument("--mpp", type=float, help="H&E level-0 µm/px (default: from the grid file; used for a check)")
+    add_pixel_sizes_arg(p)
     p.add_argument("--allow-flagged", action="store_true", help="use registrations with status 'flagged'")
     p.add_argument("--nodata-um", type=float, default=40.0,
                    help="no-data test: CODEX pixels in an area where every marker channel is 0 and that holds a "
@@ -251,53 +350,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        tables, selected, plan = resolve_run(args, check_args)
-        slides = shard_slides(selected, args.shard)
-        threads = args.threads or default_threads(args.workers)
-        cfg = QuantConfig(out=args.out, patches_dir=args.patches or args.out / "patches",
-                          registration_dir=args.registration or args.out / "registration",
-                          markers=tuple(tables.markers),
-                          panel=tuple(tables.panel) if args.channels_by == "index" else None,
-                          panel_path=str(tables.panel_path), codex_mpp=args.codex_mpp, he_mpp=args.mpp,
-                          allow_flagged=args.allow_flagged, region_px=args.region_px, threads=threads,
-                          panel_wins=args.panel_wins, nodata_um=args.nodata_um)
-        for what, folder, stage, flag in (
-                ("patch grid folder", cfg.patches_dir, "preprocess.patch (stage 01)", "--patches"),
-                ("registration folder", cfg.registration_dir, "preprocess.register (stage 02)", "--registration")):
-            if not Path(folder).is_dir():
-                raise PipelineError(f"{what} not found: {folder}; run {stage} first, or give {flag}")
-        spec = done_spec(cfg, tables, args.channels_by)
-        done_mod.stop_on_conflicts(spec, slides, DESC, args.overwrite)
-    except PipelineError as e:
-        log.error("%s", e)
-        return 2
-    out_dir = args.out / "markers"
-    save_config(out_dir, vars(args) | {"pairs_resolved": tables.source, "panel_resolved": tables.panel_path,
-                                       "markers": tables.markers, "slides_resolved": slides,
-                                       "threads_resolved": threads, "schema_version": SCHEMA_VERSION,
-                                       "done_settings": spec.settings},
-                name=shard_config_name(args.shard))
-    try:
-        report = run_slides(slides, functools.partial(_work, pairs=tables.pairs, cfg=cfg), overwrite=args.overwrite,
-                            workers=args.workers, skip_errors=not args.fail_fast, desc=DESC,
-                            outputs=functools.partial(outputs, out=args.out), done=spec)
-    except PipelineError as e:  # --fail-fast (conflicts were checked above)
-        log.error("%s", e)
-        return 1
-    if args.shard or args.no_normalize:
+def _writable(cfg: QuantifyConfig, ctx: Any) -> None:
+    """The output folder is checked before the inputs (an unwritable OUT is named first)."""
+    ensure_writable(art.LABELS.dir(cfg.out))
+
+
+def _finish(report: StageReport, cfg: QuantifyConfig, tables: Tables, plan: NormPlan) -> int:
+    """Pass 2 over every slide of the cohort with fresh raw means (unless pass 1 only), then the one last line
+    ``quantify: ...; labels: ...``; a failed normalisation makes the exit status 1."""
+    if cfg.shard or cfg.no_normalize:
         return report.finish(DESC, "labels: not written (pass 1 only); normalise after all shards with "
-                                   f"`python -m preprocess.normalize --out {args.out}"
-                                   f"{f' --cohort {args.cohort}' if args.cohort else ''}`")
-    # the slides to label: every slide of the cohort with fresh raw means (this run's or cached)
+                                   f"`python -m preprocess.normalize --out {cfg.out}"
+                                   f"{f' --cohort {cfg.cohort}' if cfg.cohort else ''}`")
     candidates = [s for s in tables.ids if s not in report.failed]
     try:
-        extra = "labels: " + run_normalization(args, args.out, candidates, tables.markers, plan).summary
+        extra = "labels: " + run_normalization(cfg, cfg.out, candidates, tables.markers, plan).summary
         failed_norm = False
     except PipelineError as e:
         log.error("normalisation: %s", e)
         extra, failed_norm = f"labels: not written ({e})", True
     rc = report.finish(DESC, extra)
     return max(rc, 1) if failed_norm else rc
+
+
+def plan(cfg: QuantifyConfig) -> SlideJob:
+    """The slides, panel and normalisation plan of this run, and what makes a slide's pass 1 done."""
+    tables, selected, norm_plan = resolve_inputs(cfg, cfg.cohort, cfg.pairs, cfg.panel, cfg.num_markers, cfg.slides)
+    slides = shard_slides(selected, cfg.shard)
+    threads = cfg.threads or default_threads(cfg.workers)
+    job_cfg = QuantConfig(out=cfg.out, patches_dir=cfg.patches or art.PATCH_GRID.dir(cfg.out),
+                          registration_dir=cfg.registration or art.REGISTRATION.dir(cfg.out),
+                          markers=tuple(tables.markers),
+                          panel=tuple(tables.panel) if cfg.channels_by == "index" else None,
+                          panel_path=str(tables.panel_path), codex_mpp=cfg.codex_mpp, he_mpp=cfg.mpp,
+                          allow_flagged=cfg.allow_flagged, region_px=cfg.region_px, threads=threads,
+                          panel_wins=cfg.panel_wins, nodata_um=cfg.nodata_um)
+    for what, folder, stage, flag in (
+            ("patch grid folder", job_cfg.patches_dir, "preprocess.patch (stage 01)", "--patches"),
+            ("registration folder", job_cfg.registration_dir, "preprocess.register (stage 02)", "--registration")):
+        if not Path(folder).is_dir():
+            raise PipelineError(f"{what} not found: {folder}; run {stage} first, or give {flag}")
+    sizes = resolve_pixel_sizes(cfg.pixel_sizes, cfg.cohort, tables.ids, he_mpp=cfg.mpp, codex_mpp=cfg.codex_mpp)
+    spec = done_spec(job_cfg, tables, cfg.channels_by, sizes)
+    return SlideJob(art.LABELS.dir(cfg.out), slides, functools.partial(_work, pairs=tables.pairs, cfg=job_cfg,
+                                                                        sizes=sizes),
+                    done=spec, config=cfg, overwrite=cfg.overwrite, workers=cfg.workers, fail_fast=cfg.fail_fast,
+                    shard=cfg.shard, outputs=functools.partial(outputs, out=cfg.out),
+                    finish=functools.partial(_finish, cfg=cfg, tables=tables, plan=norm_plan),
+                    extra_config={"pairs_resolved": tables.source, "panel_resolved": tables.panel_path,
+                                  "markers": tables.markers, "threads_resolved": threads,
+                                  "done_settings": spec.settings, "pixel_sizes_resolved": sizes.path})
+
+
+STAGE = Stage(DESC, build_parser, make_config, plan=plan, prepare=_writable)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return STAGE.main(argv)

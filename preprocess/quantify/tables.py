@@ -51,28 +51,29 @@ def shared_channels(panel: list[tuple[int, str]]) -> dict[int, list[str]]:
     return {c: ms for c, ms in sorted(by_ch.items()) if len(ms) > 1}
 
 
-def resolve_tables(args: argparse.Namespace) -> Tables:
-    """Slides and panel from ``--pairs`` / ``--panel`` or the cohort folder; the panel must list ``--num-markers``.
+def resolve_tables(cohort: Path | None, pairs: Path | None, panel: Path | None, num_markers: int) -> Tables:
+    """Slides and panel from ``--pairs`` / ``--panel`` or the ``--cohort`` folder; the panel must list
+    ``num_markers`` markers (``--num-markers``; 0 = any number).
 
     Raises:
         PipelineError: one line (no cohort / pairs, a missing pairing table or panel, a bad panel, duplicate ids).
     """
-    if args.cohort is None and args.pairs is None:
+    if cohort is None and pairs is None:
         raise PipelineError("give --cohort (a folder with pairs.csv, or he/ and codex/), or --pairs and --panel")
-    if args.cohort is not None and not Path(args.cohort).is_dir():
-        raise PipelineError(f"cohort folder not found: {args.cohort}")
-    panel_path = args.panel or (args.cohort / "marker_panel.csv" if args.cohort else None)
+    if cohort is not None and not Path(cohort).is_dir():
+        raise PipelineError(f"cohort folder not found: {cohort}")
+    panel_path = panel or (Path(cohort) / "marker_panel.csv" if cohort else None)
     if panel_path is None:
         raise PipelineError("give --panel (channel,marker CSV) or --cohort with a marker_panel.csv")
-    panel = read_marker_panel(panel_path)
-    markers = [m for _, m in panel]
-    if args.num_markers and len(markers) != args.num_markers:
+    panel_rows = read_marker_panel(panel_path)
+    markers = [m for _, m in panel_rows]
+    if num_markers and len(markers) != num_markers:
         raise PipelineError(f"marker panel {panel_path} lists {len(markers)} markers, expected "
-                            f"{args.num_markers} (--num-markers 0 accepts any number)")
-    shared = shared_channels(panel)
+                            f"{num_markers} (--num-markers 0 accepts any number)")
+    shared = shared_channels(panel_rows)
     if shared:
         log.warning("marker panel %s gives one channel to several markers (%s): their labels will be identical; "
                     "fix the panel's channel column (a rerun then redoes every slide)", panel_path,
                     "; ".join(f"channel {c}: {', '.join(ms)}" for c, ms in shared.items()))
-    cohort = resolve_slides(args.cohort, pairs=args.pairs, need_codex=True, require_he=False)
-    return Tables(cohort.source, cohort.pairs(), Path(panel_path), panel, markers)
+    slides = resolve_slides(cohort, pairs=pairs, need_codex=True, require_he=False)
+    return Tables(slides.source, slides.pairs(), Path(panel_path), panel_rows, markers)

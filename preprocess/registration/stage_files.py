@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import io
@@ -16,19 +15,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pipeline import artifacts as art
 from pipeline import done as done_mod
 from pipeline.io import atomic_write_text
+from preprocess.pixel_sizes import PixelSizes
 from preprocess.registration.params import RegParams
-
-SCHEMA_VERSION = 1
-"""Version of what stage 02 writes per slide (the done-record's ``schema``)."""
 
 
 def outputs(slide: str, out_dir: str | os.PathLike) -> list[Path]:
     """The files stage 02 writes for one slide: record, QC PNG, displacement field, registered OME-TIFF."""
-    reg = Path(out_dir) / "registration"
-    return [reg / f"{slide}.json", reg / f"{slide}_qc.png", reg / f"{slide}_displacement.npy",
-            reg / f"{slide}_registered.ome.tif"]
+    files = art.REGISTRATION.files(out_dir, slide)
+    return [*files, files[0].with_name(f"{slide}_registered.ome.tif")]
 
 
 _NOT_SETTINGS = ("threads", "marker_panel", "panel_wins", "write_registered", "tile_size")
@@ -57,14 +54,22 @@ def done_outputs(slide: str, out_dir: str | os.PathLike, write_registered: bool)
     return [js, png, ome] if write_registered else [js, png]
 
 
-def done_spec(args: argparse.Namespace, pairs: Mapping[str, tuple[Path, Path | None]],
-              params: RegParams) -> done_mod.DoneSpec:
-    """The :class:`pipeline.done.DoneSpec` of a run: ``OUT/registration/done/{slide}.json``."""
+def slide_pixel_sizes(slide: str, sizes: PixelSizes) -> dict[str, float | None]:
+    """A slide's own pixel-size settings (``--mpp`` / ``--codex-mpp`` or its row of the pixel-size table)."""
+    return {"he_mpp": sizes.he_mpp(slide), "codex_mpp": sizes.codex_mpp(slide)}
+
+
+def done_spec(out: str | os.PathLike, pairs: Mapping[str, tuple[Path, Path | None]], params: RegParams,
+              sizes: PixelSizes | None = None) -> done_mod.DoneSpec:
+    """The :class:`pipeline.done.DoneSpec` of a run: ``OUT/registration/done/{slide}.json``; ``sizes`` gives each
+    slide its ``he_mpp`` / ``codex_mpp`` (default: ``params``' for every slide)."""
     panel = params.marker_panel if params.dapi_channel is None else None
+    sizes = sizes if sizes is not None else PixelSizes(he_default=params.he_mpp, codex_default=params.codex_mpp)
     return done_mod.DoneSpec(
-        folder=Path(args.out) / "registration", settings=done_settings(params), schema=SCHEMA_VERSION,
+        folder=art.REGISTRATION.dir(out), settings=done_settings(params), schema=art.REGISTRATION.schema,
         inputs=functools.partial(done_inputs, pairs=dict(pairs), panel=panel),
-        outputs=functools.partial(done_outputs, out_dir=args.out, write_registered=params.write_registered))
+        outputs=functools.partial(done_outputs, out_dir=out, write_registered=params.write_registered),
+        slide_settings=functools.partial(slide_pixel_sizes, sizes=sizes))
 
 
 def write_summary(path: Path, slides: list[str], out_dir: Path, failed: dict[str, str]) -> list[dict[str, Any]]:

@@ -1,6 +1,8 @@
 """Stage 01 (preprocess.patch) and the patch store (preprocess.patch_store) as a user meets them (issue 11): slide
 identity from pipeline.cohort, done-records keyed on settings and inputs, --labelled-only after a failed
-quantification, stale temp files of a killed run, and one-line errors (exit 2, no traceback) before any work."""
+quantification, stale temp files of a killed run, one-line errors (exit 2, no traceback) before any work, a partial
+rerun with other settings (config.json does not claim them for the other slides), and per-slide pixel sizes
+(``--pixel-sizes``) for a cohort with one slide lacking its pixel size."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -18,6 +22,8 @@ from pipeline import done as done_mod
 from preprocess import patch, patch_store
 from sample_data.writers import write_aperio_tiff
 from tests.fixtures import blob_slide
+
+pytestmark = pytest.mark.slow  # a chain / end-to-end module: scripts/test.sh runs it, -m "not slow" skips it
 
 
 @pytest.fixture(scope="module")
@@ -213,9 +219,7 @@ def test_user_errors_are_one_line_without_traceback(mod, case: str, sources: Pat
 
 @pytest.mark.parametrize("mod", [patch, patch_store], ids=["patch", "patch_store"])
 def test_unparsable_flag_is_a_usage_error(mod, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as e:
-        mod.main(["--out", str(tmp_path), "--workers", "two"])
-    assert e.value.code == 2
+    assert mod.main(["--out", str(tmp_path), "--workers", "two"]) == 2
     cap = capsys.readouterr()
     assert "--workers" in cap.err and "Traceback" not in cap.err
 
@@ -229,3 +233,103 @@ def test_done_spec_settings_cover_every_output_flag(tmp_path: Path) -> None:
     store = patch_store.done_spec(patch_store.StoreConfig(out=tmp_path, patches_dir=tmp_path / "patches"), {})
     assert set(store.settings) == {"compression", "compression_level", "jpeg_quality", "png", "mpp"}
     assert isinstance(spec.inputs, functools.partial) and isinstance(store.inputs, functools.partial)
+
+
+def test_partial_rerun_config_does_not_claim_its_settings_for_the_other_slides(
+        sources: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``MIN_TISSUE=0.9 ... --slides slide_000 --overwrite`` after a run of both slides at 0.5: config.json covers
+    this run's slide and names the other one as done with other settings; that one's done-record keeps 0.5."""
+    cohort = _cohort(tmp_path / "c", sources, {"slide_000.tif": "a", "slide_001.tif": "b"})
+    out = tmp_path / "out"
+    args = ["--cohort", str(cohort), "--out", str(out)]
+    assert patch.main([*args, "--min-tissue", "0.5"]) == 0
+    caplog.clear()
+    assert patch.main([*args, "--min-tissue", "0.9", "--slides", "slide_000", "--overwrite"]) == 0
+    cfg = json.loads((out / "patches" / "config.json").read_text())
+    assert cfg["min_tissue"] == 0.9 and cfg["slides_resolved"] == ["slide_000"]
+    assert cfg["other_settings"] == {"slide_001": "min_tissue 0.9 -> 0.5"}
+    records = {s: json.loads((out / "patches" / "done" / f"{s}.json").read_text())["settings"]
+               for s in ("slide_000", "slide_001")}
+    assert records["slide_000"]["min_tissue"] == 0.9 and records["slide_001"]["min_tissue"] == 0.5
+    with h5py.File(out / "patches" / "slide_001.h5") as f:
+        assert f.attrs["min_tissue"] == pytest.approx(0.5)  # untouched
+    assert "other settings than this run" in caplog.text
+
+
+def _nompp_cohort(sources: Path, root: Path) -> Path:
+    """slide_000 (0.5 µm/px in its metadata) and slide_001 (the same pixels, 0.25 µm/px, no pixel size at all)."""
+    cohort = _cohort(root, sources, {"slide_000.tif": "a"})
+    write_aperio_tiff(cohort / "he" / "slide_001.tif", blob_slide(900, 700, 1), mpp=None, downsamples=(4,))
+    return cohort
+
+
+def test_pixel_size_table_gives_one_slide_its_pixel_size(sources: Path, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """One slide lacks a pixel size: without a table it fails (naming --pixel-sizes); COHORT/pixel_sizes.csv gives
+    it one, the other keeps its metadata, each done-record holds its own value; a changed row stops that slide
+    only; the patch store takes the same table."""
+    cohort = _nompp_cohort(sources, tmp_path / "c")
+    out = tmp_path / "out"
+    args = ["--cohort", str(cohort), "--out", str(out)]
+    assert patch.main(args) == 1
+    assert "--pixel-sizes" in done_mod.read_failure(out / "patches", "slide_001")
+    (cohort / "pixel_sizes.csv").write_text("slide_id,he_mpp,codex_mpp\nslide_001,0.25,\n")
+    assert patch.main(args) == 0  # the default table of the cohort
+    with h5py.File(out / "patches" / "slide_000.h5") as a, h5py.File(out / "patches" / "slide_001.h5") as b:
+        assert a.attrs["level0_mpp"] == pytest.approx(0.5) and b.attrs["level0_mpp"] == pytest.approx(0.25)
+        assert a.attrs["patch_size_level0"] == 224 and b.attrs["patch_size_level0"] == 448
+    rec = {s: json.loads((out / "patches" / "done" / f"{s}.json").read_text())["settings"]["mpp"]
+           for s in ("slide_000", "slide_001")}
+    assert rec == {"slide_000": None, "slide_001": 0.25}
+    assert patch.main(args) == 0 and "2 slides already done" in caplog.text
+    # another value for slide_001: only it is done with other settings
+    table = tmp_path / "sizes.csv"
+    table.write_text("slide_id,he_mpp\nslide_001,0.3\n")
+    caplog.clear()
+    assert patch.main([*args, "--pixel-sizes", str(table)]) == 2
+    assert "1 slides are done with other settings: mpp 0.25 -> 0.3 (slide_001)" in caplog.text
+    # --mpp still applies to every slide the table gives no value for
+    assert patch.main([*args, "--mpp", "0.5"]) == 2
+    assert "mpp null -> 0.5 (slide_000)" in caplog.text and "slide_001" not in _errors(caplog)[-1]
+    assert patch_store.main(args) == 0
+    with h5py.File(out / "he_patches" / "slide_001.h5") as f:
+        assert f.attrs["level0_mpp"] == pytest.approx(0.25) and f["imgs"].shape[0] > 0
+    assert json.loads((out / "he_patches" / "done" / "slide_001.json").read_text())["settings"]["mpp"] == 0.25
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("slide,mpp\nslide_001,0.25\n", "its header must be slide_id,he_mpp,codex_mpp"),
+    ("slide_id,he_mpp,codex_mpp\nslide_001,zero,\n", "row 2 (slide_001): he_mpp 'zero' is not a positive number"),
+    ("slide_id,he_mpp,codex_mpp\nslide_001,-0.25,\n", "he_mpp '-0.25' is not a positive number"),
+    ("slide_id,he_mpp,codex_mpp\nslide_001,0.25,\nslide_001,0.3,\n", "lists slide_001 twice; keep one row"),
+    ("slide_id,he_mpp,codex_mpp\n,0.25,\n", "row 2: no slide_id"),
+])
+def test_bad_pixel_size_table_is_one_line(sources: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                          capsys: pytest.CaptureFixture, text: str, expect: str) -> None:
+    cohort = _nompp_cohort(sources, tmp_path / "c")
+    (cohort / "pixel_sizes.csv").write_text(text)
+    out = tmp_path / "out"
+    for mod in (patch, patch_store):
+        caplog.clear()
+        assert mod.main(["--cohort", str(cohort), "--out", str(out)]) == 2
+        (error,) = _errors(caplog)
+        assert str(cohort / "pixel_sizes.csv") in error and expect in error, error
+        _no_traceback(caplog, capsys)
+    assert patch.main(["--cohort", str(cohort), "--out", str(out), "--pixel-sizes", str(tmp_path / "no.csv")]) == 2
+    assert f"pixel-size table not found: {tmp_path / 'no.csv'}" in _errors(caplog)[-1]
+    assert not (out / "patches" / "done").exists()  # nothing done before the table was read
+
+
+def test_status_works_from_any_folder(sources: Path, tmp_path: Path) -> None:
+    """``python -m preprocess.status OUT`` from a folder outside the repository, without PYTHONPATH."""
+    cohort = _cohort(tmp_path / "c", sources, {"slide_000.tif": "a"})
+    out = tmp_path / "out"
+    assert patch.main(["--cohort", str(cohort), "--out", str(out)]) == 0
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-m", "preprocess.status", str(out)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "patch: 1 done, 0 failed" in r.stdout and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "preprocess.status", str(tmp_path / "nope")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().endswith(f"output folder not found: {tmp_path / 'nope'}")

@@ -8,7 +8,10 @@
   record exists and it has no label file;
 - slides that are symbolic links with other names: registration and labels are named after the link, the ids of
   pipeline.cohort.resolve_slides (those of stage 01);
-- no traceback, exit 2, for a missing input, an unwritable output and a bad flag value, in both stages.
+- no traceback, exit 2, for a missing input, an unwritable output and a bad flag value, in both stages;
+- stage 03 as one command (``preprocess.labels``, what scripts/03_quantify.sh calls): quantify then the patch
+  store, its exit-code rules and last line; Ctrl-C ends a stage with one line saying how to resume (exit 130);
+- per-slide pixel sizes (``--pixel-sizes``) reach each slide's registration, raw means and done-record.
 
 Registration is replaced by a fake ``register_pair`` (palom's work is tested in test_register.py): it writes the
 record of a known affine, so that the chain register -> quantify runs in a second.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -28,9 +32,11 @@ import pytest
 
 from pipeline.cohort import resolve_slides
 from pipeline.done import read_failure
-from preprocess import quantify as q
 from preprocess import register
+from preprocess.quantify import stage as q
 from sample_data.writers import write_ome_pyramid
+
+pytestmark = pytest.mark.slow  # a chain / end-to-end module: scripts/test.sh runs it, -m "not slow" skips it
 
 CODEX_MPP = 0.377
 MARKERS = ["DAPI", "CD8", "CD4", "CD20", "Ki67", "PanCK"]
@@ -330,9 +336,9 @@ def test_register_errors_without_traceback(tmp_path, case, capsys, caplog, fake_
     assert register.main(["--cohort", str(cohort), "--out", str(out), *extra]) == 2
     text = _no_traceback(capsys, caplog)
     assert expect in text and not fake_registration
-    with pytest.raises(SystemExit) as e:  # a value argparse cannot parse: its usage line, exit 2
-        register.main(["--cohort", str(cohort), "--out", str(out), "--workers", "two"])
-    assert e.value.code == 2 and "invalid int value" in _no_traceback(capsys, caplog)
+    # a value argparse cannot parse: its usage line, exit 2
+    assert register.main(["--cohort", str(cohort), "--out", str(out), "--workers", "two"]) == 2
+    assert "invalid int value" in _no_traceback(capsys, caplog)
 
 
 @pytest.mark.parametrize("case", ["missing_input", "unwritable_output", "bad_flag"])
@@ -351,9 +357,8 @@ def test_quantify_errors_without_traceback(qstage, tmp_path, case, capsys, caplo
     text = _no_traceback(capsys, caplog)
     assert expect in text
     assert not (out / "markers" / "raw").exists() if case != "unwritable_output" else True
-    with pytest.raises(SystemExit) as e:
-        q.main(["--cohort", str(cohort), "--out", str(out), "--region-px", "big"])
-    assert e.value.code == 2 and "invalid int value" in _no_traceback(capsys, caplog)
+    assert q.main(["--cohort", str(cohort), "--out", str(out), "--region-px", "big"]) == 2
+    assert "invalid int value" in _no_traceback(capsys, caplog)
 
 
 def test_missing_stage_inputs_stop_before_work(qstage, tmp_path, caplog):
@@ -381,3 +386,191 @@ def test_shards_with_other_settings_are_not_pooled(qstage, caplog):
     assert normalize_main(["--cohort", str(cohort), "--out", str(out), "--num-markers", "0"]) == 2
     assert "were made with different settings: nodata_um 40.0 -> 10.0 (s1 vs s2)" in caplog.text
     assert not (out / "markers" / "s1.csv").exists() and not (out / "markers" / "normalization.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage 03 as one command (python -m preprocess.labels; scripts/03_quantify.sh calls it): two steps, their exit codes
+
+
+@pytest.fixture
+def steps(monkeypatch):
+    """The two steps (and the normalisation) replaced by fakes that record their arguments and return ``rc``."""
+    from preprocess import labels
+
+    calls: dict[str, list[list[str]]] = {"quantify": [], "store": [], "normalize": []}
+    rc = {"quantify": 0, "store": 0, "normalize": 0}
+
+    def fake(name):
+        def main(argv):
+            calls[name].append(list(argv))
+            return rc[name]
+        return main
+
+    monkeypatch.setattr(labels.quantify, "main", fake("quantify"))
+    monkeypatch.setattr(labels.patch_store, "main", fake("store"))
+    monkeypatch.setattr(labels.normalize, "main", fake("normalize"))
+    return labels, calls, rc
+
+
+@pytest.mark.parametrize("q_rc,s_rc,rc,store_runs,last", [
+    (0, 0, 0, True, "stage 03: quantify: ok; patch store: ok"),
+    (1, 0, 1, True, "stage 03: quantify failed for some slides (exit 1); patch store: ok"),
+    (0, 1, 1, True, "stage 03: quantify: ok; patch store failed (exit 1)"),
+    (1, 1, 1, True, "stage 03: quantify failed for some slides (exit 1); patch store failed (exit 1)"),
+    (2, 0, 2, False, "stage 03: quantify stopped before any slide (exit 2"),
+    (130, 0, 130, False, "stage 03: quantify ended with exit 130; patch store not run"),
+])
+def test_stage_03_runs_the_store_after_a_quantify_failure(steps, tmp_path, capsys, q_rc, s_rc, rc, store_runs, last):
+    labels, calls, rcs = steps
+    rcs.update(quantify=q_rc, store=s_rc)
+    argv = ["--cohort", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--workers", "2",
+            "--quantify-flags=--allow-flagged", "--store-flags=--png", "--", "--overwrite"]
+    assert labels.main(argv) == rc
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(last), lines[-1]
+    assert ("preprocess.status" in lines[-1]) == (rc == 1)  # a failed step points at the status table
+    (quant,) = calls["quantify"]
+    assert quant[:6] == ["--cohort", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--workers", "2"]
+    assert "--allow-flagged" in quant and "--png" not in quant and quant[-1] == "--overwrite"
+    assert len(calls["store"]) == int(store_runs)
+    if store_runs:
+        store = calls["store"][0]
+        assert "--labelled-only" in store and "--png" in store and "--allow-flagged" not in store
+        assert store[-1] == "--overwrite"  # an argument after -- reaches both steps
+    assert not calls["normalize"]
+
+
+@pytest.mark.parametrize("extra", [["--shard", "0/2"], ["--quantify-flags=--no-normalize"],
+                                   ["--", "--no-normalize"]])
+def test_stage_03_pass_1_only_stores_every_slide(steps, tmp_path, extra):
+    """Without the normalisation there are no labels yet (they come with --normalize-only): no --labelled-only."""
+    labels, calls, _ = steps
+    assert labels.main(["--out", str(tmp_path), *extra]) == 0
+    (store,) = calls["store"]
+    assert "--labelled-only" not in store and ("--shard" not in extra or store[-2:] == ["--shard", "0/2"])
+
+
+def test_stage_03_normalize_only(steps, tmp_path):
+    labels, calls, rcs = steps
+    rcs["normalize"] = 2
+    argv = ["--cohort", "c", "--out", "o", "--workers", "2", "--fit-split", "split.csv", "--normalize-only",
+            "--quantify-flags=--legacy-columns", "--", "--slides", "a"]
+    assert labels.main(argv) == 2  # its exit status, as it is
+    (norm,) = calls["normalize"]
+    assert norm == ["--cohort", "c", "--out", "o", "--fit-split", "split.csv", "--legacy-columns", "--slides", "a"]
+    assert not calls["quantify"] and not calls["store"]
+
+
+def test_stage_03_script_is_one_call_of_preprocess_labels(tmp_path):
+    """scripts/03_quantify.sh holds no logic: its variables become the flags of python -m preprocess.labels."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_FILE"\n')
+    (fake / "python").chmod(0o755)
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} | {
+        "PATH": f"{fake}:{os.environ['PATH']}", "VIRTUAL_ENV": str(tmp_path / "none"), "ARGS_FILE": str(tmp_path / "a"),
+        "COHORT": "c", "OUT": "o", "EXTRA": "--allow-flagged --legacy-columns", "STORE_EXTRA": "--png",
+        "SHARD": "1/3", "FIT_SPLIT": "s.csv", "NORMALIZE_ONLY": ""}
+    r = subprocess.run(["bash", str(repo / "scripts" / "03_quantify.sh"), "--overwrite", "--slides", "s 1"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    args = (tmp_path / "a").read_text().splitlines()
+    assert args == ["-m", "preprocess.labels", "--cohort", str(tmp_path / "c"), "--out", str(tmp_path / "o"),
+                    "--workers", "2", "--shard", "1/3", "--fit-split", str(tmp_path / "s.csv"),
+                    "--quantify-flags=--allow-flagged --legacy-columns", "--store-flags=--png", "--", "--overwrite",
+                    "--slides", "s 1"]
+    from preprocess import labels
+
+    cfg = labels.make_config(labels.build_parser().parse_args(args[2:]))
+    quant, store = labels.step_argvs(cfg)
+    assert quant[-5:] == ["--allow-flagged", "--legacy-columns", "--overwrite", "--slides", "s 1"]
+    assert store[-4:] == ["--png", "--overwrite", "--slides", "s 1"] and "--labelled-only" not in store
+
+
+def test_stage_03_for_real_labels_then_stores(qstage, tmp_path, capsys):
+    """The real steps on the two-slide cohort: labels written; its pairs name H&E files that do not exist, so the
+    store stops before any slide, and the last line says so."""
+    from preprocess import labels
+
+    cohort, out = qstage
+    rc = labels.main(["--cohort", str(cohort), "--out", str(out), "--", *QARGS])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (out / "markers" / "s1.csv").exists() and (out / "markers" / "s2.csv").exists()
+    assert rc == 2 and last.startswith("stage 03: quantify: ok; patch store failed (exit 2)"), last
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ctrl-C: one line saying how to resume, exit 130
+
+
+def _interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _one_resume_line(rc: int, caplog, capsys) -> None:
+    assert rc == 130
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    assert "interrupted" in errors[0].getMessage() and "resume" in errors[0].getMessage()
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_ctrl_c_in_quantify_ends_with_one_line_saying_how_to_resume(qstage, monkeypatch, caplog, capsys):
+    cohort, out = qstage
+    monkeypatch.setattr(q, "quantify_slide", _interrupted)
+    _one_resume_line(q.main(["--cohort", str(cohort), "--out", str(out), *QARGS]), caplog, capsys)
+    assert not (out / "markers" / "done" / "s1.json").exists()  # nothing claims to be done
+
+
+def test_ctrl_c_in_register_ends_with_one_line_saying_how_to_resume(tmp_path, monkeypatch, caplog, capsys):
+    cohort = _linked_cohort(tmp_path)
+    monkeypatch.setattr(register, "register_pair", _interrupted)
+    _one_resume_line(register.main(["--cohort", str(cohort), "--out", str(tmp_path / "out")]), caplog, capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# per-slide pixel sizes (--pixel-sizes, default COHORT/pixel_sizes.csv)
+
+
+def test_pixel_size_table_reaches_registration_per_slide(tmp_path, monkeypatch):
+    """Stage 02: a slide's row gives its H&E / CODEX pixel size to its registration and its done-record; the other
+    slide keeps --mpp / --codex-mpp (here: none, its metadata)."""
+    cohort = _linked_cohort(tmp_path)
+    out = tmp_path / "out"
+    seen = {}
+
+    def fake(he_path, codex_path, params, qc_png=None, field_npy=None):
+        seen[Path(he_path).stem] = (params.he_mpp, params.codex_mpp)
+        Path(qc_png).write_bytes(b"png")
+        return {"affine_codex_to_he": AFFINES["s1"].tolist(), "displacement": None, "status": "ok", "reason": None,
+                "qc": {"ncc_before": 0.1, "ncc_coarse": 0.6, "ncc_affine": 0.8, "ncc_after": 0.9,
+                       "n_blocks_used": 10, "n_blocks_measured": 12, "seconds": {"total": 0.0}}}
+
+    monkeypatch.setattr(register, "register_pair", fake)
+    (cohort / "pixel_sizes.csv").write_text("slide_id,he_mpp,codex_mpp\nslide_b,0.26,0.4\n")
+    assert register.main(["--cohort", str(cohort), "--out", str(out), "--codex-mpp", "0.38"]) == 0
+    assert seen == {"slide_a": (None, 0.38), "slide_b": (0.26, 0.4)}
+    for s, (he, cx) in seen.items():
+        rec = json.loads((out / "registration" / "done" / f"{s}.json").read_text())["settings"]
+        assert (rec["he_mpp"], rec["codex_mpp"]) == (he, cx)
+
+
+def test_pixel_size_table_reaches_quantify_per_slide(qstage, caplog):
+    """Stage 03: a slide's codex_mpp from the table is the one its raw means are made with (the no-data square is
+    40 µm in its pixels) and the one in its done-record; a changed row stops that slide only."""
+    cohort, out = qstage
+    args = ["--cohort", str(cohort), "--out", str(out), *QARGS]
+    (cohort / "pixel_sizes.csv").write_text("slide_id,he_mpp,codex_mpp\ns2,,0.5\n")
+    assert q.main(args) == 0
+    meta = {s: json.loads((out / "markers" / "raw" / f"{s}.json").read_text()) for s in ("s1", "s2")}
+    assert meta["s1"]["nodata_px"] == round(40 / CODEX_MPP) and meta["s2"]["nodata_px"] == 80
+    rec = {s: json.loads((out / "markers" / "done" / f"{s}.json").read_text())["settings"] for s in ("s1", "s2")}
+    assert rec["s1"]["codex_mpp"] is None and rec["s2"]["codex_mpp"] == 0.5
+    (cohort / "pixel_sizes.csv").write_text("slide_id,he_mpp,codex_mpp\ns2,,0.45\n")
+    caplog.clear()
+    assert q.main(args) == 2
+    assert "1 slides are done with other settings: codex_mpp 0.5 -> 0.45 (s2)" in caplog.text
+    (cohort / "pixel_sizes.csv").write_text("slide_id,codex_mpp\ns2,big\n")
+    assert q.main(args) == 2
+    assert f"pixel-size table {cohort / 'pixel_sizes.csv'}, row 2 (s2): codex_mpp 'big'" in caplog.text

@@ -19,8 +19,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from preprocess import patch, patch_store, quantify, register
+from preprocess import patch, patch_store, register
+from preprocess.quantify import stage as quantify
 from sample_data.truth import errors_um, marker_pearsons, oracle_patch_means, record_transform, true_transform
+
+pytestmark = pytest.mark.slow  # a chain / end-to-end module: scripts/test.sh runs it, -m "not slow" skips it
 
 
 def _run_01_03(cohort: Path, out: Path, slides: list[str] | None = None, extra01: tuple[str, ...] = ()) -> None:

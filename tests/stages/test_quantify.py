@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import PipelineError
-from preprocess import quantify as q
 from preprocess.quantify import accumulate
+from preprocess.quantify import stage as q
+from preprocess.quantify.geometry import CodexToHE, codex_coverage
+from preprocess.quantify.normalize import fit_leakage
 from preprocess.slide_io import CodexImage
 from sample_data.writers import write_ome_pyramid
 
@@ -82,7 +84,7 @@ def test_quantify_equals_brute_force(codex_small, affine, size, stride, threads)
     path, data = codex_small
     coords = _grid(380, 330, size, stride, start=(3, 5))
     with CodexImage(path) as codex:
-        res = q.quantify_patches(codex, [0, 1, 2, 3, 4], coords, size, affine, region_px=64, threads=threads)
+        res = accumulate.quantify_patches(codex, [0, 1, 2, 3, 4], coords, size, affine, region_px=64, threads=threads)
     ref, counts = brute_force(data, coords, size, affine)
     assert np.any(counts > 0) and np.any(counts == 0)  # some patches inside, some outside the CODEX
     np.testing.assert_array_equal(res.counts, counts)
@@ -102,10 +104,10 @@ def test_quantify_through_a_displacement_field_equals_brute_force(codex_small, r
     field = ndi.gaussian_filter(rng.normal(0, 60, (2, 7, 8)), (0, 1.2, 1.2)).astype(np.float32)
     affine = _affine(0.754, 7.0, 30.3, -12.6)
     coords = _grid(380, 330, 24, start=(3, 5))
-    mapping = q.CodexToHE(affine, DisplacementField(field, 50.0))
+    mapping = CodexToHE(affine, DisplacementField(field, 50.0))
     with CodexImage(path) as codex:
-        res = q.quantify_patches(codex, [0, 1, 2, 3, 4], coords, 24, mapping, region_px=region_px, threads=2)
-        flat = q.quantify_patches(codex, [0, 1, 2, 3, 4], coords, 24, affine, region_px=region_px)
+        res = accumulate.quantify_patches(codex, [0, 1, 2, 3, 4], coords, 24, mapping, region_px=region_px, threads=2)
+        flat = accumulate.quantify_patches(codex, [0, 1, 2, 3, 4], coords, 24, affine, region_px=region_px)
     ref, counts = brute_force(data, coords, 24, affine, field, 50.0)
     assert np.abs(field).max() > 5 and not np.array_equal(flat.counts, counts)  # the field moves pixels
     np.testing.assert_array_equal(res.counts, counts)
@@ -117,13 +119,13 @@ def test_channel_subset_order_and_zarr_fallback(codex_small, monkeypatch):
     affine, coords = _affine(0.8, 3.0, 4.0, 2.0), _grid(200, 180, 33)
     ref, _ = brute_force(data[[4, 1]], coords, 33, affine)
     with CodexImage(path) as codex:
-        fast = q.quantify_patches(codex, [4, 1], coords, 33, affine, region_px=64)
+        fast = accumulate.quantify_patches(codex, [4, 1], coords, 33, affine, region_px=64)
 
         def no_direct(*a, **k):
             raise ValueError("forced fallback")
 
         monkeypatch.setattr(accumulate, "TiledRegionReader", no_direct)
-        slow = q.quantify_patches(codex, [4, 1], coords, 33, affine, region_px=64, threads=2)
+        slow = accumulate.quantify_patches(codex, [4, 1], coords, 33, affine, region_px=64, threads=2)
     np.testing.assert_allclose(fast.means, ref, atol=1e-6, rtol=0, equal_nan=True)
     np.testing.assert_allclose(slow.means, ref, atol=1e-6, rtol=0, equal_nan=True)
 
@@ -139,7 +141,7 @@ def test_strip_layout_and_float_data(tmp_path):
                      metadata={"axes": "CYX", "PhysicalSizeX": 0.377, "PhysicalSizeY": 0.377})
     affine, coords = _affine(0.754, 4.0, 3.0, 1.0), _grid(150, 130, 28)
     with CodexImage(path) as codex:
-        res = q.quantify_patches(codex, [0, 1, 2], coords, 28, affine, region_px=64, threads=2)
+        res = accumulate.quantify_patches(codex, [0, 1, 2], coords, 28, affine, region_px=64, threads=2)
     ref, _ = brute_force(data, coords, 28, affine)
     np.testing.assert_allclose(res.means, ref, rtol=1e-9, atol=1e-6, equal_nan=True)
 
@@ -147,14 +149,14 @@ def test_strip_layout_and_float_data(tmp_path):
 def test_coverage_is_the_exact_area_fraction():
     # identity: the CODEX covers [-0.5, 99.5] x [-0.5, 79.5]
     coords = np.array([[10, 10], [80, 10], [90, 70], [200, 200]])
-    cov = q.codex_coverage(coords, 20, _affine(), (100, 80))
+    cov = codex_coverage(coords, 20, _affine(), (100, 80))
     np.testing.assert_allclose(cov, [1.0, 1.0, 0.5 * 0.5, 0.0])
-    cov = q.codex_coverage(np.array([[90, 10]]), 20, _affine(), (100, 80))
+    cov = codex_coverage(np.array([[90, 10]]), 20, _affine(), (100, 80))
     np.testing.assert_allclose(cov, [0.5])
     # rotated + scaled, and mirrored: compare with dense point sampling of each patch
     for affine in (_affine(0.754, 12.0, 40.0, -5.0), np.array([[-0.8, 0.1, 140.0], [0.05, 0.9, 2.0], [0, 0, 1]])):
         coords = _grid(160, 140, 30)
-        cov = q.codex_coverage(coords, 30, affine, (150, 120))
+        cov = codex_coverage(coords, 30, affine, (150, 120))
         assert ((cov > 0) & (cov < 1)).any() and (cov == 1).any()
         inv = np.linalg.inv(affine)
         t = (np.arange(300) + 0.5) / 300 * 30 - 0.5
@@ -187,7 +189,7 @@ def test_matches_labels_from_a_prewarped_image(tmp_path):
     size = 40
     coords = _grid(he_w - size + 1, he_h - size + 1, size)
     with CodexImage(path) as codex:
-        res = q.quantify_patches(codex, [0, 1, 2], coords, size, affine, region_px=128)
+        res = accumulate.quantify_patches(codex, [0, 1, 2], coords, size, affine, region_px=128)
     full = res.coverage == 1.0
     assert full.sum() >= 20
     for i in np.flatnonzero(full):
@@ -344,6 +346,7 @@ def test_errors_name_the_file(stage, caplog):
     assert (out / "markers" / "s1.csv").exists()
 
 
+@pytest.mark.slow
 def test_cli_subprocess(stage):
     cohort, out, _, _ = stage
     r = subprocess.run([sys.executable, "-m", "preprocess.quantify", "--help"], capture_output=True, text=True)
@@ -445,7 +448,7 @@ def test_fit_slides_keep_validation_out_of_the_percentiles(stage, caplog):
     norm = json.loads((out / "markers" / "normalization.json").read_text())
     assert norm["fit_slides"] == ["s1"] and norm["applied_to"] == ["s1", "s2"]
     np.testing.assert_allclose(norm["values"], _pooled_percentiles(out, ["s1"]))
-    assert q.fit_leakage(norm, ["s2"]) == [] and (out / "markers" / "s2.csv").exists()
+    assert fit_leakage(norm, ["s2"]) == [] and (out / "markers" / "s2.csv").exists()
     # the validation slide changes (another CODEX): the fitted percentiles do not move, its labels do
     labels_before = pd.read_csv(out / "markers" / "s2.csv")
     write_ome_pyramid(cohort / "codex" / "s2.ome.tif", data["s2"] // 3 + 7, MARKERS, mpp=CODEX_MPP, tile=64)
@@ -459,7 +462,7 @@ def test_fit_slides_keep_validation_out_of_the_percentiles(stage, caplog):
     # default: every slide is in the fit set, and that is what the leakage check sees
     assert normalize_main(["--cohort", str(cohort), "--out", str(out)]) == 0
     pooled = json.loads((out / "markers" / "normalization.json").read_text())
-    assert pooled["fit_slides"] == ["s1", "s2"] and q.fit_leakage(pooled, ["s2"]) == ["s2"]
+    assert pooled["fit_slides"] == ["s1", "s2"] and fit_leakage(pooled, ["s2"]) == ["s2"]
     assert normalize_main(["--cohort", str(cohort), "--out", str(out), "--fit-slides", "s1", "s9"]) == 2
     assert "s9" in caplog.text
 

@@ -124,7 +124,7 @@ def _ground_truth(cohort: Path) -> dict:
 
 def tissue_points(he_path: Path, step_um: float = 20.0) -> np.ndarray:
     """H&E level-0 grid points (N, 2), every ``step_um``, inside the H&E tissue."""
-    from preprocess.register import read_he_work
+    from preprocess.registration.work_images import read_he_work
     from preprocess.registration_qc import apply_affine, registration_tissue_mask
     from preprocess.slide_io import HESlide
 
@@ -156,6 +156,7 @@ def transform_errors_um(est, true, pts: np.ndarray, codex_dims: tuple[int, int],
 # acceptance
 
 
+@pytest.mark.slow
 def test_recovers_ground_truth_transform(small_cohort, registered):
     from preprocess.slide_io import CodexImage
     from sample_data.truth import record_transform, true_transform
@@ -187,6 +188,7 @@ def test_recovers_ground_truth_transform(small_cohort, registered):
         assert med <= 0.5 and p95 <= 1.5, (slide, med, p95)
 
 
+@pytest.mark.slow
 def test_mismatched_pair_is_flagged(small_cohort, registered, tmp_path):
     from preprocess.register import main
 
@@ -243,7 +245,8 @@ def test_empty_pair_and_missing_codex_fail_naming_the_file(small_cohort, tmp_pat
 
 def test_codex_without_pixel_size(tmp_path):
     from pipeline.errors import PipelineError
-    from preprocess.register import RegParams, register_pair
+    from preprocess.registration.pair import register_pair
+    from preprocess.registration.params import RegParams
 
     truth = synthetic_pair(tmp_path, "nopx", seed=7, he_size=(900, 800), codex_mpp_in_file=None, n_channels=2)
     he, cx = tmp_path / "he" / "nopx.tif", tmp_path / "codex" / "nopx.ome.tif"
@@ -267,7 +270,7 @@ def test_codex_without_pixel_size(tmp_path):
 
 
 def test_robust_affine_fit_drops_outliers():
-    from preprocess.register import robust_affine_fit
+    from preprocess.registration.blocks import robust_affine_fit
     from preprocess.registration_qc import apply_affine
 
     rng = np.random.default_rng(0)
@@ -355,7 +358,8 @@ def test_constrain_shifts_failure_is_recorded(small_cohort, tmp_path, monkeypatc
     """palom's constrain_shifts raises on identical shifts: the stage records it and still refines."""
     import palom
 
-    from preprocess.register import RegParams, register_pair
+    from preprocess.registration.pair import register_pair
+    from preprocess.registration.params import RegParams
 
     def boom(self):
         raise ValueError("all shifts identical")
@@ -372,7 +376,7 @@ def test_constrain_shifts_failure_is_recorded(small_cohort, tmp_path, monkeypatc
 def test_write_registered_ome(tmp_path):
     import tifffile
 
-    from preprocess.registration_export import write_registered_ome
+    from preprocess.registration.export import write_registered_ome
     from preprocess.registration_qc import haematoxylin, ncc
     from preprocess.slide_io import CodexImage, HESlide
 
@@ -424,6 +428,7 @@ def test_write_registered_ome_through_a_field(tmp_path):
     assert np.corrcoef(outs["field"].ravel()[inside], ref)[0, 1] < 0.99  # another field: another image
 
 
+@pytest.mark.slow
 def test_cli_subprocess(small_cohort, tmp_path):
     slide = sorted(_ground_truth(small_cohort))[-1]
     cmd = [sys.executable, "-m", "preprocess.register", "--cohort", str(small_cohort), "--out", str(tmp_path),

@@ -265,6 +265,7 @@ def test_true_map_matches_nuclei_both_ways(small_cohort: Path) -> None:
     assert np.median(tree.query(shifted)[0] * 0.5) > 2.5
 
 
+@pytest.mark.slow
 def test_40x_twin_and_zero_filled_block(tmp_path: Path) -> None:
     """--he-mpp 0.25 renders the same cells at 40x (same CODEX file as the 20x twin); --nodata-slides zero-fills a
     square of the first slides' CODEX and records it."""
@@ -318,6 +319,7 @@ def test_splits_are_patient_level(small_cohort: Path, tmp_path: Path) -> None:
     assert all(any(r["val"] for r in _read_csv(out / "splits" / f"splits_{k}.csv")) for k in range(5))
 
 
+@pytest.mark.slow
 def test_true_risk_ranks_survival(tmp_path: Path) -> None:
     from lifelines.utils import concordance_index
 
@@ -341,6 +343,7 @@ def test_true_risk_ranks_survival(tmp_path: Path) -> None:
     assert 0.1 < resp.mean() < 0.9 and prob[resp == 1].mean() > prob[resp == 0].mean()
 
 
+@pytest.mark.slow
 def test_same_seed_same_files(tmp_path: Path) -> None:
     """Same seed -> identical files (pixels, tables, JSON), also across worker counts."""
     from sample_data.make_cohort import main

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from preprocess import patch, patch_store
+from preprocess.patch_store_format import PatchStoreReader
 from preprocess.slide_io import HESlide
 from sample_data.writers import write_aperio_tiff
 from tests.fixtures import blob_slide
@@ -59,7 +60,7 @@ def test_compression_lossless_by_default_jpeg_as_an_option(gridded, tmp_path):
         assert patch_store.main([*base, "--out", str(o), *extra]) == 0
         path = o / "he_patches" / "a.h5"
         sizes[comp] = path.stat().st_size
-        with patch_store.PatchStoreReader(path) as r:
+        with PatchStoreReader(path) as r:
             imgs[comp] = np.stack([r[i] for i in range(len(r))])
             assert r.encoding == ("jpeg" if comp == "jpeg" else "raw")
         with h5py.File(path) as f:

@@ -4,15 +4,10 @@ import numpy as np
 import pytest
 import tifffile
 
+from pipeline.cohort import resolve_slides
 from pipeline.errors import PipelineError
-from preprocess.slide_io import (
-    CodexImage,
-    HESlide,
-    read_marker_panel,
-    read_pairs,
-    resolve_channel_map,
-    resolve_channels,
-)
+from preprocess.panel import read_marker_panel, resolve_channel_map, resolve_channels
+from preprocess.slide_io import CodexImage, HESlide
 from sample_data.writers import write_ome_pyramid
 
 
@@ -79,6 +74,11 @@ def test_he_without_mpp_needs_override(tmp_path):
         assert region.shape == (40, 30, 3) and region.dtype == np.uint8
         thumb, ds = s.thumbnail(128)
         assert max(thumb.shape[:2]) == 128 and ds == pytest.approx(4.0)
+
+
+def read_pairs(path):
+    """{slide: (H&E path, CODEX path or None)} of a pairing table, as the stages read it."""
+    return resolve_slides(pairs=path).pairs()
 
 
 def test_panel_and_pairs_errors(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from pipeline.errors import PipelineError
 from preprocess import patch
 from preprocess.slide_io import HESlide
-from preprocess.tissue import TissueParams, patch_tissue_fraction, tissue_mask
+from preprocess.tissue import TissueParams, grid_tissue_mask, patch_tissue_fraction
 from sample_data.writers import write_aperio_tiff
 
 
@@ -45,7 +45,7 @@ def test_tissue_mask_finds_tissue_removes_specks_fills_holes(he_slides):
     d, truth = he_slides
     with HESlide(d / "s05.tif") as s:
         thumb, ds = s.thumbnail(400)
-    mask, thr = tissue_mask(thumb, 0.5 * ds)
+    mask, thr = grid_tissue_mask(thumb, 0.5 * ds)
     t = truth["s05"][:: int(ds), :: int(ds)][: mask.shape[0], : mask.shape[1]]
     iou = (mask & t).sum() / (mask | t).sum()
     assert iou > 0.93 and 0.05 <= thr < 0.5
@@ -53,7 +53,7 @@ def test_tissue_mask_finds_tissue_removes_specks_fills_holes(he_slides):
     assert mask[int(0.5 * h), int(0.35 * w)]  # the small hole is filled
     assert not mask[int(0.9 * h) - 3 : int(0.9 * h) + 3, int(0.1 * w) - 3 : int(0.1 * w) + 3].any()  # speck removed
     # thresholds are parameters: a huge minimum area removes everything
-    empty, _ = tissue_mask(thumb, 0.5 * ds, TissueParams(min_area_um2=1e9))
+    empty, _ = grid_tissue_mask(thumb, 0.5 * ds, TissueParams(min_area_um2=1e9))
     assert not empty.any()
 
 
@@ -167,6 +167,7 @@ def test_skip_and_overwrite(he_slides, tmp_path):
         assert h.attrs["min_tissue"] == 0.9 and h["tissue_fraction"][:].min() >= 0.9
 
 
+@pytest.mark.slow
 def test_cli_subprocess(he_slides, tmp_path):
     d, _ = he_slides
     r = subprocess.run([sys.executable, "-m", "preprocess.patch", "--help"], capture_output=True, text=True)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 from functools import partial
 from pathlib import Path
 
@@ -98,18 +97,6 @@ def test_run_slides_removes_the_outputs_of_slides_it_redoes(tmp_path):
     (tmp_path / "ok.extra").write_text("kept")
     rep = run_slides(["ok"], partial(_work, out=str(tmp_path)), lambda s: True, outputs=outputs)
     assert rep.skipped == ["ok"] and (tmp_path / "ok.extra").read_text() == "kept"  # skipped slides keep theirs
-
-
-def test_unimplemented_stage_script_exits_with_clear_message(tmp_path):
-    """A numbered script whose python module is missing stops with exit 3 and says so."""
-    script = tmp_path / "99_fake.sh"
-    script.write_text(
-        f'source "{REPO}/scripts/_common.sh"\nrequire_module mica.does_not_exist\necho should-not-run\n'
-    )
-    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env={**os.environ})
-    assert r.returncode == 3
-    assert "not implemented yet" in r.stderr and "mica.does_not_exist" in r.stderr
-    assert "should-not-run" not in r.stdout
 
 
 def test_stage_scripts_follow_the_calling_convention():

@@ -4,10 +4,13 @@ Names: ``musk`` (MUSK-large, D=1024, S=384, Inception mean/std), ``dinov2_vits14
 mean/std), ``tiny`` (CPU CNN, D=192, S=224) and ``timm:<model_name>`` for any timm model. Each spec carries the training
 recipes with and without pretrained weights (``get_spec(name).recipe(has_weights)``)::
 
-    from hex.backbones import create, set_trainable
-    bb = create("musk", weights="hf_hub:xiangjx/musk")      # or a local model.safetensors
-    set_trainable(bb, unfreeze_last=4)                      # last 4 blocks + final norm trainable
-    emb = bb(x)                                             # x: (B, 3, 384, 384) normalised -> (B, 1024)
+    from hex import backbones
+    bb = backbones.create("musk", weights="hf_hub:xiangjx/musk")   # or a local model.safetensors
+    backbones.set_trainable(bb, unfreeze_last=4)                    # last 4 blocks + final norm trainable
+    emb = bb(x)                                  # x: (B, 3, 384, 384) normalised -> (B, 1024)
+
+The registry and builder live in :mod:`.base`; importing this package registers the implementations
+(:mod:`.musk`, :mod:`.tiny`, :mod:`.vit`), and its names below are the factory's interface.
 """
 
 from . import musk as _musk  # noqa: F401  (registers)
@@ -17,13 +20,9 @@ from .base import (
     HF_HUB_PREFIX,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    INCEPTION_MEAN,
-    INCEPTION_STD,
     PAPER_RECIPE,
-    SCRATCH_RECIPE,
     Backbone,
     BackboneSpec,
-    LoadReport,
     TrainRecipe,
     create,
     get_spec,
@@ -36,25 +35,14 @@ from .base import (
     save_backbone,
     set_trainable,
 )
-from .musk import MuskBackbone
-from .tiny import TinyCNN
-from .vit import TIMM_PREFIX, TimmBackbone
 
-__all__ = [
+__all__ = [  # the factory's interface (hex.backbones.create, ...), not names kept for older imports
     "HF_HUB_PREFIX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "INCEPTION_MEAN",
-    "INCEPTION_STD",
     "PAPER_RECIPE",
-    "SCRATCH_RECIPE",
-    "TIMM_PREFIX",
     "Backbone",
     "BackboneSpec",
-    "LoadReport",
-    "MuskBackbone",
-    "TimmBackbone",
-    "TinyCNN",
     "TrainRecipe",
     "create",
     "get_spec",

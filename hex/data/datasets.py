@@ -29,8 +29,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from pipeline import artifacts as art
 from pipeline.errors import PipelineError
-from preprocess.patch_store import PatchStoreReader
+from preprocess.patch_store_format import PatchStoreReader
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,10 @@ def resolve_markers_dir(data_root: str | os.PathLike, markers_dir: str | os.Path
     if markers_dir is not None:
         return Path(markers_dir)
     root = Path(data_root)
-    if not (root / "markers").is_dir() and (root / "channel_registered").is_dir():
+    labels = art.LABELS.dir(root)
+    if not labels.is_dir() and (root / "channel_registered").is_dir():
         return root / "channel_registered"
-    return root / "markers"
+    return labels
 
 
 def list_labelled_slides(markers_dir: str | os.PathLike) -> list[str]:
@@ -71,7 +73,7 @@ def list_labelled_slides(markers_dir: str | os.PathLike) -> list[str]:
 
 def load_normalization(markers_dir: str | os.PathLike) -> dict | None:
     """Contents of ``markers/normalization.json`` (None when absent)."""
-    p = Path(markers_dir) / "normalization.json"
+    p = Path(markers_dir) / art.NORMALIZATION.name
     return json.loads(p.read_text()) if p.is_file() else None
 
 
@@ -100,7 +102,7 @@ def read_marker_csv(path: str | os.PathLike, markers: Sequence[str] | None = Non
 
 class _H5Source:
     """Patches of one store (``imgs``, any HDF5 compression, or JPEG-encoded ``imgs_jpeg``) through
-    :class:`preprocess.patch_store.PatchStoreReader`; the file is opened on first use in each process."""
+    :class:`preprocess.patch_store_format.PatchStoreReader`; the file is opened on first use in each process."""
 
     kind = "h5"
 
@@ -213,7 +215,7 @@ def build_dataset(
         raise PipelineError("no slides to load (empty split?)")
     root = Path(data_root)
     mdir = resolve_markers_dir(root, markers_dir)
-    pdir = Path(patches_dir) if patches_dir is not None else root / "he_patches"
+    pdir = Path(patches_dir) if patches_dir is not None else art.PATCH_STORE.dir(root)
     names: list[str] | None = list(markers) if markers is not None else None
     sources, s_idx, rows, labels, coords = [], [], [], [], []
     for k, slide in enumerate(slides):

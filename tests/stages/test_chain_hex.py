@@ -23,15 +23,18 @@ import pandas as pd
 import pytest
 import torch
 
-from hex import infer_wsi, virtual_codex
-from hex import test as hex_test
-from hex import train as hex_train
+from bench.synthetic_hex_data import write_synthetic_dataset
+from hex.evaluate import stage as hex_test
+from hex.infer import maps as virtual_codex
+from hex.infer import stage as infer_wsi
 from hex.model import HEX
-from hex.trained import original_markers
+from hex.train import stage as hex_train
+from hex.trained_model import original_markers
+from pipeline.errors import PipelineError
 from sample_data.writers import write_aperio_tiff
-from tests.fixtures import blob_slide, write_synthetic_dataset
-from tests.stages.test_infer_wsi import _save_run
-from tests.stages.test_virtual_codex import _write_pred
+from tests.fixtures import blob_slide, save_run, write_pred
+
+pytestmark = pytest.mark.slow  # a chain / end-to-end module: scripts/test.sh runs it, -m "not slow" skips it
 
 FAST = ["--backbone", "tiny", "--input-size", "32", "--batch-size", "8", "--workers", "0", "--no-fds",
         "--epochs", "1"]
@@ -81,8 +84,8 @@ def wsi(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     (d / "he").mkdir()
     write_aperio_tiff(d / "he" / "a.tif", blob_slide(600, 500, 0), mpp=0.5, downsamples=(4,))
     torch.manual_seed(0)
-    ck = _save_run(d / "models", "tiny", HEX("tiny", num_markers=40, input_size=32, unfreeze_last=-1),
-                   original_markers())
+    ck = save_run(d / "models", "tiny", HEX("tiny", num_markers=40, input_size=32, unfreeze_last=-1),
+                  original_markers())
     return d, ck
 
 
@@ -279,11 +282,65 @@ def test_infer_wsi_names_a_linked_slide_by_its_link(wsi: tuple[Path, Path], tmp_
         assert f.attrs["slide_id"] == "case7" and f.attrs["he_path"] == str(tmp_path / "c" / "he" / "case7.tif")
 
 
+def _last_line(caplog: pytest.LogCaptureFixture) -> str:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("hex.infer_wsi: ")][-1]
+
+
+def test_infer_wsi_last_line_counts_slides_with_their_maps(wsi: tuple[Path, Path], tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16: stage 06's last line counted only the predictions. A slide is done when its prediction and its
+    maps are: maps made now for a prediction made earlier count as done, and a slide whose maps fail is failed."""
+    cohort, ck = wsi
+    base = ["--cohort", str(cohort), "--out", str(tmp_path), "--checkpoint", str(ck), "--workers", "0",
+            "--patch-size", str(PS)]
+    assert infer_wsi.main([*base, "--no-maps"]) == 0
+    assert _last_line(caplog).startswith("hex.infer_wsi: 1 done, 0 skipped (already done), 0 failed")
+    assert infer_wsi.main(base) == 0  # the prediction is done, its maps are made now: the slide is done
+    assert _last_line(caplog).startswith("hex.infer_wsi: 1 done, 0 skipped (already done), 0 failed")
+    assert (tmp_path / "virtual_codex" / "a.npy").is_file()
+    assert infer_wsi.main(base) == 0  # both done earlier: skipped
+    assert _last_line(caplog).startswith("hex.infer_wsi: 0 done, 1 skipped (already done), 0 failed")
+
+    def no_maps(*a: object, **k: object) -> dict:
+        raise PipelineError("disk full")
+
+    monkeypatch.setattr(infer_wsi, "write_slide_maps", no_maps)
+    assert infer_wsi.main([*base, "--overwrite"]) == 1  # the prediction is redone, its maps fail: the slide fails
+    assert _last_line(caplog).startswith("hex.infer_wsi: 0 done, 0 skipped (already done), 1 failed: a (maps: "
+                                         "disk full)")
+
+
+@pytest.mark.parametrize("stage", ["hex.infer_wsi", "hex.test"])
+def test_ctrl_c_in_the_work_is_one_line_saying_how_to_resume(stage: str, wsi: tuple[Path, Path], data: Path,
+                                                             trained: Path, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture,
+                                                             capfd: pytest.CaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupt(*a: object, **k: object) -> None:
+        raise KeyboardInterrupt
+
+    if stage == "hex.infer_wsi":
+        cohort, ck = wsi
+        monkeypatch.setattr(infer_wsi, "infer_slide", interrupt)
+        argv = ["--cohort", str(cohort), "--out", str(tmp_path), "--checkpoint", str(ck), "--workers", "0",
+                "--patch-size", str(PS)]
+    else:
+        monkeypatch.setattr(hex_test, "predict_distributed", interrupt)
+        argv = ["--out", str(trained), "--run-name", "fold0", "--data", str(data), "--workers", "0", "--no-plots",
+                "--split", str(data / "splits" / "splits_0.csv"), "--test-dir", str(tmp_path / "t")]
+    capfd.readouterr()
+    assert MAINS[stage](argv) == 130
+    msg = _one_error(caplog, capfd)
+    assert msg == f"{stage}: interrupted (Ctrl-C); run the same command again to resume (finished slides are " \
+                  "skipped)", msg
+
+
 def test_virtual_codex_rerun_with_other_preview_markers_stops(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                               capfd: pytest.CaptureFixture) -> None:
     (tmp_path / "hex_pred").mkdir()
-    _write_pred(tmp_path / "hex_pred" / "a.h5", np.array([[0, 0], [224, 0]]), np.ones((2, 40)), 224, 224,
-                slide_dimensions=(448, 224))
+    write_pred(tmp_path / "hex_pred" / "a.h5", np.array([[0, 0], [224, 0]]), np.ones((2, 40)), 224, 224,
+               slide_dimensions=(448, 224))
     base = ["--out", str(tmp_path), "--formats", "npy", "preview"]
     assert virtual_codex.main([*base, "--preview-markers", "CD8"]) == 0
     npy = tmp_path / "virtual_codex" / "a.npy"
@@ -328,7 +385,7 @@ def _stage_argv(stage: str, kind: str, tmp: Path, data: Path, trained: Path, wsi
     (tmp / "out").mkdir()
     if kind != "missing_input":
         (tmp / "out" / "hex_pred").mkdir()
-        _write_pred(tmp / "out" / "hex_pred" / "a.h5", np.array([[0, 0]]), np.ones((1, 40)), 224, 224)
+        write_pred(tmp / "out" / "hex_pred" / "a.h5", np.array([[0, 0]]), np.ones((1, 40)), 224, 224)
     if kind == "unwritable_output":
         (tmp / "out" / "virtual_codex").write_text("a file where the maps go")
     return ["--out", str(tmp / "out")] + (["--preview-markers", "no_such_marker"] if kind == "bad_flag" else [])

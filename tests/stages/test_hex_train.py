@@ -23,15 +23,17 @@ import pandas as pd
 import pytest
 import torch
 
-from hex import test as hex_test
-from hex import train as hex_train
-from hex.data import BatchTransform
+from bench.synthetic_hex_data import write_synthetic_dataset
+from hex.data.transforms import BatchTransform
+from hex.evaluate import stage as hex_test
 from hex.losses import build_loss
 from hex.model import HEX
-from hex.train_loop import TrainStep, selection_score, train_one_epoch
+from hex.train import stage as hex_train
+from hex.train.config import TrainConfig, resolve_recipe
+from hex.train.epoch import TrainStep, selection_score, train_one_epoch
+from pipeline.cli import config_from_args
 from pipeline.dist import cuda_problem
 from pipeline.errors import PipelineError
-from tests.fixtures import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--backbone", "tiny", "--input-size", "32", "--batch-size", "8", "--workers", "0"]  # tiny recipe otherwise
@@ -62,6 +64,7 @@ def _ck(out: Path, run: str, epoch: int) -> dict:
     return torch.load(out / "runs" / run / "checkpoints" / f"epoch_{epoch}.pt", weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["hex.train", "hex.test"])
 def test_cli_help(module: str) -> None:
     r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT,
@@ -71,26 +74,27 @@ def test_cli_help(module: str) -> None:
 
 
 def test_defaults_come_from_the_backbone_recipe() -> None:
-    def ns(*argv: str):
-        return hex_train.build_parser().parse_args(["--data", "d", "--split", "s", "--out", "o", *argv])
+    def ns(*argv: str) -> TrainConfig:
+        args = hex_train.build_parser().parse_args(["--data", "d", "--split", "s", "--out", "o", *argv])
+        return config_from_args(TrainConfig, args)
 
-    a = ns("--backbone", "tiny")
-    info = hex_train.resolve_recipe(a)
+    a = resolve_recipe(ns("--backbone", "tiny"))
+    info = a.recipe_info
     assert (a.lr, a.gamma, a.lr_floor, a.unfreeze_last, a.batch_size, a.lds) == (1e-3, 0.95, 0.1, -1, 32, True)
     assert info["recipe"] == "scratch" and info["warning"] is None
-    a = ns("--backbone", "tiny", "--lr", "5e-4", "--no-lds", "--unfreeze-last", "2")  # flags win
-    hex_train.resolve_recipe(a)
+    a = resolve_recipe(ns("--backbone", "tiny", "--lr", "5e-4", "--no-lds", "--unfreeze-last", "2"))  # flags win
     assert (a.lr, a.lds, a.unfreeze_last, a.batch_size) == (5e-4, False, 2, 32)
-    a = ns("--backbone", "musk", "--weights", "musk.safetensors")  # the paper's fine-tuning recipe
-    assert hex_train.resolve_recipe(a)["recipe"] == "pretrained"
+    a = resolve_recipe(ns("--backbone", "musk", "--weights", "musk.safetensors"))  # the paper's fine-tuning recipe
+    assert a.recipe_info["recipe"] == "pretrained"
     assert (a.lr, a.gamma, a.lr_floor, a.unfreeze_last, a.batch_size, a.lds) == (1e-5, 0.95, 0.0, 4, 48, False)
-    a = ns("--backbone", "musk")  # meant to be pretrained: scratch recipe + a loud warning
-    info = hex_train.resolve_recipe(a)
+    a = resolve_recipe(ns("--backbone", "musk"))  # meant to be pretrained: scratch recipe + a loud warning
+    info = a.recipe_info
     assert a.unfreeze_last == -1 and a.lr > 1e-5 and "meant to be fine-tuned" in info["warning"]
     with pytest.raises(PipelineError, match="--require-weights"):
-        hex_train.resolve_recipe(ns("--backbone", "dinov2_vits14_reg", "--require-weights"))
+        resolve_recipe(ns("--backbone", "dinov2_vits14_reg", "--require-weights"))
 
 
+@pytest.mark.slow
 def test_resume_across_freeze_and_fds_stop_equals_one_run(cohort: Path, tmp_path: Path) -> None:
     """Adaptive loss + FDS (smoothing from epoch 1, off from 3) + LDS, backbone frozen from epoch 2: 1 + 2 + 1 epochs
     with two resumes (one across the freeze, one across the FDS stop from a frozen checkpoint) = 4 epochs."""
@@ -200,6 +204,7 @@ def test_collapsed_marker_counts_as_zero_in_model_selection() -> None:
     assert score == pytest.approx((r[0] + r[2]) / 3)
 
 
+@pytest.mark.slow
 def test_hex_test_outputs_and_normalisation_check(cohort: Path, tmp_path: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     assert hex_train.main(_args(cohort, tmp_path, "t", "--epochs", "1", "--no-fds")) == 0

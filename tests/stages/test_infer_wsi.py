@@ -23,14 +23,15 @@ import pytest
 import tifffile
 import torch
 
-from hex import infer_wsi
-from hex import test as hex_test
+from hex.evaluate import stage as hex_test
+from hex.infer import predictions
+from hex.infer import stage as infer_wsi
+from hex.infer.tiles import TileRegions, make_tile_loader, tissue_tiles
 from hex.model import HEX
-from hex.trained import load_trained, original_markers
-from hex.wsi_tiles import TileRegions, make_tile_loader, tissue_tiles
+from hex.trained_model import load_trained, original_markers
 from preprocess import patch, patch_store
 from sample_data.writers import write_aperio_tiff
-from tests.fixtures import blob_slide
+from tests.fixtures import blob_slide, save_run
 
 ROOT = Path(__file__).resolve().parents[2]
 PS = 112  # tile size of these tests (56 µm), small slides stay fast
@@ -50,18 +51,6 @@ def _spread_out(model: HEX, factor: float = 500.0) -> HEX:
 def _spread(pred: np.ndarray) -> float:
     """Mean over markers of the prediction's standard deviation over tiles."""
     return float(pred.std(axis=0).mean())
-
-
-def _save_run(out: Path, run: str, model: HEX, markers: list[str]) -> Path:
-    from hex.train import save_best
-
-    run_dir = out / "runs" / run
-    run_dir.mkdir(parents=True, exist_ok=True)
-    norm = {"markers": markers, "percentiles": [1, 99], "values": [[10.0] * len(markers), [110.0] * len(markers)]}
-    save_best(run_dir, model, {"markers": markers, "normalization": norm, "model_args": model.model_args,
-                               "input_size": model.input_size, "interpolation": "bilinear", "mean": list(model.mean),
-                               "std": list(model.std), "epoch": 0, "val_mean_pearson": 0.0})
-    return run_dir / "best.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +76,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         labels = pd.DataFrame(rng.uniform(0, 1, (len(xy), len(markers))), columns=markers)
         pd.concat([df, labels[markers[::-1]]], axis=1).to_csv(out / "markers" / f"{sid}.csv", index=False)
     torch.manual_seed(0)
-    _save_run(out, "tiny", _spread_out(HEX("tiny", num_markers=40, input_size=32, unfreeze_last=-1)), markers)
+    save_run(out, "tiny", _spread_out(HEX("tiny", num_markers=40, input_size=32, unfreeze_last=-1)), markers)
     return d, out
 
 
@@ -252,7 +241,7 @@ def test_bad_slides_one_line_each(cohort: tuple[Path, Path], tmp_path: Path, cap
     assert "Traceback" not in text
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     final = errors.pop()  # the stage's last line: counts, each failed slide with its reason, the warnings
-    assert final.startswith("hex_pred: 3 done, 0 skipped (already done), 4 failed: corrupt (cannot read"), final
+    assert final.startswith("hex.infer_wsi: 3 done, 0 skipped (already done), 4 failed: corrupt (cannot read"), final
     assert all(f"{s} (" in final for s in ("empty", "trunc", "small")) and "2 with warnings (blank, café" in final
     for name in ("empty.tif", "trunc.tif", "corrupt.tif", "small.tif"):
         assert sum(name in m for m in errors) == 1, (name, errors)
@@ -288,8 +277,9 @@ def _original_checkpoints(tmp: Path) -> tuple[HEX, Path, Path, Path]:
     return model, tmp / "checkpoint.pth", tmp / "checkpoint_full.pth", tmp / "musk.safetensors"
 
 
+@pytest.mark.slow
 def test_original_checkpoints_run_from_the_command_line(cohort: tuple[Path, Path], tmp_path: Path) -> None:
-    from hex.data import BatchTransform
+    from hex.data.transforms import BatchTransform
 
     d, out = cohort
     model, heads, full, weights = _original_checkpoints(tmp_path)
@@ -339,7 +329,7 @@ def test_torchrun_two_ranks_equal_one(cohort: tuple[Path, Path], tmp_path: Path)
            *common, "--out", str(tmp_path / "two"), "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "hex_pred: 3 done, 0 skipped (already done), 0 failed" in r.stderr
+    assert "hex.infer_wsi: 3 done, 0 skipped (already done), 0 failed" in r.stderr
     assert infer_wsi.main([*common, "--out", str(tmp_path / "one")]) == 0
     for sid in ("a", "b", "c"):
         c1, p1, a1 = _preds(tmp_path / "one" / "hex_pred" / f"{sid}.h5")
@@ -374,10 +364,11 @@ class _Darkness(torch.nn.Module):
         return d[:, None].expand(-1, 40).contiguous(), d[:, None]
 
 
+@pytest.mark.slow
 def test_known_feature_same_place_in_he_and_virtual_codex(tmp_path: Path) -> None:
     """A dark rectangle painted into a synthetic slide: stage 06 at --stride 56 and its OME-TIFF put the rectangle's
     edges at the same physical position (µm) as the H&E does, within one map pixel (28 µm)."""
-    from hex.virtual_codex import write_slide_maps
+    from hex.infer.maps import write_slide_maps
     from preprocess.slide_io import HESlide
     from sample_data.writers import write_aperio_tiff
 
@@ -388,11 +379,11 @@ def test_known_feature_same_place_in_he_and_virtual_codex(tmp_path: Path) -> Non
     he = tmp_path / "he" / "s.tif"
     he.parent.mkdir()
     write_aperio_tiff(he, rgb, mpp)
-    cfg = infer_wsi.InferConfig(pred_dir=tmp_path / "hex_pred", grid_dir=tmp_path / "patches", stride=56,
+    cfg = predictions.InferConfig(pred_dir=tmp_path / "hex_pred", grid_dir=tmp_path / "patches", stride=56,
                                 patch_size=224, workers=0, batch_size=64)
     meta = {"markers": original_markers(), "input_size": 224, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0),
             "checkpoint": "darkness", "checkpoint_sha256": "0"}
-    res = infer_wsi.infer_slide("s", he, _Darkness(), meta, cfg, torch.device("cpu"), None, None)
+    res = predictions.infer_slide("s", he, _Darkness(), meta, cfg, torch.device("cpu"), None, None)
     maps = write_slide_maps(Path(res["path"]), tmp_path / "virtual_codex", he_path=he, formats=("npy", "ome"))
     with tifffile.TiffFile(tmp_path / "virtual_codex" / "s.ome.tif") as t:
         img = t.series[0].levels[0].asarray()[7]  # any channel: all are the darkness

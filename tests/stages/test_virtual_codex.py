@@ -7,44 +7,25 @@ import logging
 import re
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
 
-from hex.map_writers import downsample2, pyramid_shapes, write_ome_pyramid
-from hex.virtual_codex import (
+from hex.infer.map_formats import (
     DEFAULT_PREVIEW_MARKERS,
-    accumulate_map,
     choose_preview_markers,
-    is_done,
-    main,
-    read_prediction,
-    write_slide_maps,
+    downsample2,
+    pyramid_shapes,
+    write_ome_pyramid,
 )
+from hex.infer.maps import accumulate_map, is_done, main, write_slide_maps
+from hex.infer.predictions import read_prediction
 from pipeline.errors import PipelineError
+from tests.fixtures import write_pred
 
 MARKERS = [l.split(",", 1)[1] for l in
            (Path(__file__).parents[2] / "sample_data" / "marker_panel.csv").read_text().split("\n")[1:] if l]
-
-
-def _write_pred(path: Path, coords, values, patch: float, stride: float, mpp: float | None = 0.5,
-                markers=None, **attrs) -> Path:
-    markers = MARKERS if markers is None else markers
-    with h5py.File(path, "w") as f:
-        f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
-        f.create_dataset("codex_prediction", data=np.asarray(values, dtype=np.float32).reshape(-1, len(markers)))
-        f.attrs["markers"] = markers
-        f.attrs["patch_size_level0"] = patch
-        f.attrs["stride_level0"] = stride
-        f.attrs["slide_id"] = path.name.split(".", 1)[0]
-        f.attrs["checkpoint"] = "runs/x/best.safetensors sha256:0"
-        if mpp is not None:
-            f.attrs["mpp"] = mpp
-        for k, v in attrs.items():
-            f.attrs[k] = v
-    return path
 
 
 def _ome_pixels(tif: tifffile.TiffFile) -> tuple[list[str], float, str]:
@@ -127,7 +108,7 @@ def test_known_feature_lands_at_its_physical_position(tmp_path, origin, tol_px):
     vals = np.zeros((len(coords), 40), np.float32)
     vals[:, 0] = fx * fy
     vals[:, 5] = 0.25
-    pred = _write_pred(tmp_path / "s1.h5", coords, vals, p, s, mpp, slide_dimensions=(4800, 3300))
+    pred = write_pred(tmp_path / "s1.h5", coords, vals, p, s, mpp, slide_dimensions=(4800, 3300))
     res = write_slide_maps(pred, tmp_path / "vc", formats=("npy", "ome"))
     assert res["shape"] == [int(np.ceil(3300 / s)), int(np.ceil(4800 / s)), 40]
     with tifffile.TiffFile(tmp_path / "vc" / "s1.ome.tif") as tif:
@@ -158,7 +139,7 @@ def test_ome_pyramid_channels_and_pixel_size(tmp_path):
     s, mpp = 56, 0.25
     coords = np.array([[0, 0], [10000, 7000], [19800, 14800]])
     vals = np.random.default_rng(0).random((3, 40)).astype(np.float32)
-    pred = _write_pred(tmp_path / "big.h5", coords, vals, 224, s, mpp, slide_dimensions=(20000, 15000))
+    pred = write_pred(tmp_path / "big.h5", coords, vals, 224, s, mpp, slide_dimensions=(20000, 15000))
     res = write_slide_maps(pred, tmp_path / "vc", formats=("ome",))
     assert res["shape"] == [268, 358, 40] and res["pixel_size_um"] == pytest.approx(14.0)
     with tifffile.TiffFile(res["paths"]["ome"][0]) as tif:
@@ -195,7 +176,7 @@ def test_geojson_is_qupath_detections(tmp_path):
     s, p = 112, 224
     coords = np.array([[30, 40], [142, 40], [30, 152], [254, 264]])
     vals = np.random.default_rng(1).random((4, 40)).astype(np.float32)
-    pred = _write_pred(tmp_path / "g.h5", coords, vals, p, s)
+    pred = write_pred(tmp_path / "g.h5", coords, vals, p, s)
     res = write_slide_maps(pred, tmp_path / "vc", formats=("geojson",))
     gj = json.loads(Path(res["paths"]["geojson"][0]).read_text())
     assert gj["type"] == "FeatureCollection" and len(gj["features"]) == len(coords)
@@ -212,8 +193,8 @@ def test_geojson_is_qupath_detections(tmp_path):
 
 
 def test_empty_slide_writes_zero_map_and_empty_collection(tmp_path, caplog):
-    pred = _write_pred(tmp_path / "e.h5", np.zeros((0, 2)), np.zeros((0, 40)), 224, 224,
-                       slide_dimensions=(1000, 600))
+    pred = write_pred(tmp_path / "e.h5", np.zeros((0, 2)), np.zeros((0, 40)), 224, 224,
+                      slide_dimensions=(1000, 600))
     with caplog.at_level(logging.WARNING):
         res = write_slide_maps(pred, tmp_path / "vc")
     assert "no tiles" in caplog.text
@@ -235,7 +216,7 @@ def test_he_slide_gives_canvas_and_preview(tmp_path):
     write_aperio_tiff(he, rgb, 0.5)
     coords = np.array([[x, y] for y in range(200, 500 - 112 + 1, 56) for x in range(300, 700 - 112 + 1, 56)])
     vals = np.random.default_rng(2).random((len(coords), 40)).astype(np.float32)
-    pred = _write_pred(tmp_path / "h1.h5", coords, vals, 112, 56, mpp=None, he_path=str(he))
+    pred = write_pred(tmp_path / "h1.h5", coords, vals, 112, 56, mpp=None, he_path=str(he))
     assert read_prediction(pred).mpp is None
     res = write_slide_maps(pred, tmp_path / "vc", preview_markers=["cd8", "Ki67"])
     assert res["shape"] == [int(np.ceil(700 / 56)), int(np.ceil(900 / 56)), 40]
@@ -261,7 +242,7 @@ def test_cli_skips_done_reports_failures(tmp_path):
     out = tmp_path / "out"
     (out / "hex_pred").mkdir(parents=True)
     coords = np.array([[0, 0], [224, 0]])
-    _write_pred(out / "hex_pred" / "a.h5", coords, np.ones((2, 40)), 224, 224, slide_dimensions=(448, 224))
+    write_pred(out / "hex_pred" / "a.h5", coords, np.ones((2, 40)), 224, 224, slide_dimensions=(448, 224))
     (out / "hex_pred" / "bad.h5").write_bytes(b"not an hdf5 file")
     assert main(["--out", str(out), "--formats", "npy", "geojson"]) == 1
     vc = out / "virtual_codex"

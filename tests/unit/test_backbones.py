@@ -221,6 +221,7 @@ def _to_original_dinov2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 def test_dinov2_original_and_timm_layouts(tmp_path) -> None:
     torch.manual_seed(3)
     src = bb.create("dinov2_vits14_reg").eval()

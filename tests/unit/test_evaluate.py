@@ -1,4 +1,4 @@
-"""hex.evaluate (the one prediction loop) and hex.test's marker matching: fast CPU unit tests."""
+"""hex.evaluate.predict (the one prediction loop) and hex.test's marker matching: fast CPU unit tests."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hex.evaluate import predict, run_loop
-from hex.test import match_label_markers
+from hex.evaluate.predict import predict, run_loop
+from hex.evaluate.stage import match_label_markers
 from pipeline.errors import PipelineError
 
 

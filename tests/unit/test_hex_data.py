@@ -1,6 +1,6 @@
 """hex.data: patch store + label join (coordinates must agree), legacy PNG layout, split checks (clinical table
 must list every slide), normalisation comparison, batch transforms (continuous rotation as torchvision's);
-hex.metrics; shards."""
+hex.evaluate.metrics; shards."""
 
 from __future__ import annotations
 
@@ -15,20 +15,14 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from torchvision.transforms.v2 import functional as TF
 
-from hex.data import (
-    BatchTransform,
-    build_dataset,
-    colour_jitter_matrices,
-    load_split,
-    marker_columns,
-    normalization_differences,
-    read_split,
-    rotate_batch,
-)
-from hex.metrics import marker_table, pearson, spearman
+from bench.synthetic_hex_data import write_synthetic_dataset
+from hex.data.datasets import build_dataset, marker_columns, normalization_differences
+from hex.data.splits import load_split
+from hex.data.transforms import BatchTransform, colour_jitter_matrices, rotate_batch
+from hex.evaluate.metrics import marker_table, pearson, spearman
 from pipeline.dist import shard_indices
 from pipeline.errors import PipelineError
-from tests.fixtures import write_synthetic_dataset
+from pipeline.tables import read_split
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -283,7 +277,7 @@ def test_shards_cover_every_index_once(n: int, world: int) -> None:
 def test_pearson_constant_prediction_is_nan() -> None:
     """A collapsed (constant) prediction column has no correlation, even when float rounding leaves its centred
     values a tiny nonzero spread."""
-    from hex.metrics import pearson
+    from hex.evaluate.metrics import pearson
 
     rng = np.random.default_rng(0)
     y = rng.random((1000, 3))
@@ -294,7 +288,7 @@ def test_pearson_constant_prediction_is_nan() -> None:
 
 def test_jpeg_patch_store_loads(tmp_path: Path) -> None:
     """A JPEG-encoded patch store (``preprocess.patch_store --compression jpeg``) trains like a raw one."""
-    from preprocess.patch_store import encode_jpeg
+    from preprocess.patch_store_format import encode_jpeg
 
     info = write_synthetic_dataset(tmp_path, n_slides=2, n_per_slide=6, size=64)
     slide = info["slides"][0]
@@ -315,7 +309,7 @@ def test_jpeg_patch_store_loads(tmp_path: Path) -> None:
 
 def test_normalization_fit_leakage_warns_or_stops(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """hex.train warns when validation slides were in the normalisation fit set; --strict-normalization stops."""
-    from hex.train_setup import check_normalization_fit
+    from hex.train.start import check_normalization_fit
     from pipeline.errors import PipelineError
 
     (tmp_path / "normalization.json").write_text(json.dumps({"fit_slides": ["s1", "s2"], "p1": {}, "p99": {}}))

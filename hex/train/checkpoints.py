@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from hex.model import HEX, inference_state_dict
+from pipeline import artifacts as art
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, write_json
 
@@ -80,9 +81,9 @@ def _norm_path(v: Any) -> Any:
 
 
 def run_identity(config: Mapping[str, Any], markers: Sequence[str]) -> dict[str, Any]:
-    """The :data:`RUN_KEYS` of a run from its resolved flags (``vars(args)`` or a checkpoint's ``config``) and its
-    markers (as a sorted list: the order comes from the checkpoint); paths are made absolute so that the same file
-    compares equal."""
+    """The :data:`RUN_KEYS` of a run from its resolved flags (a :class:`hex.train.config.TrainConfig` as a dict, or a
+    checkpoint's ``config``) and its markers (as a sorted list: the order comes from the checkpoint); paths are made
+    absolute so that the same file compares equal."""
     ident = {k: config.get(k) for k in RUN_KEYS if k != "markers"}
     for k in ("weights", "init", "split"):
         ident[k] = _norm_path(ident[k])
@@ -108,7 +109,8 @@ def check_same_run(ck: Mapping[str, Any], config: Mapping[str, Any], markers: Se
                     path, ", ".join(f"{k} ({old_cfg[k]} -> {config.get(k)})" for k in soft))
 
 
-RUN_OUTPUTS = ("checkpoints", "best.safetensors", "best.json", "tb", "test")
+BEST_MODEL = art.HEX_RUN.name  # best.safetensors, with best.json beside it
+RUN_OUTPUTS = ("checkpoints", BEST_MODEL, "best.json", "tb", "test")
 """What a run folder holds besides its log: removed by ``hex.train --overwrite`` (``config*.json`` too)."""
 
 
@@ -182,8 +184,8 @@ def save_best(run_dir: Path, model: HEX, meta: dict[str, Any]) -> None:
     meta = {**plain(meta), "backbone": model.model_args["backbone_name"],
             "backbone_kw": model.model_args["backbone_kw"], "num_markers": model.num_markers,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    with atomic_path(run_dir / "best.safetensors") as tmp:
+    with atomic_path(run_dir / BEST_MODEL) as tmp:
         save_file(inference_state_dict(model), str(tmp), metadata={"format": "pt", "hex": json.dumps(meta)})
     write_json(run_dir / "best.json", meta)
     log.info("new best: epoch %d, val mean Pearson r %.4f -> %s", meta["epoch"], meta["val_mean_pearson"],
-             run_dir / "best.safetensors")
+             run_dir / BEST_MODEL)

@@ -29,10 +29,10 @@ without weights is warned about in the log and in ``config.json`` (``--require-w
 
 Resume: ``--resume auto`` continues from the newest ``checkpoints/epoch_{k}.pt`` of the run (model, optimiser,
 scheduler, scaler, loss parameters, FDS statistics, RNG states of every rank, best score). Flags that define the
-run (``hex.checkpoint.RUN_KEYS``: backbone, weights, trainable blocks, input size, split, markers, loss, FDS) must
-match the checkpoint's, else the run stops naming the keys (a fold's split file is one of them: ``FOLD=1`` with
-fold 0's ``RUN`` stops naming both split files). ``--keep-last K`` deletes all but the newest K. A fresh run (no
-checkpoint to resume) in a run folder that holds another run's outputs stops instead of writing over them;
+run (``hex.train.checkpoints.RUN_KEYS``: backbone, weights, trainable blocks, input size, split, markers, loss,
+FDS) must match the checkpoint's, else the run stops naming the keys (a fold's split file is one of them:
+``FOLD=1`` with fold 0's ``RUN`` stops naming both split files). ``--keep-last K`` deletes all but the newest K. A
+fresh run (no checkpoint to resume) in a run folder that holds another run's outputs stops instead of writing over them;
 ``--overwrite`` starts the run afresh: it deletes the folder's ``checkpoints/``, ``best.*``, ``tb/``, ``config*.json``
 and ``test/`` (after every check passed, before the first epoch). ``--overwrite --resume auto`` = start afresh;
 ``--overwrite`` with a ``--resume`` path is refused. Before the first epoch the run folder, ``checkpoints/`` and
@@ -59,7 +59,6 @@ import gc
 import json
 import logging
 import re
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,16 +70,23 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from hex import backbones
-from hex.checkpoint import prune_checkpoints, remove_run_outputs, save_best, save_checkpoint, training_state
-from hex.data import BatchTransform
-from hex.evaluate import predict_distributed
+from hex.data.transforms import BatchTransform
+from hex.evaluate.metrics import mse as mse_per_marker
+from hex.evaluate.predict import predict_distributed
 from hex.losses import LOSSES
-from hex.metrics import mse as mse_per_marker
 from hex.model import HEX
-from hex.train_loop import TrainStep, loss_stats, selection_score, train_one_epoch
-from hex.train_loop import wrap_ddp as _wrap_ddp
-from hex.train_setup import build_state, check_flags, load_inputs, prepare_run_dir, resolve_recipe
-from pipeline.cli import run_cli
+from hex.train.checkpoints import (
+    BEST_MODEL,
+    prune_checkpoints,
+    remove_run_outputs,
+    save_best,
+    save_checkpoint,
+    training_state,
+)
+from hex.train.config import TrainConfig, make_config
+from hex.train.epoch import TrainStep, loss_stats, selection_score, train_one_epoch, wrap_ddp
+from hex.train.start import build_state, load_inputs, prepare_run_dir
+from pipeline.cli import Stage
 from pipeline.dist import (
     DistContext,
     all_gather_objects,
@@ -94,8 +100,6 @@ from pipeline.dist import (
 from pipeline.io import ensure_writable, save_config
 
 log = logging.getLogger("hex.train")
-
-__all__ = ["TrainStep", "build_parser", "main", "resolve_recipe", "save_best"]  # re-exported for older imports
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,82 +182,82 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# main
+# the stage
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(build_parser(), argv, _work, lambda a: None if a.check else a.out / "runs" / a.run / "train.log",
-                   check=check_flags, logger=log, prepare=prepare_run_dir)
-
-
-def _work(args: argparse.Namespace, ctx: DistContext) -> int:
-    run_dir = args.out / "runs" / args.run
-    if args.check:
-        inputs = load_inputs(args, run_dir, True)
+def run(cfg: TrainConfig, ctx: DistContext) -> int:
+    """The stage body: ``--check`` stops after the inputs; else the inputs and the model state (fresh or resumed),
+    the earlier run's outputs removed with ``--overwrite``, then the epochs (:func:`train`)."""
+    run_dir = cfg.run_dir
+    if cfg.check:
+        inputs = load_inputs(cfg, run_dir, True)
         log.info("check passed: %d train / %d val patches, %s", len(inputs["train"]), len(inputs["val"]),
                  f"resume from {inputs['resume_path']}" if inputs["resume_path"] else "fresh run")
         return 0
-    if args.recipe_info["warning"] and ctx.is_main:
-        log.warning("!!! %s", args.recipe_info["warning"])
+    if cfg.recipe_info["warning"] and ctx.is_main:
+        log.warning("!!! %s", cfg.recipe_info["warning"])
     with fail_together():
-        inputs = load_inputs(args, run_dir, ctx.is_main)
-        state = build_state(args, inputs["ck"], len(inputs["train"].markers), run_dir, ctx.device)
+        inputs = load_inputs(cfg, run_dir, ctx.is_main)
+        state = build_state(cfg, inputs["ck"], len(inputs["train"].markers), run_dir, ctx.device)
         if inputs["replace"] and ctx.is_main:  # every check passed: now the earlier run's outputs go
             gone = remove_run_outputs(run_dir)
             log.info("--overwrite: removed %s of the earlier run in %s", ", ".join(p.name for p in gone), run_dir)
             ensure_writable(run_dir / "checkpoints", "run folder")
     barrier()
     try:
-        if state["start_epoch"] >= args.epochs:
+        if state["start_epoch"] >= cfg.epochs:
             log.info("hex.train: run %s already finished (%d of %d epochs), nothing to do; best model %s; raise "
                      "--epochs to train on, or pass --overwrite to start afresh", run_dir, state["start_epoch"],
-                     args.epochs, run_dir / "best.safetensors")
+                     cfg.epochs, run_dir / BEST_MODEL)
             return 0
-        return train(args, ctx, run_dir, inputs, state)
+        return train(cfg, ctx, run_dir, inputs, state)
     finally:
         inputs["train"].close()
         inputs["val"].close()
 
 
-def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path, inputs: dict[str, Any],
+def train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, inputs: dict[str, Any],
           state: dict[str, Any]) -> int:
+    """The epochs from ``state["start_epoch"]`` to ``cfg.epochs``: train, validate every ``eval_every`` epochs
+    (``best.*`` on a better score), checkpoint every ``save_every``; the last line says what ran and where the
+    model is."""
     rank, world, device, is_main = ctx.rank, ctx.world_size, ctx.device, ctx.is_main
     train_ds, val_ds, ck = inputs["train"], inputs["val"], inputs["ck"]
     model, criterion, optimizer, scheduler, scaler, amp = (state[k] for k in ("model", "criterion", "optimizer",
                                                                               "scheduler", "scaler", "amp"))
     start_epoch, best, m = state["start_epoch"], state["best"], len(train_ds.markers)
-    accum = args.global_batch_size // (args.batch_size * world) if args.global_batch_size else 1
+    accum = cfg.global_batch_size // (cfg.batch_size * world) if cfg.global_batch_size else 1
     lds_w = None
-    if args.lds:
+    if cfg.lds:
         from hex.fds import lds_weights
 
         lds_w = torch.as_tensor(np.asarray(lds_weights(torch.from_numpy(train_ds.labels))), dtype=torch.float32)
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     train_loader = DataLoader(
-        train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-        pin_memory=device.type == "cuda", drop_last=len(sampler) % args.batch_size == 1,  # no 1-sample BN batch
-        persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers > 0 else None,
-        generator=torch.Generator().manual_seed(args.seed))  # own RNG: loader never touches the global one
-    input_size = int(ck["input_size"]) if ck is not None else args.input_size
-    interpolation = ck.get("interpolation", "bilinear") if ck is not None else args.interpolation
-    train_tf = BatchTransform(input_size, model.mean, model.std, train=True, jitter=tuple(args.color_jitter),
-                              flips=not args.no_flips, interpolation=interpolation, rotation=args.rotation)
+        train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", drop_last=len(sampler) % cfg.batch_size == 1,  # no 1-sample BN batch
+        persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers > 0 else None,
+        generator=torch.Generator().manual_seed(cfg.seed))  # own RNG: loader never touches the global one
+    input_size = int(ck["input_size"]) if ck is not None else cfg.input_size
+    interpolation = ck.get("interpolation", "bilinear") if ck is not None else cfg.interpolation
+    train_tf = BatchTransform(input_size, model.mean, model.std, train=True, jitter=tuple(cfg.color_jitter),
+                              flips=not cfg.no_flips, interpolation=interpolation, rotation=cfg.rotation)
     val_tf = BatchTransform(input_size, model.mean, model.std, train=False, interpolation=interpolation)
-    config = {k: v for k, v in vars(args).items() if k != "recipe_info"}
+    config = cfg.flags()
     if is_main:
         n_tr = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("%d train patches (%d slides), %d val patches (%d slides), %d markers", len(train_ds),
                  len(inputs["split"]["train"]), len(val_ds), len(inputs["split"]["val"]), m)
         log.info("backbone %s (%s recipe): %.2fM params, %.2fM trainable; input %d px; %d rank(s) on %s; amp %s; "
                  "lr %g (x%g per epoch, floor %g); global batch %d = %d x %d ranks x %d accumulation",
-                 model.model_args["backbone_name"], args.recipe_info["recipe"],
+                 model.model_args["backbone_name"], cfg.recipe_info["recipe"],
                  sum(p.numel() for p in model.parameters()) / 1e6, n_tr / 1e6, input_size, world, device, amp,
-                 args.lr, args.gamma, args.lr_floor, args.batch_size * world * accum, args.batch_size, world, accum)
-        cfg = {**config, "world_size": world, "grad_accum": accum, "global_batch": args.batch_size * world * accum,
+                 cfg.lr, cfg.gamma, cfg.lr_floor, cfg.batch_size * world * accum, cfg.batch_size, world, accum)
+        saved = {**config, "world_size": world, "grad_accum": accum, "global_batch": cfg.batch_size * world * accum,
                "input_size": input_size, "markers": train_ds.markers, "model_args": model.model_args,
                "resumed_from": inputs["resume_path"], "n_train": len(train_ds), "n_val": len(val_ds),
-               "recipe": args.recipe_info, "warnings": [w for w in [args.recipe_info["warning"]] if w]}
-        save_config(run_dir, cfg, name="config.json" if ck is None else f"config_resume_epoch{start_epoch}.json")
+               "recipe": cfg.recipe_info, "warnings": [w for w in [cfg.recipe_info["warning"]] if w]}
+        save_config(run_dir, saved, name="config.json" if ck is None else f"config_resume_epoch{start_epoch}.json")
     writer = None
     if is_main:
         from tensorboardX import SummaryWriter
@@ -265,29 +269,29 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path, inputs: dic
     else:
         if ck is not None and is_main:
             log.warning("checkpoint RNG states are from %d ranks, now %d: reseeding", len(ck.get("rng", [])), world)
-        seed_everything(args.seed + 1000 * rank + start_epoch)
+        seed_everything(cfg.seed + 1000 * rank + start_epoch)
 
     step = TrainStep(model, criterion)
-    ddp = _wrap_ddp(step, ctx, args.find_unused_parameters)
+    ddp = wrap_ddp(step, ctx, cfg.find_unused_parameters)
     meta = {"markers": train_ds.markers, "normalization": train_ds.normalization, "model_args": model.model_args,
             "input_size": input_size, "interpolation": interpolation, "mean": list(model.mean),
-            "std": list(model.std), "split": str(Path(args.split).resolve()),
+            "std": list(model.std), "split": str(Path(cfg.split).resolve()),
             "train_slides": list(inputs["split"]["train"]), "val_slides": list(inputs["split"]["val"])}
-    for epoch in range(start_epoch, args.epochs):
-        if epoch >= args.freeze_backbone_epoch and not model.backbone_frozen:
+    for epoch in range(start_epoch, cfg.epochs):
+        if epoch >= cfg.freeze_backbone_epoch and not model.backbone_frozen:
             if is_main:
                 log.info("epoch %d: freezing the backbone (only the heads train from now on)", epoch)
             model.freeze_backbone()
             del ddp
             gc.collect()
-            ddp = _wrap_ddp(step, ctx, args.find_unused_parameters)
-        fds_on = model.fds is not None and epoch < args.fds_stop_epoch
+            ddp = wrap_ddp(step, ctx, cfg.find_unused_parameters)
+        fds_on = model.fds is not None and epoch < cfg.fds_stop_epoch
         model.fds_active = fds_on
         collect_fds = fds_on and epoch >= int(getattr(model.fds, "start_update", 0))
         sampler.set_epoch(epoch)
         t0 = time.time()
         tr = train_one_epoch(ddp, step, optimizer, scaler, train_loader, train_tf, lds_w, epoch, accum, amp, device,
-                             collect_fds, args.max_steps_per_epoch, is_main)
+                             collect_fds, cfg.max_steps_per_epoch, is_main)
         if collect_fds:
             model.fds.update_running_stats(tr.pop("fds_feats"), tr.pop("fds_labels"), epoch)
             model.fds.update_last_epoch_stats(epoch + 1)
@@ -301,9 +305,9 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path, inputs: dic
             writer.add_scalar("train/samples_per_s", tr["samples"] / train_time, epoch + 1)
             for k, v in loss_stats(criterion).items():
                 writer.add_scalar(f"train/loss_{k}", v, epoch + 1)
-        last = epoch + 1 == args.epochs
-        if (epoch + 1) % args.eval_every == 0 or last:
-            score = validate(model, val_ds, val_tf, ctx, args, amp, epoch, writer, tr, train_time)
+        last = epoch + 1 == cfg.epochs
+        if (epoch + 1) % cfg.eval_every == 0 or last:
+            score = validate(model, val_ds, val_tf, ctx, cfg, amp, epoch, writer, tr, train_time)
             # the first evaluated epoch always writes best.* (even when every r is undefined), later ones must beat it
             if score["score"] > best["pearson"] or best["epoch"] < 0:
                 best = {"pearson": score["score"], "epoch": epoch + 1}
@@ -312,31 +316,31 @@ def train(args: argparse.Namespace, ctx: DistContext, run_dir: Path, inputs: dic
                                                "val_mean_mse": score["mse"], "val_collapsed": score["collapsed"],
                                                "val_pearson": dict(zip(val_ds.markers, map(float, score["r"])))})
         elif is_main:
-            log.info("epoch %d/%d: train loss %.4f (%.0f samples/s)", epoch + 1, args.epochs, tr["loss"],
+            log.info("epoch %d/%d: train loss %.4f (%.0f samples/s)", epoch + 1, cfg.epochs, tr["loss"],
                      tr["samples"] / train_time)
-        if (epoch + 1) % args.save_every == 0 or last:
+        if (epoch + 1) % cfg.save_every == 0 or last:
             rngs = all_gather_objects(rng_state())
             if is_main:
                 save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch + 1}.pt",
                                 training_state(model, optimizer, scheduler, scaler, criterion, epoch + 1, rngs, best,
                                                world, config, meta))
-                prune_checkpoints(run_dir / "checkpoints", args.keep_last)
+                prune_checkpoints(run_dir / "checkpoints", cfg.keep_last)
         barrier()
     if writer is not None:
         writer.close()
     if is_main:
-        last_ck = run_dir / "checkpoints" / f"epoch_{args.epochs}.pt"
+        last_ck = run_dir / "checkpoints" / f"epoch_{cfg.epochs}.pt"
         log.info("hex.train: %d epochs run (%d-%d of %d), best val mean Pearson r %.4f at epoch %d -> %s; last "
-                 "checkpoint %s", args.epochs - start_epoch, start_epoch + 1, args.epochs, args.epochs,
-                 best["pearson"], best["epoch"], run_dir / "best.safetensors", last_ck)
+                 "checkpoint %s", cfg.epochs - start_epoch, start_epoch + 1, cfg.epochs, cfg.epochs,
+                 best["pearson"], best["epoch"], run_dir / BEST_MODEL, last_ck)
     return 0
 
 
-def validate(model: HEX, val_ds: Any, val_tf: BatchTransform, ctx: DistContext, args: argparse.Namespace,
+def validate(model: HEX, val_ds: Any, val_tf: BatchTransform, ctx: DistContext, cfg: TrainConfig,
              amp: torch.dtype | None, epoch: int, writer: Any, tr: dict[str, Any], train_time: float) -> dict[str, Any]:
-    """Predict the validation patches (all ranks), score them (:func:`hex.train_loop.selection_score`) and log."""
+    """Predict the validation patches (all ranks), score them (:func:`hex.train.epoch.selection_score`) and log."""
     pred = predict_distributed(model, val_ds, val_tf, ctx.device, ctx.rank, ctx.world_size,
-                               batch_size=2 * args.batch_size, workers=0 if args.workers == 0 else min(args.workers, 2),
+                               batch_size=2 * cfg.batch_size, workers=0 if cfg.workers == 0 else min(cfg.workers, 2),
                                amp=amp, progress=ctx.is_main, desc=f"val {epoch + 1}")
     score, r, collapsed = selection_score(val_ds.labels, pred)
     e = mse_per_marker(val_ds.labels, pred)
@@ -349,11 +353,16 @@ def validate(model: HEX, val_ds: Any, val_tf: BatchTransform, ctx: DistContext, 
             writer.add_scalar(f"val_pearson/{tag}", float(rv), epoch + 1)
             writer.add_scalar(f"val_mse/{tag}", float(ev), epoch + 1)
         log.info("epoch %d/%d: train loss %.4f (%.0f samples/s, data wait %.0f%%), val mean r %.4f, mse %.5f%s",
-                 epoch + 1, args.epochs, tr["loss"], tr["samples"] / train_time,
+                 epoch + 1, cfg.epochs, tr["loss"], tr["samples"] / train_time,
                  100 * tr["data_wait"] / max(train_time, 1e-9), score, float(np.nanmean(e)),
                  f" ({collapsed} markers collapsed to a constant prediction, counted as r = 0)" if collapsed else "")
     return {"score": score, "r": r, "mse": float(np.nanmean(e)), "collapsed": collapsed}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+STAGE = Stage("hex.train", build_parser, make_config, run=run, distributed=True, prepare=prepare_run_dir,
+              log_file=lambda cfg: None if cfg.check else cfg.run_dir / "train.log")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m hex.train``; returns the exit code (0, 2 bad input, 130 Ctrl-C)."""
+    return STAGE.main(argv)

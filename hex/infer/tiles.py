@@ -2,7 +2,7 @@
 
 Public API (stable; ``mica`` feature extraction uses it too)::
 
-    from hex.wsi_tiles import TileRegions, make_tile_loader
+    from hex.infer.tiles import TileRegions, make_tile_loader
 
     ds = TileRegions(he_path, coords, patch_size_level0=448, level=0, read_size=448, out_size=224)
     ds = TileRegions.from_grid(he_path, "OUT/patches/slide.h5")        # geometry from a stage-01 grid file
@@ -25,7 +25,7 @@ Public API (stable; ``mica`` feature extraction uses it too)::
   each worker may be smaller); a worker holds one region and one batch in memory, never a whole level. Batches
   arrive in no particular order: place results by ``idx``.
 * The slide is opened lazily once per process (OpenSlide handles are not shared across ``fork``).
-* :func:`tissue_tiles` computes a grid with stage 01's own functions (``grid_geometry``, ``tissue_mask``,
+* :func:`tissue_tiles` computes a grid with stage 01's own functions (``grid_geometry``, ``grid_tissue_mask``,
   ``patch_tissue_fraction``) at any stride: tiles of ``patch_size`` px at ``target_mpp`` µm/px (level-0 side
   P = round(patch_size * target_mpp / mpp)), top-left x, y = 0, s, 2s, ... (s = round(stride * P / patch_size)
   level-0 px), fully inside the slide, kept when their tissue fraction is >= ``min_tissue``. With stride =
@@ -48,12 +48,9 @@ from pipeline.errors import PipelineError
 from preprocess.patch import full_grid, grid_geometry, read_grid
 from preprocess.patch_store import group_into_blocks, resize_patch
 from preprocess.slide_io import HESlide
-from preprocess.tissue import TissueParams, patch_tissue_fraction, tissue_mask
+from preprocess.tissue import TissueParams, grid_tissue_mask, patch_tissue_fraction
 
 log = logging.getLogger(__name__)
-
-__all__ = ["TileRegions", "TileBatches", "make_tile_loader", "region_block_level0", "strided_grid", "tissue_tiles"]
-
 
 def region_block_level0(read_size: int, downsample: float, region_px: int = 2048) -> int:
     """Side in level-0 px of the square blocks that group tiles into regions (the patch store's rule):
@@ -249,7 +246,7 @@ def tissue_tiles(he_path: str | os.PathLike, patch_size: int = 224, stride: int 
         step0 = max(1, int(round(stride * ps0 / patch_size)))
         grid = strided_grid(w0, h0, ps0, step0)
         thumb, ds = slide.thumbnail(thumb_size)
-        mask, thr = tissue_mask(thumb, slide.mpp * ds, tissue or TissueParams())
+        mask, thr = grid_tissue_mask(thumb, slide.mpp * ds, tissue or TissueParams())
         frac = patch_tissue_fraction(mask, ds, grid, ps0) if mask.any() else np.zeros(len(grid))
     keep = frac >= min_tissue
     tiles = TileRegions(he_path, grid[keep], ps0, geom.patch_level, geom.read_size_at_level, patch_size,

@@ -14,7 +14,8 @@ An original checkpoint says nothing about its backbone or markers: the backbone 
 size and mean/std from the backbone spec, and the resize is bilinear like the release's ``transforms.Resize``.
 Its label percentiles are unknown (``normalization`` None).
 
-CLI flags shared by ``hex.test`` and ``hex.infer_wsi``: :func:`add_checkpoint_args`, then :func:`load_from_args`.
+CLI flags shared by ``hex.test`` and ``hex.infer_wsi``: :func:`add_checkpoint_args` (checked by
+:func:`check_backbone_kw`), then :func:`load_trained`.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from typing import Any
 
 import pandas as pd
 
-from hex.checkpoint import read_checkpoint
 from hex.model import HEX, build_from_args, load_hex_checkpoint, normalize_hex_keys, read_checkpoint_state
+from hex.train.checkpoints import read_checkpoint
 from pipeline.errors import PipelineError
+from pipeline.tables import read_split
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +132,6 @@ def training_split(path: str | os.PathLike) -> dict[str, Any] | None:
     try:
         split = json.loads(cfg_path.read_text()).get("split") if cfg_path.is_file() else None
         if split and Path(split).is_file():
-            from hex.data import read_split
-
             return {"split": str(split), "train_slides": read_split(split, "train"),
                     "val_slides": read_split(split, "val"), "source": str(cfg_path)}
     except (OSError, ValueError, PipelineError):
@@ -208,10 +208,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser, default_help: str) -> None:
                         '"num_heads": 2, "img_size": 64}\' (a tiny MUSK in tests)')
 
 
-def load_from_args(args: argparse.Namespace, default_checkpoint: Path) -> tuple[HEX, dict[str, Any]]:
-    """:func:`load_trained` for the flags of :func:`add_checkpoint_args`."""
-    kw = args.backbone_kw
+def check_backbone_kw(kw: Any) -> None:
+    """``--backbone-kw`` must be a JSON object (checked before any work)."""
     if kw is not None and not isinstance(kw, dict):
         raise PipelineError(f"--backbone-kw must be a JSON object, got {kw!r}")
-    return load_trained(args.checkpoint or default_checkpoint, backbone=args.backbone, weights=args.weights,
-                        backbone_kw=kw)

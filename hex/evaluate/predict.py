@@ -2,7 +2,7 @@
 
 ::
 
-    from hex.evaluate import resolve_amp, run_loop, prediction_fn
+    from hex.evaluate.predict import resolve_amp, run_loop, prediction_fn
 
     amp = resolve_amp("auto", device)                 # bf16 (else fp16) on CUDA, None on CPU
     out = run_loop(loader, prediction_fn(model), transform, device, amp=amp, n=len(ds))   # (N, M) float32
@@ -32,10 +32,6 @@ from tqdm.auto import tqdm
 from pipeline.dist import all_gather_objects, shard_indices
 
 log = logging.getLogger(__name__)
-
-__all__ = ["autocast", "predict", "predict_distributed", "prediction_fn", "resolve_amp", "run_loop",
-           "wants_channels_last"]
-
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``--amp``: CUDA only (``auto`` = bf16 where supported, else fp16); None on CPU."""
@@ -84,7 +80,8 @@ def run_loop(loader: Iterable[Sequence[Any]], forward: Callable[[torch.Tensor], 
     Args:
         loader: batches ``(imgs uint8 (B,3,H,W), ..., idx int64 (B,))`` (``idx`` needed only with ``n``).
         forward: (B,3,S,S) float -> (B,F); an ``nn.Module`` (or :func:`prediction_fn`'s result) is put in eval mode.
-        transform: uint8 (B,3,H,W) on ``device`` -> normalised float (B,3,S,S), e.g. ``hex.data.BatchTransform``.
+        transform: uint8 (B,3,H,W) on ``device`` -> normalised float (B,3,S,S), e.g.
+            ``hex.data.transforms.BatchTransform``.
         device: where the model lives; CUDA gets non-blocking copies and ``amp`` autocast.
         amp: autocast dtype (CUDA only; see :func:`resolve_amp`).
         n: place row ``idx[j]`` of each batch into an (n, F) array and check every row was filled exactly once;
@@ -179,7 +176,7 @@ def predict(model: nn.Module, dataset: Dataset, indices: Sequence[int], transfor
             channels_last: bool = False) -> np.ndarray:
     """Predictions (len(indices), M) float32 for ``dataset[indices]`` in that order (model in eval mode).
 
-    ``dataset`` items give a uint8 (3,H,W) image first (``hex.data.PatchDataset``: ``(img, labels, i)``).
+    ``dataset`` items give a uint8 (3,H,W) image first (``hex.data.datasets.PatchDataset``: ``(img, labels, i)``).
     ``channels_last`` feeds channels-last inputs on CUDA (convert the model with
     ``model.to(memory_format=torch.channels_last)`` first; see :func:`wants_channels_last`).
     """

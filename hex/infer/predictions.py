@@ -1,6 +1,6 @@
-"""One slide of stage 06: its tile grid (the stage-01 grid or a computed tissue grid), the model's predictions and
-the prediction file ``hex_pred/{slide}.h5`` (layout: :mod:`hex.infer_wsi`). Used by :mod:`hex.infer_wsi`, which runs
-it over a cohort; everything here is importable from ``hex.infer_wsi`` too."""
+"""The prediction file of one slide, ``hex_pred/{slide}.h5`` (layout: :mod:`hex.infer.stage`): its tile grid (the
+stage-01 grid or a computed tissue grid), the model's predictions on the tiles, writing the file
+(:func:`infer_slide`) and reading it back (:func:`read_prediction`, used by the maps and by stage 07)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from hex.data import BatchTransform
-from hex.evaluate import prediction_fn, run_loop, wants_channels_last
-from hex.wsi_tiles import TileRegions, make_tile_loader, tissue_tiles
+from hex.data.transforms import BatchTransform
+from hex.evaluate.predict import prediction_fn, run_loop, wants_channels_last
+from hex.infer.tiles import TileRegions, make_tile_loader, tissue_tiles
+from pipeline import artifacts as art
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
 from preprocess.patch import read_grid
 
 log = logging.getLogger("hex.infer_wsi")
-
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ def infer_slide(slide_id: str, he_path: Path, model: torch.nn.Module, meta: dict
     attrs = {**info, "markers": np.array(markers, dtype=h5py.string_dtype()), "checkpoint": meta["checkpoint"],
              "checkpoint_sha256": meta["checkpoint_sha256"], "normalization": json.dumps(normalization),
              "units": "normalised [0, 1] (label percentiles, see normalization)", "slide_id": slide_id,
-             "he_path": str(he_path), "schema_version": SCHEMA_VERSION,
+             "he_path": str(he_path), "schema_version": art.PREDICTIONS.schema,
              "coords_units": "level-0 pixels, top-left (x, y)"}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("coords", data=tiles.coords.astype(np.int64))
@@ -157,3 +156,93 @@ def infer_slide(slide_id: str, he_path: Path, model: torch.nn.Module, meta: dict
     dt = time.perf_counter() - t0
     out |= {"seconds": dt, "patches_per_s": tiles.num_tiles / max(dt, 1e-9), "path": str(path)}
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading a prediction file
+
+
+@dataclass
+class SlidePrediction:
+    """The content of ``hex_pred/{slide}.h5`` that the maps need (level-0 px, µm)."""
+
+    slide_id: str
+    coords: np.ndarray  # (N, 2) int64 level-0 top-left x, y
+    values: np.ndarray  # (N, M) float32
+    markers: list[str]
+    patch_size_level0: float
+    stride_level0: float
+    mpp: float | None
+    he_path: Path | None
+    checkpoint: str | None
+    slide_size: tuple[int, int] | None  # level-0 (width, height) when the file records it
+
+
+def _attr_str(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The ``markers`` (list) and ``he_path`` (str) attributes of a prediction file, without reading its arrays;
+    the keys it lacks are left out, and an unreadable file gives ``{}`` (:func:`read_prediction` names the
+    problem when the slide is processed)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            a = f.attrs
+            out: dict[str, Any] = {}
+            if "markers" in a:
+                out["markers"] = [_attr_str(m) for m in np.asarray(a["markers"]).ravel()]
+            if "he_path" in a:
+                out["he_path"] = _attr_str(a["he_path"])
+            return out
+    except OSError:
+        return {}
+
+
+def _slide_size_from_attrs(attrs) -> tuple[int, int] | None:
+    for key in ("slide_dimensions", "level0_dimensions", "dimensions"):
+        if key in attrs:
+            v = np.asarray(attrs[key]).ravel()
+            if v.size == 2:
+                return int(v[0]), int(v[1])
+    if "slide_width" in attrs and "slide_height" in attrs:
+        return int(attrs["slide_width"]), int(attrs["slide_height"])
+    return None
+
+
+def read_prediction(path: str | Path) -> SlidePrediction:
+    """Read a ``hex_pred/{slide}.h5`` file; a missing dataset or attribute is a :class:`PipelineError` naming it."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"prediction file not found: {path} (run python -m hex.infer_wsi first)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise PipelineError(f"cannot read the prediction file {path} ({e}); rerun hex.infer_wsi for it") from e
+    with f:
+        for key in ("coords", "codex_prediction"):
+            if key not in f:
+                raise PipelineError(f"{path} has no '{key}' dataset; it is not a hex.infer_wsi file (rerun it)")
+        a = f.attrs
+        for key in ("markers", "patch_size_level0"):
+            if key not in a:
+                raise PipelineError(f"{path} lacks the attribute '{key}'; rerun hex.infer_wsi for this slide")
+        coords = np.asarray(f["coords"][:], dtype=np.int64).reshape(-1, 2)
+        values = np.asarray(f["codex_prediction"][:], dtype=np.float32)
+        markers = [_attr_str(m) for m in np.asarray(a["markers"]).ravel()]
+        if values.ndim != 2 or values.shape != (len(coords), len(markers)):
+            raise PipelineError(f"{path}: codex_prediction is {values.shape}, expected ({len(coords)}, "
+                                f"{len(markers)}) (tiles x markers); rerun hex.infer_wsi for this slide")
+        patch = float(a["patch_size_level0"])
+        stride = float(a["stride_level0"]) if "stride_level0" in a else patch
+        he = _attr_str(a["he_path"]) if "he_path" in a and _attr_str(a["he_path"]) else None
+        return SlidePrediction(
+            slide_id=_attr_str(a["slide_id"]) if "slide_id" in a else path.name.split(".", 1)[0],
+            coords=coords, values=values, markers=markers, patch_size_level0=patch, stride_level0=stride,
+            mpp=float(a["mpp"]) if "mpp" in a else None, he_path=Path(he) if he else None,
+            checkpoint=_attr_str(a["checkpoint"]) if "checkpoint" in a else None,
+            slide_size=_slide_size_from_attrs(a))

@@ -22,9 +22,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hex.data import BatchTransform
-from hex.evaluate import autocast
-from hex.metrics import pearson
+from hex.data.transforms import BatchTransform
+from hex.evaluate.metrics import pearson
+from hex.evaluate.predict import autocast
 from hex.model import HEX
 from pipeline.dist import DistContext, all_reduce_sum
 

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hex.data import PatchDataset
-from hex.metrics import marker_table, slide_table
+from hex.data.datasets import PatchDataset
+from hex.evaluate.metrics import marker_table, slide_table
 from pipeline.io import atomic_path, write_json
 
 log = logging.getLogger("hex.test")

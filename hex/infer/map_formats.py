@@ -1,6 +1,6 @@
 """Writers of the virtual CODEX outputs: pyramidal OME-TIFF, QuPath GeoJSON detections and the preview figure.
 
-Each writer takes arrays that :func:`hex.virtual_codex.accumulate_map` produced (a map (H', W', M) whose pixel is
+Each writer takes arrays that :func:`hex.infer.maps.accumulate_map` produced (a map (H', W', M) whose pixel is
 one stride step s of the slide's level 0) and writes one file atomically (temp file, then ``os.replace``).
 
 - OME-TIFF: one Image, axes CYX, float32, M channels named with the markers in the OME-XML, tiled and

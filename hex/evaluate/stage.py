@@ -1,0 +1,357 @@
+"""Evaluate a trained HEX model on labelled patches: per-patch predictions, per-marker and per-slide correlations.
+
+Commands (run from the repository root)::
+
+    # validation slides of a split, best model of run RUN -> OUT/runs/RUN/test/
+    python -m hex.test --out OUT --run RUN --data OUT --split COHORT/splits/splits_0.csv --split-column val \\
+        --visible-markers COHORT/ground_truth.json
+    # every labelled slide in OUT/markers, from an epoch checkpoint
+    python -m hex.test --out OUT --run RUN --data OUT --checkpoint OUT/runs/RUN/checkpoints/epoch_120.pt
+    # the original release's checkpoint.pth (heads only): backbone weights from --weights, its 40 marker names
+    # from hex/markers_original.csv, matched to the label columns by name
+    python -m hex.test --out OUT --run orig --data OUT --checkpoint checkpoint.pth --backbone musk \
+        --weights musk/model.safetensors
+    # several processes / GPUs (each sample predicted exactly once, gathered by index on rank 0)
+    torchrun --standalone --nproc-per-node=4 -m hex.test --out OUT --run-name RUN --data OUT --split ...
+
+Outputs (rank 0, atomic): ``patch_predictions.csv`` (``slide,index,x,y,true_<m>...,pred_<m>...``),
+``marker_pearson.csv`` (``marker,pearson,spearman,mse,n[,visible]`` + ``mean``/``median`` rows and, with
+``--visible-markers``, ``mean_visible``/``mean_invisible``), ``slide_pearson.csv`` (per-slide per-marker r),
+``summary.json``, ``marker_pearson_bar.png`` and ``scatter_grid.png``.
+
+Training slides: a model of ours records its split (``best.json``: ``split``, ``train_slides``); evaluating any of
+those slides (e.g. another fold's split with this fold's run) stops with one line naming them, unless
+``--allow-train-slides`` (then ``summary.json`` lists them as ``train_slides_scored``). ``summary.json`` records what
+was scored: ``split``, ``split_column``, ``slides``, ``checkpoint`` (+ sha256), ``trained_split``.
+
+Reruns: ``TEST_DIR/done/evaluation.json`` records the settings (slides, split, visible markers, plots) and the
+inputs (checkpoint, label and patch folders, with size and mtime). The same again is skipped; a changed input (the
+model trained on, the labels redone) is redone, said so; other settings or another checkpoint file stop with
+"done with other settings: <diff>; pass --overwrite" (exit 2), so results are never silently replaced.
+
+The labels must be normalised like the checkpoint's training labels (``markers/normalization.json`` against the
+one stored in the checkpoint): a difference stops the run, since MSE and r on differently normalised labels do not
+measure the model (``--allow-normalization-mismatch`` evaluates anyway, with a warning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from hex.data.datasets import (
+    LEGACY_PREFIX,
+    build_dataset,
+    list_labelled_slides,
+    marker_columns,
+    normalization_differences,
+    resolve_markers_dir,
+)
+from hex.data.splits import check_split_slides
+from hex.data.transforms import BatchTransform
+from hex.evaluate.predict import predict_distributed, resolve_amp, wants_channels_last
+from hex.evaluate.reports import write_reports
+from hex.trained_model import add_checkpoint_args, check_backbone_kw, load_trained, training_split
+from pipeline import artifacts as art
+from pipeline import done as done_mod
+from pipeline.cli import Stage, config_from_args, require
+from pipeline.dist import DistContext, barrier
+from pipeline.errors import PipelineError
+from pipeline.io import config_dict, ensure_writable, remove_outputs, save_config
+from pipeline.tables import read_split
+
+log = logging.getLogger("hex.test")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# markers: the model's outputs matched to the label CSV's columns by name
+
+
+def match_label_markers(model_markers: Sequence[str], csv_markers: Sequence[str],
+                        original: bool = False) -> tuple[list[str], list[int]]:
+    """Label columns to read and the model outputs they correspond to: ``(columns, output indices)``.
+
+    Markers are matched by name; the model's order is kept and markers the labels lack are left out (warning).
+    An original checkpoint (``original``) evaluated on legacy ``mean_intensity_channel{k}`` columns maps output k-1
+    to channel k, as the release trained it. No marker in common is an error.
+    """
+    have = set(csv_markers)
+    if original and csv_markers and all(c.startswith(LEGACY_PREFIX) for c in csv_markers) and \
+            len(csv_markers) == len(model_markers):
+        log.info("original checkpoint on legacy label columns: output k -> %s{k+1}", LEGACY_PREFIX)
+        return list(csv_markers), list(range(len(model_markers)))
+    cols = [m for m in model_markers if m in have]
+    if not cols:
+        raise PipelineError(f"the label CSVs share no marker with the model (model: {list(model_markers)[:5]}..., "
+                            f"labels: {list(csv_markers)[:5]}...); use labels with the model's marker names")
+    if len(cols) < len(model_markers):
+        log.warning("labels lack %d of the model's %d markers (%s...): evaluating the %d in common",
+                    len(model_markers) - len(cols), len(model_markers),
+                    [m for m in model_markers if m not in have][:5], len(cols))
+    pos = {m: i for i, m in enumerate(model_markers)}
+    return cols, [pos[m] for m in cols]
+
+
+def _first_csv_markers(markers_dir: Path, slides: Sequence[str]) -> list[str]:
+    for s in slides:
+        p = markers_dir / f"{s}.csv"
+        if p.is_file():
+            return marker_columns(pd.read_csv(p, nrows=0).columns)
+    raise PipelineError(f"no label CSV for slides {list(slides)[:5]} in {markers_dir} (run the quantification stage)")
+
+
+def read_visible_markers(path: str | os.PathLike) -> list[str]:
+    """``visible_markers`` of a ``ground_truth.json`` (or a JSON list)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"--visible-markers file {path} does not exist")
+    obj = json.loads(path.read_text())
+    vis = obj.get("visible_markers") if isinstance(obj, dict) else obj
+    if not isinstance(vis, list):
+        raise PipelineError(f"{path} has no 'visible_markers' list")
+    return [str(v) for v in vis]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hex.test", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="output root OUT (runs live in OUT/runs/RUN)")
+    p.add_argument("--run-name", "--run", dest="run", default="hex",
+                   help="run name under OUT/runs/ (--run-name under torchrun, which reads --run itself)")
+    p.add_argument("--data", type=Path, help="data root holding he_patches/ and markers/ (default: OUT)")
+    p.add_argument("--markers-dir", type=Path, help="label CSV folder (default DATA/markers)")
+    p.add_argument("--patches-dir", type=Path, help="patch folder (default DATA/he_patches)")
+    p.add_argument("--split", type=Path, help="split CSV; without it every labelled slide in the marker folder")
+    p.add_argument("--split-column", default="val", help="column of --split to evaluate (default val)")
+    p.add_argument("--slides", nargs="+", help="explicit slide ids (instead of --split)")
+    p.add_argument("--visible-markers", type=Path, help="ground_truth.json with visible_markers: report means")
+    p.add_argument("--test-dir", type=Path, help="output folder (default OUT/runs/RUN/test)")
+    p.add_argument("--batch-size", type=int, default=128, help="patches per forward per process")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per rank")
+    p.add_argument("--amp", choices=("auto", "fp16", "bf16", "none"), default="auto", help="autocast (CUDA only)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--allow-normalization-mismatch", action="store_true",
+                   help="evaluate labels whose normalization.json differs from the checkpoint's (default: an error)")
+    p.add_argument("--allow-train-slides", action="store_true",
+                   help="score slides the model was trained on (default: an error; summary.json lists them)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo results done with other settings (default: an error; the same settings: skipped)")
+    add_checkpoint_args(p, "best.safetensors (default OUT/runs/RUN/best.safetensors)")
+    return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """One field per flag of ``python -m hex.test`` (same names; see its ``--help``)."""
+
+    out: Path
+    run: str = "hex"
+    data: Path | None = None
+    markers_dir: Path | None = None
+    patches_dir: Path | None = None
+    split: Path | None = None
+    split_column: str = "val"
+    slides: list[str] | None = None
+    visible_markers: Path | None = None
+    test_dir: Path | None = None
+    batch_size: int = 128
+    workers: int = 2
+    amp: str = "auto"
+    device: str = "auto"
+    no_plots: bool = False
+    allow_normalization_mismatch: bool = False
+    allow_train_slides: bool = False
+    overwrite: bool = False
+    checkpoint: Path | None = None
+    backbone: str | None = None
+    weights: str | None = None
+    backbone_kw: dict[str, Any] | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        """``OUT/runs/RUN``."""
+        return art.HEX_RUN.dir(self.out, run=self.run)
+
+    @property
+    def results_dir(self) -> Path:
+        """Where the results go: ``--test-dir``, default ``OUT/runs/RUN/test``."""
+        return self.test_dir or art.HEX_TEST.dir(self.out, run=self.run)
+
+
+def make_config(args: argparse.Namespace) -> EvalConfig:
+    """Flag values and input files, before any work (one line naming the flag or file)."""
+    cfg = config_from_args(EvalConfig, args)
+    for flag, v, lo in (("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 0)):
+        require(v >= lo, f"{flag} {v}: must be >= {lo}")
+    for flag, path in (("--split", cfg.split), ("--visible-markers", cfg.visible_markers),
+                       ("--checkpoint", cfg.checkpoint)):
+        require(path is None or path.is_file(), f"{flag} {path}: file not found")
+    data_flag = "--data" if cfg.data is not None else "--out (the data root when --data is not given)"
+    for flag, folder in ((data_flag, cfg.data or cfg.out), ("--markers-dir", cfg.markers_dir),
+                         ("--patches-dir", cfg.patches_dir)):
+        require(folder is None or folder.is_dir(), f"{flag} {folder}: folder not found")
+    check_backbone_kw(cfg.backbone_kw)
+    return cfg
+
+
+def prepare(cfg: EvalConfig, ctx: DistContext) -> None:
+    """The results folder is writable, before the log file opens there."""
+    ensure_writable(cfg.results_dir, "test folder", "choose another --test-dir or --out")
+
+
+def check_normalization(meta: dict[str, Any], labels: dict | None, markers: Sequence[str], allow: bool) -> None:
+    """Stop when the labels were normalised differently from the checkpoint's training labels (``allow``: warn)."""
+    diffs = normalization_differences(meta.get("normalization"), labels, markers)
+    if not diffs:
+        if meta.get("normalization") is None or labels is None:
+            log.info("label normalisation not compared (the %s has none)",
+                     "checkpoint" if meta.get("normalization") is None else "label folder")
+        return
+    msg = (f"the labels' normalization.json differs from the one checkpoint {meta.get('checkpoint')} was trained on "
+           f"({len(diffs)} differences, e.g. {'; '.join(diffs[:3])}): MSE and r on differently normalised labels do "
+           "not measure the model; normalise these slides with the training cohort's file (preprocess.quantify "
+           "--normalization), or pass --allow-normalization-mismatch")
+    if not allow:
+        raise PipelineError(msg)
+    log.warning("%s", msg.replace(", or pass --allow-normalization-mismatch", " (allowed)"))
+
+
+def check_train_slides(slides: Sequence[str], trained: dict[str, Any] | None, allow: bool) -> list[str]:
+    """The slides of ``slides`` the model was trained on (``trained``: :func:`hex.trained.training_split`); any is
+    an error naming them and the split, unless ``allow`` (a warning). Returns them."""
+    if trained is None:
+        log.info("the checkpoint records no training split: cannot check that the scored slides are held out")
+        return []
+    seen = sorted(set(slides) & set(trained["train_slides"]))
+    if seen:
+        msg = (f"{len(seen)} of the {len(slides)} slides to score were in the model's training split "
+               f"{trained['split']} ({', '.join(seen[:10])}{' ...' if len(seen) > 10 else ''}; from "
+               f"{trained['source']}): a score on them does not measure the model. Evaluate the run of this fold "
+               "(RUN/FOLD), or pass --allow-train-slides")
+        if not allow:
+            raise PipelineError(msg)
+        log.warning("%s", msg.replace(", or pass --allow-train-slides", " (allowed: --allow-train-slides)"))
+    return seen
+
+
+def _outputs(test_dir: Path, plots: bool, _key: str = "") -> list[Path]:
+    names = ["patch_predictions.csv", "marker_pearson.csv", "slide_pearson.csv", "summary.json"]
+    return [test_dir / n for n in names + (["marker_pearson_bar.png", "scatter_grid.png"] if plots else [])]
+
+
+def _done_spec(cfg: EvalConfig, test_dir: Path, ckpt: Path, slides: list[str], mdir: Path,
+               pdir: Path) -> done_mod.DoneSpec:
+    """What makes the results: settings and inputs (see the module docstring)."""
+    def _abs(p: Path | None) -> str | None:
+        return str(Path(p).resolve()) if p is not None else None
+
+    settings = {"slides": list(slides), "split": _abs(cfg.split) if not cfg.slides else None,
+                "split_column": cfg.split_column if cfg.split is not None and not cfg.slides else None,
+                "visible_markers": _abs(cfg.visible_markers), "plots": not cfg.no_plots,
+                "backbone": cfg.backbone, "weights": cfg.weights, "backbone_kw": cfg.backbone_kw}
+    inputs = {"checkpoint": _abs(ckpt), "labels": _abs(mdir), "patches": _abs(pdir)}
+    return done_mod.DoneSpec(test_dir, settings, art.HEX_TEST.schema, inputs=lambda _s: inputs,
+                             outputs=functools.partial(_outputs, test_dir, not cfg.no_plots))
+
+
+_KEY = "evaluation"  # the done-record: TEST_DIR/done/evaluation.json
+
+
+def evaluate_run(cfg: EvalConfig, ctx: DistContext) -> int:
+    """The stage body: resolve and check the slides, the done-record and the training split (before any work), load
+    the model, build the dataset, predict on every rank, write the reports on rank 0."""
+    test_dir = cfg.results_dir
+    data = cfg.data or cfg.out
+    ckpt = cfg.checkpoint or art.HEX_RUN.path(cfg.out, run=cfg.run)
+    if not ckpt.is_file():
+        raise PipelineError(f"checkpoint {ckpt} does not exist (train run {cfg.run} first, or pass --checkpoint)")
+    mdir = resolve_markers_dir(data, cfg.markers_dir)
+    pdir = cfg.patches_dir or art.PATCH_STORE.dir(data)
+    if cfg.slides:
+        slides, source = list(cfg.slides), "--slides"
+    elif cfg.split is not None:
+        slides, source = read_split(cfg.split, cfg.split_column), f"split {cfg.split} column {cfg.split_column}"
+    else:
+        slides, source = list_labelled_slides(mdir), f"the label folder {mdir}"
+        if not slides:
+            raise PipelineError(f"no label CSVs in {mdir}")
+    check_split_slides(slides, mdir, pdir, source)
+    visible = read_visible_markers(cfg.visible_markers) if cfg.visible_markers else None
+    trained = training_split(ckpt)
+    seen = check_train_slides(slides, trained, cfg.allow_train_slides)
+    spec = _done_spec(cfg, test_dir, ckpt, slides, mdir, pdir)
+    state = done_mod.check(spec, _KEY)
+    if not cfg.overwrite and state.state == "done":
+        log.info("hex.test: 0 done, 1 skipped (already done with these settings: %s; pass --overwrite to redo)",
+                 test_dir / "summary.json")
+        return 0
+    if not cfg.overwrite and state.state == "conflict":
+        raise PipelineError(f"hex.test: the results in {test_dir} are done with other settings: {state.reason}; "
+                            "pass --overwrite to redo them with these settings, or use another --test-dir")
+    if state.reason not in ("", "not done") and ctx.is_main:
+        log.info("hex.test: %s", state.reason)
+    stamps = {k: done_mod.file_stamp(v) for k, v in spec.inputs(_KEY).items()}
+    model, meta = load_trained(ckpt, backbone=cfg.backbone, weights=cfg.weights, backbone_kw=cfg.backbone_kw)
+    model.to(ctx.device)
+    channels_last = wants_channels_last(model, ctx.device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    cols, outputs = match_label_markers(meta["markers"], _first_csv_markers(mdir, slides),
+                                        original=meta.get("checkpoint_kind") == "original")
+    ds = build_dataset(data, slides, markers=cols, markers_dir=cfg.markers_dir, patches_dir=cfg.patches_dir)
+    check_normalization(meta, ds.normalization, cols, cfg.allow_normalization_mismatch)
+    ds.markers = [meta["markers"][k] for k in outputs]  # report under the model's names
+    tf = BatchTransform(int(meta["input_size"]), meta["mean"], meta["std"], train=False,
+                        interpolation=meta.get("interpolation") or "bilinear")
+    amp = resolve_amp(cfg.amp, ctx.device)
+    if ctx.is_main:
+        log.info("model %s (epoch %s) on %d patches of %d slides (%s), %d rank(s)", ckpt, meta.get("epoch"), len(ds),
+                 len(slides), source, ctx.world_size)
+        done_mod.clear(spec, _KEY)
+        remove_outputs(_outputs(test_dir, True))  # no earlier file survives a redo (e.g. plots of another run)
+    pred = predict_distributed(model, ds, tf, ctx.device, ctx.rank, ctx.world_size, batch_size=cfg.batch_size,
+                               workers=cfg.workers, amp=amp, progress=ctx.is_main, channels_last=channels_last)
+    pred = pred[:, outputs]
+    if ctx.is_main:
+        info = {"split": str(cfg.split) if cfg.split is not None and not cfg.slides else None,
+                "split_column": cfg.split_column if cfg.split is not None and not cfg.slides else None,
+                "slides": slides, "checkpoint": str(ckpt), "checkpoint_sha256": meta["checkpoint_sha256"],
+                "epoch": meta.get("epoch"), "trained_split": trained["split"] if trained else None,
+                "train_slides_scored": seen}
+        save_config(test_dir, {**config_dict(cfg), "checkpoint": str(ckpt), "world_size": ctx.world_size,
+                               "slides": slides, "checkpoint_sha256": meta["checkpoint_sha256"],
+                               "checkpoint_kind": meta["checkpoint_kind"], "markers": ds.markers},
+                    name="test_config.json")
+        s = write_reports(test_dir, ds, pred, visible, plots=not cfg.no_plots, info=info)
+        done_mod.write_record(spec, _KEY, stamps)
+        msg = f"mean Pearson r {s['mean_pearson']:.4f} (median {s['median_pearson']:.4f})"
+        if visible is not None:
+            msg += (f"; visible {s['mean_pearson_visible']:.4f}, invisible {s['mean_pearson_invisible']:.4f}")
+        log.info("hex.test: 1 done: %s over %d patches of %d slides (%s) -> %s", msg, len(ds), len(slides), source,
+                 test_dir)
+    barrier()
+    return 0
+
+
+STAGE = Stage("hex.test", build_parser, make_config, run=evaluate_run, distributed=True, prepare=prepare,
+              log_file=lambda cfg: cfg.results_dir / "test.log")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m hex.test``; returns the exit code (0, 2 bad input, 130 Ctrl-C)."""
+    return STAGE.main(argv)

@@ -1,10 +1,11 @@
 """Benchmark: HEX training throughput of the data pipeline vs the model step (samples/s), same machine, same run.
 
-    python bench/bench_hex.py                               # CPU here, CUDA (with autocast) when available
-    python bench/bench_hex.py --patches 384 --workers 2 --batch-size 48 --steps 6
+    python -m bench.bench_hex                               # CPU here, CUDA (with autocast) when available
+    python -m bench.bench_hex --patches 384 --workers 2 --batch-size 48 --steps 6
 
 A synthetic cohort of 224 px patches is written to a temporary folder twice: the HDF5 patch store
-(``he_patches/{slide}.h5``) and the legacy PNG folder (``he_patches/{slide}/{slide}_{i}.png``). Timed:
+(``he_patches/{slide}.h5``) and the legacy PNG folder (``he_png/{slide}/{slide}_{i}.png``;
+``bench.synthetic_hex_data``). Timed:
 
   data   DataLoader (``--workers`` processes, batch ``--batch-size``) -> device -> training BatchTransform
          (flips/rot90, colour jitter, resize to the backbone input size, normalisation), for both layouts;
@@ -25,19 +26,18 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.utils.data import DataLoader
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from hex.data import BatchTransform, build_dataset  # noqa: E402
-from hex.losses import build_loss  # noqa: E402
-from hex.model import HEX  # noqa: E402
-from hex.test import autocast, resolve_amp  # noqa: E402
-from hex.train import TrainStep  # noqa: E402
-from pipeline.dist import resolve_device  # noqa: E402
-from tests.fixtures import write_synthetic_dataset  # noqa: E402
+from bench.synthetic_hex_data import write_synthetic_dataset
+from hex.data.datasets import build_dataset
+from hex.data.transforms import BatchTransform
+from hex.evaluate.predict import autocast, resolve_amp
+from hex.losses import build_loss
+from hex.model import HEX
+from hex.train.epoch import TrainStep
+from pipeline import artifacts as art
+from pipeline.dist import resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             rate, size = step_rate(name, kw, device, args.batch_size, args.steps, args.amp)
             mean, std = HEX(name, **kw).visual.mean, HEX(name, **kw).visual.std
             print(f"model step  {label:17s} {size:4d} px: {rate:8.1f} samples/s")
-            for layout, pdir in (("h5 store", root / "he_patches"), ("PNG folder", root / "he_png")):
+            for layout, pdir in (("h5 store", art.PATCH_STORE.dir(root)), ("PNG folder", root / "he_png")):
                 d = data_rate(root, pdir, info["slides"], size, mean, std, device, args.batch_size, args.workers)
                 rows.append((label, size, layout, d, rate))
                 print(f"  data      {layout:17s} {size:4d} px: {d:8.1f} samples/s   data/model = {d / rate:6.2f}")

@@ -1,19 +1,19 @@
 """Benchmark: whole-slide HEX inference end to end (read -> model -> write) vs the model alone, patches/s, one run.
 
-    python bench/bench_infer.py                                     # CPU: MUSK at a tiny size, 1 worker (~1 min)
-    python bench/bench_infer.py --backbone tiny --workers 0 1 2     # CPU: the tiny CNN, a worker sweep
-    python bench/bench_infer.py --device cuda --backbone musk       # GPU: full-size MUSK, bf16, eager and SDPA
-    python bench/bench_infer.py --slide my.svs --json bench.json    # a real slide; numbers also as JSON
+    python -m bench.bench_infer                                     # CPU: MUSK at a tiny size, 1 worker (~1 min)
+    python -m bench.bench_infer --backbone tiny --workers 0 1 2     # CPU: the tiny CNN, a worker sweep
+    python -m bench.bench_infer --device cuda --backbone musk       # GPU: full-size MUSK, bf16, eager and SDPA
+    python -m bench.bench_infer --slide my.svs --json bench.json    # a real slide; numbers also as JSON
 
-Both sides run the same HEX (random init) with the same batch size, transform (``hex.data.BatchTransform`` of the
-stage), device and autocast, in this process:
+Both sides run the same HEX (random init) with the same batch size, transform (``hex.data.transforms.BatchTransform``
+of the stage), device and autocast, in this process:
 
-  model-only   ``hex.evaluate.run_loop`` over uint8 tile batches already in memory (on the device for CUDA; the
+  model-only   ``hex.evaluate.predict.run_loop`` over uint8 tile batches already in memory (on the device for CUDA; the
                first batches of the slide, cycled until as many tiles as the slide has went through): transform,
                forward, outputs back to the host;
-  end-to-end   the stage itself, ``hex.infer_wsi.infer_slide``: the stage-01 grid file (``--grid stage01``, as
+  end-to-end   the stage itself, ``hex.infer.predictions.infer_slide``: the stage-01 grid file (``--grid stage01``, as
                after ``preprocess.patch``; ``computed`` adds the tissue mask to every pass), region reads by
-               ``--workers`` DataLoader workers (``hex.wsi_tiles``), pinned memory on CUDA, the same loop, and the
+               ``--workers`` DataLoader workers (``hex.infer.tiles``), pinned memory on CUDA, the same loop, and the
                ``hex_pred/{slide}.h5`` write;
   read-only    the tile loader alone with the same workers (no model), to explain the ratio.
 
@@ -43,19 +43,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from hex.data import BatchTransform  # noqa: E402
-from hex.evaluate import prediction_fn, resolve_amp, run_loop, wants_channels_last  # noqa: E402
-from hex.infer_wsi import InferConfig, infer_slide  # noqa: E402
-from hex.model import HEX  # noqa: E402
-from hex.wsi_tiles import TileRegions, make_tile_loader  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
-from sample_data.bench_slide import stage01_grid, subset_grid, write_bench_slide  # noqa: E402
+from bench.synthetic_slide import stage01_grid, subset_grid, write_bench_slide
+from hex.data.transforms import BatchTransform
+from hex.evaluate.predict import prediction_fn, resolve_amp, run_loop, wants_channels_last
+from hex.infer.predictions import InferConfig, infer_slide
+from hex.infer.tiles import TileRegions, make_tile_loader
+from hex.model import HEX
+from pipeline import artifacts as art
+from pipeline.errors import PipelineError
 
 TILE = 224  # px at 0.5 µm/px (the synthetic slides are 0.5 µm/px, so a tile is 224 level-0 px)
 MUSK_SIZES: dict[str, dict[str, Any]] = {
@@ -202,8 +200,8 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         he_path, sid = work / "he" / "bench.tif", "bench"
         rec["slide"] = write_bench_slide(he_path, args.tiles)
     rec["slide"]["grid_s"] = stage01_grid(sid, he_path, work)
-    subset_grid(work / "patches" / f"{sid}.h5", work / "patches" / "warmup.h5", 2 * args.batch_size)
-    tiles = TileRegions.from_grid(he_path, work / "patches" / f"{sid}.h5")
+    subset_grid(art.PATCH_GRID.path(work, sid), art.PATCH_GRID.path(work, "warmup"), 2 * args.batch_size)
+    tiles = TileRegions.from_grid(he_path, art.PATCH_GRID.path(work, sid))
     n = tiles.num_tiles
     rec["slide"] |= {"tiles": n, "regions": len(tiles)}
     print(f"slide {he_path.name}: {n} tiles of {TILE} px in {len(tiles)} regions"
@@ -217,8 +215,8 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     forward = prediction_fn(model)
     tf = BatchTransform(model.input_size, model.mean, model.std, train=False, interpolation="bilinear")
     chl = wants_channels_last(model, device)
-    grid_dir = work / "patches" if args.grid == "stage01" else work / "no_grid"
-    cfgs = {w: InferConfig(pred_dir=work / "hex_pred", grid_dir=grid_dir, batch_size=args.batch_size, workers=w)
+    grid_dir = art.PATCH_GRID.dir(work) if args.grid == "stage01" else work / "no_grid"
+    cfgs = {w: InferConfig(pred_dir=art.PREDICTIONS.dir(work), grid_dir=grid_dir, batch_size=args.batch_size, workers=w)
             for w in args.workers}
     pool, pool_rows = tile_pool(tiles, args.batch_size, 4, device)
     run_stage = {"model": model, "meta": meta, "device": device, "amp": amp, "normalization": None}
@@ -243,7 +241,8 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             set_attention(model, mode)
         rec["attention_used"].append(getattr(model.visual, "attention", "-"))
         model_only(forward, pool, min(n, 2 * args.batch_size), tf, device, amp, chl)  # warm-up
-        infer_slide("warmup", he_path, cfg=replace(cfgs[args.workers[0]], grid_dir=work / "patches"), **run_stage)
+        infer_slide("warmup", he_path, cfg=replace(cfgs[args.workers[0]], grid_dir=art.PATCH_GRID.dir(work)),
+                    **run_stage)
         for r in range(args.repeats):
             with timed(device) as t:
                 ref = model_only(forward, pool, n, tf, device, amp, chl)
@@ -252,7 +251,7 @@ def run_bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 with timed(device) as t:
                     res = infer_slide(sid, he_path, cfg=cfgs[w], **run_stage)
                 add("end-to-end", mode, w, r, t, res["patches"])  # a computed grid may differ from stage 01's
-        rec["check_max_abs_diff"][mode] = _check(work / "hex_pred" / f"{sid}.h5", ref[: len(pool_rows)],
+        rec["check_max_abs_diff"][mode] = _check(art.PREDICTIONS.path(work, sid), ref[: len(pool_rows)],
                                                tiles.coords[pool_rows])
     rec["loadavg_end"] = os.getloadavg()
     rec["summary"] = summarise(rec["rows"])
@@ -332,7 +331,7 @@ def print_table(rec: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python bench/bench_infer.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.bench_infer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--backbone", default="musk", choices=("tiny", "musk"), help="HEX backbone (random init)")

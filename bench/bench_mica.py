@@ -1,8 +1,8 @@
 """Benchmark: one MICA training step (forward, NLL survival loss, backward, Adam step) against the bag size.
 
-    python bench/bench_mica.py                                  # coattn, 10k/25k/50k patches x 1024, CPU
-    python bench/bench_mica.py --device cuda --sizes 10000 50000 100000
-    python bench/bench_mica.py --mode path --repeats 5 --threads 2
+    python -m bench.bench_mica                                  # coattn, 10k/25k/50k patches x 1024, CPU
+    python -m bench.bench_mica --device cuda --sizes 10000 50000 100000
+    python -m bench.bench_mica --mode path --repeats 5 --threads 2
 
 Each bag size runs in its own process (a fresh interpreter), so the CPU peak-memory figure is that step's own:
 peak RSS (``resource.getrusage`` ``ru_maxrss``) minus the RSS just before the first step, with the model, the
@@ -30,13 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from mica.model import MICA, MODES  # noqa: E402
-from mica.survival import nll_survival_loss  # noqa: E402
+from mica.model import MICA, MODES
+from mica.survival import nll_survival_loss
 
 MiB = 2 ** 20
 
@@ -126,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = []
     for n in args.sizes:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(n), "--mode", args.mode,
+        cmd = [sys.executable, "-m", "bench.bench_mica", "--worker", str(n), "--mode", args.mode,
                "--path-dim", str(args.path_dim), "--codex-dim", str(args.codex_dim), "--device", device,
                "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -1,7 +1,7 @@
 """Benchmark: CODEX marker quantification and the H&E patch store against per-patch baselines.
 
-    python bench/bench_quantify.py                          # 8000 x 8000 px x 40 ch CODEX, 12000 px H&E (~3 min)
-    python bench/bench_quantify.py --size 4000 --he-size 6000 --threads 2 --keep /tmp/bench_data
+    python -m bench.bench_quantify                          # 8000 x 8000 px x 40 ch CODEX, 12000 px H&E (~3 min)
+    python -m bench.bench_quantify --size 4000 --he-size 6000 --threads 2 --keep /tmp/bench_data
 
 Quantification: a synthetic CODEX OME-TIFF (uint16, 40 channels, 1024 px tiles by default as palom and ASHLAR
 write them (``--tile 512`` for smaller tiles), zlib, 3-level pyramid) is written
@@ -31,15 +31,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline import artifacts as art
 
 # ----------------------------------------------------------------------------------------------------------------
 # synthetic data (the file writers are those of sample_data.writers)
@@ -128,7 +126,9 @@ def _rate(n: int, seconds: float) -> str:
 
 def bench_quantify(tmp: Path, size: int, threads: int, baseline_patches: int, region_px: int,
                    tile: int = 1024) -> dict:
-    from preprocess.quantify import TiledRegionReader, codex_coverage, quantify_patches
+    from preprocess.quantify.accumulate import quantify_patches
+    from preprocess.quantify.geometry import codex_coverage
+    from preprocess.quantify.readers import TiledRegionReader
     from preprocess.slide_io import CodexImage
 
     path = tmp / f"codex_{size}_t{tile}.ome.tif"
@@ -180,7 +180,7 @@ def bench_quantify(tmp: Path, size: int, threads: int, baseline_patches: int, re
         t_ship1 = time.perf_counter() - t0
 
         # (d) shipped through a displacement field (smooth, up to ~20 H&E px)
-        from preprocess.quantify import CodexToHE
+        from preprocess.quantify.geometry import CodexToHE
         from preprocess.registration.field import DisplacementField, node_shape
 
         gy, gx = node_shape((he_extent, he_extent), 256.0)
@@ -218,7 +218,8 @@ def bench_quantify(tmp: Path, size: int, threads: int, baseline_patches: int, re
 
 def bench_store_compression(out: Path, path: Path, n: int, read_patches: int, slide_patches: int) -> dict:
     """Write the store once per ``--compression``; size and random-access read speed of each."""
-    from preprocess.patch_store import COMPRESSIONS, PatchStoreReader, StoreConfig, store_slide
+    from preprocess.patch_store import StoreConfig, store_slide
+    from preprocess.patch_store_format import COMPRESSIONS, PatchStoreReader
 
     rows = {}
     rng = np.random.default_rng(1)
@@ -227,9 +228,9 @@ def bench_store_compression(out: Path, path: Path, n: int, read_patches: int, sl
         o = out.parent / f"out_{comp}"
         shutil.rmtree(o, ignore_errors=True)
         t0 = time.perf_counter()
-        store_slide("bench", path, StoreConfig(out=o, patches_dir=out / "patches", compression=comp))
+        store_slide("bench", path, StoreConfig(out=o, patches_dir=art.PATCH_GRID.dir(out), compression=comp))
         t_write = time.perf_counter() - t0
-        f = o / "he_patches" / "bench.h5"
+        f = art.PATCH_STORE.path(o, "bench")
         size = f.stat().st_size
         t0 = time.perf_counter()
         with PatchStoreReader(f) as r:
@@ -269,10 +270,10 @@ def bench_patch_store(tmp: Path, he_size: int, baseline_patches: int, read_patch
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(tmp / "png", ignore_errors=True)
     patch_slide("bench", path, PatchConfig(out=out))
-    coords, attrs = read_grid(out / "patches" / "bench.h5")
+    coords, attrs = read_grid(art.PATCH_GRID.path(out, "bench"))
     n = len(coords)
     t0 = time.perf_counter()
-    store_slide("bench", path, StoreConfig(out=out, patches_dir=out / "patches"))
+    store_slide("bench", path, StoreConfig(out=out, patches_dir=art.PATCH_GRID.dir(out)))
     t_ship = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     which = np.sort(rng.choice(n, size=min(baseline_patches, n), replace=False))

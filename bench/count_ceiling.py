@@ -1,8 +1,8 @@
 """What exact cell counts would reach on a synthetic cohort: the generator's cells rebuilt, Cox probes (not CI).
 
-    python bench/count_ceiling.py --cohort /tmp/hex_val/cohort          # a cohort made by sample_data.make_cohort
+    python -m bench.count_ceiling --cohort /tmp/hex_val/cohort          # a cohort made by sample_data.make_cohort
 
-``bench/mica_ceiling.py`` probes what the pipeline's *inputs* hold (measured CODEX patch labels, HEX predictions,
+``bench.mica_ceiling`` probes what the pipeline's *inputs* hold (measured CODEX patch labels, HEX predictions,
 feature bags). This script asks the question before that: how much of the generator's risk could any model of
 these images reach, if it counted cells perfectly? It rebuilds every slide's latent layout and cells from the
 cohort's own flags (``ground_truth.json`` ``params``; ``sample_data.make_cohort.cohort_jobs`` / ``slide_tissue``,
@@ -30,16 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+from pipeline import artifacts as art
 
 
 def cell_masks(layout, cells) -> dict[str, np.ndarray]:
@@ -94,13 +91,13 @@ def slide_counts(layout, cells, masks: dict[str, np.ndarray], patch_um: float) -
 def patch_aurocs(cohort: Path, out: Path, slide: str, cells, masks: dict[str, np.ndarray], he_mpp: float,
                  gt: dict) -> dict[str, float]:
     """AUROC with which exact per-patch cell counts find the risk-mask patches of one slide (the IG check's
-    labels, ``sample_data.mica_scoring``), on the slide's stage-01 patches (``OUT/markers/{slide}.csv``, 224 px);
+    labels, ``bench.mica_vs_truth``), on the slide's stage-01 patches (stage 03's ``markers/{slide}.csv``, 224 px);
     empty when the slide has patches of one class only. ``masks`` from :func:`cell_masks`."""
     from sklearn.metrics import roc_auc_score
 
-    from sample_data.mica_scoring import RISK_DEVIATION, patch_risk_deviation
+    from bench.mica_vs_truth import RISK_DEVIATION, patch_risk_deviation
 
-    coords = pd.read_csv(out / "markers" / f"{slide}.csv")[["x", "y"]].to_numpy(float)
+    coords = pd.read_csv(art.LABELS.path(out, slide))[["x", "y"]].to_numpy(float)
     ps = 224.0
     y = patch_risk_deviation(cohort, slide, coords, ps, gt) > RISK_DEVIATION
     if y.all() or not y.any():
@@ -136,11 +133,10 @@ def rebuild(cohort: Path, patch_um: float, out: Path | None = None) -> tuple[dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mica_ceiling import _surv, cindex, folds, logistic_probe, probe
-
+    from bench.mica_ceiling import _surv, cindex, folds, logistic_probe, probe
     from sample_data import outcomes
 
-    p = argparse.ArgumentParser(prog="python bench/count_ceiling.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.count_ceiling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cohort", type=Path, default=Path("/tmp/hex_val/cohort"))
     p.add_argument("--out", type=Path, default=None,

@@ -240,7 +240,7 @@ fi
 run "imports" 60 "" sh -- "$PY" -c "
 import importlib, importlib.metadata as md
 mods = ['openslide', 'palom', 'torchscale', 'tensorboardX', 'tifffile', 'zarr', 'imagecodecs', 'h5py', 'timm',
-        'skimage', 'cv2', 'hex.train', 'hex.test', 'preprocess.patch', 'preprocess.register', 'preprocess.quantify',
+        'skimage', 'cv2', 'hex.train.stage', 'hex.evaluate.stage', 'preprocess.patch', 'preprocess.register', 'preprocess.quantify',
         'preprocess.patch_store', 'sample_data.make_cohort']
 bad = []
 for m in mods:
@@ -274,7 +274,7 @@ HELD_OUT=$(awk -F, 'NR == 2 { print $2 }' "$SPLIT" 2>/dev/null)
 run "infer_wsi bf16" 90 hex/infer_wsi.py py -- -m hex.infer_wsi --cohort "$COHORT" --out "$PIPE" \
   --run-name gpu_bf16 --slides "${HELD_OUT:-slide_000}" --amp bf16 --device "$DEVICE" --workers "$WORKERS"
 # shellcheck disable=SC2086
-run "bench_infer" 150 bench/bench_infer.py py -- bench/bench_infer.py $BENCH_ARGS
+run "bench_infer" 150 bench/bench_infer.py py -- -m bench.bench_infer $BENCH_ARGS
 
 # ------------------------------------------------------------------------------------------------------------ table
 "$PY" - "$WORK/steps" "$RESULTS" "$DEVICE" "$(( $(date +%s) - T_START ))" <<'EOF'

@@ -1,8 +1,8 @@
 """How much survival signal each MICA input holds: linear Cox probes on the same 5 folds (not CI).
 
-    python bench/mica_ceiling.py --cohort /tmp/hex_val/cohort --out /tmp/hex_val/out     # after validate_mica.py
+    python -m bench.mica_ceiling --cohort /tmp/hex_val/cohort --out /tmp/hex_val/out     # after validate_mica.py
 
-Reads a cohort made by ``sample_data.make_cohort`` and the outputs of ``bench/validate_mica.py`` (stages 01-07) and
+Reads a cohort made by ``sample_data.make_cohort`` and the outputs of ``bench.validate_mica`` (stages 01-07) and
 prints the mean c-index over the cohort's folds of:
 
 - the generator's risk and its parts (``ground_truth.json`` scores): ``truth`` (as the validation table),
@@ -17,9 +17,9 @@ prints the mean c-index over the cohort's folds of:
 
 The measured-label probe bounds what any model of patch-level marker means can reach: the generator's risk
 counts cells (CD8 T cells in or at tumour nests per tumour area, ...), which 224 px patch means blur
-(``bench/count_ceiling.py``: what exact cell counts would reach).
+(``bench.count_ceiling``: what exact cell counts would reach).
 
-It also prints a reference for the integrated-gradient check (``sample_data.mica_scoring.ig_risk_auroc``: mean
+It also prints a reference for the integrated-gradient check (``bench.mica_vs_truth.ig_risk_auroc``: mean
 per-slide AUROC of |patch attribution| for the risk-mask patches): the same AUROC for a hand-made patch score that
 knows which markers matter, CD8 + TCF-1 + CD68 + CD66b, from the measured labels and from HEX's predictions.
 """
@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from pipeline import artifacts as art
 
 
 def _surv(clin: pd.DataFrame, slides: list[str]) -> np.ndarray:
@@ -107,20 +105,20 @@ def inputs(cohort: Path, out: Path, slides: list[str]) -> dict[str, dict[str, np
 
     X: dict[str, dict[str, np.ndarray]] = {"measured CODEX labels": {}, "HEX predictions": {},
                                            "stats CODEX tokens": {}, "H&E bag (mean, max)": {}}
-    codex_h5 = out / "codex_features" / "stats.h5"
-    he_dirs = sorted((out / "features").glob("*/h5_files"))
+    codex_h5 = art.CODEX_FEATURE_TABLE.path(out, encoder="stats")
+    he_bags = [i["encoder"] for i in art.FEATURE_BAGS.instances(out)]
     with h5py.File(codex_h5, "r") if codex_h5.exists() else _Null() as cf:
         for s in slides:
-            lab = pd.read_csv(out / "markers" / f"{s}.csv")
+            lab = pd.read_csv(art.LABELS.path(out, s))
             names = list(lab.columns[4:])
             X["measured CODEX labels"][s] = marker_summary(lab[names].to_numpy(float), names)
-            with h5py.File(out / "hex_pred" / f"{s}.h5", "r") as f:
+            with h5py.File(art.PREDICTIONS.path(out, s), "r") as f:
                 pn = [m.decode() if isinstance(m, bytes) else str(m) for m in f.attrs["markers"]]
                 X["HEX predictions"][s] = marker_summary(f["codex_prediction"][:].astype(float), pn)
             if cf is not None:
                 X["stats CODEX tokens"][s] = np.asarray(cf[s][:], float).ravel()
-            if he_dirs:
-                with h5py.File(he_dirs[0] / f"{s}.h5", "r") as f:
+            if he_bags:
+                with h5py.File(art.FEATURE_BAGS.path(out, s, encoder=he_bags[0]), "r") as f:
                     a = f["features"][:].astype(float)
                 X["H&E bag (mean, max)"][s] = np.concatenate([a.mean(0), a.max(0)])
     return {k: v for k, v in X.items() if len(v) == len(slides)}
@@ -134,13 +132,13 @@ def ig_reference(cohort: Path, out: Path, slides: list[str]) -> dict[str, float]
     import h5py
     from sklearn.metrics import roc_auc_score
 
-    from sample_data.mica_scoring import RISK_DEVIATION, patch_risk_deviation
+    from bench.mica_vs_truth import RISK_DEVIATION, patch_risk_deviation
 
     gt = json.loads((cohort / "ground_truth.json").read_text())
     res: dict[str, list[float]] = {"measured CODEX labels": [], "HEX predictions": []}
     for s in slides:
-        lab = pd.read_csv(out / "markers" / f"{s}.csv")
-        with h5py.File(out / "hex_pred" / f"{s}.h5", "r") as f:
+        lab = pd.read_csv(art.LABELS.path(out, s))
+        with h5py.File(art.PREDICTIONS.path(out, s), "r") as f:
             names = [m.decode() if isinstance(m, bytes) else str(m) for m in f.attrs["markers"]]
             pred = dict(zip(map(tuple, f["coords"][:].tolist()), f["codex_prediction"][:].astype(float)))
             ps = float(f.attrs["patch_size_level0"])
@@ -164,7 +162,7 @@ class _Null:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/mica_ceiling.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.mica_ceiling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cohort", type=Path, default=Path("/tmp/hex_val/cohort"))
     p.add_argument("--out", type=Path, default=Path("/tmp/hex_val/out"))

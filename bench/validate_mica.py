@@ -1,7 +1,7 @@
 """Validation driver for MICA (not CI): a synthetic cohort large enough to learn outcome, stages 01-09, scored.
 
-    python bench/validate_mica.py                                   # 200 patients of 0.8 mm, ~1 h on 2 CPU cores
-    python bench/validate_mica.py --cohort /data/val_cohort --out /data/val_out --patients 300 --workers 8
+    python -m bench.validate_mica                                   # 200 patients of 0.8 mm, ~1 h on 2 CPU cores
+    python -m bench.validate_mica --cohort /data/val_cohort --out /data/val_out --patients 300 --workers 8
 
 Builds ``--patients`` patients with one small section each (``sample_data.make_cohort``), then runs the numbered
 scripts in order with CPU settings, exactly as a user would: 01 patch, 02 register, 03 quantify, 04 HEX (``tiny``,
@@ -25,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from pipeline import artifacts as art
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 MODES = ("coattn", "path", "codex")
 HEX_FLAGS = "--lr 1e-3 --batch-size 32 --lds --unfreeze-last -1 --save-every 5"
@@ -40,8 +41,8 @@ def run_script(name: str, env: dict[str, str], log: Path) -> float:
     with open(log, "a") as f:
         f.write(f"\n===== {name} {env}\n")
         f.flush()
-        rc = subprocess.call(["bash", str(REPO / "scripts" / name)], env={**os.environ, **env}, stdout=f,
-                             stderr=subprocess.STDOUT, cwd=REPO)
+        rc = subprocess.call(["bash", str(SCRIPTS / name)], env={**os.environ, **env}, stdout=f,
+                             stderr=subprocess.STDOUT, cwd=SCRIPTS.parent)
     dt = time.time() - t0
     if rc != 0:
         raise SystemExit(f"[validate] {name} failed (exit {rc}); see {log}")
@@ -50,7 +51,7 @@ def run_script(name: str, env: dict[str, str], log: Path) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python bench/validate_mica.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.validate_mica", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cohort", type=Path, default=Path("/tmp/hex_val/cohort"), help="cohort folder (made if missing)")
     p.add_argument("--out", type=Path, default=Path("/tmp/hex_val/out"), help="pipeline output root")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.check_call([sys.executable, "-m", "sample_data.make_cohort", "--out", str(cohort), "--slides",
                                    str(args.patients), "--patients", str(args.patients), "--tissue-mm",
                                    str(args.tissue_mm), "--seed", str(args.seed), "--workers", str(args.workers)],
-                                  cwd=REPO)
+                                  cwd=SCRIPTS.parent)
             times["cohort"] = time.time() - t0
         for s in ("01_patch.sh", "02_register.sh", "03_quantify.sh"):
             times[s] = run_script(s, base, log)
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(cohort: Path, out: Path, times: dict[str, float]) -> int:
     """Print (and write to OUT/validation.md) the outcome tables and the IG check."""
-    from sample_data.mica_scoring import format_table, ig_risk_auroc, outcome_table
+    from bench.mica_vs_truth import format_table, ig_risk_auroc, outcome_table
 
     lines = [f"# MICA validation: {cohort} -> {out}", ""]
     missed: list[str] = []
@@ -121,7 +122,7 @@ def report(cohort: Path, out: Path, times: dict[str, float]) -> int:
         lines.append("")
         if not (m["coattn"] >= m["truth"] - 0.05 and m["coattn"] > m["path"] and m["coattn"] > m["clinical"]):
             missed.append(f"{task}: coattn not within 0.05 of the truth and above path and clinical")
-    ig_dir = out / "mica_runs" / "val_coattn_survival" / "ig"
+    ig_dir = art.ATTRIBUTIONS.dir(out, run="val_coattn_survival")
     if ig_dir.is_dir():
         auc = ig_risk_auroc(cohort, ig_dir)
         if auc:

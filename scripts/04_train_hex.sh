@@ -30,12 +30,8 @@ if [ "$GPUS" -gt 0 ]; then
   # flags, inputs and CUDA are checked once here: torchrun would start (and --max-restarts restart) every rank
   # shellcheck disable=SC2086
   WORLD_SIZE=$((GPUS * NNODES)) python -m hex.train "${ARGS[@]}" $EXTRA "$@" --check
-  RDZV=()
-  [ "$NNODES" -eq 1 ] && [ -z "$TORCHRUN_ARGS" ] && RDZV=(--standalone)  # free port: no clash with other jobs
-  # shellcheck disable=SC2086
-  torchrun "${RDZV[@]}" --nnodes "$NNODES" --nproc-per-node "$GPUS" --max-restarts 3 $TORCHRUN_ARGS \
-    -m hex.train "${ARGS[@]}" $EXTRA "$@"
 else
-  # shellcheck disable=SC2086
-  python -m hex.train "${ARGS[@]}" --device cpu $EXTRA "$@"
+  ARGS+=(--device cpu)
 fi
+# shellcheck disable=SC2086
+launch --max-restarts 3 -- hex.train "${ARGS[@]}" $EXTRA "$@"

@@ -25,11 +25,5 @@ ARGS=(--cohort "$COHORT" --out "$OUT" --run-name "$RUN" --workers "$WORKERS")
 [ -n "$BACKBONE" ] && ARGS+=(--backbone "$BACKBONE")
 [ -n "$WEIGHTS" ] && ARGS+=(--weights "$WEIGHTS")
 [ -n "$STRIDE" ] && ARGS+=(--stride "$STRIDE")
-if [ "$GPUS" -gt 0 ]; then
-  if [ "$NNODES" -eq 1 ] && [ -z "$TORCHRUN_ARGS" ]; then TORCHRUN_ARGS="--standalone"; fi
-  # shellcheck disable=SC2086
-  torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS" $TORCHRUN_ARGS -m hex.infer_wsi "${ARGS[@]}" $EXTRA "$@"
-else
-  # shellcheck disable=SC2086
-  python -m hex.infer_wsi "${ARGS[@]}" $EXTRA "$@"
-fi
+# shellcheck disable=SC2086
+launch hex.infer_wsi "${ARGS[@]}" $EXTRA "$@"

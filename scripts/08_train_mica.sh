@@ -3,8 +3,8 @@
 # (config.json, summary.csv, fold_k/{checkpoint.safetensors,checkpoint.json,val_predictions.csv,tb/}).
 # Rerunning the same command resumes: finished folds are skipped, a killed fold continues from its last epoch.
 # One run holds every fold (fold_k/), so RUN names no fold. Arguments of this script go to python -m mica.train
-# after EXTRA: bash scripts/08_train_mica.sh --overwrite retrains the folds.
-# (--help: these variables and the module's flags; runs nothing).
+# after EXTRA: bash scripts/08_train_mica.sh --overwrite retrains the folds. TORCHRUN_ARGS go to torchrun itself
+# (GPUS>0). (--help: these variables and the module's flags; runs nothing).
 COHORT=${COHORT:-sample_cohort}            # for clinical.csv and splits/
 OUT=${OUT:-outputs}                        # reads features/ and codex_features/; the run goes to OUT/mica_runs/RUN
 MODE=${MODE:-coattn}                       # coattn | path | codex
@@ -15,19 +15,18 @@ CODEX_ENCODER=${CODEX_ENCODER:-stats}     # CODEX tokens: OUT/codex_features/COD
                                            # dinov2_vits14_reg)
 FOLDS=${FOLDS:-"0 1 2 3 4"}                # folds k of COHORT/splits/splits_k.csv, each in OUT/mica_runs/RUN/fold_k
 EPOCHS=${EPOCHS:-20}
-GPUS=${GPUS:-0}                            # >1: one fold per process (torchrun), no process group
+GPUS=${GPUS:-0}                            # processes per node (torchrun), one fold each, no process group;
+                                           # 0 = one process for every fold
+NNODES=${NNODES:-1}                        # nodes (GPUS>0); several: give TORCHRUN_ARGS
 WORKERS=${WORKERS:-4}                      # DataLoader workers reading bags
 EXTRA=${EXTRA:-}                           # more flags for mica.train, e.g. "--keep best --unit slide --grad-accum 8"
+TORCHRUN_ARGS=${TORCHRUN_ARGS:-}           # flags for torchrun itself (GPUS>0), e.g. for several nodes
+                                           # "--node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29500"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_module mica.train
 # shellcheck disable=SC2206
 FOLD_ARGS=($FOLDS)
 ARGS=(--cohort "$COHORT" --out "$OUT" --run-name "$RUN" --mode "$MODE" --task "$TASK" --encoder "$ENCODER"
       --codex-encoder "$CODEX_ENCODER" --folds "${FOLD_ARGS[@]}" --epochs "$EPOCHS" --workers "$WORKERS")
-if [ "$GPUS" -gt 1 ]; then
-  # shellcheck disable=SC2086
-  torchrun --standalone --nproc-per-node "$GPUS" -m mica.train "${ARGS[@]}" $EXTRA "$@"
-else
-  # shellcheck disable=SC2086
-  python -m mica.train "${ARGS[@]}" $EXTRA "$@"
-fi
+# shellcheck disable=SC2086
+launch mica.train "${ARGS[@]}" $EXTRA "$@"

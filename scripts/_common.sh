@@ -7,9 +7,13 @@
 #    PYTHONSAFEPATH=1: a folder in the current directory never shadows the project's packages;
 #  - when stderr is not a terminal (a log file, nohup, sbatch), progress bars redraw every TQDM_MININTERVAL
 #    seconds (default 30) instead of ten times a second, so the log keeps one line per bar update, not thousands;
-#  - `require_module mod [mod ...]`, called once by each script: with -h/--help among the script's arguments it
-#    prints the script's header comment, its variables (default, comment and the value this run would use) and
-#    each module's own --help, then exits 0 having run nothing; otherwise a missing module stops with exit 3.
+#  - `require_module mod [mod ...]`, called once by each script with the modules it runs: with -h/--help among the
+#    script's arguments it prints the script's header comment, its variables (default, comment and the value this
+#    run would use) and each module's own --help, then exits 0 having run nothing; otherwise it does nothing;
+#  - `launch MODULE ARG...`, the one launcher of the GPU-capable stages (04-08): GPUS=0 runs `python -m MODULE ARG...`
+#    (one process); GPUS>0 runs `torchrun --nnodes NNODES --nproc-per-node GPUS [TORCHRUN_ARGS] -m MODULE ARG...`,
+#    with --standalone (a free local port) on one node when TORCHRUN_ARGS is empty. Torchrun flags of the stage
+#    itself come first, up to `--`: `launch --max-restarts 3 -- hex.train ...`.
 set -euo pipefail
 _repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _script="${BASH_SOURCE[1]:-$0}"
@@ -47,12 +51,6 @@ export PYTHONSAFEPATH=1
 if [ ! -t 2 ]; then
   export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}
 fi
-
-_module_exists() {
-  local path
-  path="$_repo/$(echo "$1" | tr . /)"
-  [ -f "$path.py" ] || [ -f "$path/__main__.py" ]
-}
 
 # The script's header comment, its variables (from its own text, up to the line that sources this file) and the
 # value each would have in this run.
@@ -104,7 +102,7 @@ _print_script_help() {
   done <"$_script"
 }
 
-# require_module MODULE [MODULE ...]: the python modules this script runs (python -m MODULE).
+# require_module MODULE [MODULE ...]: the python modules this script runs (python -m MODULE); answers --help.
 require_module() {
   local mod
   if [ "$_want_help" = 1 ]; then
@@ -112,18 +110,26 @@ require_module() {
     for mod in "$@"; do
       echo
       echo "===== python -m $mod --help"
-      if _module_exists "$mod"; then
-        python -m "$mod" --help || echo "(python -m $mod --help failed)"
-      else
-        echo "(not implemented yet: python module $mod is missing in this checkout)"
-      fi
+      python -m "$mod" --help || echo "(python -m $mod --help failed)"
     done
     exit 0
   fi
-  for mod in "$@"; do
-    if ! _module_exists "$mod"; then
-      echo "[$(basename "$0")] stage not implemented yet: python module $mod is missing in this checkout" >&2
-      exit 3
-    fi
-  done
+}
+
+# launch [TORCHRUN_FLAG ... --] MODULE ARG...: python -m MODULE ARG... (GPUS=0) or torchrun with GPUS processes per
+# node on NNODES nodes (GPUS>0); TORCHRUN_ARGS (word-split) go to torchrun after the stage's own torchrun flags.
+launch() {
+  local gpus=${GPUS:-0} nnodes=${NNODES:-1} own=() extra=()
+  if [ "${1:-}" != "${1#-}" ]; then  # the stage's own torchrun flags, up to --
+    while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do own+=("$1"); shift; done
+    shift
+  fi
+  if [ "$gpus" -eq 0 ]; then
+    python -m "$@"
+    return
+  fi
+  # shellcheck disable=SC2206
+  extra=(${TORCHRUN_ARGS:-})
+  if [ "$nnodes" -eq 1 ] && [ "${#extra[@]}" -eq 0 ]; then extra=(--standalone); fi  # free port: no clash
+  torchrun --nnodes "$nnodes" --nproc-per-node "$gpus" ${own[@]+"${own[@]}"} ${extra[@]+"${extra[@]}"} -m "$@"
 }

@@ -15,20 +15,19 @@ source "$(dirname "${BASH_SOURCE[0]}")/_setup_env.sh"
 export COHORT="$DEMO_OUT/cohort" OUT="$DEMO_OUT" WORKERS
 start=$(date +%s)
 status=()
-run_stage() {  # run_stage NAME command...; a stage that is not implemented yet (exit 3) is reported, not fatal
+run_stage() {  # run_stage NAME command...; a failed stage prints the summary so far and stops the demo
   local name=$1; shift
   local t0 rc
   t0=$(date +%s)
   echo; echo "=== $name ==="
   set +e; "$@"; rc=$?; set -e
   if [ $rc -eq 0 ]; then status+=("$name: ok ($(( $(date +%s) - t0 )) s)")
-  elif [ $rc -eq 3 ]; then status+=("$name: not implemented yet")
   else status+=("$name: FAILED (exit $rc)"); echo "[demo] $name failed" >&2; print_summary; exit $rc; fi
 }
 print_summary() {
   echo; echo "=== demo summary ($(( $(date +%s) - start )) s) ==="
   printf '  %s\n' "${status[@]}"
-  python -m sample_data.demo_summary --cohort "$COHORT" --out "$OUT" || true
+  python -m bench.demo_summary --cohort "$COHORT" --out "$OUT" || true
 }
 if [ ! -f "$COHORT/ground_truth.json" ]; then
   run_stage "sample cohort" python -m sample_data.make_cohort --out "$COHORT" --slides "$SLIDES" --seed "$SEED" \

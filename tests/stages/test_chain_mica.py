@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import h5py
@@ -16,15 +17,16 @@ import pytest
 import torch
 
 from hex import backbones as bb
-from mica import codex_run as cr
 from mica import extract_features as ef
 from mica import test as mtest
 from mica import train as mt
-from mica.dataset import write_synthetic_bags
+from mica.features import codex_features as cr
+from mica.features.he_bags import feature_paths, read_feature_bag, write_feature_bag
 from preprocess import patch
 from sample_data.writers import write_aperio_tiff
-from tests.fixtures import blob_slide
-from tests.stages.test_mica_features import _write_maps
+from tests.fixtures import blob_slide, write_maps, write_synthetic_bags
+
+pytestmark = pytest.mark.slow  # a chain / end-to-end module: scripts/test.sh runs it, -m "not slow" skips it
 
 TRAIN_FAST = ["--encoder", "synth", "--codex-encoder", "synth_codex", "--mode", "path", "--model-dim", "16",
               "--epochs", "1", "--grad-accum", "4", "--lr", "2e-3", "--workers", "0", "--seed", "1"]
@@ -69,10 +71,10 @@ def test_link_slide_features_are_named_after_the_link(he_cohort, tmp_path) -> No
     d, out, w = he_cohort
     assert (out / "patches" / "linked.h5").is_file() and not (out / "patches" / "target_name.h5").exists()
     assert ef.main(_he_args(d, tmp_path, w)) == 0
-    h5, pt = ef.feature_paths(tmp_path, "tiny", "linked")
+    h5, pt = feature_paths(tmp_path, "tiny", "linked")
     assert h5.is_file() and pt.is_file()
-    assert not ef.feature_paths(tmp_path, "tiny", "target_name")[0].exists()
-    _, coords, attrs = ef.read_feature_bag(h5)
+    assert not feature_paths(tmp_path, "tiny", "target_name")[0].exists()
+    _, coords, attrs = read_feature_bag(h5)
     assert attrs["slide_id"] == "linked" and attrs["he_path"].endswith("he/linked.tif") and len(coords) > 0
     rec = json.loads((tmp_path / "features/tiny/done/linked.json").read_text())
     assert rec["inputs"]["he"]["path"].endswith("he/linked.tif")
@@ -86,8 +88,8 @@ def test_pairs_csv_decides_the_slides(he_cohort, tmp_path) -> None:
     os.symlink(d / "he" / "linked.tif", c / "he" / "linked.tif")
     (c / "pairs.csv").write_text("he_slide,codex_image\nhe/a.tif,\n")       # linked.tif is not listed
     assert ef.main(_he_args(c, tmp_path / "o", w, grids=d / "out" / "patches")) == 0
-    assert ef.feature_paths(tmp_path / "o", "tiny", "a")[0].is_file()
-    assert not ef.feature_paths(tmp_path / "o", "tiny", "linked")[0].exists()
+    assert feature_paths(tmp_path / "o", "tiny", "a")[0].is_file()
+    assert not feature_paths(tmp_path / "o", "tiny", "linked")[0].exists()
     assert json.loads((tmp_path / "o/features/tiny/config.json").read_text())["slides_resolved"] == ["a"]
 
 
@@ -112,7 +114,7 @@ def test_he_rerun_with_other_settings_stops_and_overwrite_redoes(he_cohort, tmp_
     d, _, w = he_cohort
     args = _he_args(d, tmp_path, w)
     assert ef.main(args) == 0
-    files = [p for s in ("a", "linked") for p in ef.feature_paths(tmp_path, "tiny", s)]
+    files = [p for s in ("a", "linked") for p in feature_paths(tmp_path, "tiny", s)]
     cfg = tmp_path / "features/tiny/config.json"
     before = _mtimes(files)
     assert ef.main(args) == 0 and _mtimes(files) == before                    # same settings: skipped
@@ -129,7 +131,7 @@ def test_he_rerun_with_other_settings_stops_and_overwrite_redoes(he_cohort, tmp_
     assert json.loads(cfg.read_text())["settings"]["interpolation"] == "bilinear"
     rec = json.loads((tmp_path / "features/tiny/done/a.json").read_text())
     assert rec["settings"]["interpolation"] == "bilinear" and rec["settings"]["weights_sha256"]
-    assert ef.read_feature_bag(files[0])[2]["interpolation"] == "bilinear"
+    assert read_feature_bag(files[0])[2]["interpolation"] == "bilinear"
 
 
 def test_slides_outside_the_run_with_other_settings_stop_it(he_cohort, tmp_path, caplog) -> None:
@@ -137,7 +139,7 @@ def test_slides_outside_the_run_with_other_settings_stop_it(he_cohort, tmp_path,
     assert ef.main(_he_args(d, tmp_path, w, "--slides", "a")) == 0
     assert ef.main(_he_args(d, tmp_path, w, "--slides", "linked", "--region-px", "1024")) == 2
     assert "slides outside this run (a) are done with other settings: region_px 2048 -> 1024" in _last_line(caplog)
-    assert not ef.feature_paths(tmp_path, "tiny", "linked")[0].exists()
+    assert not feature_paths(tmp_path, "tiny", "linked")[0].exists()
 
 
 def test_changed_grid_redoes_the_slide(he_cohort, tmp_path, caplog) -> None:
@@ -148,7 +150,7 @@ def test_changed_grid_redoes_the_slide(he_cohort, tmp_path, caplog) -> None:
         (grids / f"{s}.h5").write_bytes((out / "patches" / f"{s}.h5").read_bytes())
     args = _he_args(d, tmp_path, w, grids=grids)
     assert ef.main(args) == 0
-    files = [p for s in ("a", "linked") for p in ef.feature_paths(tmp_path, "tiny", s)]
+    files = [p for s in ("a", "linked") for p in feature_paths(tmp_path, "tiny", s)]
     before = _mtimes(files)
     with h5py.File(grids / "a.h5", "a") as f:                                 # stage 01 redone for slide a
         coords = f["coords"][:1]
@@ -158,11 +160,11 @@ def test_changed_grid_redoes_the_slide(he_cohort, tmp_path, caplog) -> None:
     assert "input changed since it was done" in caplog.text
     after = _mtimes(files)
     assert after[:2] != before[:2] and after[2:] == before[2:]
-    assert len(ef.read_feature_bag(files[0])[1]) == 1
+    assert len(read_feature_bag(files[0])[1]) == 1
 
 
 def test_codex_other_settings_stop_changed_map_redoes(tmp_path, caplog) -> None:
-    _write_maps(tmp_path, {"s1": (12, 15), "s2": (9, 9)})
+    write_maps(tmp_path, {"s1": (12, 15), "s2": (9, 9)})
     args = ["--out", str(tmp_path), "--what", "codex", "--codex-encoder", "stats", "--workers", "1"]
     assert ef.main(args) == 0
     parts = [cr.part_path(tmp_path, "stats", s) for s in ("s1", "s2")]
@@ -316,3 +318,92 @@ def test_test_user_errors(tmp_path, capsys, caplog) -> None:
     code, text = _call(mtest.main, ["--out", str(tmp_path), "--run-name", "r", "--ig-baseline", "nope"], capsys,
                        caplog)
     assert code == 2 and "invalid choice: 'nope'" in text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 16: inputs each stage used to track its own way
+
+
+def test_missing_virtual_codex_fails_that_slide_and_stage_08_names_stage_06(he_cohort, tmp_path, caplog) -> None:
+    """One slide's virtual CODEX missing: stage 07 fails that slide naming the file and stage 06 (its last line counts
+    each slide once, both modalities beside); stage 08 says which stage makes the missing input."""
+    d, _, w = he_cohort
+    write_maps(tmp_path, {"a": (12, 15)})                                 # stage 06 made no map for "linked"
+    args = [*_he_args(d, tmp_path, w), "--what", "both", "--codex-encoder", "stats"]
+    missing = tmp_path / "virtual_codex" / "linked.npy"
+    assert ef.main(args) == 1
+    line = _last_line(caplog)
+    assert line.startswith("features: 1 slides done, 0 skipped (already done), 1 failed (H&E bags 2 done, 0 skipped, "
+                           "0 failed; CODEX 1 done, 0 skipped, 1 failed): linked (CODEX: virtual CODEX map ")
+    assert f"{missing} not found; run stage 06" in line and "\n" not in line
+    (tmp_path / "clinical.csv").write_text("case_id,slide_id,survival_months,censorship\np1,a,10,0\np2,linked,20,0\n")
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "splits_0.csv").write_text("train,val\na,linked\n")
+    caplog.clear()
+    assert mt.main(["--clinical", str(tmp_path / "clinical.csv"), "--splits-dir", str(tmp_path / "splits"),
+                    "--out", str(tmp_path), "--mode", "codex", "--codex-encoder", "stats", "--folds", "0",
+                    "--workers", "0"]) == 2
+    line = _last_line(caplog)
+    assert "slides ['linked'] (1 of 2) of the split have no CODEX features" in line
+    assert f"their virtual CODEX maps are missing too ({missing}, 1 slides): run stage 06" in line
+    write_maps(tmp_path, {"linked": (9, 9)}, seed=1)                      # stage 06 run for it: stage 07 does it alone
+    caplog.clear()
+    assert ef.main(args) == 0
+    assert _last_line(caplog) == ("features: 1 slides done, 1 skipped (already done), 0 failed (H&E bags 0 done, "
+                                  "2 skipped, 0 failed; CODEX 1 done, 1 skipped, 0 failed)")
+
+
+def test_rebuilt_bags_retrain_the_fold_and_the_old_model_is_not_scored(bags: Path, caplog) -> None:
+    """Feature bags rebuilt after a MICA run (stage 07 --overwrite with other weights): stage 09 refuses to score the
+    old model on them (one line naming the fold, the slide and the fix); stage 08 retrains the fold."""
+    assert mt.main(_train(bags, "--folds", "0")) == 0
+    ck = bags / "mica_runs/r/fold_0/checkpoint.safetensors"
+    before = ck.stat().st_mtime_ns
+    assert mt.main(_train(bags, "--folds", "0")) == 0 and ck.stat().st_mtime_ns == before    # same bags: done
+    slide = str(pd.read_csv(bags / "splits/splits_0.csv")["train"].dropna().iloc[0])
+    h5, pt = feature_paths(bags, "synth", slide)
+    feats, coords, attrs = read_feature_bag(h5)
+    write_feature_bag(h5, pt, feats + 1, coords, attrs)                   # new bags, same encoder name
+    test_args = ["--out", str(bags), "--run-name", "r", "--workers", "0"]
+    caplog.clear()
+    assert mtest.main(test_args) == 2
+    line = _last_line(caplog)
+    assert line.startswith("fold 0 (") and "was trained on other inputs than it would be scored on" in line
+    assert f"H&E bags of 1 slides changed since ({slide})" in line and "--folds 0" in line and "\n" not in line
+    assert not (bags / "mica_runs/r/fold_0/test_predictions.csv").exists()
+    caplog.clear()
+    assert mt.main(_train(bags, "--folds", "0")) == 0
+    assert f"fold 0: its inputs changed since it was trained: H&E bags of 1 slides changed since ({slide}); " \
+           "retraining it" in caplog.text
+    assert "folds 1 trained (0)" in _last_line(caplog) and ck.stat().st_mtime_ns != before
+    assert mtest.main(test_args) == 0
+
+
+def test_bags_of_two_encoders_in_one_folder_stop_stage_08(bags: Path, caplog) -> None:
+    """Each bag records its encoder: bags of two encoders in one folder ("hex:synth" and "hex_synth" share it) stop
+    stage 08 with one line naming both."""
+    other = str(pd.read_csv(bags / "clinical.csv")["slide_id"].iloc[0])
+    with h5py.File(feature_paths(bags, "synth", other)[0], "a") as f:
+        f.attrs["encoder"] = "hex:synth"
+    assert mt.main(_train(bags, "--folds", "0")) == 2
+    line = _last_line(caplog)
+    assert "were made by 2 encoders: " in line and "'hex:synth' (" + other in line and "'synth' (" in line
+    assert "\n" not in line and not (bags / "mica_runs/r/fold_0").exists()
+
+
+def test_fold_event_counts_are_logged_and_a_val_side_without_events_warned(bags: Path, caplog) -> None:
+    """Per fold, stage 08 logs the patients and events (response: positives) of each side and warns when the
+    validation side has no event (an inverted censorship column looks like this)."""
+    clin = pd.read_csv(bags / "clinical.csv")
+    val = set(pd.read_csv(bags / "splits/splits_0.csv")["val"].dropna())
+    clin.loc[clin["slide_id"].isin(val), "censorship"] = 1
+    clin.to_csv(bags / "clinical.csv", index=False)
+    n_val = clin.loc[clin["slide_id"].isin(val), "case_id"].nunique()
+    assert mt.main(_train(bags, "--folds", "0")) == 0
+    assert re.search(rf"train \d+ patients \(\d+ events\), val {n_val} patients \(0 events\)", caplog.text)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("no event in 'val'" in m and "censorship" in m for m in warned), warned
+    caplog.clear()
+    assert mt.main(_train(bags, "--folds", "0", "--task", "response", "--run-name", "resp")) == 0
+    assert re.search(rf"fold 0: train \d+ patients \(\d+ positive\), val {n_val} patients \(\d+ positive\)",
+                     caplog.text)

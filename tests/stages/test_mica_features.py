@@ -1,4 +1,4 @@
-"""mica.extract_features / mica.codex_encoders: H&E feature bags (tiny backbone, a tiny HEX run) equal a direct
+"""mica.extract_features / mica.features.codex_encoders: H&E feature bags (tiny backbone, a tiny HEX run) equal a direct
 forward of the stored patches; CODEX stats descriptors on hand-made maps; the image (DINOv2) CODEX path for shapes,
 weight loading and cross-slide batching; skip/overwrite, empty grids, sharding, bad input."""
 
@@ -18,16 +18,19 @@ import torch
 from PIL import Image
 
 from hex import backbones as bb
-from hex.data import BatchTransform
-from mica import codex_encoders as ce
-from mica import codex_run as cr
+from hex.data.transforms import BatchTransform
 from mica import extract_features as ef
+from mica.features import codex_encoders as ce
+from mica.features import codex_features as cr
+from mica.features.done_records import codex_spec
+from mica.features.he_bags import encoder_dirname, feature_paths, read_feature_bag
+from mica.features.image_encoders import load_encoder
 from preprocess import patch, patch_store
 from sample_data.writers import write_aperio_tiff
-from tests.fixtures import blob_slide
+from tests.fixtures import MAP_MARKERS, blob_slide, write_maps
 
 ROOT = Path(__file__).resolve().parents[2]
-MARKERS = [f"M{i:02d}" for i in range(37)] + ["Pan-Cytokeratin", "CD8", "CD68"]
+MARKERS = MAP_MARKERS
 
 
 
@@ -72,9 +75,9 @@ def test_he_tiny_equals_direct_forward_skip_overwrite(cohort) -> None:
     tf = BatchTransform(224, model.mean, model.std, train=False, interpolation="bicubic")
     files = []
     for s in ("a", "b"):
-        h5, pt = ef.feature_paths(out, "tiny", s)
+        h5, pt = feature_paths(out, "tiny", s)
         assert h5 == out / "features/tiny/h5_files" / f"{s}.h5" and pt == out / "features/tiny/pt_files" / f"{s}.pt"
-        feats, coords, attrs = ef.read_feature_bag(h5)
+        feats, coords, attrs = read_feature_bag(h5)
         with h5py.File(out / "patches" / f"{s}.h5") as g:
             np.testing.assert_array_equal(coords, g["coords"][:])
             assert attrs["patch_size_level0"] == g.attrs["patch_size_level0"]
@@ -101,7 +104,7 @@ def test_he_tiny_equals_direct_forward_skip_overwrite(cohort) -> None:
 
 def test_he_hex_run_backbone(cohort) -> None:
     from hex.model import HEX
-    from hex.train import save_best
+    from hex.train.checkpoints import save_best
 
     d, out, _ = cohort
     torch.manual_seed(2)
@@ -112,7 +115,7 @@ def test_he_hex_run_backbone(cohort) -> None:
     save_best(out / "runs" / "tiny_run", model, meta)
     assert ef.main(["--cohort", str(d), "--out", str(out), "--what", "he", "--encoder", "hex:tiny_run",
                     "--workers", "1", "--slides", "b"]) == 0
-    feats, coords, attrs = ef.read_feature_bag(out / "features/hex_tiny_run/h5_files/b.h5")
+    feats, coords, attrs = read_feature_bag(out / "features/hex_tiny_run/h5_files/b.h5")
     assert feats.shape == (len(coords), 48) and attrs["encoder"] == "hex:tiny_run" and attrs["input_size"] == 96
     tf = BatchTransform(96, model.mean, model.std, train=False, interpolation="bilinear")
     np.testing.assert_allclose(feats, _direct(model.visual, out / "he_patches/b.h5", tf), rtol=1e-4, atol=1e-5)
@@ -129,7 +132,7 @@ def test_empty_grid_gives_empty_bag(cohort, tmp_path, caplog) -> None:
             f.attrs[k] = v
     assert ef.main(["--cohort", str(tmp_path), "--out", str(tmp_path), "--what", "he", "--encoder", "tiny",
                     "--weights", str(w), "--workers", "2"]) == 0
-    feats, coords, _ = ef.read_feature_bag(tmp_path / "features/tiny/h5_files/e.h5")
+    feats, coords, _ = read_feature_bag(tmp_path / "features/tiny/h5_files/e.h5")
     assert feats.shape == (0, 192) and coords.shape == (0, 2)
     assert torch.load(tmp_path / "features/tiny/pt_files/e.pt", weights_only=True).shape == (0, 192)
     assert "is empty" in caplog.text
@@ -147,7 +150,7 @@ def test_bad_input_and_failures(cohort, tmp_path, caplog) -> None:
     (tmp_path / "patches" / "a.h5").write_bytes((out / "patches" / "a.h5").read_bytes())
     assert ef.main(["--cohort", str(d), "--out", str(tmp_path / "o"), "--what", "he", "--workers", "0", "--encoder",
                     "tiny", "--weights", str(w), "--patches", str(tmp_path / "patches")]) == 1
-    assert ef.feature_paths(tmp_path / "o", "tiny", "a")[0].is_file()
+    assert feature_paths(tmp_path / "o", "tiny", "a")[0].is_file()
     last = caplog.records[-1].getMessage()
     assert last.startswith("H&E features (tiny): 1 done, 0 skipped (already done), 1 failed: b (patch grid not found")
 
@@ -157,7 +160,7 @@ def test_shards_cover_every_slide_once() -> None:
     got = [s for i in range(3) for r in range(2) for s in ef.my_slides(slides, f"{i}/3", r, 2)]
     assert sorted(got) == sorted(slides) and len(got) == len(slides)
     assert ef.my_slides(slides, None) == sorted(slides)
-    assert ef.encoder_dirname("hex:demo/x") == "hex_demo_x"
+    assert encoder_dirname("hex:demo/x") == "hex_demo_x"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,25 +229,8 @@ def test_stats_features_on_hand_made_map(caplog) -> None:
     assert set(ce.STATS_DESCRIPTIONS) == set(ce.STATS_FEATURES)
 
 
-def _write_maps(out: Path, shapes: dict[str, tuple[int, int]], seed: int = 0) -> dict[str, np.ndarray]:
-    """virtual_codex/{slide}.npy + _mask.png + .json as hex.virtual_codex writes them."""
-    rng = np.random.default_rng(seed)
-    d = out / "virtual_codex"
-    d.mkdir(parents=True, exist_ok=True)
-    maps = {}
-    for s, (h, w) in shapes.items():
-        mask = np.zeros((h, w), bool)
-        mask[1:-1, 2:-1] = True
-        vmap = (rng.random((h, w, 40)) * mask[..., None]).astype(np.float16)
-        np.save(d / f"{s}.npy", vmap)
-        Image.fromarray(mask.astype(np.uint8) * 255).save(d / f"{s}_mask.png")
-        (d / f"{s}.json").write_text(json.dumps({"slide": s, "markers": MARKERS}))
-        maps[s] = vmap
-    return maps
-
-
 def test_codex_stats_cli_skip_and_errors(tmp_path) -> None:
-    maps = _write_maps(tmp_path, {"s1": (12, 15), "s2": (9, 9)})
+    maps = write_maps(tmp_path, {"s1": (12, 15), "s2": (9, 9)})
     args = ["--out", str(tmp_path), "--what", "codex", "--codex-encoder", "stats", "--workers", "1"]
     assert ef.main(args) == 0
     with h5py.File(tmp_path / "codex_features/stats.h5") as f:
@@ -299,16 +285,17 @@ def _to_original_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def test_dinov2_codex_weights_and_cross_slide_batches(tmp_path) -> None:
-    maps = _write_maps(tmp_path, {"s1": (30, 20), "s2": (300, 260)})  # enlarged and shrunk to 224
+    maps = write_maps(tmp_path, {"s1": (30, 20), "s2": (300, 260)})  # enlarged and shrunk to 224
     torch.manual_seed(4)
     src = bb.create("dinov2_vits14_reg", depth=1).eval()
     torch.save(_to_original_layout(src.model.state_dict()), tmp_path / "dinov2_vits14_reg4_pretrain.pth")
-    enc = ef.load_encoder("dinov2_vits14_reg", weights=str(tmp_path / "dinov2_vits14_reg4_pretrain.pth"), depth=1)
+    enc = load_encoder("dinov2_vits14_reg", weights=str(tmp_path / "dinov2_vits14_reg4_pretrain.pth"), depth=1)
     assert (enc.embed_dim, enc.input_size, enc.mean) == (384, 224, bb.IMAGENET_MEAN)
     found = cr.find_maps(tmp_path)
     assert sorted(found) == ["s1", "s2"]
-    rep = cr.run_image(["s1", "s2"], found, tmp_path, "dino", "dinov2_vits14_reg", enc.module, 224, enc.mean,
-                       enc.std, torch.device("cpu"), {}, batch_size=24, workers=0, progress=False)
+    spec = codex_spec(tmp_path, "dino", {})
+    rep = cr.run_image(["s1", "s2"], tmp_path, "dino", "dinov2_vits14_reg", enc.module, 224, enc.mean, enc.std,
+                       torch.device("cpu"), spec, batch_size=24, workers=0, progress=False)
     assert rep.done == ["s1", "s2"] and not rep.failed
     cr.assemble(tmp_path, "dino", "dinov2_vits14_reg")
     with h5py.File(tmp_path / "codex_features/dino.h5") as f:
@@ -321,14 +308,14 @@ def test_dinov2_codex_weights_and_cross_slide_batches(tmp_path) -> None:
             want = src(x[:8]).numpy()
         np.testing.assert_allclose(got[s][:8], want, rtol=1e-3, atol=1e-4)
     assert not np.allclose(got["s1"], got["s2"])
-    again = cr.run_image(["s1", "s2"], found, tmp_path, "dino", "dinov2_vits14_reg", enc.module, 224, enc.mean,
-                         enc.std, torch.device("cpu"), {}, progress=False)
+    again = cr.run_image(["s1", "s2"], tmp_path, "dino", "dinov2_vits14_reg", enc.module, 224, enc.mean, enc.std,
+                         torch.device("cpu"), spec, progress=False)
     assert again.skipped == ["s1", "s2"] and not again.done
 
 
 def test_codex_image_encoder_cli(cohort, tmp_path) -> None:
     _, _, w = cohort
-    vmap = _write_maps(tmp_path, {"s1": (10, 12)})["s1"]
+    vmap = write_maps(tmp_path, {"s1": (10, 12)})["s1"]
     assert ef.main(["--out", str(tmp_path), "--what", "codex", "--codex-encoder", "tiny", "--codex-weights", str(w),
                     "--workers", "0", "--batch-size", "16"]) == 0
     with h5py.File(tmp_path / "codex_features/tiny.h5") as f:
@@ -341,6 +328,7 @@ def test_codex_image_encoder_cli(cohort, tmp_path) -> None:
     assert json.loads((tmp_path / "codex_features/tiny/config.json").read_text())["input_size"] == 224
 
 
+@pytest.mark.slow
 def test_cli_help() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-m", "mica.extract_features", "--help"], capture_output=True, text=True,

@@ -1,8 +1,10 @@
 """The numbered stage scripts as a user calls them: --help, paths relative to the caller, arguments passed through,
-per-fold run names, documented extra-flag variables, and stage 03's two steps.
+per-fold run names, documented extra-flag variables and the one torchrun launcher of stages 04-08. Stage 03's two
+steps and their exit codes are ``python -m preprocess.labels`` (tests/stages/test_chain_quantify.py).
 
-Most tests put a fake ``python`` first on PATH (it logs its directory, PYTHONSAFEPATH and arguments, and exits
-with ``RC_<module>``), so they test the shell logic in well under a second without running a stage.
+Most tests put a fake ``python`` and a fake ``torchrun`` first on PATH (they log their directory, PYTHONSAFEPATH and
+arguments; python exits with ``RC_<module>``), so they test the shell logic in well under a second without running a
+stage.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("0[1-9]_*.sh"))
 MODULES = {
     "01_patch.sh": ["preprocess.patch"],
     "02_register.sh": ["preprocess.register"],
-    "03_quantify.sh": ["preprocess.quantify", "preprocess.patch_store", "preprocess.normalize"],
+    "03_quantify.sh": ["preprocess.labels", "preprocess.quantify", "preprocess.patch_store", "preprocess.normalize"],
     "04_train_hex.sh": ["hex.train"],
     "05_test_hex.sh": ["hex.test"],
     "06_infer_wsi.sh": ["hex.infer_wsi"],
@@ -73,7 +75,7 @@ def fake(tmp_path):
         base |= {"PATH": f"{bin_dir}:{os.environ['PATH']}", "VIRTUAL_ENV": str(tmp_path / "no_venv"),
                  "SHIM_LOG": str(log), "OUT": str(tmp_path / "out")}
         for k in ("COHORT", "RUN", "FOLD", "EXTRA", "STORE_EXTRA", "SHARD", "NORMALIZE_ONLY", "GPUS", "WEIGHTS",
-                  "CHECKPOINT", "CODEX_WEIGHTS", "FIT_SPLIT", "HEX_RUN", "ENCODER", "TORCHRUN_ARGS"):
+                  "CHECKPOINT", "CODEX_WEIGHTS", "FIT_SPLIT", "HEX_RUN", "ENCODER", "TORCHRUN_ARGS", "NNODES"):
             base.pop(k, None)
         r = subprocess.run(["bash", str(REPO / "scripts" / script), *args], capture_output=True, text=True,
                            cwd=cwd or tmp_path, env=base | env, timeout=60)
@@ -148,10 +150,12 @@ def test_paths_resolve_against_the_caller_and_arguments_reach_the_module(fake, t
         assert f"{caller}/rel_cohort" in args
         assert not re.search(r"(?<!/)rel_(out|cohort)", args), args  # never the relative form
         for var, flag in PATH_VARS.get(script, {}).items():
-            if "patch_store" not in args:  # 03's FIT_SPLIT is for quantify only
-                assert f"{flag} {caller}/rel/{var.lower()}.file" in args, (var, args)
+            assert f"{flag} {caller}/rel/{var.lower()}.file" in args, (var, args)
         assert args.endswith("--overwrite --slides s 1"), args  # the script's arguments, after EXTRA
-        assert ("--from-extra --overwrite" in args) == ("patch_store" not in args), args
+        if script == "03_quantify.sh":  # EXTRA is quantify's: preprocess.labels passes it on
+            assert "--quantify-flags=--from-extra " in args, args
+        else:
+            assert "--from-extra --overwrite" in args, args
     assert not (REPO / "rel_out").exists()
 
 
@@ -170,19 +174,78 @@ def test_run_defaults_name_the_fold(fake, script):
         assert "splits/splits_3.csv" in calls[-1][2]
 
 
-@pytest.mark.parametrize("script", ["04_train_hex.sh", "06_infer_wsi.sh"])
+GPU_SCRIPTS = {"04_train_hex.sh": "hex.train", "05_test_hex.sh": "hex.test", "06_infer_wsi.sh": "hex.infer_wsi",
+               "07_features.sh": "mica.extract_features", "08_train_mica.sh": "mica.train"}
+
+
+def _torchrun_calls(calls) -> list[str]:
+    return [c[2] for c in calls if c[2].startswith("torchrun ")]
+
+
+@pytest.mark.parametrize("script", sorted(GPU_SCRIPTS))
 def test_torchrun_gets_torchrun_args_and_the_module_the_arguments(fake, script):
-    mod = "hex.train" if script.startswith("04") else "hex.infer_wsi"
+    """Every GPU-capable stage launches the same way: one node -> --standalone; TORCHRUN_ARGS and NNODES reach
+    torchrun before the module; EXTRA and the script's arguments reach every rank."""
+    mod = GPU_SCRIPTS[script]
     r, calls = fake(script, "--overwrite", GPUS="2", EXTRA="--from-extra")
     assert r.returncode == 0, r.stderr
-    (tr,) = [c[2] for c in calls if c[2].startswith("torchrun ")]
+    (tr,) = _torchrun_calls(calls)
+    assert tr.startswith("torchrun --nnodes 1 --nproc-per-node 2 "), tr
     assert "--standalone" in tr and f"-m {mod} " in tr and tr.endswith("--from-extra --overwrite"), tr
-    if mod == "hex.train":  # flags, inputs and CUDA checked once before the ranks start
+    if mod == "hex.train":  # flags, inputs and CUDA checked once before the ranks start; ranks restart on a crash
         assert calls[0][2].startswith("-m hex.train ") and calls[0][2].endswith("--overwrite --check")
-    r, calls = fake(script, GPUS="2", NNODES="2", TORCHRUN_ARGS="--node-rank 1 --rdzv-endpoint h:29500")
-    (tr,) = [c[2] for c in calls if c[2].startswith("torchrun ")]
-    assert "--standalone" not in tr and "--nnodes 2" in tr
+        assert tr.index("--max-restarts 3") < tr.index("-m hex.train")
+    assert [c for c in calls if c[2].startswith(f"-m {mod} ") and not c[2].endswith("--check")] == []
+    r, calls = fake(script, "--overwrite", GPUS="2", NNODES="2", TORCHRUN_ARGS="--node-rank 1 --rdzv-endpoint h:29500")
+    assert r.returncode == 0, r.stderr
+    (tr,) = _torchrun_calls(calls)
+    assert "--standalone" not in tr and "--nnodes 2 --nproc-per-node 2" in tr
     assert tr.index("--node-rank 1 --rdzv-endpoint h:29500") < tr.index(f"-m {mod}"), tr
+    assert tr.endswith("--overwrite"), tr
+    r, calls = fake(script, GPUS="1", TORCHRUN_ARGS="--rdzv-endpoint h:1")  # one node, but the user's rendezvous
+    (tr,) = _torchrun_calls(calls)
+    assert "--standalone" not in tr and "--nproc-per-node 1 " in tr and "--rdzv-endpoint h:1 -m" in tr, tr
+
+
+@pytest.mark.parametrize("script", sorted(GPU_SCRIPTS))
+def test_gpus_0_runs_one_plain_python_process(fake, script):
+    r, calls = fake(script, "--overwrite", NNODES="2", TORCHRUN_ARGS="--node-rank 1")
+    assert r.returncode == 0, r.stderr
+    assert not _torchrun_calls(calls)
+    (run,) = [c[2] for c in calls]
+    assert run.startswith(f"-m {GPU_SCRIPTS[script]} ") and run.endswith("--overwrite") and "--node-rank" not in run
+
+
+def test_one_torchrun_launcher():
+    """No numbered script calls torchrun itself: stages 04-08 start their module through _common.sh's ``launch``
+    only (04's ``--check`` call aside, no ``python -m`` of their own)."""
+    for script in SCRIPTS:
+        code = [line.split(" #", 1)[0].strip() for line in (REPO / "scripts" / script).read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+        assert not any(line.startswith("torchrun") or " torchrun " in line for line in code), script
+        if script in GPU_SCRIPTS:
+            launches = [line for line in code if line.startswith("launch ")]
+            assert len(launches) == 1 and GPU_SCRIPTS[script] in launches[0], script
+            direct = [line for line in code if "python -m" in line]
+            assert all(line.endswith("--check") for line in direct), (script, direct)
+
+
+def test_launcher_keeps_arguments_with_spaces(fake, tmp_path):
+    """Through ``launch``, an argument with a space stays one argument (python and torchrun alike)."""
+    log = tmp_path / "argv.log"
+    bin_dir = tmp_path / "argvbin"
+    bin_dir.mkdir()
+    for exe in ("python", "torchrun"):
+        (bin_dir / exe).write_text(f'#!/usr/bin/env bash\nprintf "[%s]" "$@" >> "{log}"; echo >> "{log}"\n')
+        (bin_dir / exe).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    for gpus in ("0", "2"):
+        r = subprocess.run(["bash", "-c", f'source "{REPO}/scripts/_common.sh"; GPUS={gpus} launch mod "a b" c'],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=30)
+        assert r.returncode == 0, r.stderr
+    lines = log.read_text().splitlines()
+    assert lines[0] == "[-m][mod][a b][c]"
+    assert lines[1] == "[--nnodes][1][--nproc-per-node][2][--standalone][-m][mod][a b][c]"
 
 
 def test_mica_runs_hold_every_fold():
@@ -207,50 +270,6 @@ def test_every_extra_flag_variable_is_documented():
         if script != "demo.sh":
             assert "Arguments of this script go to" in header, script
     assert {"EXTRA", "STORE_EXTRA", "TORCHRUN_ARGS", "HEX_EXTRA"} <= set(found)
-
-
-def _module_calls(calls, mod):
-    return [c[2] for c in calls if c[2].startswith(f"-m {mod} ")]
-
-
-@pytest.mark.parametrize("q_rc,s_rc,rc,store_runs,last", [
-    (0, 0, 0, True, "stage 03: quantify: ok; patch store: ok"),
-    (1, 0, 1, True, "stage 03: quantify failed for some slides (exit 1); patch store: ok"),
-    (0, 1, 1, True, "stage 03: quantify: ok; patch store failed (exit 1)"),
-    (1, 1, 1, True, "stage 03: quantify failed for some slides (exit 1); patch store failed (exit 1)"),
-    (2, 0, 2, False, "stage 03: quantify stopped before any slide (exit 2"),
-])
-def test_stage_03_runs_the_store_after_a_quantify_failure(fake, q_rc, s_rc, rc, store_runs, last):
-    r, calls = fake("03_quantify.sh", "--overwrite", EXTRA="--allow-flagged", STORE_EXTRA="--png",
-                    RC_preprocess_quantify=str(q_rc), RC_preprocess_patch_store=str(s_rc))
-    assert r.returncode == rc
-    lines = r.stderr.strip().splitlines()
-    assert lines[-1].startswith(last), lines[-1]
-    (quant,) = _module_calls(calls, "preprocess.quantify")
-    assert "--allow-flagged" in quant and "--png" not in quant and quant.endswith("--overwrite")
-    store = _module_calls(calls, "preprocess.patch_store")
-    assert len(store) == int(store_runs)
-    if store_runs:
-        assert "--labelled-only" in store[0] and "--png" in store[0] and "--allow-flagged" not in store[0]
-        assert store[0].endswith("--overwrite")  # a script argument reaches both steps
-    assert not _module_calls(calls, "preprocess.normalize")
-
-
-@pytest.mark.parametrize("env", [{"SHARD": "0/2"}, {"EXTRA": "--no-normalize"}])
-def test_stage_03_pass_1_only_stores_every_slide(fake, env):
-    """Without the normalisation there are no labels yet (they come with NORMALIZE_ONLY=1): no --labelled-only."""
-    r, calls = fake("03_quantify.sh", **env)
-    assert r.returncode == 0, r.stderr
-    (store,) = _module_calls(calls, "preprocess.patch_store")
-    assert "--labelled-only" not in store and ("SHARD" not in env or "--shard 0/2" in store)
-
-
-def test_stage_03_normalize_only(fake, tmp_path):
-    r, calls = fake("03_quantify.sh", "--slides", "a", NORMALIZE_ONLY="1", EXTRA="--legacy-columns",
-                    FIT_SPLIT="split.csv")
-    assert r.returncode == 0, r.stderr
-    (norm,) = _module_calls(calls, "preprocess.normalize")
-    assert f"--fit-split {tmp_path}/split.csv --legacy-columns --slides a" in norm and len(calls) == 1
 
 
 @pytest.mark.parametrize("preset, expect", [(None, "30"), ("5", "5")])

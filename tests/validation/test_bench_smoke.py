@@ -1,10 +1,9 @@
-"""bench/bench_infer.py on a tiny synthetic slide (CPU, a few seconds): every phase runs, the stage writes one
+"""bench.bench_infer on a tiny synthetic slide (CPU, a few seconds): every phase runs, the stage writes one
 prediction per tile, end-to-end and model-only predict the same values for the same tiles, the summary's ratios
 are the medians' ratios; the model-only loop feeds exactly as many tiles as the slide has."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,19 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench import bench_infer as bench
+
 MUSK_KW = '{"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_dim": 128, "img_size": 64}'
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_infer", ROOT / "bench" / "bench_infer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _run(bench, tmp_path: Path, *extra: str) -> dict:
+def _run(tmp_path: Path, *extra: str) -> dict:
     out = tmp_path / "bench.json"
     rc = bench.main(["--device", "cpu", "--tiles", "40", "--batch-size", "16", "--repeats", "1", "--threads", "1",
                      "--json", str(out), "--keep", str(tmp_path / "work"), *extra])
@@ -33,8 +25,9 @@ def _run(bench, tmp_path: Path, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_tiny_end_to_end_matches_model_only(bench, tmp_path: Path) -> None:
-    rec = _run(bench, tmp_path, "--backbone", "tiny", "--workers", "0", "1")
+@pytest.mark.slow
+def test_tiny_end_to_end_matches_model_only(tmp_path: Path) -> None:
+    rec = _run(tmp_path, "--backbone", "tiny", "--workers", "0", "1")
     n = rec["slide"]["tiles"]
     assert n >= 30
     with h5py.File(tmp_path / "work" / "hex_pred" / "bench.h5", "r") as f:
@@ -51,8 +44,9 @@ def test_tiny_end_to_end_matches_model_only(bench, tmp_path: Path) -> None:
     assert rec["check_max_abs_diff"]["-"] <= 1e-5
 
 
-def test_musk_both_attentions(bench, tmp_path: Path, capsys) -> None:
-    rec = _run(bench, tmp_path, "--backbone", "musk", "--musk-kw", MUSK_KW, "--attention", "both", "--workers", "0")
+@pytest.mark.slow
+def test_musk_both_attentions(tmp_path: Path, capsys) -> None:
+    rec = _run(tmp_path, "--backbone", "musk", "--musk-kw", MUSK_KW, "--attention", "both", "--workers", "0")
     assert rec["musk_kw"]["embed_dim"] == 64 and rec["musk_kw"]["img_size"] == 64
     assert [s["attention"] for s in rec["summary"]] == ["eager", "sdpa"]
     assert rec["attention_used"] == ["eager", "sdpa"]  # the model really switched
@@ -61,7 +55,7 @@ def test_musk_both_attentions(bench, tmp_path: Path, capsys) -> None:
     assert "KEY: sdpa / eager" in out and "ratio" in out
 
 
-def test_model_only_feeds_exactly_n_tiles(bench) -> None:
+def test_model_only_feeds_exactly_n_tiles() -> None:
     pool = [torch.full((4, 3, 8, 8), i, dtype=torch.uint8) for i in range(2)]
     seen: list[float] = []
 

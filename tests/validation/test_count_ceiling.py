@@ -1,30 +1,22 @@
-"""bench/count_ceiling.py rebuilds a cohort's cells from its recorded flags: the outcome scores recomputed from the
+"""bench.count_ceiling rebuilds a cohort's cells from its recorded flags: the outcome scores recomputed from the
 rebuilt cells equal ground_truth.json's, and the probe inputs are finite, so its ceiling is the cohort's own."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
+from bench import count_ceiling
+from bench.mica_ceiling import logistic_probe as probe
 from sample_data import make_cohort, outcomes
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("count_ceiling", ROOT / "bench" / "count_ceiling.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_rebuilt_cells_give_the_cohorts_scores(tmp_path: Path) -> None:
     cohort = tmp_path / "c"
     assert make_cohort.main(["--out", str(cohort), "--slides", "5", "--patients", "4", "--tissue-mm", "0.5",
                              "--seed", "11", "--workers", "1", "--tables-only", "--log-level", "WARNING"]) == 0
-    counts, gt = _bench().rebuild(cohort, 112.0)
+    counts, gt = count_ceiling.rebuild(cohort, 112.0)
     assert sorted(counts) == sorted(gt["slides"])
     for case, p in gt["patients"].items():
         slides = [s for s, info in gt["slides"].items() if info["case_id"] == case]
@@ -37,8 +29,6 @@ def test_rebuilt_cells_give_the_cohorts_scores(tmp_path: Path) -> None:
 
 
 def test_logistic_probe_scores_the_validation_side() -> None:
-    _bench()                                                                  # puts bench/ on sys.path
-    from mica_ceiling import logistic_probe as probe
     ids = [f"s{i}" for i in range(40)]
     y = {s: i % 2 for i, s in enumerate(ids)}
     X = {s: np.array([y[s] + 0.01 * i]) for i, s in enumerate(ids)}          # separable: AUC 1
@@ -63,7 +53,7 @@ def test_exact_counts_find_the_risk_mask_patches(tmp_path: Path) -> None:
         h, w = info["he_shape"]
         xy = [(x, y) for y in range(0, h - 223, 224) for x in range(0, w - 223, 224)]
         pd.DataFrame(xy, columns=["x", "y"]).to_csv(out / "markers" / f"{s}.csv", index=False)
-    counts, _ = _bench().rebuild(cohort, 112.0, out)
+    counts, _ = count_ceiling.rebuild(cohort, 112.0, out)
     refs = [c["ig_ref"] for c in counts.values() if c["ig_ref"]]
     assert refs
     assert np.mean([r["cells the risk counts"] for r in refs]) > 0.85

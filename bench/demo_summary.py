@@ -1,21 +1,32 @@
 """Print what the demo made, scored against the sample cohort's ground truth.
 
-    python -m sample_data.demo_summary --cohort demo_out/cohort --out demo_out
+    python -m bench.demo_summary --cohort demo_out/cohort --out demo_out
 
-Each section appears only when its artifacts exist, so the summary also works part-way through the pipeline.
+Each section appears only when its artifacts exist, so the summary also works part-way through the pipeline. Paths
+under OUT come from the artifact registry (``pipeline.artifacts``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import artifacts as art
+
 
 def _section(title: str) -> None:
     print(f"\n--- {title}")
+
+
+def _existing(artifact: art.Artifact, out: Path, **kw: str) -> list[Path]:
+    """The artifact's main files under ``out``, sorted: ``*`` for every variable of its template not in ``kw``
+    (``_existing(art.MICA_RUN, out)``: every ``mica_runs/*/summary.csv``)."""
+    free = {n: "*" for n in re.findall(r"\{(\w+)\}", artifact.template()) if n not in kw}
+    return sorted(out.glob(artifact.path(".", **free, **kw).as_posix()))
 
 
 def summarize(cohort: Path, out: Path) -> None:
@@ -29,13 +40,12 @@ def summarize(cohort: Path, out: Path) -> None:
     print(f"{cohort}: {len(slides)} slides, {len(gt['patients'])} patients, {len(gt['markers'])} markers "
           f"({len(gt['visible_markers'])} visible in H&E); preview: {cohort / 'preview.png'}")
 
-    patches = out / "patches"
-    if patches.is_dir():
+    if art.PATCH_GRID.dir(out).is_dir():
         import h5py
 
         counts = []
         for s in slides:
-            f = patches / f"{s}.h5"
+            f = art.PATCH_GRID.path(out, s)
             if f.exists():
                 with h5py.File(f, "r") as h:
                     counts.append(len(h["coords"]))
@@ -43,8 +53,8 @@ def summarize(cohort: Path, out: Path) -> None:
             _section("01 patch grid")
             print(f"{len(counts)} slides, {sum(counts)} patches (min {min(counts)}, max {max(counts)} per slide)")
 
-    reg = out / "registration"
-    recs = [json.loads((reg / f"{s}.json").read_text()) for s in slides if (reg / f"{s}.json").exists()]
+    reg = [art.REGISTRATION.path(out, s) for s in slides]
+    recs = [json.loads(f.read_text()) for f in reg if f.exists()]
     if recs:
         ncc = [r["qc"]["ncc_after"] for r in recs if isinstance(r.get("qc", {}).get("ncc_after"), float)]
         flagged = sum(r.get("status") != "ok" for r in recs)
@@ -53,28 +63,30 @@ def summarize(cohort: Path, out: Path) -> None:
               if ncc else f"{len(recs)} slides, {flagged} flagged")
     summarize_registration_truth(cohort, out)
 
-    markers = out / "markers"
-    csvs = [markers / f"{s}.csv" for s in slides if (markers / f"{s}.csv").exists()]
+    csvs = [f for f in (art.LABELS.path(out, s) for s in slides) if f.exists()]
     if csvs:
         import pandas as pd
 
         n = sum(len(pd.read_csv(c, usecols=["index"])) for c in csvs)
         _section("03 marker labels")
-        print(f"{len(csvs)} slides, {n} labelled patches in {markers}")
+        print(f"{len(csvs)} slides, {n} labelled patches in {art.LABELS.dir(out)}")
 
-    for run in sorted((out / "runs").glob("*/test/marker_pearson.csv")):
+    for run in (i["run"] for i in art.HEX_TEST.instances(out)):
+        table = art.HEX_TEST.path(out, run=run)
+        if not table.exists():
+            continue
         import pandas as pd
 
-        df = pd.read_csv(run)
+        df = pd.read_csv(table)
         df = df[df["marker"].isin(gt["markers"])]
         vis = df[df["marker"].isin(gt["visible_markers"])]["pearson"]
         inv = df[~df["marker"].isin(gt["visible_markers"])]["pearson"]
-        _section(f"05 HEX test ({run.parent.parent.name})")
+        _section(f"05 HEX test ({run})")
         print(f"mean Pearson r: visible markers {vis.mean():.3f} (n={len(vis)}), "
               f"invisible markers {inv.mean():.3f} (n={len(inv)}), all {df['pearson'].mean():.3f}")
         best = df.sort_values("pearson", ascending=False)
         print("best: " + ", ".join(f"{m} {r:.2f}" for m, r in zip(best["marker"][:5], best["pearson"][:5])))
-        print(f"plots and tables: {run.parent}")
+        print(f"plots and tables: {table.parent}")
 
     summarize_infer(out)
     summarize_mica(cohort, out)
@@ -92,7 +104,7 @@ def summarize_registration_truth(cohort: Path, out: Path, label_sub: int = 4) ->
     gt = json.loads((cohort / "ground_truth.json").read_text())
     rows = []
     for s in sorted(gt["slides"]):
-        rec, grid = out / "registration" / f"{s}.json", out / "patches" / f"{s}.h5"
+        rec, grid = art.REGISTRATION.path(out, s), art.PATCH_GRID.path(out, s)
         if not rec.exists() or not grid.exists():
             continue
         with h5py.File(grid, "r") as h:
@@ -102,7 +114,7 @@ def summarize_registration_truth(cohort: Path, out: Path, label_sub: int = 4) ->
         centres = coords + (size - 1) / 2.0
         e, a = errors_um(est, true, centres, mpp), errors_um(est.affine_only(), true, centres, mpp)
         r_min = None
-        raw_path = out / "markers" / "raw" / f"{s}.csv"
+        raw_path = art.LABELS.dir(out) / "raw" / f"{s}.csv"  # stage 03's unnormalised means
         if raw_path.exists():
             raw = pd.read_csv(raw_path)
             raw = raw[raw["coverage"] >= 0.999]
@@ -124,23 +136,24 @@ def summarize_registration_truth(cohort: Path, out: Path, label_sub: int = 4) ->
           + (f"; labels min r {min(rmins):.4f} (target >= 0.97)" if rmins else ""))
 
 
-def infer_consistency(out: Path, run: Path) -> dict | None:
+def infer_consistency(out: Path, run: str) -> dict | None:
     """Stage 06 vs stage 05 on the held-out slides: max |hex_pred - hex.test prediction| at the same patches, and the
-    largest difference of per-marker Pearson r (hex_pred vs labels, against ``marker_pearson.csv``)."""
+    largest difference of per-marker Pearson r (hex_pred vs labels, against ``marker_pearson.csv``) of HEX run
+    ``run``; None when the run has no test predictions or stage 06 predicted another grid."""
     import h5py
     import pandas as pd
 
-    from hex.metrics import pearson
+    from hex.evaluate.metrics import pearson
 
-    pp = run / "test" / "patch_predictions.csv"
-    mp = run / "test" / "marker_pearson.csv"
+    pp = art.HEX_TEST.dir(out, run=run) / "patch_predictions.csv"
+    mp = art.HEX_TEST.path(out, run=run)
     if not pp.exists() or not mp.exists():
         return None
     test = pd.read_csv(pp)
     markers = [c[len("pred_"):] for c in test.columns if c.startswith("pred_")]
     parts = []
     for slide, df in test.groupby("slide", sort=True):
-        f = out / "hex_pred" / f"{slide}.h5"
+        f = art.PREDICTIONS.path(out, slide)
         if not f.exists():
             return None
         with h5py.File(f, "r") as h:
@@ -169,50 +182,52 @@ def infer_consistency(out: Path, run: Path) -> dict | None:
 
 def summarize_infer(out: Path) -> None:
     """Section 06: prediction files, the consistency check against hex.test, and where the previews are."""
-    preds = sorted((out / "hex_pred").glob("*.h5"))
+    preds = _existing(art.PREDICTIONS, out)
     if not preds:
         return
-    _section("06 whole-slide inference (hex_pred/, virtual_codex/)")
-    print(f"{len(preds)} slides predicted in {out / 'hex_pred'}")
-    for run in sorted(p.parent.parent for p in (out / "runs").glob("*/test/patch_predictions.csv")):
+    _section(f"06 whole-slide inference ({art.PREDICTIONS.folder}/, {art.VIRTUAL_CODEX.folder}/)")
+    print(f"{len(preds)} slides predicted in {art.PREDICTIONS.dir(out)}")
+    for run in (i["run"] for i in art.HEX_RUN.instances(out)):
         c = infer_consistency(out, run)
         if c is None:
             continue
-        print(f"consistency with 05 ({run.name}, {c['slides']} held-out slides, {c['n']} patches): max |diff| "
+        print(f"consistency with 05 ({run}, {c['slides']} held-out slides, {c['n']} patches): max |diff| "
               f"{c['max_abs_diff']:.2e} (target <= 1e-4), per-marker r max diff {c['max_r_diff']:.2e}, "
               f"mean r {c['mean_r']:.3f}")
-    previews = sorted((out / "virtual_codex").glob("*_preview.png"))
+    maps = art.VIRTUAL_CODEX.dir(out)
+    previews = sorted(maps.glob("*_preview.png"))
     if previews:
-        n_ome = len(list((out / "virtual_codex").glob("*.ome.tif")))
+        n_ome = len(list(maps.glob("*.ome.tif")))
         print(f"virtual CODEX: {n_ome} OME-TIFFs; preview: {previews[0]}")
 
 
 def summarize_mica(cohort: Path, out: Path) -> None:
     """Sections 07-09: feature bags, the per-fold c-index table (truth, MICA modes, clinical) and the IG checks."""
-    feats = sorted(d for d in (out / "features").glob("*") if (d / "h5_files").is_dir())
-    if feats:
+    bags = {i["encoder"]: _existing(art.FEATURE_BAGS, out, **i) for i in art.FEATURE_BAGS.instances(out)}
+    bags = {e: files for e, files in bags.items() if files}
+    if bags:
         _section("07 feature bags")
-        for d in feats:
-            print(f"H&E {d.name}: {len(list((d / 'h5_files').glob('*.h5')))} slides in {d}")
-        for f in sorted((out / "codex_features").glob("*.h5")):
+        for e, files in bags.items():
+            print(f"H&E {e}: {len(files)} slides in {art.FEATURE_BAGS.dir(out, encoder=e)}")
+        for f in _existing(art.CODEX_FEATURE_TABLE, out):
             print(f"CODEX {f.stem}: {f}")
     runs = {}
     for mode in ("coattn", "path", "codex"):
-        matches = sorted((out / "mica_runs").glob(f"*{mode}*/summary.csv"))
+        matches = _existing(art.MICA_RUN, out, run=f"*{mode}*")
         surv = [m for m in matches if "response" not in m.parent.name]
         if surv:
             runs[mode] = surv[0].parent.name
     if not runs:
         return
-    from sample_data.mica_scoring import format_table, ig_risk_auroc, outcome_table
+    from bench.mica_vs_truth import format_table, ig_risk_auroc, outcome_table
 
     _section("08 MICA survival, 5 folds (c-index on each fold's validation patients; truth = true_risk)")
     df = outcome_table(cohort, out, runs, task="survival")
     print(format_table(df, "c-index"))
     print("(folds of a 12-slide cohort hold 1-2 patients: only the pooled row means anything here; "
-          "bench/validate_mica.py runs the same on 200 patients)")
+          "python -m bench.validate_mica runs the same on 200 patients)")
     for run in runs.values():
-        ig = out / "mica_runs" / run / "ig"
+        ig = art.ATTRIBUTIONS.dir(out, run=run)
         if not ig.is_dir():
             continue
         import pandas as pd

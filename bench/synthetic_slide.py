@@ -1,4 +1,4 @@
-"""Large synthetic H&E slides for benchmarks (``bench/bench_infer.py``): a tiled H&E-like texture (eosin field,
+"""Large synthetic H&E slides for benchmarks (``bench.bench_infer``): a tiled H&E-like texture (eosin field,
 ~7 µm haematoxylin nuclei, grain; JPEG-compresses like stained tissue) inside a superellipse of tissue on glass.
 Also the slide's stage-01 grid and a first-k-tiles subset of it (for warm-ups). Unlike the sample cohort's
 slides these carry no ground truth; they are cheap to make at any size.
@@ -62,7 +62,7 @@ def write_bench_slide(path: Path, tiles: int, seed: int = 0) -> dict[str, Any]:
 
 
 def stage01_grid(slide_id: str, he_path: Path, work: Path) -> float:
-    """Stage 01's grid ``work/patches/{slide}.h5`` (``preprocess.patch.patch_slide``, defaults); returns seconds."""
+    """Stage 01's grid of the slide under ``work`` (``preprocess.patch.patch_slide``, defaults); returns seconds."""
     from preprocess.patch import PatchConfig, patch_slide
 
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""sample_data.mica_scoring: the risk-mask footprint means and the IG AUROC that the demo and bench/validate_mica.py
+"""bench.mica_vs_truth: the risk-mask footprint means and the IG AUROC that the demo summary and bench.validate_mica
 report."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import cv2
 import h5py
 import numpy as np
 
-from sample_data.mica_scoring import ig_risk_auroc, patch_risk_deviation
+from bench.mica_vs_truth import ig_risk_auroc, patch_risk_deviation
 
 
 def _cohort(tmp_path: Path) -> Path:

@@ -1,8 +1,8 @@
-"""Score MICA outputs against the sample cohort's ground truth (used by the demo summary and the validation driver).
+"""Score MICA outputs against the sample cohort's ground truth (``bench.demo_summary``, ``bench.validate_mica``).
 
 - :func:`true_risk_scores`: the generator's true risk and response probability of each patient, so that the c-index
   (or AUC) of the truth itself on a fold is the ceiling a model is compared with.
-- :func:`patch_risk_labels` / :func:`ig_risk_auroc`: which patches lie on the generator's risk-driving regions
+- :func:`patch_risk_deviation` / :func:`ig_risk_auroc`: which patches lie on the generator's risk-driving regions
   (``risk_masks/{slide}.png``: uint8 at H&E downsample 32, 128 neutral, > 128 cells that raise the hazard, < 128
   cells that lower it), and how well the magnitude of the integrated-gradient patch attributions ranks them.
 """
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from pipeline import artifacts as art
 
 RISK_DEVIATION = 16
 """A patch is risk-driving when the mean |mask - 128| over its footprint exceeds this (tanh(h/0.3) > 0.126)."""
@@ -104,7 +106,7 @@ def outcome_table(cohort: Path, out: Path, runs: dict[str, str], task: str = "su
                   covariates: Sequence[str] = ("age", "stage"), folds: Sequence[int] = range(5)) -> pd.DataFrame:
     """Per-fold c-index (survival) or AUC (response) of the truth, each MICA run and the clinical baseline.
 
-    ``runs`` maps a column label (e.g. ``coattn``) to a run name under ``OUT/mica_runs/``; its
+    ``runs`` maps a column label (e.g. ``coattn``) to a MICA run name (``art.MICA_RUN``); its
     ``fold_{k}/val_predictions.csv`` gives the predictions. ``truth`` scores the generator's ``true_risk`` (or
     ``true_response_prob``) on the same validation patients; ``clinical`` is Cox PH (or logistic regression) on
     ``covariates`` fitted on the training patients of the fold (:mod:`mica.baselines`). Rows: folds, then ``mean``,
@@ -130,7 +132,7 @@ def outcome_table(cohort: Path, out: Path, runs: dict[str, str], task: str = "su
         else:
             scores["clinical"] = logistic_auc(ptr, pva, list(covariates))[0]
         for label, run in runs.items():
-            f = Path(out) / "mica_runs" / run / f"fold_{k}" / "val_predictions.csv"
+            f = art.MICA_RUN.dir(out, run=run) / f"fold_{k}" / "val_predictions.csv"
             if f.exists():
                 pr = pd.read_csv(f, dtype={"case_id": str}).groupby("case_id", sort=True).mean(numeric_only=True)
                 scores[label] = pr[score_col].reindex(pva["case_id"]).to_numpy(np.float64)

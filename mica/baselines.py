@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from mica.survival import binary_auc, c_index, hazard_bins, nll_survival_loss, risk_from_logits, to_bins
+from pipeline.cli import Stage, config_from_args, require
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -255,14 +258,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    for name in args.datasets:
+@dataclass
+class BaselinesConfig:
+    """``python -m mica.baselines``'s settings (the flags of the same names)."""
+
+    datasets: list[str] = field(default_factory=lambda: list(SKSURV_DATASETS))
+    folds: int = 5
+    seed: int = 0
+    n_bins: int = 4
+    hidden: int = 0
+    epochs: int = 300
+    penalizer: float = 0.01
+
+
+def make_config(args: argparse.Namespace) -> BaselinesConfig:
+    """The flags as a :class:`BaselinesConfig`; a value the folds or the head cannot use stops here (one line)."""
+    cfg = config_from_args(BaselinesConfig, args)
+    for flag, value, ok, want in (("--folds", cfg.folds, cfg.folds >= 2, ">= 2"),
+                                  ("--n-bins", cfg.n_bins, cfg.n_bins >= 1, ">= 1"),
+                                  ("--hidden", cfg.hidden, cfg.hidden >= 0, ">= 0"),
+                                  ("--epochs", cfg.epochs, cfg.epochs >= 1, ">= 1"),
+                                  ("--penalizer", cfg.penalizer, cfg.penalizer >= 0, ">= 0")):
+        require(ok, f"{flag} {value}: must be {want}")
+    return cfg
+
+
+def run(cfg: BaselinesConfig, ctx: Any) -> int:
+    """Print, per dataset, the validation c-index of Cox PH and of the NLL head on the same folds; returns 0."""
+    for name in cfg.datasets:
         df, covariates, time_col, cens_col = load_sksurv_dataset(name)
-        table = compare_folds(df, covariates, time_col, cens_col, n_folds=args.folds, seed=args.seed,
-                              penalizer=args.penalizer, n_bins=args.n_bins, hidden=args.hidden, epochs=args.epochs)
+        table = compare_folds(df, covariates, time_col, cens_col, n_folds=cfg.folds, seed=cfg.seed,
+                              penalizer=cfg.penalizer, n_bins=cfg.n_bins, hidden=cfg.hidden, epochs=cfg.epochs)
         print(f"{name}: validation c-index, Cox PH vs discrete-time NLL head\n{table.round(4).to_string(index=False)}")
     return 0
+
+
+STAGE = Stage("mica.baselines", build_parser, make_config, run=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

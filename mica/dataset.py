@@ -1,8 +1,8 @@
-"""MICA data: per-patient (or per-slide) feature bags of the folds (the tables are read by :mod:`mica.clinical`).
+"""MICA data: per-patient (or per-slide) feature bags of the folds (the tables are read by :mod:`pipeline.tables`).
 
 Inputs (paths relative to the pipeline's ``OUT`` unless given explicitly):
 
-* clinical CSV and split CSVs ``splits_{k}.csv``: see :mod:`mica.clinical` (re-exported here);
+* clinical CSV and split CSVs ``splits_{k}.csv``: see :mod:`pipeline.tables` (units, bins: :mod:`mica.clinical`);
 * H&E bags ``features/{encdir}/pt_files/{slide}.pt`` ((N,Dp) float32 tensor) or ``h5_files/{slide}.h5``
   (``features`` (N,Dp), ``coords`` (N,2) level-0 top-left); coordinates always come from the h5 file when present;
 * CODEX tokens ``codex_features/{codex_encdir}.h5``: one (40,Dc) dataset per slide, file attr ``markers``.
@@ -23,6 +23,7 @@ attribute.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -34,22 +35,14 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from mica.bags import encoder_dirname
-from mica.clinical import (  # noqa: F401 - re-exported: the tables' readers lived here
-    ID_HINT,
-    REQUIRED,
-    SURVIVAL_COLUMNS,
-    Unit,
-    check_cohort_ids,
-    check_split_files,
-    fold_bins,
-    make_units,
-    patient_outcomes,
-    read_clinical_table,
-    read_fold,
-    split_path,
-)
+from mica.clinical import Unit, check_cohort_ids, check_split_files, fold_bins, make_units, patient_outcomes, split_path
+from mica.features.codex_features import STAGE_06, combined_path, find_maps, map_path, parts_dir
+from mica.features.he_bags import bag_files, encoder_dirname
+from mica.features.he_bags import features_dir as he_features_dir
+from pipeline import artifacts as art
+from pipeline import done as done_mod
 from pipeline.errors import PipelineError
+from pipeline.tables import read_fold
 
 log = logging.getLogger(__name__)
 
@@ -76,34 +69,72 @@ class FeatureSource:
                  features_dir: str | os.PathLike | None = None, codex_features: str | os.PathLike | None = None,
                  n_markers: int = N_MARKERS):
         self.n_markers = n_markers
+        self.out = Path(out) if out is not None else None
         self.path_dir = Path(features_dir) if features_dir else (
-            Path(out) / "features" / encoder_dirname(encoder) if encoder and out is not None else None)
+            he_features_dir(out, encoder) if encoder and out is not None else None)
+        self.codex_encdir = encoder_dirname(codex_encoder) if codex_encoder else None
         self.codex_file = Path(codex_features) if codex_features else (
-            Path(out) / "codex_features" / f"{encoder_dirname(codex_encoder)}.h5"
-            if codex_encoder and out is not None else None)
+            combined_path(out, self.codex_encdir) if self.codex_encdir and out is not None else None)
         self._codex: dict[str, np.ndarray] = {}
         self.markers: list[str] | None = None
 
     # -- H&E ---------------------------------------------------------------------------------------------------
-    def _files(self, slide: str) -> tuple[Path | None, Path | None]:
+    def files(self, slide: str) -> tuple[Path | None, Path | None]:
+        """(pt, h5) bag files of ``slide`` that exist (None for a missing one)."""
         assert self.path_dir is not None
-        pt, h5 = self.path_dir / "pt_files" / f"{slide}.pt", self.path_dir / "h5_files" / f"{slide}.h5"
+        h5, pt = bag_files(self.path_dir, slide)
         return (pt if pt.is_file() else None), (h5 if h5.is_file() else None)
 
+    def _he_upstream(self, missing: list[str]) -> str:
+        """What to run for slides without bags: stage 07, or stage 01 first when their grid is missing too, or the
+        reason stage 07 recorded when it failed for them."""
+        failed = {s: why for s in missing if (why := done_mod.read_failure(self.path_dir, s))}
+        if failed:
+            s = next(iter(failed))
+            return (f"; stage 07 failed for {len(failed)} of them ({s}: {failed[s]}): fix that and rerun stage 07 "
+                    "(mica.extract_features)")
+        no_grid = [s for s in missing if self.out is not None and not art.PATCH_GRID.path(self.out, s).is_file()]
+        if no_grid:
+            return (f"; their patch grids are missing too ({art.PATCH_GRID.path(self.out, no_grid[0])}, "
+                    f"{len(no_grid)} slides): run stage 01 (preprocess.patch), then stage 07 (mica.extract_features) "
+                    "for them")
+        return "; run stage 07 (mica.extract_features) for them"
+
     def check_path(self, slides: list[str], clinical_src: str = "the clinical table") -> None:
-        """Every slide has a pt or h5 bag, else one error naming the slides and the folder."""
+        """Every slide has a pt or h5 bag, else one error naming the slides, the folder and the stage that makes the
+        missing input; the h5 bags record one encoder (attr ``encoder``), else one error naming both."""
         if self.path_dir is None:
             raise PipelineError("no H&E features folder: pass --encoder (with --out) or --features-dir")
-        missing = [s for s in slides if self._files(s) == (None, None)]
+        missing = [s for s in slides if self.files(s) == (None, None)]
         if missing:
             raise PipelineError(
                 f"slides {missing[:10]} ({len(missing)} of {len(slides)}) of {clinical_src} and the split have no "
-                f"H&E features in {self.path_dir}/pt_files or h5_files; run stage 07 (mica.extract_features) for them"
+                f"H&E features in {self.path_dir}/pt_files or h5_files{self._he_upstream(missing)}"
                 f"{'' if self.path_dir.is_dir() else ' (the folder does not exist: another --encoder?)'}")
+        encoders = self.bag_encoders(slides)
+        if len(encoders) > 1:
+            each = "; ".join(f"{e!r} ({', '.join(ss[:3])}{', ...' if len(ss) > 3 else ''}: {len(ss)} slides)"
+                             for e, ss in encoders.items())
+            raise PipelineError(f"the H&E feature bags in {self.path_dir} were made by {len(encoders)} encoders: "
+                                f"{each}; redo the folder's bags with one encoder (stage 07 --overwrite) or keep each "
+                                "encoder's bags in its own folder (--encoder, --features-dir)")
+
+    def bag_encoders(self, slides: list[str]) -> dict[str, list[str]]:
+        """{encoder: slides} as the h5 bags of ``slides`` record it (attr ``encoder``; bags without it left out)."""
+        out: dict[str, list[str]] = {}
+        for s in slides:
+            _, h5 = self.files(s)
+            if h5 is None:
+                continue
+            with h5py.File(h5, "r") as f:
+                enc = f.attrs.get("encoder")
+            if enc is not None:
+                out.setdefault(enc.decode() if isinstance(enc, bytes) else str(enc), []).append(s)
+        return out
 
     def load_path(self, slide: str) -> tuple[torch.Tensor, np.ndarray]:
         """(N,Dp) float32 features and (N,2) int64 level-0 coords (-1 when only a pt file exists)."""
-        pt, h5 = self._files(slide)
+        pt, h5 = self.files(slide)
         coords = None
         if h5 is not None:
             with h5py.File(h5, "r") as f:
@@ -124,7 +155,7 @@ class FeatureSource:
 
     def patch_size_level0(self, slide: str) -> int | None:
         """Patch side in level-0 px from the h5 bag's attrs (None when unknown)."""
-        _, h5 = self._files(slide) if self.path_dir is not None else (None, None)
+        _, h5 = self.files(slide) if self.path_dir is not None else (None, None)
         if h5 is None:
             return None
         with h5py.File(h5, "r") as f:
@@ -132,14 +163,35 @@ class FeatureSource:
         return int(v) if v is not None else None
 
     # -- CODEX -------------------------------------------------------------------------------------------------
+    def _codex_upstream(self, missing: list[str]) -> str:
+        """What to run for slides without CODEX features: stage 07, or stage 06 first when their virtual CODEX map
+        is missing too, or the reason stage 07 recorded when it failed for them."""
+        if self.out is None or self.codex_encdir is None:
+            return "; run stage 07 (CODEX features) for them"
+        parts = parts_dir(self.out, self.codex_encdir)
+        failed = {s: why for s in missing if (why := done_mod.read_failure(parts, s))}
+        no_map = [s for s in missing if not map_path(self.out, s).is_file()]
+        if no_map:
+            return (f"; their virtual CODEX maps are missing too ({map_path(self.out, no_map[0])}, {len(no_map)} "
+                    f"slides): run {STAGE_06} for them, then stage 07 (CODEX features)")
+        if failed:
+            s = next(iter(failed))
+            return f"; stage 07 failed for {len(failed)} of them ({s}: {failed[s]}): fix that and rerun stage 07"
+        return "; run stage 07 (CODEX features) for them"
+
     def check_codex(self, slides: list[str]) -> None:
         """The CODEX file exists, its ``markers`` attr lists ``n_markers`` names, and every slide has an
-        (n_markers, Dc) set; else one error naming the file and the slides (reads shapes only)."""
+        (n_markers, Dc) set; else one error naming the file, the slides and the stage that makes the missing input
+        (reads shapes only)."""
         f_path = self.codex_file
         if f_path is None:
             raise PipelineError("no CODEX features: pass --codex-encoder (with --out) or --codex-features")
         if not f_path.is_file():
-            raise PipelineError(f"CODEX features file {f_path} does not exist; run stage 07 with this --codex-encoder")
+            hint = ""
+            if self.out is not None and not find_maps(self.out):
+                hint = f" ({art.VIRTUAL_CODEX.dir(self.out)} holds no virtual CODEX maps either: run {STAGE_06} first)"
+            raise PipelineError(f"CODEX features file {f_path} does not exist; run stage 07 with this --codex-encoder"
+                                f"{hint}")
         try:
             f = h5py.File(f_path, "r")
         except OSError as e:
@@ -154,13 +206,25 @@ class FeatureSource:
             missing = [s for s in slides if s not in f]
             if missing:
                 raise PipelineError(f"slides {missing[:10]} ({len(missing)} of {len(slides)}) of the split have no "
-                                    f"CODEX features in {f_path}; run stage 07 (CODEX features) for them")
+                                    f"CODEX features in {f_path}{self._codex_upstream(missing)}")
             want = len(markers) if markers is not None else self.n_markers
             for s in slides:
                 shape = f[s].shape
                 if len(shape) != 2 or shape[0] != want:
                     raise PipelineError(f"CODEX features {f_path}: slide {s} has shape {shape}; expected ({want}, D) "
                                         f"(one row per marker, {want} markers)")
+
+    def codex_encoder(self) -> str | None:
+        """The encoder the CODEX features file records (attr ``encoder``), or None."""
+        with h5py.File(self.codex_file, "r") as f:
+            enc = f.attrs.get("encoder")
+        return None if enc is None else (enc.decode() if isinstance(enc, bytes) else str(enc))
+
+    def codex_digests(self, slides: list[str]) -> dict[str, str]:
+        """{slide: sha256 of its (n_markers, Dc) float32 token set}: what the model saw, whatever file holds it."""
+        with h5py.File(self.codex_file, "r") as f:
+            return {s: hashlib.sha256(np.ascontiguousarray(f[s][:], np.float32).tobytes()).hexdigest()
+                    for s in slides}
 
     def load_codex(self, slides: list[str]) -> None:
         """Read and check the (n_markers, Dc) token sets of ``slides`` (kept in memory: 40 x Dc per slide)."""
@@ -298,67 +362,3 @@ def check_fold_inputs(clinical: pd.DataFrame, splits_dir: str | os.PathLike, fol
     if mode in ("coattn", "codex"):
         source.check_codex(slides)
     return splits
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# synthetic bags (tests, smoke runs)
-
-
-def write_synthetic_bags(root: str | os.PathLike, n_patients: int = 20, dim: int = 16, codex_dim: int = 8,
-                         n_folds: int = 2, seed: int = 0, encoder: str = "synth", codex_encoder: str = "synth_codex",
-                         two_slide_every: int = 5) -> dict[str, Any]:
-    """A tiny cohort of feature bags with a planted signal, in the layouts this module reads.
-
-    Patient p has risk ``r_p ~ U(0, 0.6)``; a fraction ``r_p`` of its patches are "planted" (feature 0 raised by 3),
-    survival time ``60 exp(-5 r_p)`` months (x small noise), ~20% censored (earlier time), response = r_p above the
-    median; CODEX token 3, feature 0 = 2 r_p. Every ``two_slide_every``-th patient has two slides. Writes
-    ``root/clinical.csv``, ``root/splits/splits_{k}.csv`` (patient folds), ``root/features/{encoder}/pt_files`` +
-    ``h5_files`` (with an extra ``planted`` (N,) dataset) and ``root/codex_features/{codex_encoder}.h5``.
-    Returns ``{"planted": {slide: bool (N,)}, "risk": {case: r}}``.
-    """
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    fdir = root / "features" / encoder_dirname(encoder)
-    (fdir / "pt_files").mkdir(parents=True, exist_ok=True)
-    (fdir / "h5_files").mkdir(parents=True, exist_ok=True)
-    (root / "codex_features").mkdir(parents=True, exist_ok=True)
-    risk = rng.uniform(0, 0.6, n_patients)
-    rows, planted, folds = [], {}, rng.permutation(n_patients) % n_folds
-    t = 60 * np.exp(-5 * risk) * np.exp(rng.normal(0, 0.1, n_patients))
-    cens = (rng.uniform(size=n_patients) < 0.2).astype(int)
-    t = np.where(cens == 1, t * rng.uniform(0.5, 1.0, n_patients), t)
-    markers = [f"M{i}" for i in range(N_MARKERS)]
-    with h5py.File(root / "codex_features" / f"{encoder_dirname(codex_encoder)}.h5", "w") as fc:
-        fc.attrs["markers"] = markers
-        fc.attrs["encoder"] = codex_encoder
-        for p in range(n_patients):
-            for j in range(2 if two_slide_every and p % two_slide_every == 0 else 1):
-                slide = f"s{p:03d}_{j}"
-                n = int(rng.integers(30, 81))
-                x = rng.normal(0, 1, (n, dim)).astype(np.float32)
-                mask = rng.uniform(size=n) < risk[p]
-                x[mask, 0] += 3.0
-                side = int(np.ceil(np.sqrt(n)))
-                coords = np.stack([np.arange(n) % side, np.arange(n) // side], 1).astype(np.int64) * 224
-                torch.save(torch.from_numpy(x), fdir / "pt_files" / f"{slide}.pt")
-                with h5py.File(fdir / "h5_files" / f"{slide}.h5", "w") as f:
-                    f["features"], f["coords"], f["planted"] = x, coords, mask
-                    f.attrs["patch_size_level0"] = 224
-                    f.attrs["encoder"] = encoder
-                c = rng.normal(0, 1, (N_MARKERS, codex_dim)).astype(np.float32)
-                c[3, 0] = 2 * risk[p]
-                fc[slide] = c
-                planted[slide] = mask
-                rows.append({"case_id": f"p{p:03d}", "slide_id": slide, "survival_months": round(float(t[p]), 3),
-                             "censorship": int(cens[p]), "response": int(risk[p] > np.median(risk)),
-                             "age": float(rng.normal(65, 8))})
-    df = pd.DataFrame(rows)
-    df.to_csv(root / "clinical.csv", index=False)
-    (root / "splits").mkdir(exist_ok=True)
-    for k in range(n_folds):
-        val = [r["slide_id"] for r in rows if folds[int(r["case_id"][1:])] == k]
-        train = [r["slide_id"] for r in rows if folds[int(r["case_id"][1:])] != k]
-        n = max(len(train), len(val))
-        pd.DataFrame({"train": train + [""] * (n - len(train)), "val": val + [""] * (n - len(val))}).to_csv(
-            root / "splits" / f"splits_{k}.csv", index=False)
-    return {"planted": planted, "risk": {f"p{p:03d}": float(risk[p]) for p in range(n_patients)}}

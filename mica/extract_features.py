@@ -17,36 +17,40 @@ H&E (``--encoder``): any ``hex.backbones`` name (``musk``, ``dinov2_vits14_reg``
 ``--weights`` (a local file or ``hf_hub:<repo>``; without it the backbone is randomly initialised, with a warning),
 or ``hex:RUN``, the backbone (``model.visual``) of the trained HEX run ``OUT/runs/RUN/best.safetensors``
 (``--weights`` then names another checkpoint of it). The tiles of the stage-01 grid ``OUT/patches/{slide}.h5``
-(224 px at 20x) are read region by region (:mod:`hex.wsi_tiles`, the stage-06 reader), resized to the encoder's
-input size and normalised with its mean/std (:class:`hex.data.BatchTransform`, evaluation mode), then embedded by
-the one prediction loop (:func:`hex.evaluate.run_loop`). The slides are the cohort's (:func:`pipeline.cohort.
-resolve_slides`: ``COHORT/pairs.csv`` when present, else ``COHORT/he/``, or ``--he``; ids = file names as written,
-so a link names its outputs after itself, as stage 01 names its grid). Outputs (atomic)::
+(224 px at 20x) are read region by region (:mod:`hex.infer.tiles`, the stage-06 reader), resized to the encoder's
+input size and normalised with its mean/std (:class:`hex.data.transforms.BatchTransform`, evaluation mode), then
+embedded by the one prediction loop (:func:`hex.evaluate.predict.run_loop`). The slides are the cohort's
+(:func:`pipeline.cohort.resolve_slides`: ``COHORT/pairs.csv`` when present, else ``COHORT/he/``, or ``--he``; ids =
+file names as written, so a link names its outputs after itself, as stage 01 names its grid). Outputs (atomic)::
 
     OUT/features/{encdir}/h5_files/{slide}.h5   features (N, D) float32, coords (N, 2) int64 level-0 top-left;
                                                 attrs encoder, patch_size_level0, patch_size, mpp (µm/px of the
                                                 tiles), level0_mpp, embed_dim, input_size, schema_version, slide_id
     OUT/features/{encdir}/pt_files/{slide}.pt   the (N, D) float32 tensor only (CLAM/MCAT convention)
-    OUT/features/{encdir}/done/{slide}.json     what the bag was made with (:mod:`mica.feature_done`)
+    OUT/features/{encdir}/done/{slide}.json     what the bag was made with (:mod:`mica.features.done_records`)
     OUT/features/{encdir}/config.json           resolved settings (written after the done-check passed)
 
-Done means "done with these inputs and these settings" (:mod:`mica.feature_done`): a slide whose H&E file or grid
-changed is redone; a rerun with other settings (encoder weights, resize mode, ``--region-px``, ``--mpp``, the
-CODEX thresholds or weights) stops before any work with "... done with other settings: <diff>; pass --overwrite".
+Done means "done with these inputs and these settings" (:mod:`mica.features.done_records`): a slide whose H&E file
+or grid changed is redone; a rerun with other settings (encoder weights, resize mode, ``--region-px``, ``--mpp``,
+the CODEX thresholds or weights) stops before any work with "... done with other settings: <diff>; pass --overwrite".
 
-CODEX (``--codex-encoder``): ``stats`` (per-channel spatial descriptors, D' = 10, see :mod:`mica.codex_encoders`)
-or an image backbone (``dinov2_vits14_reg`` as the original MICA, with ``--codex-weights``) applied to every
-channel of ``OUT/virtual_codex/{slide}.npy`` (H', W', 40), batched across slides. Outputs::
+CODEX (``--codex-encoder``): ``stats`` (per-channel spatial descriptors, D' = 10, see
+:mod:`mica.features.codex_encoders`) or an image backbone (``dinov2_vits14_reg`` as the original MICA, with
+``--codex-weights``) applied to every channel of ``OUT/virtual_codex/{slide}.npy`` (H', W', 40), batched across
+slides. The slides are the cohort's (``--cohort``/``--he``; without them, those with a map): a slide without a map
+fails, naming the missing file and stage 06 that makes it. Outputs::
 
     OUT/codex_features/{encdir}/{slide}.h5      per-slide part: features (40, D') float32 (the resumable unit)
     OUT/codex_features/{encdir}/done/{slide}.json
     OUT/codex_features/{encdir}.h5              one (40, D') dataset per slide; attrs encoder, markers,
                                                 schema_version (+ feature_names for stats); rebuilt from the parts
-                                                done with these settings (:mod:`mica.codex_run`)
+                                                done with these settings (:mod:`mica.features.codex_features`)
     OUT/codex_features/{encdir}/config.json
 
 ``{encdir}`` is the encoder name with ``:`` and ``/`` replaced by ``_`` (``hex:demo`` -> ``hex_demo``). The run ends
-with one line (done / skipped / failed slides with their reasons). Exit code 0 when every slide is done or skipped,
+with one line counting slides (done / skipped / failed with their reasons; with both modalities a slide counts once,
+e.g. ``features: 2 slides done, 0 skipped (already done), 0 failed (H&E bags 2 done, 0 skipped, 0 failed; CODEX 2
+done, 0 skipped, 0 failed)``). Exit code 0 when every slide is done or skipped,
 1 when any failed, 2 on bad input (flags, missing inputs, an unwritable output folder, other settings), checked
 before any slide.
 """
@@ -55,92 +59,65 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from mica import codex_encoders as ce
-from mica import codex_run as cr
-from mica import feature_done as fd
-from mica.bags import encoder_dirname, feature_paths, features_dir, read_feature_bag, write_feature_bag
-from mica.encoders import HEX_PREFIX, ImageEncoder, encode_tiles, load_encoder
-from pipeline.cohort import select_slides
+from mica.features import codex_encoders as ce
+from mica.features import codex_features as cf
+from mica.features import done_records as fd
+from mica.features.he_bags import HEConfig, encoder_dirname, extract_slide, features_dir
+from mica.features.image_encoders import load_encoder
+from pipeline import artifacts as art
+from pipeline.cli import Context, Stage, config_from_args, require
+from pipeline.cohort import CohortSlides, resolve_slides, select_slides
 from pipeline.dist import all_gather_objects, barrier
 from pipeline.done import DoneSpec
 from pipeline.errors import PipelineError
-from pipeline.io import ensure_writable, save_config
-from pipeline.runner import StageReport, run_slides
+from pipeline.io import config_dict, ensure_writable, save_config
+from pipeline.runner import StageReport, parse_shard, run_slides, shard_slides
 
 log = logging.getLogger("mica.extract_features")
 
-SCHEMA_VERSION = 1
-# the bag helpers live in mica.bags, the encoders in mica.encoders (re-exported here)
-__all__ = ["HEX_PREFIX", "ImageEncoder", "encode_tiles", "encoder_dirname", "extract_slide", "feature_paths",
-           "load_encoder", "main", "my_slides", "read_feature_bag", "write_feature_bag"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# H&E feature bags
-
 
 @dataclass
-class HEConfig:
-    """Settings of H&E extraction (see ``build_parser``)."""
+class FeaturesConfig:
+    """Stage 07's settings (the flags of the same names; see ``build_parser``)."""
 
     out: Path
-    patches_dir: Path
+    cohort: Path | None = None
+    he: list[Path] | None = None
+    what: str = "both"
+    slides: list[str] | None = None
+    encoder: str = "musk"
+    weights: str | None = None
+    interpolation: str | None = None
+    codex_encoder: str = "dinov2_vits14_reg"
+    codex_weights: str | None = None
+    high: float = ce.HIGH_THRESHOLD
+    patches: Path | None = None
+    mpp: float | None = None
+    region_px: int = 2048
     batch_size: int = 128
     workers: int = 2
     amp: str = "auto"
-    region_px: int = 2048
-    mpp: float | None = None
-    progress: bool = True
+    device: str = "auto"
+    shard: str | None = None
+    overwrite: bool = False
+    fail_fast: bool = False
 
-
-def extract_slide(slide: str, he_path: Path, enc: ImageEncoder, cfg: HEConfig, device: torch.device,
-                  settings: dict[str, Any] | None = None) -> dict:
-    """Features of one slide's grid -> ``features/{encdir}/{h5_files,pt_files}/{slide}.*``; returns a summary.
-    ``settings`` (:func:`mica.feature_done.he_settings`) are stored as JSON in the attr ``settings``."""
-    from hex.evaluate import resolve_amp
-    from hex.wsi_tiles import TileRegions
-    from preprocess.patch import read_grid
-
-    grid_path = Path(cfg.patches_dir) / f"{slide}.h5"
-    _, gattrs = read_grid(grid_path)
-    tiles = TileRegions.from_grid(he_path, grid_path, mpp=cfg.mpp, region_px=cfg.region_px)
-    if tiles.num_tiles == 0:
-        log.warning("%s: the grid %s is empty; writing (0, %d) features", slide, grid_path, enc.embed_dim)
-    feats = encode_tiles(enc, tiles, device, cfg.batch_size, cfg.workers, resolve_amp(cfg.amp, device),
-                         cfg.progress, desc=slide)
-    attrs = {"encoder": enc.name, "embed_dim": enc.embed_dim, "input_size": enc.input_size,
-             "interpolation": enc.interpolation, "weights": enc.weights or "", "slide_id": slide,
-             "patch_size_level0": int(gattrs["patch_size_level0"]), "patch_size": int(gattrs["patch_size"]),
-             "patch_level": int(gattrs["patch_level"]), "mpp": float(gattrs.get("mpp", 0.5)),
-             "level0_mpp": float(gattrs.get("level0_mpp", tiles.mpp)), "source_grid": str(grid_path),
-             "he_path": str(he_path), "coords_units": "level-0 pixels, top-left (x, y)",
-             "schema_version": SCHEMA_VERSION,
-             "settings": json.dumps(settings or fd.he_settings(enc, cfg.region_px, cfg.mpp), default=str),
-             **{k: v for k, v in enc.info.items() if v is not None}}
-    h5_path, pt_path = feature_paths(cfg.out, enc.name, slide)
-    write_feature_bag(h5_path, pt_path, feats, tiles.coords, attrs)
-    return {"patches": int(len(feats))}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """("he",), ("codex",) or ("he", "codex")."""
+        return {"he": ("he",), "codex": ("codex",)}.get(self.what, ("he", "codex"))
 
 
 def my_slides(slides: Sequence[str], shard: str | None, rank: int = 0, world: int = 1) -> list[str]:
-    """This process's slides, as stage 06 shares them (:func:`hex.infer_wsi.shard_slides`): job-array shard
-    ``i/n`` = every n-th of the sorted list from i, then every ``world``-th of those from ``rank``."""
-    from hex.infer_wsi import shard_slides
-
-    return shard_slides(slides, shard, rank, world)
+    """This process's slides, as stage 06 shares them: job-array shard ``i/n`` = every n-th of the sorted list from
+    i (:func:`pipeline.runner.shard_slides`), then every ``world``-th of those from ``rank``."""
+    return shard_slides(slides, shard)[rank::world]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,31 +155,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _out_dirs(args: argparse.Namespace) -> list[Path]:
-    dirs = []
-    if args.what in ("he", "both"):
-        dirs.append(features_dir(args.out, args.encoder))
-    if args.what in ("codex", "both"):
-        dirs.append(args.out / "codex_features" / encoder_dirname(args.codex_encoder))
-    return dirs
+def make_config(args: argparse.Namespace) -> FeaturesConfig:
+    """The flags as a :class:`FeaturesConfig`; a bad value stops here (before a process group or any slide)."""
+    cfg = config_from_args(FeaturesConfig, args)
+    parse_shard(cfg.shard)  # a bad --shard stops here
+    for flag, value, ok in (("--batch-size", cfg.batch_size, cfg.batch_size >= 1),
+                            ("--workers", cfg.workers, cfg.workers >= 0),
+                            ("--region-px", cfg.region_px, cfg.region_px >= 1),
+                            ("--mpp", cfg.mpp, cfg.mpp is None or cfg.mpp > 0),
+                            ("--high", cfg.high, cfg.high > 0)):
+        require(ok, f"{flag} {value}: must be {'>= 0' if flag == '--workers' else 'positive'}")
+    return cfg
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Flags, then the output folders (writable), before logging, a process group or any slide."""
-    my_slides([], args.shard)  # a bad --shard stops here
-    for flag, value, ok in (("--batch-size", args.batch_size, args.batch_size >= 1),
-                            ("--workers", args.workers, args.workers >= 0),
-                            ("--region-px", args.region_px, args.region_px >= 1),
-                            ("--mpp", args.mpp, args.mpp is None or args.mpp > 0),
-                            ("--high", args.high, args.high > 0)):
-        if not ok:
-            raise PipelineError(f"{flag} {value}: must be {'>= 0' if flag == '--workers' else 'positive'}")
-    for d in _out_dirs(args):
+def out_dirs(cfg: FeaturesConfig) -> list[Path]:
+    """The output folders of the run: the H&E bag folder and/or the CODEX parts folder."""
+    codex = cf.parts_dir(cfg.out, encoder_dirname(cfg.codex_encoder))
+    return [features_dir(cfg.out, cfg.encoder) if m == "he" else codex for m in cfg.modalities]
+
+
+def prepare(cfg: FeaturesConfig, ctx: Any) -> None:
+    """The output folders are writable, before the log file opens and before any slide."""
+    for d in out_dirs(cfg):
         ensure_writable(d)
 
 
-def _log_file(args: argparse.Namespace) -> Path:
-    return args.out / ("codex_features" if args.what == "codex" else "features") / "run.log"
+def log_file(cfg: FeaturesConfig) -> Path:
+    """``OUT/features/run.log``, or ``OUT/codex_features/run.log`` for a CODEX-only run."""
+    if cfg.what == "codex":
+        return art.CODEX_FEATURE_TABLE.dir(cfg.out) / "run.log"
+    return features_dir(cfg.out, cfg.encoder).parent / "run.log"
 
 
 @dataclass
@@ -219,89 +201,93 @@ class _Part:
     after: Callable[[], None] = lambda: None
 
 
-def _plan_he(args: argparse.Namespace, ctx) -> _Part:
-    from pipeline.cohort import resolve_slides
+def _cohort(cfg: FeaturesConfig, require_he: bool) -> CohortSlides:
+    return resolve_slides(cfg.cohort, he=cfg.he, require_he=require_he)
 
-    cohort = resolve_slides(args.cohort, he=args.he)
-    slides = my_slides(select_slides(cohort.ids, args.slides, cohort.source), args.shard)
+
+def _plan_he(cfg: FeaturesConfig, ctx: Context) -> _Part:
+    cohort = _cohort(cfg, require_he=True)
+    slides = my_slides(select_slides(cohort.ids, cfg.slides, cohort.source), cfg.shard)
     he_paths = cohort.he_paths()
-    patches = args.patches or args.out / "patches"
+    patches = cfg.patches or art.PATCH_GRID.dir(cfg.out)
     if not patches.is_dir():
         raise PipelineError(f"grid folder {patches} not found; run stage 01 (preprocess.patch) first, or pass "
                             "--patches")
-    enc = load_encoder(args.encoder, args.out, args.weights, args.interpolation)
-    cfg = HEConfig(out=args.out, patches_dir=patches, batch_size=args.batch_size, workers=args.workers,
-                   amp=args.amp, region_px=args.region_px, mpp=args.mpp, progress=ctx.is_main)
-    settings = fd.he_settings(enc, args.region_px, args.mpp)
-    spec = fd.he_spec(args.out, enc.name, settings, he_paths, patches)
+    enc = load_encoder(cfg.encoder, cfg.out, cfg.weights, cfg.interpolation)
+    he_cfg = HEConfig(out=cfg.out, patches_dir=patches, batch_size=cfg.batch_size, workers=cfg.workers,
+                      amp=cfg.amp, region_px=cfg.region_px, mpp=cfg.mpp, progress=ctx.is_main)
+    settings = fd.he_settings(enc, cfg.region_px, cfg.mpp)
+    spec = fd.he_spec(cfg.out, enc.name, settings, he_paths, patches)
     mine = my_slides(slides, None, ctx.rank, ctx.world_size)
-    desc = f"H&E features ({args.encoder})"
+    desc = f"H&E features ({cfg.encoder})"
 
     def run() -> StageReport:
         enc.module.to(ctx.device)
-        return run_slides(mine, lambda s: extract_slide(s, he_paths[s], enc, cfg, ctx.device, settings),
-                          done=spec, overwrite=args.overwrite, skip_errors=not args.fail_fast, desc=desc)
+        return run_slides(mine, lambda s: extract_slide(s, he_paths[s], enc, he_cfg, ctx.device, settings),
+                          done=spec, overwrite=cfg.overwrite, skip_errors=not cfg.fail_fast, desc=desc)
 
-    config = vars(args) | {"slides_resolved": slides, "slide_source": cohort.source, "settings": settings,
-                           "world_size": ctx.world_size, "schema_version": SCHEMA_VERSION}
-    return _Part("H&E", desc, spec, slides, features_dir(args.out, enc.name), config, run)
+    config = config_dict(cfg) | {"slides_resolved": slides, "slide_source": cohort.source, "settings": settings,
+                                 "world_size": ctx.world_size, "schema_version": fd.HE_SCHEMA}
+    return _Part("he", desc, spec, slides, features_dir(cfg.out, enc.name), config, run)
 
 
-def _plan_codex(args: argparse.Namespace, ctx) -> _Part:
-    from hex.evaluate import resolve_amp
-
-    maps = cr.find_maps(args.out)
+def _codex_slides(cfg: FeaturesConfig) -> list[str]:
+    """The run's CODEX slides: the cohort's (``--cohort``/``--he``; a slide without a map then fails, naming stage
+    06), else every slide with a map; no map at all is a :class:`PipelineError`."""
+    maps = cf.find_maps(cfg.out)
+    vdir = art.VIRTUAL_CODEX.dir(cfg.out)
     if not maps:
-        raise PipelineError(f"no virtual CODEX maps in {args.out / 'virtual_codex'}; run stage 06 "
-                            "(hex.infer_wsi, then hex.virtual_codex) first")
-    slides = my_slides(select_slides(sorted(maps), args.slides, str(args.out / "virtual_codex")), args.shard)
+        raise PipelineError(f"no virtual CODEX maps in {vdir}; run {cf.STAGE_06} first")
+    if cfg.cohort is None and not cfg.he:
+        return select_slides(sorted(maps), cfg.slides, str(vdir))
+    cohort = _cohort(cfg, require_he=False)
+    return select_slides(cohort.ids, cfg.slides, cohort.source)
+
+
+def _plan_codex(cfg: FeaturesConfig, ctx: Context) -> _Part:
+    from hex.evaluate.predict import resolve_amp
+
+    slides = my_slides(_codex_slides(cfg), cfg.shard)
     mine = my_slides(slides, None, ctx.rank, ctx.world_size)
-    name, encdir = args.codex_encoder, encoder_dirname(args.codex_encoder)
+    name, encdir = cfg.codex_encoder, encoder_dirname(cfg.codex_encoder)
     desc = f"CODEX features ({name})"
     resolved: dict[str, Any] = {"slides_resolved": slides, "world_size": ctx.world_size,
-                                "schema_version": SCHEMA_VERSION}
+                                "schema_version": fd.CODEX_SCHEMA}
     if name == ce.STATS_ENCODER:
-        settings = fd.codex_settings(name, args.high, ce.EPI_THRESHOLD)
-        spec = fd.codex_spec(args.out, encdir, settings)
+        settings = fd.codex_settings(name, cfg.high, ce.EPI_THRESHOLD)
+        spec = fd.codex_spec(cfg.out, encdir, settings)
         resolved |= {"feature_names": list(ce.STATS_FEATURES), "feature_descriptions": ce.STATS_DESCRIPTIONS}
-        work = functools.partial(_stats_work, maps=maps, out=args.out, encdir=encdir, high=args.high,
-                                 settings=settings)
+        work = functools.partial(cf.stats_slide, out=cfg.out, encdir=encdir, high=cfg.high, settings=settings)
         names: list[str] | None = list(ce.STATS_FEATURES)
 
         def run() -> StageReport:
-            return run_slides(mine, work, done=spec, overwrite=args.overwrite, workers=args.workers,
-                              skip_errors=not args.fail_fast, desc=desc)
+            return run_slides(mine, work, done=spec, overwrite=cfg.overwrite, workers=cfg.workers,
+                              skip_errors=not cfg.fail_fast, desc=desc)
     else:
-        enc = load_encoder(name, args.out, args.codex_weights)
+        enc = load_encoder(name, cfg.out, cfg.codex_weights)
         settings = fd.codex_settings(name, enc=enc)
-        spec = fd.codex_spec(args.out, encdir, settings)
+        spec = fd.codex_spec(cfg.out, encdir, settings)
         resolved |= {"embed_dim": enc.embed_dim, "input_size": enc.input_size, "mean": enc.mean, "std": enc.std}
         names = None
 
         def run() -> StageReport:
             enc.module.to(ctx.device)
-            return cr.run_image(mine, maps, args.out, encdir, name, enc.module, enc.input_size, enc.mean, enc.std,
-                                ctx.device, spec, batch_size=args.batch_size, workers=args.workers,
-                                amp=resolve_amp(args.amp, ctx.device), overwrite=args.overwrite,
-                                skip_errors=not args.fail_fast, progress=ctx.is_main)
+            return cf.run_image(mine, cfg.out, encdir, name, enc.module, enc.input_size, enc.mean, enc.std,
+                                ctx.device, spec, batch_size=cfg.batch_size, workers=cfg.workers,
+                                amp=resolve_amp(cfg.amp, ctx.device), overwrite=cfg.overwrite,
+                                skip_errors=not cfg.fail_fast, progress=ctx.is_main)
 
     def after() -> None:  # the combined file holds the parts made with these settings and current maps only
-        parts = cr.part_slides(args.out, encdir)
+        parts = cf.part_slides(cfg.out, encdir)
         keep = fd.done_now(spec, parts)
         left = sorted(set(parts) - set(keep))
         if left:
             log.warning("%s: %d parts left out of %s (made with other settings, or their map changed or is gone): "
-                        "%s", desc, len(left), cr.combined_path(args.out, encdir), ", ".join(left[:10]))
-        cr.assemble(args.out, encdir, name, names, slides=keep)
+                        "%s", desc, len(left), cf.combined_path(cfg.out, encdir), ", ".join(left[:10]))
+        cf.assemble(cfg.out, encdir, name, names, slides=keep)
 
     resolved["settings"] = settings
-    return _Part("CODEX", desc, spec, slides, args.out / "codex_features" / encdir, vars(args) | resolved, run,
-                 after)
-
-
-def _stats_work(slide: str, maps: dict[str, Path], out: Path, encdir: str, high: float,
-                settings: dict[str, Any]) -> dict:
-    return cr.stats_slide(slide, maps[slide], out, encdir, high, settings)
+    return _Part("codex", desc, spec, slides, cf.parts_dir(cfg.out, encdir), config_dict(cfg) | resolved, run, after)
 
 
 def _merge(reports: list[StageReport]) -> StageReport:
@@ -313,32 +299,39 @@ def _merge(reports: list[StageReport]) -> StageReport:
     return out
 
 
-def final_report(reports: dict[str, StageReport]) -> tuple[StageReport, str]:
-    """(report, extra) of the run's last line: one modality as it is; both with the slides tagged [H&E]/[CODEX]
-    and the counts of each as ``extra``."""
+LABELS = {"he": "H&E bags", "codex": "CODEX"}
+
+
+def final_line(reports: dict[str, StageReport], desc: str) -> str:
+    """The run's last line. One modality: its report's line (``H&E features (tiny): 2 done, ...``). Both: each slide
+    counted once (failed when a modality failed, done when one was done, else skipped), then the counts of each
+    modality: ``features: 2 slides done, 0 skipped (already done), 0 failed (H&E bags 2 done, 0 skipped, 0 failed;
+    CODEX 2 done, 0 skipped, 0 failed)``; failures follow with their modality and reason."""
     if len(reports) == 1:
-        return next(iter(reports.values())), ""
-    total = StageReport()
-    for what, r in reports.items():
-        total.done += [f"{s} [{what}]" for s in r.done]
-        total.skipped += [f"{s} [{what}]" for s in r.skipped]
-        total.failed |= {f"{s} [{what}]": why for s, why in r.failed.items()}
-    return total, "; ".join(f"{what} {r.summary()}" for what, r in reports.items())
+        return next(iter(reports.values())).final_line(desc)
+    slides = list(dict.fromkeys(s for r in reports.values() for s in (*r.done, *r.skipped, *r.failed)))
+    failed = {s: "; ".join(f"{LABELS[w]}: {r.failed[s]}" for w, r in reports.items() if s in r.failed)
+              for s in slides if any(s in r.failed for r in reports.values())}
+    done = [s for s in slides if s not in failed and any(s in r.done for r in reports.values())]
+    skipped = len(slides) - len(done) - len(failed)
+    each = "; ".join(f"{LABELS[w]} {len(r.done)} done, {len(r.skipped)} skipped, {len(r.failed)} failed"
+                     for w, r in reports.items())
+    line = f"features: {len(done)} slides done, {skipped} skipped (already done), {len(failed)} failed ({each})"
+    return line + (": " + "; ".join(f"{s} ({why})" for s, why in failed.items()) if failed else "")
 
 
-def _work(args: argparse.Namespace, ctx) -> int:
+def run(cfg: FeaturesConfig, ctx: Context) -> int:
+    """Stage 07 (see the module docstring): plan each modality (every rank checks every slide of the run for other
+    settings before any work), save the configs, run, gather the reports, one last line; returns the exit code."""
+    parts: list[_Part] = []
+    reports: dict[str, StageReport] = {}
     try:
-        parts = []
-        if args.what in ("he", "both"):
-            parts.append(_plan_he(args, ctx))
-        if args.what in ("codex", "both"):
-            parts.append(_plan_codex(args, ctx))
+        parts = [_plan_he(cfg, ctx) if m == "he" else _plan_codex(cfg, ctx) for m in cfg.modalities]
         for part in parts:  # every rank checks every slide of the run: all stop alike, before any work
-            fd.check_before_work(part.spec, part.run_slides, args.overwrite, part.desc)
+            fd.check_before_work(part.spec, part.run_slides, cfg.overwrite, part.desc)
         if ctx.is_main:
             for part in parts:
                 save_config(part.config_dir, part.config)
-        reports = {}
         for part in parts:
             rep = part.run()
             barrier()
@@ -347,18 +340,19 @@ def _work(args: argparse.Namespace, ctx) -> int:
             reports[part.what] = _merge(all_gather_objects(rep))
     finally:
         barrier()
-    total, extra = final_report(reports)
-    desc = " + ".join(p.desc for p in parts)
+    failed = any(r.failed for r in reports.values())
     if ctx.is_main:
-        return total.finish(desc, extra)
-    return 0 if total.ok else 1
+        log.log(logging.ERROR if failed else logging.INFO, "%s", final_line(reports, parts[0].desc))
+    return 1 if failed else 0
+
+
+STAGE = Stage("mica.extract_features", build_parser, make_config, run=run, distributed=True, prepare=prepare,
+              log_file=log_file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run stage 07 (see the module docstring); returns the exit code (0, 1 when a slide failed, 2 bad input)."""
-    from pipeline.cli import run_cli
-
-    return run_cli(build_parser(), argv, _work, _log_file, check_args, logger=log)
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ times inside the training follow-up), high/low risk split at the TRAINING fold's
 ``test/roc_fold{k}.png`` and ``test/roc_all_folds.png``. ``test/summary.csv`` (per fold + mean and sd rows),
 ``test/summary.json``, ``test/td_auc.csv``.
 
-``--ig``: captum IntegratedGradients on both inputs (see ``mica.attribution``) -> ``ig/{slide}.h5``,
+``--ig``: captum IntegratedGradients on both inputs (see :mod:`mica.attribution`) -> ``ig/{slide}.h5``,
 ``ig/{slide}_heatmap.png`` (over the H&E thumbnail from COHORT/he when the slide is there, else a blank canvas),
 ``ig/ig_summary.csv`` (per slide completeness), ``ig/codex_attribution.csv`` + ``ig/codex_attribution_bar.png``
 (cohort mean attribution per marker). IG is done per slide with these settings (``ig/done/{slide}.json``: steps,
@@ -23,17 +23,21 @@ IG settings stop before any work ("done with other settings: <diff>; pass --over
 recorded and the others go on (exit 1). Metrics and plots are always recomputed.
 
 Flags, the run (config.json, every fold's checkpoint), the split files and features of every fold, and the output
-folders (writable) are checked before the first fold (exit 2, one line naming the path). The run ends with one
+folders (writable) are checked before the first fold (exit 2, one line naming the path). A fold is scored only on the
+inputs it was trained on (:mod:`mica.fold_inputs`): bags or CODEX features rebuilt since (stage 07 ``--overwrite``),
+other split slides, or a checkpoint that does not record them stop the run with one line naming the fold and the
+slide (retrain it with ``mica.train``, which retrains a fold whose inputs changed). The run ends with one
 line: ``mica.test RUN: N folds scored (c_index m ± sd); IG: N slides done, N skipped (already done), N failed: ...``.
 """
+
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,23 +46,52 @@ import pandas as pd
 import torch
 
 from mica import plots
+from mica.attribution.explain import IGOptions, check_ig, cohort_marker_attribution, ig_settings, ig_spec, run_ig
 from mica.checkpoint import check_fold_files, load_fold_model
 from mica.checkpoint import write_csv as _write_csv
-from mica.dataset import BagDataset, FeatureSource, build_fold, check_fold_inputs, read_clinical_table
-from mica.explain import check_ig, cohort_marker_attribution, ig_settings, ig_spec, run_ig
+from mica.clinical import split_path
+from mica.dataset import BagDataset, FeatureSource, build_fold, check_fold_inputs
+from mica.fold_inputs import changed_inputs, fold_inputs
 from mica.predict import patient_table, predict
-from pipeline.cli import run_logged
+from mica.train import config_from_record, feature_source
+from pipeline import artifacts as art
+from pipeline.cli import Context, Stage, config_from_args, require
 from pipeline.dist import resolve_device
-from pipeline.errors import EXIT_INPUT_ERROR, PipelineError
+from pipeline.errors import EXIT_FAILED, PipelineError
 from pipeline.io import ensure_writable, save_config, write_json
-from pipeline.logs import setup_logging
 from pipeline.runner import StageReport
-
-# load_fold_model lives in mica.checkpoint, the IG functions in mica.explain (re-exported here)
-__all__ = ["build_parser", "cohort_marker_attribution", "evaluate_fold", "load_fold_model", "load_run_config", "main",
-           "run", "run_ig"]
+from pipeline.tables import read_clinical_table
 
 log = logging.getLogger("mica.test")
+
+
+@dataclass
+class TestConfig:
+    """Stage 09's settings (the flags of the same names; see ``build_parser``)."""
+
+    __test__ = False  # not a pytest test class
+
+    out: Path
+    run_name: str = "mica_run"
+    cohort: Path | None = None
+    clinical: Path | None = None
+    splits_dir: Path | None = None
+    folds: list[int] | None = None
+    device: str = "auto"
+    workers: int = 2
+    ig: bool = False
+    ig_steps: int = 50
+    ig_baseline: str = "zero"
+    ig_batch: int = 0
+    ig_limit: int = 0
+    thumbnail_size: int = 1024
+    overwrite: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def run_dir(self) -> Path:
+        """``OUT/mica_runs/RUN``."""
+        return art.MICA_RUN.dir(self.out, run=self.run_name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,11 +122,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def make_config(args: argparse.Namespace) -> TestConfig:
+    """The flags as a :class:`TestConfig`; a bad value, or a run without ``config.json``, stops here (one line)."""
+    cfg = config_from_args(TestConfig, args)
+    for flag, value, ok, want in (("--ig-steps", cfg.ig_steps, cfg.ig_steps >= 1, ">= 1"),
+                                  ("--ig-batch", cfg.ig_batch, cfg.ig_batch >= 0, ">= 0"),
+                                  ("--ig-limit", cfg.ig_limit, cfg.ig_limit >= 0, ">= 0"),
+                                  ("--thumbnail-size", cfg.thumbnail_size, cfg.thumbnail_size >= 16, ">= 16"),
+                                  ("--workers", cfg.workers, cfg.workers >= 0, ">= 0"),
+                                  ("--folds", cfg.folds, not cfg.folds or min(cfg.folds) >= 0, "fold indices >= 0")):
+        require(ok, f"{flag} {value}: must be {want}")
+    load_run_config(cfg.run_dir)
+    return cfg
+
+
+def prepare(cfg: TestConfig, ctx: Context) -> None:
+    """The output folders (``test/``, and ``ig/`` with ``--ig``) are writable, before the log file opens."""
+    for d in (cfg.run_dir / "test", *([art.ATTRIBUTIONS.dir(cfg.out, run=cfg.run_name)] if cfg.ig else [])):
+        ensure_writable(d, "output folder", f"check {cfg.run_dir}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # loading a run
 
 
 def load_run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's ``config.json`` (stage 08), or one line saying the folder is no MICA run."""
     p = run_dir / "config.json"
     if not p.is_file():
         raise PipelineError(f"{p} does not exist: is {run_dir} a mica.train run (OUT/mica_runs/RUN)?")
@@ -101,27 +155,25 @@ def load_run_config(run_dir: Path) -> dict[str, Any]:
 
 
 class RunInputs:
-    """Clinical table, split files and feature source of a run (paths from its config, overridable)."""
+    """Clinical table, split files and feature source of a run (paths from its config, overridable by ``cfg``)."""
 
-    def __init__(self, cfg: dict[str, Any], args: argparse.Namespace):
-        cohort = args.cohort or (Path(cfg["cohort"]) if cfg.get("cohort") else None)
+    def __init__(self, run_cfg: dict[str, Any], cfg: TestConfig):
+        cohort = cfg.cohort or (Path(run_cfg["cohort"]) if run_cfg.get("cohort") else None)
         self.cohort = cohort
         self._he: dict[str, Path] | None = None
-        clinical = args.clinical or cfg.get("clinical") or (cohort / "clinical.csv" if cohort else None)
-        splits = args.splits_dir or cfg.get("splits_dir") or (cohort / "splits" if cohort else None)
+        clinical = cfg.clinical or run_cfg.get("clinical") or (cohort / "clinical.csv" if cohort else None)
+        splits = cfg.splits_dir or run_cfg.get("splits_dir") or (cohort / "splits" if cohort else None)
         if clinical is None or splits is None:
             raise PipelineError("the run's config names no cohort: pass --cohort (or --clinical and --splits-dir)")
         self.clinical_csv, self.splits_dir = Path(clinical), Path(splits)
-        self.task, self.mode, self.unit = cfg["task"], cfg["mode"], cfg["unit"]
+        self.task, self.mode, self.unit = run_cfg["task"], run_cfg["mode"], run_cfg["unit"]
         self.clinical = read_clinical_table(self.clinical_csv, self.task)
-        self.cfg = cfg
-        self.out = Path(args.out)
+        self.cfg = run_cfg
+        self.out = Path(cfg.out)
 
     def source(self) -> FeatureSource:
-        c = self.cfg
-        return FeatureSource(self.out, encoder=None if self.mode == "codex" else c["encoder"],
-                             codex_encoder=None if self.mode == "path" else c["codex_encoder"],
-                             features_dir=c.get("features_dir"), codex_features=c.get("codex_features"))
+        """The run's feature bags (its encoders, under this OUT)."""
+        return feature_source(config_from_record(self.cfg, out=self.out))
 
     def he_path(self, slide: str) -> Path | None:
         """The slide's H&E file in the cohort (:func:`pipeline.cohort.resolve_slides`: pairs.csv, else he/), for
@@ -139,9 +191,24 @@ class RunInputs:
         return self._he.get(slide)
 
     def fold(self, k: int, edges: list[float] | None) -> tuple[BagDataset, BagDataset]:
-        tr, va, _ = build_fold(self.clinical, self.splits_dir / f"splits_{k}.csv", self.source(), self.unit,
-                               self.mode, self.task, edges=None if edges is None else np.asarray(edges, float))
+        tr, va, _ = build_fold(self.clinical, split_path(self.splits_dir, k), self.source(), self.unit, self.mode,
+                               self.task, edges=None if edges is None else np.asarray(edges, float))
         return tr, va
+
+
+def check_trained_inputs(fold_dir: Path, fold: int, source: FeatureSource, mode: str, slides: list[str]) -> None:
+    """The fold's model was trained on the inputs it would now be scored on (:mod:`mica.fold_inputs`), else one
+    line naming the fold, what changed and the fix."""
+    try:
+        meta = json.loads((fold_dir / "checkpoint.json").read_text())
+    except ValueError as e:
+        raise PipelineError(f"{fold_dir / 'checkpoint.json'} is not valid JSON ({e}); retrain the fold") from None
+    diff = changed_inputs(meta.get("inputs"), fold_inputs(source, mode, slides))
+    if diff:
+        raise PipelineError(f"fold {fold} ({fold_dir}) was trained on other inputs than it would be scored on: "
+                            f"{'; '.join(diff)}; retrain it (python -m mica.train with the run's flags and --folds "
+                            f"{fold}: a fold whose inputs changed is retrained) or score it on the inputs it was "
+                            "trained on")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,18 +253,6 @@ def summarise(rows: list[dict[str, Any]], metric_cols: Sequence[str]) -> pd.Data
 # main
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Flag values, before anything is read or written; one :class:`PipelineError` line naming the flag."""
-    for flag, value, ok, want in (("--ig-steps", args.ig_steps, args.ig_steps >= 1, ">= 1"),
-                                  ("--ig-batch", args.ig_batch, args.ig_batch >= 0, ">= 0"),
-                                  ("--ig-limit", args.ig_limit, args.ig_limit >= 0, ">= 0"),
-                                  ("--thumbnail-size", args.thumbnail_size, args.thumbnail_size >= 16, ">= 16"),
-                                  ("--workers", args.workers, args.workers >= 0, ">= 0"),
-                                  ("--folds", args.folds, not args.folds or min(args.folds) >= 0, "fold indices >= 0")):
-        if not ok:
-            raise PipelineError(f"{flag} {value}: must be {want}")
-
-
 def final_line(run_name: str, rows: list[dict[str, Any]], metric: str, ig: StageReport | None) -> str:
     """``mica.test RUN: 2 folds scored (c_index 0.70 ± 0.05); IG: 10 done, 2 skipped (already done), 0 failed``."""
     from mica.survival import mean_sd
@@ -207,32 +262,35 @@ def final_line(run_name: str, rows: list[dict[str, Any]], metric: str, ig: Stage
     return line if ig is None else f"{line}; {ig.final_line('IG slides')}"
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def evaluate(cfg: TestConfig) -> dict[str, Any]:
     """Evaluate (and with ``--ig`` explain) the run; returns the summary dict also written to test/summary.json
     (``ig.failed``: {slide: reason} of the IG units that failed)."""
     from mica import survival as sv
 
-    run_dir = Path(args.out) / "mica_runs" / args.run_name
-    cfg = load_run_config(run_dir)
-    inputs = RunInputs(cfg, args)
-    device = resolve_device(args.device)
-    folds = args.folds or cfg["folds"]
-    test_dir, ig_dir = run_dir / "test", run_dir / "ig"
+    run_dir = cfg.run_dir
+    run_cfg = load_run_config(run_dir)
+    inputs = RunInputs(run_cfg, cfg)
+    device = resolve_device(cfg.device)
+    folds = cfg.folds or run_cfg["folds"]
+    test_dir, ig_dir = run_dir / "test", art.ATTRIBUTIONS.dir(cfg.out, run=cfg.run_name)
     for k in folds:  # every input of every fold before the first one is scored
         check_fold_files(run_dir / f"fold_{k}")
-    splits = check_fold_inputs(inputs.clinical, inputs.splits_dir, list(folds), inputs.source(), inputs.mode,
-                               inputs.cohort)
-    settings = ig_settings(args, inputs.task, inputs.mode)
-    if args.ig:
-        check_ig(run_dir, {k: splits[k]["val"] for k in folds}, settings, args.overwrite)
-    save_config(test_dir, args)
+    source = inputs.source()
+    splits = check_fold_inputs(inputs.clinical, inputs.splits_dir, list(folds), source, inputs.mode, inputs.cohort)
+    for k in folds:
+        check_trained_inputs(run_dir / f"fold_{k}", k, source, inputs.mode, splits[k]["train"] + splits[k]["val"])
+    settings = ig_settings(cfg.ig_steps, cfg.ig_baseline, inputs.task, inputs.mode)
+    if cfg.ig:
+        check_ig(cfg.out, cfg.run_name, {k: splits[k]["val"] for k in folds}, settings, cfg.overwrite)
+    opts = IGOptions(cfg.ig_steps, cfg.ig_baseline, cfg.ig_batch, cfg.ig_limit, cfg.thumbnail_size, cfg.overwrite)
+    save_config(test_dir, cfg)
     rows, pooled, td_rows, ig_rows = [], [], [], []
-    ig_report = StageReport() if args.ig else None
+    ig_report = StageReport() if cfg.ig else None
     for k in folds:
         fold_dir = run_dir / f"fold_{k}"
         model, meta = load_fold_model(fold_dir, device)
         train_ds, val_ds = inputs.fold(k, meta.get("bin_edges"))
-        val, m, td = evaluate_fold(model, train_ds, val_ds, inputs.task, device, args.workers)
+        val, m, td = evaluate_fold(model, train_ds, val_ds, inputs.task, device, cfg.workers)
         val.insert(0, "fold", k)
         _write_csv(val, fold_dir / "test_predictions.csv")
         pooled.append(val)
@@ -244,9 +302,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             plots.roc_plot(val["response"], val["prob"], test_dir / f"roc_fold{k}.png", title=f"fold {k}")
         log.info("fold %d: %s", k, {a: (round(b, 4) if isinstance(b, float) else b) for a, b in m.items()})
-        if args.ig:
-            ig_rows += run_ig(model, meta, val_ds, k, ig_spec(run_dir, k, settings), inputs, args, device,
-                              ig_report)
+        if cfg.ig:
+            ig_rows += run_ig(model, meta, val_ds, k, ig_spec(cfg.out, cfg.run_name, k, settings), inputs, opts,
+                              device, ig_report)
     allv = pd.concat(pooled, ignore_index=True)
     summary: dict[str, Any] = {"run": str(run_dir), "task": inputs.task, "mode": inputs.mode, "folds": folds}
     metric = "c_index" if inputs.task == "survival" else "auc"
@@ -266,7 +324,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if ig_report is not None:
         summary["ig"] = {"slides": len(ig_rows), "done": len(ig_report.done), "skipped": len(ig_report.skipped),
                          "failed": dict(ig_report.failed)}
-    if args.ig and ig_rows:
+    if cfg.ig and ig_rows:
         ig = pd.DataFrame(ig_rows)
         _write_csv(ig, ig_dir / "ig_summary.csv")
         cohort_marker_attribution(ig_dir, ig["slide"].tolist())
@@ -276,31 +334,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  summary["ig"]["median_rel_delta"], summary["ig"]["max_rel_delta"])
     write_json(test_dir / "summary.json", summary)
     log.info("test summary (%s):\n%s", test_dir / "summary.csv", table.to_string(index=False))
-    line = final_line(args.run_name, rows, metric, ig_report)
+    line = final_line(cfg.run_name, rows, metric, ig_report)
     (log.error if ig_report is not None and ig_report.failed else log.info)("%s", line)
     return summary
 
 
+def run(cfg: TestConfig, ctx: Context) -> int:
+    """Stage 09 (see the module docstring); exit code 0, or 1 when an IG unit failed."""
+    return EXIT_FAILED if evaluate(cfg).get("ig", {}).get("failed") else 0
+
+
+STAGE = Stage("mica.test", build_parser, make_config, run=run, prepare=prepare,
+              log_file=lambda cfg: cfg.run_dir / "test" / "test.log",
+              resume_hint="run the same command again to resume (metrics are recomputed, IG slides already done are "
+                          "skipped)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run stage 09; exit code 0, 1 when an IG unit failed, 2 for a bad flag, input or output folder."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, usage printed); main() returns, never exits
-        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_INPUT_ERROR
-    run_dir = args.out / "mica_runs" / args.run_name
-    try:
-        check_args(args)
-        load_run_config(run_dir)
-        for d in (run_dir / "test", *([run_dir / "ig"] if args.ig else [])):
-            ensure_writable(d, "output folder", f"check {run_dir}")
-    except PipelineError as e:
-        setup_logging(None)
-        log.error("%s", e)
-        return EXIT_INPUT_ERROR
-    result: dict[str, Any] = {}
-    code = run_logged(lambda: result.update(run(args)), run_dir / "test" / "test.log", args.log_level, logger=log)
-    return 1 if code == 0 and result.get("ig", {}).get("failed") else code
+    """Run stage 09; exit code 0, 1 when an IG unit failed, 2 for a bad flag, input or output folder, 130 on
+    Ctrl-C."""
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -134,11 +134,12 @@ CODEX_FEATURE_TABLE = Artifact("codex_feature_table", "codex_features", "{encode
                                "one (40, D') dataset per slide, gathered from the parts done with one setting",
                                records=False, column="codex_features/{encoder}")
 MICA_RUN = Artifact("mica_run", "mica_runs/{run}", "summary.csv", "08 train MICA", 1,
-                    "config.json, fold_{k}/checkpoint.pt, fold_{k}/val_predictions.csv, summary.csv, KM plot",
+                    "config.json, fold_{k}/checkpoint.safetensors + checkpoint.json (with the inputs it was trained "
+                    "on), fold_{k}/val_predictions.csv, summary.csv; test/ (stage 09)",
                     records=False)
 ATTRIBUTIONS = Artifact("attributions", "mica_runs/{run}/ig", "{slide}.h5", "09 test MICA", 1,
                         "coords, path_attr (N,), codex_attr (40,); attrs baseline, steps, delta; heatmap PNG",
-                        records=False, column="ig/{run}")
+                        extra=("{slide}_heatmap.png",), column="ig/{run}")
 
 REGISTRY: dict[str, Artifact] = {a.key: a for a in (
     PATCH_GRID, REGISTRATION, LABELS, NORMALIZATION, PATCH_STORE, HEX_RUN, HEX_TEST, PREDICTIONS, VIRTUAL_CODEX,

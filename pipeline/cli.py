@@ -170,6 +170,7 @@ class Stage:
         distributed: join the torchrun process group (``config.device`` names the device).
         prepare: ``prepare(config, ctx)``: checks needing the device or write access, before the log file opens.
         log_file: whole-run stages: ``log_file(config)`` -> the main rank's log file (or None).
+        resume_hint: what the Ctrl-C line tells the user (default: rerun, finished slides are skipped).
     """
 
     name: str
@@ -180,6 +181,7 @@ class Stage:
     distributed: bool = False
     prepare: Callable[[Any, Any], None] | None = None
     log_file: Callable[[Any], Path | None] | None = None
+    resume_hint: str = RESUME_HINT
 
     def __post_init__(self) -> None:
         if (self.plan is None) == (self.run is None):
@@ -216,7 +218,7 @@ class Stage:
             log.error("%s", e)
             return EXIT_INPUT_ERROR
         except KeyboardInterrupt:
-            log.error("%s: interrupted (Ctrl-C); %s", self.name, RESUME_HINT)
+            log.error("%s: interrupted (Ctrl-C); %s", self.name, self.resume_hint)
             return EXIT_INTERRUPTED
         finally:
             if path is not None:

@@ -15,8 +15,8 @@ from sklearn.metrics import roc_auc_score
 
 from mica import test as mtest
 from mica import train as mt
-from mica.attribution import integrated_gradients, read_ig_h5, split_to_slides
-from mica.dataset import write_synthetic_bags
+from mica.attribution.integrated_gradients import integrated_gradients, read_ig_h5, split_to_slides
+from tests.fixtures import write_synthetic_bags
 
 FAST = ["--encoder", "synth", "--codex-encoder", "synth_codex", "--model-dim", "32", "--epochs", "8",
         "--grad-accum", "4", "--lr", "2e-3", "--workers", "0", "--seed", "1", "--folds", "0"]
@@ -31,6 +31,7 @@ def tested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return root / "mica_runs" / "r", truth
 
 
+@pytest.mark.slow
 def test_metrics_predictions_and_plots(tested: tuple[Path, dict]) -> None:
     run, _ = tested
     pred = pd.read_csv(run / "fold_0/test_predictions.csv")
@@ -52,6 +53,7 @@ def test_metrics_predictions_and_plots(tested: tuple[Path, dict]) -> None:
     assert json.loads((run / "test/summary.json").read_text())["ig"]["slides"] == len(list((run / "ig").glob("*.h5")))
 
 
+@pytest.mark.slow
 def test_ig_files_layout_and_completeness(tested: tuple[Path, dict]) -> None:
     run, _ = tested
     root = run.parents[1]
@@ -77,6 +79,7 @@ def test_ig_files_layout_and_completeness(tested: tuple[Path, dict]) -> None:
     assert list(bar.columns[:4]) == ["marker", "mean", "sd", "mean_abs"] and len(bar) == 40
 
 
+@pytest.mark.slow
 def test_planted_patches_get_the_largest_attributions(tested: tuple[Path, dict]) -> None:
     run, truth = tested
     labels, scores, per_slide = [], [], []
@@ -91,6 +94,7 @@ def test_planted_patches_get_the_largest_attributions(tested: tuple[Path, dict])
     assert auroc >= 0.7 and np.median(per_slide) >= 0.7, (auroc, np.median(per_slide))
 
 
+@pytest.mark.slow
 def test_rerun_skips_done_slides(tested: tuple[Path, dict]) -> None:
     run, _ = tested
     h5 = next((run / "ig").glob("*.h5"))
@@ -102,8 +106,9 @@ def test_rerun_skips_done_slides(tested: tuple[Path, dict]) -> None:
 @pytest.mark.parametrize("mode", ["path", "codex"])
 def test_single_modality_ig_and_slide_split(tmp_path: Path, mode: str) -> None:
     """Random-init models, one two-slide patient: per-slide arrays and completeness of the captum integral."""
-    from mica.dataset import FeatureSource, build_fold, read_clinical_table
+    from mica.dataset import FeatureSource, build_fold
     from mica.model import MICA
+    from pipeline.tables import read_clinical_table
 
     write_synthetic_bags(tmp_path, n_patients=6, n_folds=2, seed=1, two_slide_every=3)
     _, val, _ = build_fold(read_clinical_table(tmp_path / "clinical.csv"), tmp_path / "splits/splits_0.csv",

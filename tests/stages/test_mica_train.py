@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,8 @@ import pandas as pd
 import pytest
 
 from mica import train as mt
-from mica.dataset import write_synthetic_bags
 from mica.survival import c_index
+from tests.fixtures import write_synthetic_bags
 
 FAST = ["--encoder", "synth", "--codex-encoder", "synth_codex", "--model-dim", "32", "--epochs", "8",
         "--grad-accum", "4", "--lr", "2e-3", "--workers", "0", "--seed", "1"]
@@ -35,6 +36,7 @@ def run_a(cohort: Path) -> Path:
     return cohort / "mica_runs" / "a"
 
 
+@pytest.mark.slow
 def test_learns_the_planted_signal_and_writes_outputs(run_a: Path) -> None:
     summary = pd.read_csv(run_a / "summary.csv", dtype={"fold": str})
     assert list(summary["fold"]) == ["0", "1", "mean", "sd"]
@@ -61,6 +63,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_kill_reproduces_the_uninterrupted_run(cohort: Path, run_a: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     assert mt.main(_args(cohort, "b", "--folds", "0")) == 0        # "killed" after fold 0
@@ -91,9 +94,10 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(cohort: Path, run_a:
     np.testing.assert_allclose(sb["c_index"], sa["c_index"], atol=1e-9)
 
 
+@pytest.mark.slow
 def test_keep_best_keeps_the_best_validation_epoch(cohort: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A scripted validation metric (best at epoch 1 of 4): the checkpoint and val_predictions are epoch 1's."""
-    from mica.test import load_fold_model
+    from mica.checkpoint import load_fold_model
 
     scripted, seen = iter([0.5, 0.9, 0.6, 0.9]), []
     real_predict = mt.predict
@@ -114,13 +118,14 @@ def test_keep_best_keeps_the_best_validation_epoch(cohort: Path, monkeypatch: py
     model, _ = load_fold_model(fd, mt.resolve_device("cpu"))        # the saved weights are epoch 1's
     args = mt.build_parser().parse_args(_args(cohort, "best", "--folds", "0"))
     _, val_ds, _ = mt.build_fold(mt.read_clinical_table(cohort / "clinical.csv"), cohort / "splits/splits_0.csv",
-                                 mt.feature_source(args), edges=np.asarray(meta["bin_edges"]))
+                                 mt.feature_source(mt.make_config(args)), edges=np.asarray(meta["bin_edges"]))
     np.testing.assert_allclose(real_predict(model, val_ds, mt.resolve_device("cpu"), "survival")[0]["risk"],
                                seen[1]["risk"], atol=1e-6)
     summary = pd.read_csv(cohort / "mica_runs/best/summary.csv")
     assert summary["epoch"][0] == 2 and summary["c_index"][0] == 0.9
 
 
+@pytest.mark.slow
 def test_changed_settings_on_an_existing_run_are_an_error(cohort: Path, run_a: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     assert mt.main(_args(cohort, "a", "--folds", "0", "1", "--lr", "1e-4")) == 2
@@ -143,3 +148,44 @@ def test_bad_input_exits_2_with_one_line(cohort: Path, tmp_path: Path, caplog: p
     assert mt.main(["--cohort", str(tmp_path), "--out", str(tmp_path), *FAST]) == 2
     assert "clinical table" in caplog.text and "does not exist" in caplog.text
     assert "torchrun --standalone --nproc-per-node" in mt.build_parser().format_help()
+
+
+def test_ctrl_c_mid_fold_exits_130_with_one_line_and_the_rerun_resumes(cohort: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    real, calls = mt.predict, {"n": 0}
+
+    def interrupted_predict(*a, **kw):                              # Ctrl-C during the 2nd epoch's validation
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(mt, "predict", interrupted_predict)
+    args = _args(cohort, "ctrl_c", "--folds", "0", "--epochs", "3")
+    assert mt.main(args) == 130
+    assert caplog.records[-1].getMessage() == (
+        "mica.train: interrupted (Ctrl-C); run the same command again to resume (finished folds are skipped, a fold "
+        "stopped mid-way continues after its last finished epoch)")
+    assert "Traceback" not in caplog.text and (cohort / "mica_runs/ctrl_c/fold_0/state.pt").is_file()
+    monkeypatch.setattr(mt, "predict", real)
+    caplog.clear()
+    assert mt.main(args) == 0
+    assert "fold 0: resuming after epoch 0" in caplog.text
+    assert caplog.records[-1].getMessage().startswith("mica.train ctrl_c: folds 0 trained, 1 resumed (0), 0 skipped")
+
+
+def test_fold_parallel_without_a_process_group(cohort: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Under torchrun (RANK, WORLD_SIZE set; no process group) the i-th fold goes to rank i % WORLD_SIZE; the last
+    process to finish writes summary.csv."""
+    caplog.set_level(logging.INFO)                                    # restored after the test (rank 1 logs warnings)
+    run = cohort / "mica_runs/par"
+    args = _args(cohort, "par", "--folds", "0", "1", "--epochs", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        assert mt.main(args) == 0
+        assert (run / f"fold_{rank}/checkpoint.json").is_file()
+        assert (run / "fold_0").exists() == (rank == 0) and (run / "summary.csv").is_file() == (rank == 0)
+    assert list(pd.read_csv(run / "summary.csv", dtype={"fold": str})["fold"]) == ["0", "1", "mean", "sd"]

@@ -11,9 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from mica.dataset import FeatureSource, build_fold, fold_bins, read_clinical_table, read_fold, write_synthetic_bags
+from mica.clinical import fold_bins
+from mica.dataset import FeatureSource, build_fold
 from mica.survival import hazard_bins, to_bins
 from pipeline.errors import PipelineError
+from pipeline.tables import read_clinical_table, read_fold
+from tests.fixtures import write_synthetic_bags
 
 
 @pytest.fixture()
@@ -174,3 +177,35 @@ def test_error_too_few_events_for_bins(cohort: Path) -> None:
     clin.to_csv(cohort / "clinical.csv", index=False)
     with pytest.raises(PipelineError, match="only 0 uncensored"):
         fold_bins(read_clinical_table(cohort / "clinical.csv"), list(clin["slide_id"]))
+
+
+def test_fold_inputs_follow_the_bags_and_codex_values_not_the_files(cohort: Path) -> None:
+    """mica.fold_inputs: a bag rewritten (stage 07 --overwrite) or a CODEX set with other values is a changed input;
+    the CODEX table rewritten with the same values (stage 07 reassembles it on every run) is not."""
+    import os
+
+    from mica.fold_inputs import changed_inputs, fold_inputs
+
+    slides = list(pd.read_csv(cohort / "clinical.csv")["slide_id"])
+    src = _source(cohort)
+    rec = fold_inputs(src, "coattn", slides)
+    assert rec["bag_encoders"] == ["synth"] and rec["codex_encoder"] == "synth_codex" and rec["slides"] == slides
+    assert changed_inputs(rec, fold_inputs(src, "coattn", slides)) == []
+    s, t = slides[0], slides[1]
+    with h5py.File(cohort / "codex_features/synth_codex.h5", "a") as f:
+        data = f[s][:]
+        del f[s]
+        f[s] = data                                                        # same values, new dataset
+    assert changed_inputs(rec, fold_inputs(src, "coattn", slides)) == []
+    with h5py.File(cohort / "codex_features/synth_codex.h5", "a") as f:
+        f[s][0, 0] += 1
+    changed = changed_inputs(rec, fold_inputs(src, "coattn", slides))
+    assert changed == [f"CODEX features of 1 slides changed since ({s})"]
+    assert changed_inputs(fold_inputs(src, "path", slides), fold_inputs(src, "path", slides)) == []
+    pt = cohort / "features/synth/pt_files" / f"{t}.pt"
+    st = pt.stat()
+    os.utime(pt, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    assert changed_inputs(rec, fold_inputs(src, "path", slides)) == [f"H&E bags of 1 slides changed since ({t})"]
+    assert changed_inputs(rec, fold_inputs(src, "path", slides[1:]))[0].startswith(
+        f"the split's slides differ (now without {s}, with -)")
+    assert "no record" in changed_inputs(None, rec)[0]

@@ -1,5 +1,6 @@
-"""Image encoders of stage 07: a ``hex.backbones`` name with weights, or the backbone of a trained HEX run, loaded
-once (:func:`load_encoder`), and the embedding of a slide's tiles (:func:`encode_tiles`)."""
+"""Image encoders of stage 07 (H&E tiles; virtual CODEX channels for an image CODEX encoder): a ``hex.backbones``
+name with weights, or the backbone of a trained HEX run, loaded once (:func:`load_encoder`), and the embedding of a
+slide's tiles (:func:`encode_tiles`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import artifacts as art
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("mica.extract_features")
@@ -38,8 +40,9 @@ class ImageEncoder:
     info: dict[str, Any] = field(default_factory=dict)
 
     def transform(self):
-        """uint8 (B, 3, H, W) -> normalised (B, 3, S, S) (:class:`hex.data.BatchTransform`, no augmentation)."""
-        from hex.data import BatchTransform
+        """uint8 (B, 3, H, W) -> normalised (B, 3, S, S) (:class:`hex.data.transforms.BatchTransform`, no
+        augmentation)."""
+        from hex.data.transforms import BatchTransform
 
         return BatchTransform(self.input_size, self.mean, self.std, train=False, interpolation=self.interpolation)
 
@@ -53,14 +56,14 @@ def load_encoder(name: str, out: Path | None = None, weights: str | None = None,
     from hex import backbones
 
     if name.startswith(HEX_PREFIX):
-        from hex.trained import load_trained
+        from hex.trained_model import load_trained
 
         run = name[len(HEX_PREFIX):]
         if not run:
             raise PipelineError("--encoder hex:RUN needs a run name (a folder OUT/runs/RUN with best.safetensors)")
         if out is None and weights is None:
             raise PipelineError(f"--encoder {name}: give --out (runs live in OUT/runs/) or --weights CHECKPOINT")
-        ckpt = Path(weights) if weights is not None else Path(out) / "runs" / run / "best.safetensors"
+        ckpt = Path(weights) if weights is not None else art.HEX_RUN.path(out, run=run)
         if not ckpt.is_file():
             raise PipelineError(f"--encoder {name}: {ckpt} does not exist; train the HEX run first (stage 04) or give "
                                 "one of its checkpoints with --weights")
@@ -88,9 +91,9 @@ def load_encoder(name: str, out: Path | None = None, weights: str | None = None,
 
 def encode_tiles(enc: ImageEncoder, tiles: Any, device: torch.device, batch_size: int = 128, workers: int = 0,
                  amp: torch.dtype | None = None, progress: bool = False, desc: str = "tiles") -> np.ndarray:
-    """(N, D) float32 features of every tile of a :class:`hex.wsi_tiles.TileRegions`, row i = tile i."""
-    from hex.evaluate import prediction_fn, run_loop, wants_channels_last
-    from hex.wsi_tiles import make_tile_loader
+    """(N, D) float32 features of every tile of a :class:`hex.infer.tiles.TileRegions`, row i = tile i."""
+    from hex.evaluate.predict import prediction_fn, run_loop, wants_channels_last
+    from hex.infer.tiles import make_tile_loader
 
     loader = make_tile_loader(tiles, batch_size, workers, pin_memory=device.type == "cuda")
     return run_loop(loader, prediction_fn(enc.module), enc.transform(), device, amp, n=tiles.num_tiles,

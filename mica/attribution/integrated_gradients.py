@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import artifacts as art
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = art.ATTRIBUTIONS.schema
 BASELINES = ("zero", "mean")
 
 

@@ -12,7 +12,7 @@ training tiles, 0 = no expression / no tissue) and its tissue mask (H', W') bool
 * **stats** (:func:`stats_features`): per-channel spatial descriptors over the tissue pixels, CPU-fast and
   interpretable; the columns are :data:`STATS_FEATURES` (D' = 10), documented in :data:`STATS_DESCRIPTIONS`.
 
-Reading the maps, writing the per-slide parts and the drivers of stage 07 are in :mod:`mica.codex_run`.
+Reading the maps, writing the per-slide parts and the drivers of stage 07 are in :mod:`mica.features.codex_features`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 STATS_ENCODER = "stats"
 HIGH_THRESHOLD = 0.5
 """'High expression' threshold in P99-normalised units (half the marker's 99th percentile; cohort-agnostic)."""

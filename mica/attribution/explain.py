@@ -1,19 +1,20 @@
 """Stage 09's explanations: Integrated Gradients of every validation unit of a fold, written per slide with a
 done-record, and the cohort's mean attribution per marker (used by :mod:`mica.test`).
 
-Outputs in ``OUT/mica_runs/RUN/ig/``: ``{slide}.h5`` (:func:`mica.attribution.write_ig_h5`), ``{slide}_heatmap.png``,
-``done/{slide}.json`` (settings :func:`ig_settings`, input the fold's ``checkpoint.safetensors``), and
-``codex_attribution.csv`` + ``codex_attribution_bar.png``.
+Outputs in ``OUT/mica_runs/RUN/ig/`` (the registry's ``ATTRIBUTIONS``): ``{slide}.h5``
+(:func:`mica.attribution.integrated_gradients.write_ig_h5`), ``{slide}_heatmap.png``, ``done/{slide}.json`` (settings
+:func:`ig_settings`, input the fold's ``checkpoint.safetensors``), and ``codex_attribution.csv`` +
+``codex_attribution_bar.png``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from tqdm.auto import tqdm
 from mica import plots
 from mica.checkpoint import write_csv as _write_csv
 from mica.dataset import BagDataset, FeatureSource
+from mica.features.done_records import check_outside
+from pipeline import artifacts as art
 from pipeline import done as done_mod
 from pipeline.errors import PipelineError
 from pipeline.io import remove_outputs
@@ -55,12 +58,26 @@ def _patch_size(source: FeatureSource, slide: str, coords: np.ndarray) -> int:
     return int(d[d > 0].min()) if (d > 0).any() else 224
 
 
-IG_SCHEMA = 1
+IG_SCHEMA = art.ATTRIBUTIONS.schema
 
 
-def ig_settings(args: argparse.Namespace, task: str, mode: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class IGOptions:
+    """How IG runs (``mica.test``'s ``--ig-*`` flags): integration ``steps``, ``baseline`` (zero or mean), captum's
+    internal ``batch`` (0 = from the bag size), ``limit`` (first N validation units per fold, 0 = all), the heatmap
+    ``thumbnail_size`` (px), and ``overwrite`` (redo done slides)."""
+
+    steps: int = 50
+    baseline: str = "zero"
+    batch: int = 0
+    limit: int = 0
+    thumbnail_size: int = 1024
+    overwrite: bool = False
+
+
+def ig_settings(steps: int, baseline: str, task: str, mode: str) -> dict[str, Any]:
     """What an IG file depends on besides its fold's checkpoint (``--ig-batch`` only changes the batching)."""
-    return {"steps": args.ig_steps, "baseline": args.ig_baseline, "target": "risk" if task == "survival" else "logit",
+    return {"steps": steps, "baseline": baseline, "target": "risk" if task == "survival" else "logit",
             "task": task, "mode": mode}
 
 
@@ -72,47 +89,46 @@ def _ig_outputs(slide: str, ig_dir: Path) -> list[Path]:
     return [ig_dir / f"{slide}.h5"]
 
 
-def ig_spec(run_dir: Path, fold: int, settings: dict[str, Any]) -> done_mod.DoneSpec:
-    """The done-spec of the IG files of fold ``fold``'s validation slides (records in ``ig/done/``)."""
-    ig_dir = run_dir / "ig"
-    ckpt = Path(os.path.abspath(run_dir / f"fold_{fold}" / "checkpoint.safetensors"))
+def ig_spec(out: Path, run: str, fold: int, settings: dict[str, Any]) -> done_mod.DoneSpec:
+    """The done-spec of the IG files of run ``run``'s fold ``fold``'s validation slides (records in ``ig/done/``)."""
+    ig_dir = art.ATTRIBUTIONS.dir(out, run=run)
+    ckpt = Path(os.path.abspath(art.MICA_RUN.dir(out, run=run) / f"fold_{fold}" / "checkpoint.safetensors"))
     return done_mod.DoneSpec(ig_dir, settings, IG_SCHEMA, inputs=functools.partial(_ig_inputs, checkpoint=ckpt),
                              outputs=functools.partial(_ig_outputs, ig_dir=ig_dir))
 
 
-def check_ig(run_dir: Path, val_slides: dict[int, list[str]], settings: dict[str, Any], overwrite: bool) -> None:
+def check_ig(out: Path, run: str, val_slides: dict[int, list[str]], settings: dict[str, Any],
+             overwrite: bool) -> None:
     """Before any work: IG files of these folds' validation slides (or of others in ``ig/``) made with other
-    settings stop the run (:mod:`mica.feature_done` rules)."""
-    from mica.feature_done import check_outside
-
+    settings stop the run (the rules of :mod:`mica.features.done_records`)."""
     conflicts: dict[str, str] = {}
     if not overwrite:
         for k, slides in val_slides.items():
-            conflicts |= done_mod.conflicts(ig_spec(run_dir, k, settings), slides)
+            conflicts |= done_mod.conflicts(ig_spec(out, run, k, settings), slides)
     if conflicts:
         raise done_mod.conflict_error(conflicts, "IG")
     if val_slides:
         every = [s for ss in val_slides.values() for s in ss]
-        check_outside(ig_spec(run_dir, next(iter(val_slides)), settings), every, overwrite, "IG")
+        check_outside(ig_spec(out, run, next(iter(val_slides)), settings), every, overwrite, "IG")
 
 
 def run_ig(model: torch.nn.Module, meta: dict[str, Any], val_ds: BagDataset, fold: int, spec: done_mod.DoneSpec,
-           inputs: Any, args: argparse.Namespace, device: torch.device,
+           inputs: Any, opts: IGOptions, device: torch.device,
            report: StageReport | None = None) -> list[dict]:
     """IG for every item of ``val_ds`` not done with ``spec``: per-slide h5 + heatmap + done-record; returns
     per-slide summary rows. A unit that fails is recorded in ``report`` (``failed``) and the next one goes on.
     ``inputs``: a :class:`mica.test.RunInputs` (``task``, ``mode``, ``he_path(slide)`` for thumbnails)."""
-    from mica.attribution import integrated_gradients, read_ig_h5, split_to_slides, write_ig_h5
+    from mica.attribution.integrated_gradients import integrated_gradients, read_ig_h5, split_to_slides, write_ig_h5
 
     report = report if report is not None else StageReport()
     ig_dir = Path(spec.folder)
     rows, markers = [], meta.get("markers") or val_ds.source.markers or [f"marker_{i}" for i in range(40)]
     target = spec.settings["target"]
-    n = len(val_ds) if not args.ig_limit else min(len(val_ds), args.ig_limit)
+    n = len(val_ds) if not opts.limit else min(len(val_ds), opts.limit)
     for i in tqdm(range(n), desc=f"IG fold {fold}", leave=False):
         unit = val_ds.units[i]
         states = [done_mod.check(spec, s) for s in unit.slides]
-        if not args.overwrite and all(st.state == "done" for st in states):
+        if not opts.overwrite and all(st.state == "done" for st in states):
             old = [read_ig_h5(ig_dir / f"{s}.h5")["attrs"] for s in unit.slides]
             rows += [{"slide": s, **{k: a[k] for k in ("case_id", "fold", "f_x", "f_baseline", "delta_abs",
                                                        "delta")}} for s, a in zip(unit.slides, old)]
@@ -126,19 +142,19 @@ def run_ig(model: torch.nn.Module, meta: dict[str, Any], val_ds: BagDataset, fol
         stamps = {s: {k: done_mod.file_stamp(v) for k, v in spec.inputs(s).items()} for s in unit.slides}
         try:
             item = val_ds[i]
-            res = integrated_gradients(model, item, inputs.task, inputs.mode, args.ig_steps, args.ig_baseline,
-                                       args.ig_batch or None, device)
+            res = integrated_gradients(model, item, inputs.task, inputs.mode, opts.steps, opts.baseline,
+                                       opts.batch or None, device)
             if np.isfinite(res["delta"]) and res["delta"] > 0.05 and res["delta_abs"] > 1e-3:
                 log.warning("%s: IG completeness off by %.1f%% of f(x)-f(baseline) (raise --ig-steps)",
                             unit.case_id, 100 * res["delta"])
             for slide, a in split_to_slides(res, item, len(markers)).items():
-                attrs = {"baseline": args.ig_baseline, "steps": args.ig_steps, "delta": res["delta"],
+                attrs = {"baseline": opts.baseline, "steps": opts.steps, "delta": res["delta"],
                          "delta_abs": res["delta_abs"], "f_x": res["f_x"], "f_baseline": res["f_baseline"],
                          "target": target, "markers": list(markers), "case_id": unit.case_id, "fold": fold,
                          "slides_of_patient": list(unit.slides), "checkpoint": str(spec.inputs(slide)["checkpoint"])}
                 write_ig_h5(ig_dir / f"{slide}.h5", a["coords"], a["path_attr"], a["codex_attr"], attrs)
                 if len(a["path_attr"]) and (a["coords"] >= 0).all():
-                    thumb, ds = _thumbnail(inputs, slide, args.thumbnail_size)
+                    thumb, ds = _thumbnail(inputs, slide, opts.thumbnail_size)
                     plots.heatmap_plot(a["coords"], a["path_attr"], ig_dir / f"{slide}_heatmap.png",
                                        _patch_size(val_ds.source, slide, a["coords"]), thumb, ds,
                                        title=f"{slide} ({target}; fold {fold})")
@@ -162,7 +178,7 @@ def run_ig(model: torch.nn.Module, meta: dict[str, Any], val_ds: BagDataset, fol
 
 def cohort_marker_attribution(ig_dir: Path, slides: Sequence[str]) -> pd.DataFrame | None:
     """Mean / sd / mean |.| of ``codex_attr`` per marker over ``slides``; CSV + bar PNG in ``ig_dir``."""
-    from mica.attribution import read_ig_h5
+    from mica.attribution.integrated_gradients import read_ig_h5
 
     arrs, markers = [], None
     for s in slides:

@@ -24,19 +24,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mica.bags import feature_paths, features_dir
+from mica.features.codex_features import map_files, part_path, parts_dir
+from mica.features.he_bags import feature_paths, features_dir, grid_file
+from pipeline import artifacts as art
 from pipeline import done as done_mod
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-HE_SCHEMA = 1
-CODEX_SCHEMA = 1
+HE_SCHEMA = art.FEATURE_BAGS.schema
+CODEX_SCHEMA = art.CODEX_FEATURES.schema
 
 
 @functools.lru_cache(maxsize=8)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    from hex.trained import file_sha256
+    from hex.trained_model import file_sha256
 
     return file_sha256(path)
 
@@ -54,7 +56,8 @@ def weights_identity(weights: str | None, sha256: str | None = None) -> dict[str
 
 
 def he_settings(enc: Any, region_px: int, mpp: float | None) -> dict[str, Any]:
-    """What an H&E bag depends on besides its input files (``enc``: a :class:`mica.extract_features.ImageEncoder`)."""
+    """What an H&E bag depends on besides its input files (``enc``: a
+    :class:`mica.features.image_encoders.ImageEncoder`)."""
     return {"encoder": enc.name, **weights_identity(enc.weights, enc.info.get("checkpoint_sha256") or None),
             "embed_dim": int(enc.embed_dim), "input_size": int(enc.input_size), "interpolation": enc.interpolation,
             "mean": [float(v) for v in enc.mean], "std": [float(v) for v in enc.std], "region_px": int(region_px),
@@ -81,7 +84,7 @@ def _abs(p: str | os.PathLike) -> Path:
 
 
 def _he_inputs(slide: str, he_paths: Mapping[str, Path], patches_dir: Path) -> dict[str, Path]:
-    return {"he": Path(he_paths[slide]), "grid": Path(patches_dir) / f"{slide}.h5"}
+    return {"he": Path(he_paths[slide]), "grid": grid_file(patches_dir, slide)}
 
 
 def _he_outputs(slide: str, out: Path, encoder: str) -> list[Path]:
@@ -98,18 +101,17 @@ def he_spec(out: str | os.PathLike, encoder: str, settings: Mapping[str, Any], h
 
 
 def codex_inputs(slide: str, out: Path) -> dict[str, Path]:
-    """The files of ``hex.virtual_codex`` a slide's CODEX features are made from."""
-    d = Path(out) / "virtual_codex"
-    return {"map": d / f"{slide}.npy", "mask": d / f"{slide}_mask.png", "record": d / f"{slide}.json"}
+    """The files of stage 06 a slide's CODEX features are made from (``map``, ``mask``, ``record``)."""
+    return map_files(out, slide)
 
 
 def _codex_outputs(slide: str, out: Path, encdir: str) -> list[Path]:
-    return [Path(out) / "codex_features" / encdir / f"{slide}.h5"]
+    return [part_path(out, encdir, slide)]
 
 
 def codex_spec(out: str | os.PathLike, encdir: str, settings: Mapping[str, Any]) -> done_mod.DoneSpec:
     """The :class:`pipeline.done.DoneSpec` of the CODEX parts under ``OUT/codex_features/{encdir}``."""
-    return done_mod.DoneSpec(Path(out) / "codex_features" / encdir, dict(settings), CODEX_SCHEMA,
+    return done_mod.DoneSpec(parts_dir(out, encdir), dict(settings), CODEX_SCHEMA,
                              inputs=functools.partial(codex_inputs, out=_abs(out)),
                              outputs=functools.partial(_codex_outputs, out=Path(out), encdir=encdir))
 

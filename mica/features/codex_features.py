@@ -1,14 +1,16 @@
-"""Stage 07, CODEX side: virtual CODEX maps in, one feature part per slide out, the combined file, the drivers.
+"""Stage 07, CODEX side: virtual CODEX maps in, one feature part per slide out, the combined table, the drivers.
 
-Inputs (``hex.virtual_codex``): ``OUT/virtual_codex/{slide}.npy`` (H', W', C) P99-normalised, ``{slide}_mask.png``
-(255 = tissue) and ``{slide}.json`` (``markers``). Outputs::
+Inputs (the registry's ``VIRTUAL_CODEX``, stage 06): ``OUT/virtual_codex/{slide}.npy`` (H', W', C) P99-normalised,
+``{slide}_mask.png`` (255 = tissue) and ``{slide}.json`` (``markers``). Outputs (``CODEX_FEATURES`` and
+``CODEX_FEATURE_TABLE``)::
 
     OUT/codex_features/{encdir}/{slide}.h5        per-slide part: features (C, D') float32 (the resumable unit)
-    OUT/codex_features/{encdir}/done/{slide}.json what it was made with (:mod:`mica.feature_done`)
+    OUT/codex_features/{encdir}/done/{slide}.json what it was made with (:mod:`mica.features.done_records`)
     OUT/codex_features/{encdir}.h5                one (C, D') dataset per slide, rebuilt from the parts done with
                                                   this run's settings (:func:`assemble`)
 
-The encoders themselves (stats descriptors, channel images for DINOv2) are in :mod:`mica.codex_encoders`.
+A slide of the run without a map fails with one line naming the missing file and stage 06. The encoders themselves
+(stats descriptors, channel images for DINOv2) are in :mod:`mica.features.codex_encoders`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mica import codex_encoders as ce
+from mica.features import codex_encoders as ce
+from pipeline import artifacts as art
 from pipeline import done as done_mod
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
@@ -35,22 +38,36 @@ from pipeline.runner import StageReport, plan_slides
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = ce.SCHEMA_VERSION
+PART_SCHEMA = art.CODEX_FEATURES.schema
+TABLE_SCHEMA = art.CODEX_FEATURE_TABLE.schema
+STAGE_06 = "stage 06 (scripts/06_infer_wsi.sh: hex.infer_wsi, then hex.virtual_codex)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# inputs: OUT/virtual_codex/{slide}.npy (+ {slide}_mask.png, {slide}.json from hex.virtual_codex)
+# inputs: OUT/virtual_codex/{slide}.npy (+ {slide}_mask.png, {slide}.json), stage 06
+
+
+def map_path(out: str | os.PathLike, slide: str) -> Path:
+    """``OUT/virtual_codex/{slide}.npy``: the virtual CODEX map of one slide."""
+    return art.VIRTUAL_CODEX.dir(out) / f"{slide}.npy"
+
+
+def map_files(out: str | os.PathLike, slide: str) -> dict[str, Path]:
+    """The files of stage 06 a slide's CODEX features are made from: ``map``, ``mask``, ``record``."""
+    d = art.VIRTUAL_CODEX.dir(out)
+    return {"map": map_path(out, slide), "mask": d / f"{slide}_mask.png",
+            "record": art.VIRTUAL_CODEX.path(out, slide)}
 
 
 def find_maps(out: str | os.PathLike) -> dict[str, Path]:
     """Virtual CODEX maps by slide id: ``OUT/virtual_codex/{slide}.npy`` (mask files excluded)."""
-    d = Path(out) / "virtual_codex"
+    d = art.VIRTUAL_CODEX.dir(out)
     return {p.stem: p for p in sorted(d.glob("*.npy")) if not p.stem.endswith("_mask") and not p.name.startswith(".")}
 
 
 def read_mask(npy_path: Path, shape: tuple[int, int]) -> np.ndarray | None:
-    """Tissue mask (H', W') bool beside a map: ``{slide}_mask.png`` (hex.virtual_codex: 255 = tissue) or
-    ``{slide}_mask.npy``; None when there is none. A mask of another shape is a :class:`PipelineError`."""
+    """Tissue mask (H', W') bool beside a map: ``{slide}_mask.png`` (stage 06: 255 = tissue) or ``{slide}_mask.npy``;
+    None when there is none. A mask of another shape is a :class:`PipelineError`."""
     base = npy_path.with_name(npy_path.stem + "_mask")
     for p in (base.with_suffix(".png"), base.with_suffix(".npy")):
         if not p.is_file():
@@ -64,14 +81,14 @@ def read_mask(npy_path: Path, shape: tuple[int, int]) -> np.ndarray | None:
             mask = np.load(p, allow_pickle=False) > 0
         if mask.shape != tuple(shape):
             raise PipelineError(f"tissue mask {p} is {mask.shape}, its map {npy_path} is {tuple(shape)}; rerun "
-                                "hex.virtual_codex for this slide")
+                                f"{STAGE_06} for this slide")
         return mask
     return None
 
 
 def read_markers(out: str | os.PathLike, slide: str, npy_path: Path) -> list[str]:
     """Marker names of a map (HEX output order): ``virtual_codex/{slide}.json`` ``markers``, else the ``markers``
-    attribute of ``hex_pred/{slide}.h5``."""
+    attribute of the slide's stage-06 predictions (``hex_pred/{slide}.h5``)."""
     rec = npy_path.with_suffix(".json")
     if rec.is_file():
         try:
@@ -80,24 +97,25 @@ def read_markers(out: str | os.PathLike, slide: str, npy_path: Path) -> list[str
             markers = None
         if markers:
             return [str(m) for m in markers]
-    pred = Path(out) / "hex_pred" / f"{slide}.h5"
+    pred = art.PREDICTIONS.path(out, slide)
     if pred.is_file():
-        import h5py
-
-        with h5py.File(pred, "r") as f:
-            if "markers" in f.attrs:
-                return [m.decode() if isinstance(m, bytes) else str(m) for m in np.atleast_1d(f.attrs["markers"])]
+        attrs = art.h5_attrs(pred, "06")
+        if "markers" in attrs:
+            return [m.decode() if isinstance(m, bytes) else str(m) for m in np.atleast_1d(attrs["markers"])]
     raise PipelineError(f"no marker names for {npy_path}: neither {rec} nor {pred} (attr 'markers') lists them; "
-                        "rerun hex.infer_wsi / hex.virtual_codex")
+                        f"rerun {STAGE_06} for this slide")
 
 
-def load_map(out: str | os.PathLike, slide: str, npy_path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_map(out: str | os.PathLike, slide: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(map (H', W', C) float16/32, tissue mask (H', W') bool, C marker names) of one slide; the mask falls back to
-    'any channel > 0' (0 = no tissue in the maps)."""
+    'any channel > 0' (0 = no tissue in the maps). A missing map is a :class:`PipelineError` naming it and stage 06."""
+    npy_path = map_path(out, slide)
+    if not npy_path.is_file():
+        raise PipelineError(f"virtual CODEX map {npy_path} not found; run {STAGE_06} for this slide")
     try:
         vmap = np.load(npy_path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise PipelineError(f"cannot read {npy_path} ({e}); rerun hex.virtual_codex for this slide") from e
+        raise PipelineError(f"cannot read {npy_path} ({e}); rerun {STAGE_06} for this slide") from e
     if vmap.ndim != 3:
         raise PipelineError(f"{npy_path} has shape {vmap.shape}; expected (H', W', markers)")
     markers = read_markers(out, slide, npy_path)
@@ -113,14 +131,19 @@ def load_map(out: str | os.PathLike, slide: str, npy_path: Path) -> tuple[np.nda
 # outputs: OUT/codex_features/{encdir}/{slide}.h5 (parts) -> OUT/codex_features/{encdir}.h5
 
 
+def parts_dir(out: str | os.PathLike, encdir: str) -> Path:
+    """``OUT/codex_features/{encdir}``: the per-slide parts of one CODEX encoder (and their done-records)."""
+    return art.CODEX_FEATURES.dir(out, encoder=encdir)
+
+
 def part_path(out: str | os.PathLike, encdir: str, slide: str) -> Path:
     """``OUT/codex_features/{encdir}/{slide}.h5``."""
-    return Path(out) / "codex_features" / encdir / f"{slide}.h5"
+    return art.CODEX_FEATURES.path(out, slide, encoder=encdir)
 
 
 def combined_path(out: str | os.PathLike, encdir: str) -> Path:
     """``OUT/codex_features/{encdir}.h5``."""
-    return Path(out) / "codex_features" / f"{encdir}.h5"
+    return art.CODEX_FEATURE_TABLE.path(out, encoder=encdir)
 
 
 def write_part(path: Path, feats: np.ndarray, markers: Sequence[str], attrs: dict) -> None:
@@ -136,8 +159,7 @@ def write_part(path: Path, feats: np.ndarray, markers: Sequence[str], attrs: dic
 
 def part_slides(out: str | os.PathLike, encdir: str) -> list[str]:
     """Slides with a part file in ``OUT/codex_features/{encdir}/``."""
-    d = Path(out) / "codex_features" / encdir
-    return sorted(p.stem for p in d.glob("*.h5") if not p.name.startswith("."))
+    return sorted(p.stem for p in parts_dir(out, encdir).glob("*.h5") if not p.name.startswith("."))
 
 
 def assemble(out: str | os.PathLike, encdir: str, encoder: str, feature_names: Sequence[str] | None = None,
@@ -170,7 +192,7 @@ def assemble(out: str | os.PathLike, encdir: str, encoder: str, feature_names: S
             ds.attrs["source"] = source
         g.attrs["encoder"] = encoder
         g.attrs["markers"] = markers or []
-        g.attrs["schema_version"] = SCHEMA_VERSION
+        g.attrs["schema_version"] = TABLE_SCHEMA
         g.attrs["feature_dim"] = int(dim or 0)
         if feature_names is not None:
             g.attrs["feature_names"] = list(feature_names)
@@ -182,14 +204,13 @@ def assemble(out: str | os.PathLike, encdir: str, encoder: str, feature_names: S
 # drivers
 
 
-def stats_slide(slide: str, npy_path: Path, out: Path, encdir: str, high: float,
-                settings: Mapping[str, Any] | str) -> dict:
+def stats_slide(slide: str, out: Path, encdir: str, high: float, settings: Mapping[str, Any] | str) -> dict:
     """Stats features of one slide -> its part file (module level: runs in a process pool)."""
-    vmap, mask, markers = load_map(out, slide, npy_path)
+    vmap, mask, markers = load_map(out, slide)
     feats = ce.stats_features(vmap, mask, markers, high=high)
     write_part(part_path(out, encdir, slide), feats, markers,
-               {"encoder": ce.STATS_ENCODER, "source": str(npy_path), "settings": _as_json(settings),
-                "feature_names": list(ce.STATS_FEATURES), "schema_version": SCHEMA_VERSION})
+               {"encoder": ce.STATS_ENCODER, "source": str(map_path(out, slide)), "settings": _as_json(settings),
+                "feature_names": list(ce.STATS_FEATURES), "schema_version": PART_SCHEMA})
     return {"tissue_pixels": int(mask.sum())}
 
 
@@ -200,8 +221,8 @@ def _as_json(settings: Mapping[str, Any] | str) -> str:
 class MapImages(Dataset):
     """Item i = (slide, uint8 grey images (C, 1, S, S) of its channels resized to S, markers, error message)."""
 
-    def __init__(self, out: Path, slides: Sequence[str], maps: dict[str, Path], size: int):
-        self.out, self.slides, self.maps, self.size = out, list(slides), maps, int(size)
+    def __init__(self, out: Path, slides: Sequence[str], size: int):
+        self.out, self.slides, self.size = out, list(slides), int(size)
 
     def __len__(self) -> int:
         return len(self.slides)
@@ -209,7 +230,7 @@ class MapImages(Dataset):
     def __getitem__(self, i: int):
         s = self.slides[i]
         try:
-            vmap, _, markers = load_map(self.out, s, self.maps[s])
+            vmap, _, markers = load_map(self.out, s)
             grey = ce.resize_grey(ce.channel_images(vmap), self.size)
             return s, (grey * 255).round().to(torch.uint8), markers, ""
         except PipelineError as e:
@@ -224,21 +245,18 @@ def _plan(slides: Sequence[str], spec: done_mod.DoneSpec, overwrite: bool, rep: 
 
 
 @torch.inference_mode()
-def run_image(slides: Sequence[str], maps: dict[str, Path], out: Path, encdir: str, name: str, module: nn.Module,
-              input_size: int, mean: Sequence[float], std: Sequence[float], device: torch.device,
-              settings: Mapping[str, Any] | done_mod.DoneSpec, batch_size: int = 64, workers: int = 0,
-              amp: torch.dtype | None = None, overwrite: bool = False, skip_errors: bool = True,
-              progress: bool = True) -> StageReport:
+def run_image(slides: Sequence[str], out: Path, encdir: str, name: str, module: nn.Module, input_size: int,
+              mean: Sequence[float], std: Sequence[float], device: torch.device, spec: done_mod.DoneSpec,
+              batch_size: int = 64, workers: int = 0, amp: torch.dtype | None = None, overwrite: bool = False,
+              skip_errors: bool = True, progress: bool = True) -> StageReport:
     """Image-encoder features (C, D) of each slide's channels, batched across slides (a batch may hold channels of
     several slides); each map is loaded once (DataLoader ``workers``). Writes one part and its done-record per
-    slide; ``settings`` (or a ready :class:`pipeline.done.DoneSpec`) decide what counts as done."""
-    from hex.evaluate import autocast
-    from mica.feature_done import codex_spec
+    slide; ``spec`` (:func:`mica.features.done_records.codex_spec`) decides what counts as done."""
+    from hex.evaluate.predict import autocast
 
-    spec = settings if isinstance(settings, done_mod.DoneSpec) else codex_spec(out, encdir, settings)
     rep = StageReport()
     todo, stamps = _plan(slides, spec, overwrite, rep)
-    loader = DataLoader(MapImages(out, todo, maps, input_size), batch_size=None, num_workers=min(workers, len(todo)))
+    loader = DataLoader(MapImages(out, todo, input_size), batch_size=None, num_workers=min(workers, len(todo)))
     pending: dict[str, list] = {}  # slide -> [features (C, D) or None, markers, channels filled]
 
     def fail(s: str, err: str) -> None:
@@ -270,8 +288,8 @@ def run_image(slides: Sequence[str], maps: dict[str, Path], out: Path, encdir: s
             entry[2] += 1
             if entry[2] == len(entry[1]):
                 write_part(part_path(out, encdir, s), entry[0], entry[1],
-                           {"encoder": name, "source": str(maps[s]), "settings": _as_json(spec.settings),
-                            "schema_version": SCHEMA_VERSION})
+                           {"encoder": name, "source": str(map_path(out, s)),
+                            "settings": _as_json(spec.settings), "schema_version": PART_SCHEMA})
                 done_mod.write_record(spec, s, stamps[s])
                 del pending[s]
                 rep.done.append(s)

@@ -281,7 +281,7 @@ def evaluate(cfg: TestConfig) -> dict[str, Any]:
         check_trained_inputs(run_dir / f"fold_{k}", k, source, inputs.mode, splits[k]["train"] + splits[k]["val"])
     settings = ig_settings(cfg.ig_steps, cfg.ig_baseline, inputs.task, inputs.mode)
     if cfg.ig:
-        check_ig(cfg.out, cfg.run_name, {k: splits[k]["val"] for k in folds}, settings, cfg.overwrite)
+        check_ig(cfg.out, cfg.run_name, {k: splits[k]["val"] for k in folds}, settings, cfg.overwrite, source)
     opts = IGOptions(cfg.ig_steps, cfg.ig_baseline, cfg.ig_batch, cfg.ig_limit, cfg.thumbnail_size, cfg.overwrite)
     save_config(test_dir, cfg)
     rows, pooled, td_rows, ig_rows = [], [], [], []
@@ -303,7 +303,7 @@ def evaluate(cfg: TestConfig) -> dict[str, Any]:
             plots.roc_plot(val["response"], val["prob"], test_dir / f"roc_fold{k}.png", title=f"fold {k}")
         log.info("fold %d: %s", k, {a: (round(b, 4) if isinstance(b, float) else b) for a, b in m.items()})
         if cfg.ig:
-            ig_rows += run_ig(model, meta, val_ds, k, ig_spec(cfg.out, cfg.run_name, k, settings), inputs, opts,
+            ig_rows += run_ig(model, meta, val_ds, k, ig_spec(cfg.out, cfg.run_name, k, settings, source), inputs, opts,
                               device, ig_report)
     allv = pd.concat(pooled, ignore_index=True)
     summary: dict[str, Any] = {"run": str(run_dir), "task": inputs.task, "mode": inputs.mode, "folds": folds}

@@ -27,6 +27,7 @@ from mica import plots
 from mica.checkpoint import write_csv as _write_csv
 from mica.dataset import BagDataset, FeatureSource
 from mica.features.done_records import check_outside
+from mica.features.he_bags import bag_files
 from pipeline import artifacts as art
 from pipeline import done as done_mod
 from pipeline.errors import PipelineError
@@ -81,35 +82,45 @@ def ig_settings(steps: int, baseline: str, task: str, mode: str) -> dict[str, An
             "task": task, "mode": mode}
 
 
-def _ig_inputs(slide: str, checkpoint: Path) -> dict[str, Path]:
-    return {"checkpoint": checkpoint}
+def _ig_inputs(slide: str, checkpoint: Path, bags: Path | None, codex: Path | None) -> dict[str, Path]:
+    """The fold's model and the slide's inputs it is explained on (so rebuilt bags make its IG stale)."""
+    roles = {"checkpoint": checkpoint}
+    if bags is not None:
+        roles["bag"] = Path(os.path.abspath(bag_files(bags, slide)[0]))
+    if codex is not None:
+        roles["codex_tokens"] = Path(os.path.abspath(codex))
+    return roles
 
 
 def _ig_outputs(slide: str, ig_dir: Path) -> list[Path]:
     return [ig_dir / f"{slide}.h5"]
 
 
-def ig_spec(out: Path, run: str, fold: int, settings: dict[str, Any]) -> done_mod.DoneSpec:
-    """The done-spec of the IG files of run ``run``'s fold ``fold``'s validation slides (records in ``ig/done/``)."""
+def ig_spec(out: Path, run: str, fold: int, settings: dict[str, Any], source: FeatureSource | None = None
+            ) -> done_mod.DoneSpec:
+    """The done-spec of the IG files of run ``run``'s fold ``fold``'s validation slides (records in ``ig/done/``);
+    its inputs are the fold's checkpoint and, with ``source``, the slide's H&E bag and the CODEX feature table."""
     ig_dir = art.ATTRIBUTIONS.dir(out, run=run)
     ckpt = Path(os.path.abspath(art.MICA_RUN.dir(out, run=run) / f"fold_{fold}" / "checkpoint.safetensors"))
-    return done_mod.DoneSpec(ig_dir, settings, IG_SCHEMA, inputs=functools.partial(_ig_inputs, checkpoint=ckpt),
+    return done_mod.DoneSpec(ig_dir, settings, IG_SCHEMA, inputs=functools.partial(
+                                 _ig_inputs, checkpoint=ckpt, bags=source.path_dir if source is not None else None,
+                                 codex=source.codex_file if source is not None else None),
                              outputs=functools.partial(_ig_outputs, ig_dir=ig_dir))
 
 
 def check_ig(out: Path, run: str, val_slides: dict[int, list[str]], settings: dict[str, Any],
-             overwrite: bool) -> None:
+             overwrite: bool, source: FeatureSource | None = None) -> None:
     """Before any work: IG files of these folds' validation slides (or of others in ``ig/``) made with other
     settings stop the run (the rules of :mod:`mica.features.done_records`)."""
     conflicts: dict[str, str] = {}
     if not overwrite:
         for k, slides in val_slides.items():
-            conflicts |= done_mod.conflicts(ig_spec(out, run, k, settings), slides)
+            conflicts |= done_mod.conflicts(ig_spec(out, run, k, settings, source), slides)
     if conflicts:
         raise done_mod.conflict_error(conflicts, "IG")
     if val_slides:
         every = [s for ss in val_slides.values() for s in ss]
-        check_outside(ig_spec(out, run, next(iter(val_slides)), settings), every, overwrite, "IG")
+        check_outside(ig_spec(out, run, next(iter(val_slides)), settings, source), every, overwrite, "IG")
 
 
 def run_ig(model: torch.nn.Module, meta: dict[str, Any], val_ds: BagDataset, fold: int, spec: done_mod.DoneSpec,

@@ -407,3 +407,19 @@ def test_fold_event_counts_are_logged_and_a_val_side_without_events_warned(bags:
     assert mt.main(_train(bags, "--folds", "0", "--task", "response", "--run-name", "resp")) == 0
     assert re.search(rf"fold 0: train \d+ patients \(\d+ positive\), val {n_val} patients \(\d+ positive\)",
                      caplog.text)
+
+
+def test_rebuilt_bags_make_the_runs_attributions_stale_in_status(bags: Path, caplog) -> None:
+    """After stage 07 --overwrite, ``preprocess.status`` no longer calls the IG of the slides with new bags done."""
+    from preprocess.status import slide_status
+
+    assert mt.main(_train(bags, "--folds", "0")) == 0
+    assert mtest.main(["--out", str(bags), "--run-name", "r", "--workers", "0", "--ig", "--ig-steps", "4",
+                       "--ig-limit", "1"]) == 0
+    slide = sorted(p.stem for p in (bags / "mica_runs/r/ig").glob("*.h5"))[0]
+    assert slide_status(bags, [slide])[slide]["ig/r"].state == "done"
+    h5, pt = feature_paths(bags, "synth", slide)
+    feats, coords, attrs = read_feature_bag(h5)
+    write_feature_bag(h5, pt, feats + 1, coords, attrs)
+    state = slide_status(bags, [slide])[slide]["ig/r"]
+    assert state.state == "stale" and "bag" in state.reason

@@ -224,36 +224,3 @@ class Stage:
             if path is not None:
                 close_log_file(path)
             cleanup()
-
-
-def run_logged(work: Callable[[], object], log_file: Path | None, level: str = "INFO", rank: int = 0,
-               logger: logging.Logger | None = None) -> int:
-    """Error and log handling for a helper CLI that is not a stage (bench drivers): log to stderr and ``log_file``,
-    run ``work()``; 0 on success, a :class:`PipelineError` as one line and exit code 2, Ctrl-C as one line and 130."""
-    logger = logger or log
-    setup_logging(log_file, level=getattr(logging, str(level).upper(), logging.INFO), rank=rank)
-    try:
-        work()
-        return 0
-    except PipelineError as e:
-        logger.error("%s", e)
-        return EXIT_INPUT_ERROR
-    except KeyboardInterrupt:
-        logger.error("interrupted (Ctrl-C); %s", RESUME_HINT)
-        return EXIT_INTERRUPTED
-    finally:
-        if log_file is not None:
-            close_log_file(log_file)
-
-
-def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, work: Callable[[Any, Any], int],
-            log_file: Callable[[Any], Path | None], check: Callable[[Any], None] | None = None,
-            logger: logging.Logger | None = None, prepare: Callable[[Any, Any], None] | None = None) -> int:
-    """TRANSITIONAL (removed once hex/mica entries define a Stage): the old ``run_cli`` over :class:`Stage`."""
-    def make(a: argparse.Namespace) -> argparse.Namespace:
-        if check is not None:
-            check(a)
-        return a
-
-    return Stage(parser.prog or "stage", lambda: parser, make, run=work, distributed=True, prepare=prepare,
-                 log_file=log_file).main(argv)

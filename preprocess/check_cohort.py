@@ -15,16 +15,17 @@ the id is the file name as written up to its first dot (a link keeps its own nam
   stop is an error too.
 - ``codex/`` (or the CODEX of ``pairs.csv``): every CODEX opens, has a pixel size (``PhysicalSizeX/Y``) and its OME
   channel names agree with ``marker_panel.csv`` (case and punctuation ignored); the panel maps one marker per
-  channel.
-- ``clinical.csv``: columns ``case_id,slide_id,survival_months,censorship``, one row per slide; ids that are not
-  the cohort's slides, and slides without a row, are warnings.
-- ``splits/splits_*.csv``: columns ``train,val``, slides of the cohort, no slide and no patient (via
-  ``clinical.csv``) in both columns.
+  channel and lists the markers stage 03 needs (its own check, 40 by default: a 39-row panel is an error).
+- ``clinical.csv`` and ``splits/splits_*.csv``: every rule of :mod:`pipeline.tables`, the ones the stages raise
+  (one reader, one split parser, one leakage check): columns and values (censorship and response 0/1, survival
+  months >= 0, one row per slide, one outcome per patient), split columns of the cohort's slides, no slide or
+  patient in both columns, every split slide in the clinical table, events in each survival fold (training: error,
+  validation: warning). Clinical ids that are not the cohort's slides, and slides without a row, are warnings.
 - ``--out``: the output root is a folder (or can be created) and writable.
 
 Table columns: he, codex, mpp, panel, clinical, splits; each cell is ``ok`` (or a note) or the (shortened) problem;
 every finding is then listed in full. Exit status: 0 when nothing is an error (warnings do not fail), 1 when
-anything is, 2 when COHORT is not a folder.
+anything is, 2 when COHORT is not a folder (runs from any folder, through :class:`pipeline.cli.Stage`).
 """
 
 from __future__ import annotations
@@ -32,42 +33,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.cli import Stage
 from pipeline.cohort import CODEX_EXTENSIONS, HE_EXTENSIONS, read_pairs_table, resolve_slides, slide_id_from_path
 from pipeline.errors import PipelineError
-from preprocess.cohort_tables import (
-    COHORT_ROW,
-    ERROR,
-    INFO,
-    WARNING,
-    check_clinical,
-    check_output_folder,
-    check_panel_channels,
-    check_splits,
-)
+from pipeline.tables import COHORT_ROW, ERROR, INFO, WARNING, Finding, check_cohort_tables
 from preprocess.panel import read_marker_panel, resolve_channel_map
+from preprocess.quantify.tables import add_table_args, resolve_tables
 from preprocess.slide_io import CodexImage, HESlide
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("he", "codex", "mpp", "panel", "clinical", "splits")
 _RANK = {ERROR: 0, WARNING: 1, INFO: 2}
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One finding: the slide it concerns (``COHORT_ROW`` for the whole cohort), the table column, its level
-    (``"error"``, ``"warning"`` or ``"info"``: fine, worth knowing), a message naming the file and the fix, and
-    optionally a short text for the table cell."""
-
-    slide: str
-    column: str
-    level: str
-    message: str
-    short: str = ""
 
 
 @dataclass
@@ -99,7 +80,7 @@ class _Collector:
         self.findings: list[Finding] = []
 
     def add(self, slide: str, column: str, level: str, message: str, short: str = "") -> None:
-        self.findings.append(Finding(slide, column, level, message, short))
+        self.findings.append(Finding(level, message, slide, column, short))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,8 +271,65 @@ def _check_codex(sid: str, path: Path, panel: list[tuple[int, str]] | None, pane
             c.add(sid, "panel", ERROR, str(e))
 
 
+def check_panel_channels(panel: list[tuple[int, str]], panel_path: Path, c: _Collector) -> bool:
+    """One marker per channel, channels >= 0; returns False (an error added) otherwise."""
+    by_channel: dict[int, list[str]] = {}
+    for ch, m in panel:
+        by_channel.setdefault(ch, []).append(m)
+    ok = True
+    for ch, ms in sorted(by_channel.items()):
+        if ch < 0:
+            c.add(COHORT_ROW, "panel", ERROR, f"marker panel {panel_path} maps {', '.join(ms)} to channel {ch}; "
+                                              "channels are 0-based indices >= 0")
+            ok = False
+        elif len(ms) > 1:
+            c.add(COHORT_ROW, "panel", ERROR, f"marker panel {panel_path} maps {len(ms)} markers to channel {ch} "
+                                              f"({', '.join(ms)}); each channel holds one marker: fix the channel "
+                                              "indices (duplicate labels otherwise)")
+            ok = False
+    return ok
+
+
+def _stage03_agrees(cohort: Path, panel_path: Path, c: _Collector) -> None:
+    """Stage 03's own check of the panel (:func:`preprocess.quantify.tables.resolve_tables` with its default
+    ``--num-markers``, the 40 HEX markers): its stop on the panel is a panel error, in its words (its stops on the
+    slides are the resolver's, reported above)."""
+    parser = argparse.ArgumentParser()
+    add_table_args(parser)
+    quiet = [logging.getLogger(n) for n in ("pipeline.cohort", "preprocess.quantify.tables")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)  # their warnings are findings already
+    try:
+        resolve_tables(cohort, None, panel_path, parser.get_default("num_markers"))
+    except PipelineError as e:
+        if str(e).startswith(f"marker panel {panel_path}"):
+            c.add(COHORT_ROW, "panel", ERROR, str(e))
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# clinical and splits
+# output folder and the whole check
+
+
+def check_output_folder(out: Path, c: _Collector) -> None:
+    """``out`` must be a writable folder, or creatable in a writable parent (probed with a file written and removed
+    in the deepest folder that exists; nothing is created)."""
+    p = Path(os.path.abspath(out))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        c.add(COHORT_ROW, "he", ERROR, f"output folder {out}: {p} is not a folder; choose another OUT")
+        return
+    probe = p / f".check_cohort.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        c.add(COHORT_ROW, "he", ERROR, f"output folder {out} is not writable ({p}: {e.strerror or e}); choose "
+                                       "another OUT or fix its permissions")
 
 
 def check_cohort(cohort: str | os.PathLike, out: str | os.PathLike | None = None) -> CohortCheck:
@@ -315,14 +353,14 @@ def check_cohort(cohort: str | os.PathLike, out: str | os.PathLike | None = None
         except PipelineError as e:
             c.add(COHORT_ROW, "panel", ERROR, str(e))
         else:
-            check_panel_channels(panel, panel_path, c)
+            if check_panel_channels(panel, panel_path, c):
+                _stage03_agrees(cohort, panel_path, c)
     else:
         c.add(COHORT_ROW, "panel", WARNING, f"no marker panel {panel_path}: stages map markers by OME channel names")
     for sid, (_, path) in sorted(slides.items()):
         if path is not None:
             _check_codex(sid, path, panel, panel_path, c, mpp)
-    case_of = check_clinical(cohort, ids, c, source)
-    check_splits(cohort, ids, case_of, c, source)
+    c.findings.extend(check_cohort_tables(cohort, ids, source))
     if out is not None:
         check_output_folder(Path(out), c)
     return CohortCheck(slides=ids, findings=c.findings, mpp=mpp, source=source)
@@ -381,17 +419,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = check_cohort(args.cohort, args.out)
-    except PipelineError as e:
-        log.error("%s", e)
-        return 2
+@dataclass(frozen=True)
+class CheckConfig:
+    """The flags: the cohort folder, the output root to probe (or None); the stages' own logging stays quiet."""
+
+    cohort: Path
+    out: Path | None = None
+    log_level: str = "WARNING"
+
+
+def make_config(args: argparse.Namespace) -> CheckConfig:
+    return CheckConfig(args.cohort, args.out)
+
+
+def run(cfg: CheckConfig, ctx: object = None) -> int:
+    """Print the report; 0 when nothing is an error, 1 otherwise (a missing COHORT: PipelineError, exit 2)."""
+    result = check_cohort(cfg.cohort, cfg.out)
     print(format_report(result))
     return 0 if result.ok else 1
 
 
+STAGE = Stage("check_cohort", build_parser, make_config, run=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return STAGE.main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -4,6 +4,7 @@ folder with a few stage files made by hand."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -12,9 +13,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline import done as done_mod
+from pipeline.errors import PipelineError
+from pipeline.tables import read_clinical_table, read_fold
 from preprocess.check_cohort import check_cohort, format_report, main
 from preprocess.status import STAGES, StageState, format_status, slide_status
 from preprocess.status import main as status_main
@@ -23,21 +27,35 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cc") / "cohort"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generator's 2-slide cohort as it comes (2 patients cannot fill its 5 folds: see below)."""
+    out = tmp_path_factory.mktemp("cc") / "generated"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "sample_data.make_cohort", "--out", str(out), "--slides", "2",
                     "--tissue-mm", "0.5", "--workers", "1", "--log-level", "WARNING"],
                    check=True, cwd=REPO, env=env, capture_output=True)
     return out
 
 
+@pytest.fixture(scope="module")
+def cohort(generated: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 2-slide cohort made valid for every stage: both patients with an event, the two folds that 2 patients
+    fill (splits_2..4 have an empty val column: test_generated_two_slide_cohort)."""
+    out = _copy(generated, tmp_path_factory.mktemp("cc") / "cohort")
+    clin = pd.read_csv(out / "clinical.csv", dtype=str)
+    clin["censorship"] = "0"
+    clin.to_csv(out / "clinical.csv", index=False)
+    for k in (2, 3, 4):
+        (out / "splits" / f"splits_{k}.csv").unlink()
+    return out
+
+
 def _copy(cohort: Path, dest: Path) -> Path:
     """A copy of the cohort whose CODEX files are links to the originals (they are the large ones)."""
-    shutil.copytree(cohort, dest, ignore=shutil.ignore_patterns("codex"))
+    shutil.copytree(cohort, dest, ignore=shutil.ignore_patterns("codex"), symlinks=True)
     (dest / "codex").mkdir()
     for p in (cohort / "codex").iterdir():
-        (dest / "codex" / p.name).symlink_to(p)
+        (dest / "codex" / p.name).symlink_to(p.resolve())
     return dest
 
 
@@ -48,12 +66,13 @@ def _errors(root: Path) -> str:
     return "\n".join(f"{f.slide} {f.column} {f.message}" for f in res.errors())
 
 
-def test_sample_cohort_passes(cohort: Path) -> None:
+def test_sample_cohort_passes(cohort: Path, tmp_path: Path) -> None:
     res = check_cohort(cohort)
     assert res.ok and not res.findings, format_report(res)
     assert res.slides == ["slide_000", "slide_001"]
-    proc = subprocess.run([sys.executable, "-m", "preprocess.check_cohort", str(cohort)], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # from any folder, installed
+    proc = subprocess.run([sys.executable, "-m", "preprocess.check_cohort", str(cohort)], cwd=tmp_path,
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cohort OK: 2 slides, 0 errors" in proc.stdout
     assert proc.stdout.count(" ok ") >= 2 and "codex 0.377" in proc.stdout
@@ -170,6 +189,83 @@ def test_zero_byte_slide(cohort: Path, tmp_path: Path) -> None:
 
 def test_missing_cohort_is_one_line(tmp_path: Path) -> None:
     assert main([str(tmp_path / "nope")]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cohorts on which check_cohort said OK and a stage stopped: now the same finding, with the stage's own message
+
+
+def test_generated_two_slide_cohort(generated: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Folds without events and folds with an empty val column: errors where the stages stop, the warning the
+    stage logs for a validation fold without events (with the fold and its counts)."""
+    res = check_cohort(generated)
+    err = {f.message for f in res.errors()}
+    for k in (2, 3, 4):
+        assert any(f"splits_{k}.csv: column 'val' lists no slides" in m for m in err)
+    fold1 = [m for m in err if "fold 1 has no event in 'train'" in m]
+    assert fold1 and "train 1 patients (0 events), val 1 patients (1 events)" in fold1[0]
+    fold0 = [f.message for f in res.warnings() if "fold 0 has no event in 'val'" in f.message]
+    assert fold0 and "val 1 patients (0 events)" in fold0[0]
+    clinical = read_clinical_table(generated / "clinical.csv", "survival")
+    with pytest.raises(PipelineError) as e:
+        read_fold(generated / "splits" / "splits_1.csv", clinical)
+    assert str(e.value) == fold1[0]
+    with pytest.raises(PipelineError) as e:
+        read_fold(generated / "splits" / "splits_2.csv", clinical)
+    assert str(e.value) in err
+    with caplog.at_level(logging.WARNING, logger="pipeline.tables"):
+        read_fold(generated / "splits" / "splits_0.csv", clinical)
+    assert fold0[0] in caplog.text
+
+
+def test_39_row_panel(cohort: Path, tmp_path: Path) -> None:
+    """Stage 03 stops on a panel without the 40 markers: check_cohort says so, in stage 03's words."""
+    from preprocess.quantify.tables import resolve_tables
+
+    root = _copy(cohort, tmp_path / "c")
+    lines = (root / "marker_panel.csv").read_text().splitlines()
+    (root / "marker_panel.csv").write_text("\n".join(lines[:-1]) + "\n")
+    err = _errors(root)
+    assert "lists 39 markers, expected 40" in err
+    with pytest.raises(PipelineError) as e:
+        resolve_tables(root, None, None, 40)
+    assert str(e.value) in err
+
+
+def test_response_coded_yes_no(cohort: Path, tmp_path: Path) -> None:
+    root = _copy(cohort, tmp_path / "c")
+    clin = pd.read_csv(root / "clinical.csv", dtype=str)
+    clin["response"] = clin["response"].map({"0": "no", "1": "yes"})
+    clin.to_csv(root / "clinical.csv", index=False)
+    err = [f.message for f in check_cohort(root).errors()]
+    assert main([str(root)]) == 1
+    assert len(err) == 1 and str(root / "clinical.csv") in err[0] and "0 or 1 is expected" in err[0]
+    first = clin.iloc[0]
+    assert f"patient {first['case_id']}" in err[0] and repr(first["response"]) in err[0]
+    with pytest.raises(PipelineError) as e:  # MICA's reader (stage 08/09 --task response)
+        read_clinical_table(root / "clinical.csv", "response")
+    assert str(e.value) == err[0]
+
+
+def test_clinical_rules_are_stage_04s(cohort: Path, tmp_path: Path) -> None:
+    """They were the reverse: check_cohort stopped on a table without survival columns (HEX training reads only the
+    ids) and only warned about a split slide without a row (HEX training stops: its patient escapes the leakage
+    check)."""
+    from hex.data.splits import load_split
+
+    root = _copy(cohort, tmp_path / "c")
+    clin = pd.read_csv(root / "clinical.csv", dtype=str)
+    clin[["case_id", "slide_id"]].to_csv(root / "clinical.csv", index=False)
+    res = check_cohort(root)
+    assert res.ok, format_report(res)
+    assert any("the MICA stages need survival_months,censorship" in f.message for f in res.warnings())
+    assert load_split(root / "splits" / "splits_0.csv", root / "clinical.csv")["val"] == ["slide_001"]
+    clin.iloc[:1].to_csv(root / "clinical.csv", index=False)  # slide_001 has no row
+    err = [f.message for f in check_cohort(root).errors() if "splits_0.csv" in f.message]
+    assert len(err) == 1 and "slide_001" in err[0]
+    with pytest.raises(PipelineError) as e:
+        load_split(root / "splits" / "splits_0.csv", root / "clinical.csv")
+    assert str(e.value) == err[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

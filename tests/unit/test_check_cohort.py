@@ -302,7 +302,7 @@ def test_status_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _h5(out / "codex_features" / "stats.h5", s2=np.zeros((40, 10), np.float32))
     _h5(out / "mica_runs" / "r0" / "ig" / "s1.h5", coords=coords)
     for folder, slides in (("patches", ["s1", "s2"]), ("registration", ["s1", "s2"]), ("markers", ["s1"]),
-                           ("features/hex_tiny", ["s1"])):
+                           ("features/hex_tiny", ["s1"]), ("mica_runs/r0/ig", ["s1"])):
         for s in slides:
             _record(out, folder, s)
     # quantify failed for s2 (its failure record), and for s4, which has no other trace

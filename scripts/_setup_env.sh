@@ -47,9 +47,10 @@ fi
 # the project itself, editable (its packages import from any folder); redone when pyproject.toml changes
 _proj="$(sha256sum "$_repo/pyproject.toml" | cut -d' ' -f1)"
 if [ "$(cat "$_venv/.project.sha256" 2>/dev/null)" != "$_proj" ]; then
-  "$_venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$_repo" \
-    || "$_venv/bin/python" -m pip install -q --no-deps -e "$_repo" \
-    || { echo "[setup] pip install -e $_repo failed; see the errors above" >&2; exit 1; }
+  _log="$_venv/.project-install.log"
+  "$_venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$_repo" >"$_log" 2>&1 \
+    || "$_venv/bin/python" -m pip install -q --no-deps -e "$_repo" >>"$_log" 2>&1 \
+    || { cat "$_log" >&2; echo "[setup] pip install -e $_repo failed; see the errors above" >&2; exit 1; }
   echo "$_proj" > "$_venv/.project.sha256"
 fi
 # shellcheck disable=SC1091

@@ -264,6 +264,7 @@ def test_patient_overlap_stops_training(cohort: Path, tmp_path: Path, caplog: py
     assert "patients in both" in caplog.text and str(bad) in caplog.text
 
 
+@pytest.mark.slow
 def test_learns_colour_labels(tmp_path: Path) -> None:
     """Sanity: labels that are functions of mean colour are learnt (val r on visible markers rises well above 0)."""
     root = tmp_path / "data"

@@ -92,6 +92,7 @@ def _test_preds(test_dir: Path, sid: str, markers: list[str]) -> tuple[np.ndarra
 
 
 # ------------------------------------------------------------------------------------------------- tile reader
+@pytest.mark.slow
 def test_tile_regions_equal_patch_store(cohort: tuple[Path, Path]) -> None:
     d, out = cohort
     for sid in ("a", "b", "c"):

@@ -103,6 +103,7 @@ def test_rerun_skips_done_slides(tested: tuple[Path, dict]) -> None:
     assert h5.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["path", "codex"])
 def test_single_modality_ig_and_slide_split(tmp_path: Path, mode: str) -> None:
     """Random-init models, one two-slide patient: per-slide arrays and completeness of the captum integral."""

@@ -284,6 +284,7 @@ def _to_original_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 def test_dinov2_codex_weights_and_cross_slide_batches(tmp_path) -> None:
     maps = write_maps(tmp_path, {"s1": (30, 20), "s2": (300, 260)})  # enlarged and shrunk to 224
     torch.manual_seed(4)

@@ -150,6 +150,7 @@ def test_bad_input_exits_2_with_one_line(cohort: Path, tmp_path: Path, caplog: p
     assert "torchrun --standalone --nproc-per-node" in mt.build_parser().format_help()
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_fold_exits_130_with_one_line_and_the_rerun_resumes(cohort: Path, monkeypatch: pytest.MonkeyPatch,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     real, calls = mt.predict, {"n": 0}

@@ -219,6 +219,7 @@ def _summary(out: Path) -> dict[str, dict]:
         return {r["slide"]: r for r in csv.DictReader(f)}
 
 
+@pytest.mark.slow
 def test_slide_missing_from_pairs_is_an_error(small_cohort, tmp_path, caplog):
     from preprocess.register import main
 
@@ -227,6 +228,7 @@ def test_slide_missing_from_pairs_is_an_error(small_cohort, tmp_path, caplog):
     assert "no_such_slide" in caplog.text and str(small_cohort / "pairs.csv") in caplog.text
 
 
+@pytest.mark.slow
 def test_empty_pair_and_missing_codex_fail_naming_the_file(small_cohort, tmp_path):
     from preprocess.register import main
 
@@ -243,6 +245,7 @@ def test_empty_pair_and_missing_codex_fail_naming_the_file(small_cohort, tmp_pat
     assert not (tmp_path / "out" / "registration" / f"{s0}.json").exists()
 
 
+@pytest.mark.slow
 def test_codex_without_pixel_size(tmp_path):
     from pipeline.errors import PipelineError
     from preprocess.registration.pair import register_pair
@@ -354,6 +357,7 @@ def test_plausibility_flags_scale_shear_and_flip():
     assert not ok and "flip" in why
 
 
+@pytest.mark.slow
 def test_constrain_shifts_failure_is_recorded(small_cohort, tmp_path, monkeypatch):
     """palom's constrain_shifts raises on identical shifts: the stage records it and still refines."""
     import palom

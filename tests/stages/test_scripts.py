@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,7 +239,7 @@ def test_launcher_keeps_arguments_with_spaces(fake, tmp_path):
     for exe in ("python", "torchrun"):
         (bin_dir / exe).write_text(f'#!/usr/bin/env bash\nprintf "[%s]" "$@" >> "{log}"; echo >> "{log}"\n')
         (bin_dir / exe).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VIRTUAL_ENV": sys.prefix}  # no .venv activation
     for gpus in ("0", "2"):
         r = subprocess.run(["bash", "-c", f'source "{REPO}/scripts/_common.sh"; GPUS={gpus} launch mod "a b" c'],
                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=30)

@@ -206,6 +206,7 @@ def test_empty_slide_writes_zero_map_and_empty_collection(tmp_path, caplog):
     assert Path(res["paths"]["preview"][0]).stat().st_size > 0 and res["n_tiles"] == 0
 
 
+@pytest.mark.slow
 def test_he_slide_gives_canvas_and_preview(tmp_path):
     from sample_data.writers import write_aperio_tiff
 

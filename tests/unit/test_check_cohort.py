@@ -66,6 +66,7 @@ def _errors(root: Path) -> str:
     return "\n".join(f"{f.slide} {f.column} {f.message}" for f in res.errors())
 
 
+@pytest.mark.slow
 def test_sample_cohort_passes(cohort: Path, tmp_path: Path) -> None:
     res = check_cohort(cohort)
     assert res.ok and not res.findings, format_report(res)

@@ -93,6 +93,7 @@ def test_marker_panel() -> None:
     assert {"CD8", "Pan-Cytokeratin", "PD-1", "HLA-DR", "Mac2/Galectin-3"} <= set(names)
 
 
+@pytest.mark.slow
 def test_layout_and_tables(small_cohort: Path) -> None:
     gt = _gt(small_cohort)
     pairs = _read_csv(small_cohort / "pairs.csv")
@@ -125,6 +126,7 @@ def test_layout_and_tables(small_cohort: Path) -> None:
     assert (small_cohort / "preview.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_he_opens_in_openslide(small_cohort: Path) -> None:
     gt = _gt(small_cohort)
     for sid, rec in gt["slides"].items():
@@ -148,6 +150,7 @@ def test_he_opens_in_openslide(small_cohort: Path) -> None:
         assert tissue[:, 1].mean() < tissue[:, 0].mean() - 20  # eosin/haematoxylin absorb green most
 
 
+@pytest.mark.slow
 def test_codex_ome_pyramid(small_cohort: Path) -> None:
     gt = _gt(small_cohort)
     panel = _panel()
@@ -179,6 +182,7 @@ def test_codex_ome_pyramid(small_cohort: Path) -> None:
         assert l0.max() > 1000  # nuclei are bright in DAPI
 
 
+@pytest.mark.slow
 def test_dapi_matches_haematoxylin_after_registration(small_cohort: Path) -> None:
     """DAPI warped by the stored affine correlates with haematoxylin; a 40 µm error destroys that."""
     gt = _gt(small_cohort)
@@ -232,6 +236,7 @@ def _he_to_codex(cohort: Path, rec: dict, pts: np.ndarray) -> np.ndarray:
     return q @ inv[:2, :2].T + inv[:2, 2]
 
 
+@pytest.mark.slow
 def test_true_map_matches_nuclei_both_ways(small_cohort: Path) -> None:
     """Nucleus centroids found in DAPI land on nuclei found in haematoxylin through the true affine + warp, and
     back (sub-micron); the affine alone is off by the warp, a 10 µm shift is far off."""
@@ -290,6 +295,7 @@ def test_40x_twin_and_zero_filled_block(tmp_path: Path) -> None:
     assert x1 - x0 > 50 and not img[:, y0:y1, x0:x1].any() and img[:, :y0].any()
 
 
+@pytest.mark.slow
 def test_splits_are_patient_level(small_cohort: Path, tmp_path: Path) -> None:
     from sample_data.make_cohort import main
 

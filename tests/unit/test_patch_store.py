@@ -28,6 +28,7 @@ def gridded(tmp_path_factory):
     return d, out
 
 
+@pytest.mark.slow
 def test_store_equals_direct_reads(gridded):
     d, out = gridded
     assert patch_store.main(["--cohort", str(d), "--out", str(out), "--region-px", "500"]) == 0

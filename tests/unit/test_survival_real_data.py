@@ -13,6 +13,8 @@ from sklearn.model_selection import KFold
 from mica.baselines import compare_folds, load_sksurv_dataset, nll_cindex
 from mica.survival import c_index
 
+pytestmark = pytest.mark.slow  # fits on two real data sets (~9 s)
+
 TOLERANCE = 0.03
 
 

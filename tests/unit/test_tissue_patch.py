@@ -133,6 +133,7 @@ def test_blank_slide_and_missing_mpp_are_clear_errors(he_slides, tmp_path, caplo
     assert patch.main(["--he", str(d / "blank.tif"), "--out", str(tmp_path / "o2"), "--fail-fast"]) == 1
 
 
+@pytest.mark.slow
 def test_shards_partition_the_slides_and_a_failed_redo_leaves_nothing(he_slides, tmp_path):
     d, _ = he_slides
     args = ["--cohort", str(d.parent / "c"), "--out", str(tmp_path)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bench import count_ceiling
 from bench.mica_ceiling import logistic_probe as probe
@@ -37,6 +38,7 @@ def test_logistic_probe_scores_the_validation_side() -> None:
     assert probe({s: -x for s, x in X.items()}, y, splits, fit=False) == (0.0, 0.0)
 
 
+@pytest.mark.slow
 def test_exact_counts_find_the_risk_mask_patches(tmp_path: Path) -> None:
     """The IG yardstick: per-patch counts of the cells the risk counts, on a 224 px grid, rank the risk-mask
     patches far above chance (fails when cells and mask are misaligned, e.g. x and y swapped)."""

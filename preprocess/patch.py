@@ -155,6 +155,14 @@ def read_grid(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     return coords, attrs
 
 
+def read_tissue_fraction(path: str | os.PathLike, n: int) -> np.ndarray:
+    """Per-patch H&E tissue fraction of a grid file, (n,) float64 in [0, 1] (ones for a grid written without it)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f["tissue_fraction"][:].astype(np.float64) if "tissue_fraction" in f else np.ones(n)
+
+
 def _qc_image(thumb: np.ndarray, mask: np.ndarray, coords: np.ndarray, ds: float, ps0: int) -> np.ndarray:
     import cv2
 

@@ -232,7 +232,7 @@ def check_normalization(meta: dict[str, Any], labels: dict | None, markers: Sequ
 
 
 def check_train_slides(slides: Sequence[str], trained: dict[str, Any] | None, allow: bool) -> list[str]:
-    """The slides of ``slides`` the model was trained on (``trained``: :func:`hex.trained.training_split`); any is
+    """The slides of ``slides`` the model was trained on (``trained``: :func:`hex.trained_model.training_split`); any is
     an error naming them and the split, unless ``allow`` (a warning). Returns them."""
     if trained is None:
         log.info("the checkpoint records no training split: cannot check that the scored slides are held out")

@@ -21,7 +21,7 @@ from hex.infer.tiles import TileRegions, make_tile_loader, tissue_tiles
 from pipeline import artifacts as art
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
-from preprocess.patch import read_grid
+from preprocess.patch import read_grid, read_tissue_fraction
 
 log = logging.getLogger("hex.infer_wsi")
 
@@ -58,15 +58,13 @@ def _use_stage01_grid(attrs: dict | None, cfg: InferConfig) -> bool:
 
 def build_tiles(slide_id: str, he_path: Path, cfg: InferConfig) -> tuple[TileRegions, np.ndarray, dict[str, Any]]:
     """Tiles of one slide, their tissue fractions (N,) and the grid attributes of the prediction file."""
-    import h5py
 
     grid_file = cfg.grid_dir / f"{slide_id}.h5"
     grid = read_grid(grid_file) if grid_file.is_file() else None  # read once: (coords, attrs)
     attrs = grid[1] if grid is not None else None
     if _use_stage01_grid(attrs, cfg):
         tiles = TileRegions.from_grid(he_path, grid, mpp=cfg.mpp, region_px=cfg.region_px)
-        with h5py.File(grid_file, "r") as f:
-            frac = f["tissue_fraction"][:] if "tissue_fraction" in f else np.ones(tiles.num_tiles, np.float32)
+        frac = read_tissue_fraction(grid_file, tiles.num_tiles).astype(np.float32)
         size = int(attrs["patch_size"])
         info = {"grid_source": str(grid_file), "patch_size": size, "stride": size,
                 "stride_level0": tiles.patch_size_level0, "min_tissue": float(attrs.get("min_tissue", np.nan))}

@@ -95,7 +95,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, ensure_writable
 from pipeline.runner import StageReport, default_threads, shard_slides
 from preprocess.panel import resolve_channel_map
-from preprocess.patch import add_common_args, read_grid
+from preprocess.patch import add_common_args, read_grid, read_tissue_fraction
 from preprocess.pixel_sizes import PixelSizes, add_pixel_sizes_arg, resolve_pixel_sizes
 from preprocess.quantify.accumulate import quantify_patches
 from preprocess.quantify.geometry import load_registration
@@ -174,7 +174,7 @@ def quantify_slide(slide_id: str, codex_path: str | os.PathLike | None, cfg: Qua
         cell = int(round(cfg.nodata_um / codex.mpp)) if cfg.nodata_um > 0 else 0
         res = quantify_patches(codex, [i for _, i, _ in channel_map], coords, size, mapping, cfg.region_px,
                                cfg.threads, desc=f"{slide_id} regions", nodata_px=cell)
-    nodata = missing_data_fraction(res.zero_fraction, _tissue_fraction(grid_path, len(coords)))
+    nodata = missing_data_fraction(res.zero_fraction, read_tissue_fraction(grid_path, len(coords)))
     res.coverage = res.coverage * (1.0 - nodata)
     if not np.any(res.coverage > 0):
         raise PipelineError(f"no patch of {slide_id} overlaps CODEX data of {codex_path} through the registration "
@@ -200,14 +200,6 @@ def quantify_slide(slide_id: str, codex_path: str | os.PathLike | None, cfg: Qua
              int((res.coverage > 0).sum()), float(np.median(res.coverage)),
              ", through the displacement field" if field_file else "")
     return {"patches": len(coords), "covered": int((res.coverage > 0).sum())}
-
-
-def _tissue_fraction(grid_path: Path, n: int) -> np.ndarray:
-    """The grid's per-patch H&E tissue fraction (stage 01's ``tissue_fraction``; ones when the grid has none)."""
-    import h5py
-
-    with h5py.File(grid_path, "r") as f:
-        return f["tissue_fraction"][:].astype(np.float64) if "tissue_fraction" in f else np.ones(n)
 
 
 def missing_data_fraction(zero_fraction: np.ndarray | None, tissue_fraction: np.ndarray) -> np.ndarray:

@@ -42,6 +42,8 @@ from pipeline.cohort import CODEX_EXTENSIONS, HE_EXTENSIONS, read_pairs_table, r
 from pipeline.errors import PipelineError
 from pipeline.tables import COHORT_ROW, ERROR, INFO, WARNING, Finding, check_cohort_tables
 from preprocess.panel import read_marker_panel, resolve_channel_map
+from preprocess.pixel_sizes import TABLE_NAME as PIXEL_TABLE
+from preprocess.pixel_sizes import read_pixel_sizes
 from preprocess.quantify.tables import add_table_args, resolve_tables
 from preprocess.slide_io import CodexImage, HESlide
 
@@ -171,7 +173,7 @@ def _resolve(cohort: Path, c: _Collector) -> tuple[dict[str, tuple[Path, Path | 
 
 
 def _check_he(slides: dict[str, tuple[Path, Path | None]], c: _Collector, mpp: dict[str, str],
-              skip: set[str]) -> None:
+              skip: set[str], table: dict[str, float]) -> None:
     """Each slide's H&E file: exists (a link: its target; another name is fine, noted with the target), not empty,
     opens, has a pixel size, ASCII name; no two ids are one file. ``skip``: ids already in error (not opened)."""
     targets: dict[Path, list[str]] = {}
@@ -196,7 +198,7 @@ def _check_he(slides: dict[str, tuple[Path, Path | None]], c: _Collector, mpp: d
         if p.stat().st_size == 0:
             c.add(sid, "he", ERROR, f"{p} is an empty (zero-byte) file; copy the slide again")
             continue
-        _open_he(sid, p, c, mpp)
+        _open_he(sid, p, c, mpp, table.get(sid))
     for target, sids in sorted(targets.items()):
         if len(sids) > 1:
             for sid in sids:
@@ -204,11 +206,12 @@ def _check_he(slides: dict[str, tuple[Path, Path | None]], c: _Collector, mpp: d
                                         "keep one id per slide (one slide under two ids lands in two splits)")
 
 
-def _open_he(sid: str, p: Path, c: _Collector, mpp: dict[str, str]) -> bool:
-    """Open ``p`` with OpenSlide; a missing level-0 µm/px is a warning (``--mpp`` fixes it), anything else an error."""
+def _open_he(sid: str, p: Path, c: _Collector, mpp: dict[str, str], given: float | None = None) -> bool:
+    """Open ``p`` with OpenSlide; a missing level-0 µm/px is a warning (``--mpp`` or the pixel-size table fixes it),
+    anything else an error. ``given``: the slide's value in ``pixel_sizes.csv`` (what the stages use)."""
     try:
-        with HESlide(p) as s:
-            mpp[sid] = f"he {s.mpp:.3g}"
+        with HESlide(p, mpp=given) as s:
+            mpp[sid] = f"he {s.mpp:.3g}" + (" (table)" if given is not None else "")
         return True
     except PipelineError as e:
         first = e
@@ -242,12 +245,12 @@ def _stages_agree(cohort: Path, c: _Collector) -> None:
 
 
 def _check_codex(sid: str, path: Path, panel: list[tuple[int, str]] | None, panel_path: Path, c: _Collector,
-                 mpp: dict[str, str]) -> None:
+                 mpp: dict[str, str], given: float | None = None) -> None:
     if path.stat().st_size == 0:
         c.add(sid, "codex", ERROR, f"{path} is an empty (zero-byte) file; copy the CODEX image again")
         return
     try:
-        codex = CodexImage(path)
+        codex = CodexImage(path, mpp=given)
     except PipelineError as e:
         try:  # opens with a given pixel size: the OME size was the problem
             CodexImage(path, mpp=1.0).close()
@@ -258,7 +261,7 @@ def _check_codex(sid: str, path: Path, panel: list[tuple[int, str]] | None, pane
         mpp[sid] = f"{mpp.get(sid, 'he -')}, codex ?"
         codex = CodexImage(path, mpp=1.0)
     else:
-        mpp[sid] = f"{mpp.get(sid, 'he -')}, codex {codex.mpp:.3g}"
+        mpp[sid] = f"{mpp.get(sid, 'he -')}, codex {codex.mpp:.3g}" + (" (table)" if given is not None else "")
     with codex:
         if panel is None:
             return
@@ -340,8 +343,15 @@ def check_cohort(cohort: str | os.PathLike, out: str | os.PathLike | None = None
     c = _Collector()
     mpp: dict[str, str] = {}
     slides, source = _resolve(cohort, c)
+    he_table: dict[str, float] = {}
+    codex_table: dict[str, float] = {}
+    if (cohort / PIXEL_TABLE).exists():  # the per-slide pixel sizes every stage reads (preprocess.pixel_sizes)
+        try:
+            he_table, codex_table = read_pixel_sizes(cohort / PIXEL_TABLE)
+        except PipelineError as e:
+            c.add(COHORT_ROW, "mpp", ERROR, str(e))
     in_error = {f.slide for f in c.findings if f.level == ERROR and f.column == "he"}
-    _check_he(slides, c, mpp, in_error)
+    _check_he(slides, c, mpp, in_error, he_table)
     if slides:
         _stages_agree(cohort, c)
     ids = sorted(slides)
@@ -359,7 +369,7 @@ def check_cohort(cohort: str | os.PathLike, out: str | os.PathLike | None = None
         c.add(COHORT_ROW, "panel", WARNING, f"no marker panel {panel_path}: stages map markers by OME channel names")
     for sid, (_, path) in sorted(slides.items()):
         if path is not None:
-            _check_codex(sid, path, panel, panel_path, c, mpp)
+            _check_codex(sid, path, panel, panel_path, c, mpp, codex_table.get(sid))
     c.findings.extend(check_cohort_tables(cohort, ids, source))
     if out is not None:
         check_output_folder(Path(out), c)

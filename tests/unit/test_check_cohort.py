@@ -188,6 +188,24 @@ def test_zero_byte_slide(cohort: Path, tmp_path: Path) -> None:
     assert "slide_001.tif is an empty (zero-byte) file" in err
 
 
+def test_pixel_size_table_is_what_the_stages_use(cohort: Path, tmp_path: Path) -> None:
+    """A slide without a level-0 pixel size: a warning, gone when COHORT/pixel_sizes.csv gives it (as the stages
+    read it); a broken table is an error, with the stages' message."""
+    from sample_data.writers import write_aperio_tiff
+    from tests.fixtures import blob_slide
+
+    root = _copy(cohort, tmp_path / "c")
+    write_aperio_tiff(root / "he" / "slide_001.tif", blob_slide(600, 500, 0), mpp=None)
+    res = check_cohort(root)
+    assert any(f.slide == "slide_001" and f.column == "mpp" for f in res.findings)
+    (root / "pixel_sizes.csv").write_text("slide_id,he_mpp,codex_mpp\nslide_001,0.5,\n")
+    res = check_cohort(root)
+    assert not any(f.slide == "slide_001" and f.column == "mpp" for f in res.findings)
+    assert res.mpp["slide_001"].startswith("he 0.5 (table)")
+    (root / "pixel_sizes.csv").write_text("slide_id,he_mpp,codex_mpp\nslide_001,-1,\n")
+    assert "pixel-size table" in _errors(root)
+
+
 def test_missing_cohort_is_one_line(tmp_path: Path) -> None:
     assert main([str(tmp_path / "nope")]) == 2
 

@@ -102,6 +102,7 @@ def test_he_tiny_equals_direct_forward_skip_overwrite(cohort) -> None:
     assert _mtimes(files) == after
 
 
+@pytest.mark.slow
 def test_he_hex_run_backbone(cohort) -> None:
     from hex.model import HEX
     from hex.train.checkpoints import save_best

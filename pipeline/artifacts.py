@@ -10,7 +10,7 @@ demo summary and bench ask the registry for paths::
     art.MICA_RUN.dir(out, run="demo_coattn")         # OUT/mica_runs/demo_coattn
 
 ``docs/FORMATS.md`` lists the same table (``tests`` compare them: :func:`format_table` makes it). Readers of the
-HDF5 layouts shared by several packages live here too (:func:`read_coords`, :func:`h5_attrs`); a layout read by one
+HDF5 layouts shared by several packages live here too (:func:`h5_attrs`); a layout read by one
 package only keeps its reader in that package, next to its writer (e.g. ``preprocess.patch_store_format``).
 """
 
@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.done import DONE_DIR
 from pipeline.errors import PipelineError
-
-DONE_DIR = "done"  # per-slide done-records live in {artifact folder}/done/ (pipeline.done)
 
 
 @dataclass(frozen=True)
@@ -144,14 +143,6 @@ ATTRIBUTIONS = Artifact("attributions", "mica_runs/{run}/ig", "{slide}.h5", "09 
 REGISTRY: dict[str, Artifact] = {a.key: a for a in (
     PATCH_GRID, REGISTRATION, LABELS, NORMALIZATION, PATCH_STORE, HEX_RUN, HEX_TEST, PREDICTIONS, VIRTUAL_CODEX,
     FEATURE_BAGS, CODEX_FEATURES, CODEX_FEATURE_TABLE, MICA_RUN, ATTRIBUTIONS)}
-
-
-def get(key: str) -> Artifact:
-    """The artifact registered under ``key``; an unknown key names the known ones."""
-    try:
-        return REGISTRY[key]
-    except KeyError:
-        raise KeyError(f"no artifact {key!r}; known: {', '.join(REGISTRY)}") from None
 
 
 def format_table() -> str:

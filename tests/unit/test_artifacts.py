@@ -42,6 +42,4 @@ def test_instances_find_the_folders_of_templated_artifacts(tmp_path):
 
 def test_keys_unique_and_known():
     assert len(art.REGISTRY) == len({a.key for a in art.REGISTRY.values()})
-    assert art.get("predictions") is art.PREDICTIONS
-    with pytest.raises(KeyError, match="known"):
-        art.get("nope")
+    assert art.REGISTRY["predictions"] is art.PREDICTIONS

@@ -82,14 +82,28 @@ def ig_settings(steps: int, baseline: str, task: str, mode: str) -> dict[str, An
             "task": task, "mode": mode}
 
 
-def _ig_inputs(slide: str, checkpoint: Path, bags: Path | None, codex: Path | None) -> dict[str, Path]:
-    """The fold's model and the slide's inputs it is explained on (so rebuilt bags make its IG stale)."""
+def _ig_inputs(slide: str, checkpoint: Path, bags: Path | None, codex_parts: Path | None,
+               codex: Path | None) -> dict[str, Path]:
+    """The fold's model and the slide's inputs it is explained on, so rebuilt bags or CODEX tokens make its IG
+    stale: the slide's own CODEX part file when there is one (rewritten only when stage 07 redoes that slide; the
+    gathered table is rewritten by every stage-07 run), else the table."""
     roles = {"checkpoint": checkpoint}
     if bags is not None:
         roles["bag"] = Path(os.path.abspath(bag_files(bags, slide)[0]))
-    if codex is not None:
+    part = codex_parts / art.CODEX_FEATURES.name.format(slide=slide) if codex_parts is not None else None
+    if part is not None and part.is_file():
+        roles["codex_tokens"] = Path(os.path.abspath(part))
+    elif codex is not None:
         roles["codex_tokens"] = Path(os.path.abspath(codex))
     return roles
+
+
+def _codex_parts(source: FeatureSource | None) -> Path | None:
+    """The folder of the per-slide CODEX parts behind ``source``'s table (None for a table given explicitly)."""
+    if source is None or source.out is None or source.codex_encdir is None or source.codex_file is None:
+        return None
+    parts = art.CODEX_FEATURES.dir(source.out, encoder=source.codex_encdir)
+    return parts if source.codex_file == art.CODEX_FEATURE_TABLE.path(source.out, encoder=source.codex_encdir) else None
 
 
 def _ig_outputs(slide: str, ig_dir: Path) -> list[Path]:
@@ -99,12 +113,13 @@ def _ig_outputs(slide: str, ig_dir: Path) -> list[Path]:
 def ig_spec(out: Path, run: str, fold: int, settings: dict[str, Any], source: FeatureSource | None = None
             ) -> done_mod.DoneSpec:
     """The done-spec of the IG files of run ``run``'s fold ``fold``'s validation slides (records in ``ig/done/``);
-    its inputs are the fold's checkpoint and, with ``source``, the slide's H&E bag and the CODEX feature table."""
+    its inputs are the fold's checkpoint and, with ``source``, the slide's H&E bag and CODEX tokens
+    (:func:`_ig_inputs`)."""
     ig_dir = art.ATTRIBUTIONS.dir(out, run=run)
     ckpt = Path(os.path.abspath(art.MICA_RUN.dir(out, run=run) / f"fold_{fold}" / "checkpoint.safetensors"))
     return done_mod.DoneSpec(ig_dir, settings, IG_SCHEMA, inputs=functools.partial(
                                  _ig_inputs, checkpoint=ckpt, bags=source.path_dir if source is not None else None,
-                                 codex=source.codex_file if source is not None else None),
+                                 codex_parts=_codex_parts(source), codex=source.codex_file if source else None),
                              outputs=functools.partial(_ig_outputs, ig_dir=ig_dir))
 
 

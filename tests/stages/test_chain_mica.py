@@ -423,3 +423,23 @@ def test_rebuilt_bags_make_the_runs_attributions_stale_in_status(bags: Path, cap
     write_feature_bag(h5, pt, feats + 1, coords, attrs)
     state = slide_status(bags, [slide])[slide]["ig/r"]
     assert state.state == "stale" and "bag" in state.reason
+
+
+def test_a_stage_07_rerun_that_redoes_nothing_leaves_the_attributions_done(bags: Path, caplog) -> None:
+    """The IG record stamps the slide's own CODEX part, not the gathered table every stage-07 run rewrites."""
+    from preprocess.status import slide_status
+
+    clin = pd.read_csv(bags / "clinical.csv")
+    parts = bags / "codex_features" / "synth_codex"
+    parts.mkdir(parents=True, exist_ok=True)
+    for s in clin["slide_id"]:
+        (parts / f"{s}.h5").write_bytes(b"part")  # only stamped here
+    assert mt.main(_train(bags, "--folds", "0", "--mode", "coattn")) == 0
+    assert mtest.main(["--out", str(bags), "--run-name", "r", "--workers", "0", "--ig", "--ig-steps", "4",
+                       "--ig-limit", "1"]) == 0
+    slide = sorted(p.stem for p in (bags / "mica_runs/r/ig").glob("*.h5"))[0]
+    table = bags / "codex_features" / "synth_codex.h5"
+    os.utime(table, ns=(1, 1))                                  # gathered again, nothing redone
+    assert slide_status(bags, [slide])[slide]["ig/r"].state == "done"
+    (parts / f"{slide}.h5").write_bytes(b"redone part")         # stage 07 redid this slide
+    assert slide_status(bags, [slide])[slide]["ig/r"].state == "stale"

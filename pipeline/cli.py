@@ -50,7 +50,7 @@ from pipeline import done as done_mod
 from pipeline.errors import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, PipelineError
 from pipeline.io import config_dict, ensure_writable, save_config
 from pipeline.logs import close_log_file, setup_logging
-from pipeline.runner import StageReport, run_slides, shard_config_name
+from pipeline.runner import StageReport, run_slides, shard_file_name
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def run_job(job: SlideJob, desc: str) -> int:
                 log.warning("%s: %d slides in %s were done with other settings than this run (%s: %s%s); config.json "
                             "lists them under other_settings, and each slide's done-record holds its own", desc,
                             len(others), out_dir, first, others[first], ", ..." if len(others) > 1 else "")
-        save_config(out_dir, cfg, name=shard_config_name(job.shard))
+        save_config(out_dir, cfg, name=shard_file_name(job.shard))
         try:
             report = run_slides(job.slides, job.work, job.is_done, overwrite=job.overwrite, workers=job.workers,
                                 skip_errors=not job.fail_fast, desc=desc, outputs=job.outputs, done=job.done)

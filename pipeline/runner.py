@@ -52,11 +52,11 @@ def shard_slides(slides: Sequence[str], shard: str | None) -> list[str]:
     return ordered if parsed is None else ordered[parsed[0] :: parsed[1]]
 
 
-def shard_config_name(shard: str | None, stem: str = "config") -> str:
-    """``config.json``, or ``config_shard{i}of{n}.json`` for a job-array shard (shards do not overwrite each
-    other's resolved configuration)."""
+def shard_file_name(shard: str | None, stem: str = "config", suffix: str = ".json") -> str:
+    """``config.json``, or ``config_shard{i}of{n}.json`` for a job-array shard, so shards do not overwrite each
+    other's resolved configuration (or log, or summary: ``stem``/``suffix``)."""
     parsed = parse_shard(shard)
-    return f"{stem}.json" if parsed is None else f"{stem}_shard{parsed[0]}of{parsed[1]}.json"
+    return f"{stem}{suffix}" if parsed is None else f"{stem}_shard{parsed[0]}of{parsed[1]}{suffix}"
 
 
 def _ignore_sigint() -> None:

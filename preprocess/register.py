@@ -82,7 +82,7 @@ from pipeline.cli import SlideJob, Stage, config_from_args, require
 from pipeline.cohort import resolve_slides, select_slides
 from pipeline.errors import PipelineError
 from pipeline.io import write_json
-from pipeline.runner import StageReport, shard_config_name, shard_slides
+from pipeline.runner import StageReport, shard_file_name, shard_slides
 from preprocess.pixel_sizes import PixelSizes, add_pixel_sizes_arg, resolve_pixel_sizes
 from preprocess.registration.field import DisplacementField
 from preprocess.registration.pair import register_pair
@@ -312,7 +312,7 @@ def make_config(args: argparse.Namespace) -> RegisterConfig:
 def _finish(report: StageReport, cfg: RegisterConfig, slides: list[str]) -> int:
     """The summary table, the flagged slides, and the last line ``registration: ...; N flagged; summary in ...``."""
     reg_dir = art.REGISTRATION.dir(cfg.out)
-    summary = reg_dir / ("summary.csv" if not cfg.shard else shard_config_name(cfg.shard, "summary")[:-5] + ".csv")
+    summary = reg_dir / shard_file_name(cfg.shard, "summary", ".csv")
     rows = write_summary(summary, slides, cfg.out, report.failed)
     flagged = [r for r in rows if r["status"] == "flagged"]
     if flagged:

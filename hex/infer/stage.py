@@ -75,7 +75,7 @@ from pipeline.cohort import resolve_slides, select_slides
 from pipeline.dist import DistContext, broadcast_object, is_dist
 from pipeline.errors import PipelineError
 from pipeline.io import config_dict, ensure_writable, save_config
-from pipeline.runner import StageReport, parse_shard, run_slides
+from pipeline.runner import StageReport, parse_shard, run_slides, shard_file_name
 
 log = logging.getLogger("hex.infer_wsi")
 
@@ -166,11 +166,6 @@ class InferWSIConfig:
     def checkpoint_path(self) -> Path:
         """``--checkpoint``, default ``OUT/runs/RUN/best.safetensors``."""
         return self.checkpoint or art.HEX_RUN.path(self.out, run=self.run)
-
-    @property
-    def shard_tag(self) -> str:
-        """``_shard0of4`` for ``--shard 0/4`` (the config and log names of a shard), else empty."""
-        return f"_shard{self.shard.replace('/', 'of')}" if self.shard else ""
 
     def slide_settings(self) -> InferConfig:
         """The grid and reading settings of every slide (:func:`hex.infer.predictions.infer_slide`)."""
@@ -369,7 +364,7 @@ def infer(cfg: InferWSIConfig, ctx: DistContext) -> int:
                                     "checkpoint_resolved": meta["checkpoint"], "schema_version": art.PREDICTIONS.schema,
                                     "checkpoint_sha256": meta["checkpoint_sha256"], "markers": meta["markers"],
                                     "settings": dict(spec.settings)},
-                    name=f"config{cfg.shard_tag}.json")
+                    name=shard_file_name(cfg.shard))
         log.info("%d slides (%d on this rank of %d), checkpoint %s (%s), device %s", len(slides), len(mine),
                  ctx.world_size, meta["checkpoint"], meta["checkpoint_kind"], ctx.device)
     run = {"model": model, "meta": meta, "cfg": grid, "device": ctx.device,
@@ -394,7 +389,7 @@ def infer(cfg: InferWSIConfig, ctx: DistContext) -> int:
 
 
 STAGE = Stage("hex.infer_wsi", build_parser, make_config, run=infer, distributed=True, prepare=prepare,
-              log_file=lambda cfg: art.PREDICTIONS.dir(cfg.out) / f"run{cfg.shard_tag}.log")
+              log_file=lambda cfg: art.PREDICTIONS.dir(cfg.out) / shard_file_name(cfg.shard, "run", ".log"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -88,11 +88,6 @@ def load_registration(path: str | os.PathLike, allow_flagged: bool = False) -> t
     return CodexToHE(a, load_field_entry(rec.get("displacement"), path.parent)), rec
 
 
-def load_affine(path: str | os.PathLike, allow_flagged: bool = False) -> np.ndarray:
-    """The 3x3 CODEX->H&E level-0 affine of a registration record (see :func:`load_registration`)."""
-    return load_registration(path, allow_flagged)[0].affine
-
-
 def as_map(m: np.ndarray | CodexToHE) -> CodexToHE:
     """An affine (3x3) or a :class:`CodexToHE` as a :class:`CodexToHE`."""
     return m if isinstance(m, CodexToHE) else CodexToHE(np.asarray(m, np.float64))

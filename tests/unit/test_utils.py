@@ -10,7 +10,7 @@ import pytest
 from pipeline.cohort import select_slides, slide_id_from_path
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, save_config, write_json
-from pipeline.runner import parse_shard, run_slides, shard_config_name, shard_slides
+from pipeline.runner import parse_shard, run_slides, shard_file_name, shard_slides
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,7 +79,7 @@ def test_shards_partition_the_sorted_slides():
     parts = [shard_slides(slides, f"{i}/3") for i in range(3)]
     assert parts[0] == ["s0", "s3", "s9"] and sorted(sum(parts, [])) == sorted(slides)
     assert shard_slides(slides, None) == sorted(slides) and parse_shard("2/5") == (2, 5)
-    assert shard_config_name("1/4") == "config_shard1of4.json" and shard_config_name(None) == "config.json"
+    assert shard_file_name("1/4") == "config_shard1of4.json" and shard_file_name(None) == "config.json"
     for bad in ("3/3", "-1/2", "1", "a/b"):
         with pytest.raises(PipelineError, match="--shard"):
             parse_shard(bad)

@@ -117,6 +117,9 @@ HEX_RUN = Artifact("hex_run", "runs/{run}", "best.safetensors", "04 train HEX", 
 HEX_TEST = Artifact("hex_test", "runs/{run}/test", "marker_pearson.csv", "05 test HEX", 1,
                     "patch_predictions.csv, marker_pearson.csv, slide_pearson.csv, summary.json, scatter/bar PNGs; "
                     "done/evaluation.json", records=False)
+HEX_EXTERNAL = Artifact("hex_external", "runs/{run}/external/{cohort}", "marker_pearson.csv", "05 test HEX", 1,
+                        "the HEX_TEST files for the labelled slides of an independent cohort (EXTERNAL_OUT), no split",
+                        records=False, column="")
 PREDICTIONS = Artifact("predictions", "hex_pred", "{slide}.h5", "06 infer WSI", 1,
                        "coords (N,2), codex_prediction (N,40) float32; attrs markers, stride_level0, checkpoint")
 VIRTUAL_CODEX = Artifact("virtual_codex", "virtual_codex", "{slide}.json", "06 infer WSI", 2,
@@ -136,13 +139,21 @@ MICA_RUN = Artifact("mica_run", "mica_runs/{run}", "summary.csv", "08 train MICA
                     "config.json, fold_{k}/checkpoint.safetensors + checkpoint.json (with the inputs it was trained "
                     "on), fold_{k}/val_predictions.csv, summary.csv; test/ (stage 09)",
                     records=False)
+MICA_REPORT = Artifact("mica_report", "mica_runs/{run}/test", "report.csv", "09 test MICA", 1,
+                       "report.csv (row,metric,value,lo,hi), report_folds.csv, comparisons.csv "
+                       "(row_a,row_b,metric,delta,lo,hi,p,rel_improvement), cox_multivariable.csv, report.md, "
+                       "predictions.csv, figures", records=False, column="")
+MICA_EXTERNAL = Artifact("mica_external", "mica_runs/{run}/external/{cohort}", "predictions.csv", "09 test MICA", 1,
+                         "predictions.csv (case_id, risk|prob ensemble, risk_fold{k}|prob_fold{k}, risk_group) and, "
+                         "with outcomes, the MICA_REPORT files", records=False, column="")
 ATTRIBUTIONS = Artifact("attributions", "mica_runs/{run}/ig", "{slide}.h5", "09 test MICA", 1,
                         "coords, path_attr (N,), codex_attr (40,); attrs baseline, steps, delta; heatmap PNG",
                         extra=("{slide}_heatmap.png",), column="ig/{run}")
 
 REGISTRY: dict[str, Artifact] = {a.key: a for a in (
-    PATCH_GRID, REGISTRATION, LABELS, NORMALIZATION, PATCH_STORE, HEX_RUN, HEX_TEST, PREDICTIONS, VIRTUAL_CODEX,
-    FEATURE_BAGS, CODEX_FEATURES, CODEX_FEATURE_TABLE, MICA_RUN, ATTRIBUTIONS)}
+    PATCH_GRID, REGISTRATION, LABELS, NORMALIZATION, PATCH_STORE, HEX_RUN, HEX_TEST, HEX_EXTERNAL, PREDICTIONS,
+    VIRTUAL_CODEX, FEATURE_BAGS, CODEX_FEATURES, CODEX_FEATURE_TABLE, MICA_RUN, MICA_REPORT, MICA_EXTERNAL,
+    ATTRIBUTIONS)}
 
 
 def format_table() -> str:

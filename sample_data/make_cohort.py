@@ -78,6 +78,7 @@ class SlideJob:
     images: bool
     he_mpp: float = HE_MPP
     warp_um: float = 0.0
+    codex: bool = True
     warp_corr_um: float = MIN_CORR_UM
     nodata_frac: float = 0.0  # side of a zero-filled square in the CODEX, as a fraction of its side (0: none)
 
@@ -153,6 +154,7 @@ def generate_slide(job: SlideJob) -> dict:
         write_aperio_tiff(out / "he" / f"{job.slide_id}.tif", rgb, job.he_mpp, app_mag=int(round(10 / job.he_mpp)))
         del rgb
         timing["he"] = time.perf_counter() - t0 - sum(timing.values())
+    if job.images and job.codex:
         c_cells, c_layout = displaced(cells, layout, warp) if warp is not None else (cells, layout)
         ras = render.rasterise(c_cells, c_layout, cx)
         chans = render.codex_channels(_rng(job, 2), c_cells, c_layout, cx, ras)
@@ -242,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rotation-deg", type=float, default=5.0, help="CODEX rotation drawn from ±this (deg)")
     ap.add_argument("--shift-um", type=float, default=150.0,
                     help="CODEX field centre offset from the tissue centre, drawn from ±this per axis (µm)")
+    ap.add_argument("--no-codex", action="store_true",
+                    help="H&E only (no CODEX images): a cohort for the outcome stages (01, 06-09), about half the "
+                         "time; everything else (cells, outcomes, splits, truth) is identical")
     ap.add_argument("--codex-coverage", type=float, default=0.9,
                     help="CODEX field side as a fraction of the tissue diameter")
     ap.add_argument("--warp-um", type=float, default=8.0,
@@ -273,7 +278,7 @@ def cohort_jobs(args: argparse.Namespace, n_pat: int
                      spawn_key=(1000 + i,), tissue_um=1000.0 * args.tissue_mm, margin_um=args.margin_um,
                      density=args.cell_density, rotation_deg=args.rotation_deg, shift_um=args.shift_um,
                      codex_coverage=args.codex_coverage, images=not args.tables_only, he_mpp=args.he_mpp,
-                     warp_um=args.warp_um, warp_corr_um=1000.0 * args.warp_corr_mm,
+                     warp_um=args.warp_um, warp_corr_um=1000.0 * args.warp_corr_mm, codex=not args.no_codex,
                      nodata_frac=args.nodata_frac if i < args.nodata_slides else 0.0) for i in range(args.slides)]
     return patients, jobs, rng_out, rng_split
 
@@ -290,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     if args.warp_um < 0 or args.he_mpp <= 0 or not 0 < args.nodata_frac < 1:
         raise SystemExit("--warp-um must be >= 0, --he-mpp > 0 and 0 < --nodata-frac < 1")
-    for sub in ("he", "codex", "splits", "risk_masks") + (("warps",) if args.warp_um > 0 else ()):
+    for sub in ("he", "splits", "risk_masks") + (("warps",) if args.warp_um > 0 else ()) + \
+            (() if args.no_codex else ("codex",)):
         (out / sub).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -328,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         wr = csv.writer(f, lineterminator="\n")
         wr.writerow(["he_slide", "codex_image"])
         for r in results:
-            wr.writerow([f"he/{r['slide_id']}.tif", f"codex/{r['slide_id']}.ome.tif"])
+            wr.writerow([f"he/{r['slide_id']}.tif", "" if args.no_codex else f"codex/{r['slide_id']}.ome.tif"])
     shutil.copyfile(PANEL_CSV, out / "marker_panel.csv")
     folds = outcomes.patient_folds(rng_split, [p.case_id for p in patients])
     outcomes.write_splits(out / "splits", {r["slide_id"]: r["case_id"] for r in results}, folds)
@@ -352,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                    if k not in ("out", "workers", "log_level")},
     }
-    if not args.tables_only:
+    if not args.tables_only and not args.no_codex:
         write_preview(out, results[0]["slide_id"], args.he_mpp)
     # last and atomic: ground_truth.json is what marks a finished cohort (scripts/demo.sh reuses one that has it)
     tmp = out / ".ground_truth.json.tmp"

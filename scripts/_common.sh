@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by the numbered stage scripts, after their variables and before their commands:
-#  - the path variables (COHORT, OUT, FIT_SPLIT, WEIGHTS, CHECKPOINT, CODEX_WEIGHTS) become absolute against the
-#    directory the script was started from (hf_hub:<repo> values stay as they are), and the python modules run in
+#  - the path variables (COHORT, OUT, FIT_SPLIT, WEIGHTS, CHECKPOINT, CODEX_WEIGHTS, EXTERNAL, EXTERNAL_OUT, TRUTH)
+#    become absolute against the directory the script was started from (hf_hub:<repo> values stay as they are), and the python modules run in
 #    that directory too, so relative paths in EXTRA-like variables and in the script's arguments mean the same;
 #  - activates .venv when present (the project is installed there, editable: scripts/_setup_env.sh);
 #    PYTHONSAFEPATH=1: a folder in the current directory never shadows the project's packages;
@@ -31,7 +31,7 @@ _abs_path() {
       ;;
   esac
 }
-for _v in COHORT OUT FIT_SPLIT WEIGHTS CHECKPOINT CODEX_WEIGHTS; do
+for _v in COHORT OUT FIT_SPLIT WEIGHTS CHECKPOINT CODEX_WEIGHTS EXTERNAL EXTERNAL_OUT TRUTH; do
   if [ -n "${!_v:-}" ]; then
     printf -v "$_v" '%s' "$(_abs_path "${!_v}")"
   fi

@@ -13,6 +13,9 @@ Commands (run from the repository root)::
         --weights musk/model.safetensors
     # several processes / GPUs (each sample predicted exactly once, gathered by index on rank 0)
     torchrun --standalone --nproc-per-node=4 -m hex.test --out OUT --run-name RUN --data OUT --split ...
+    # an independent cohort (stages 01-03 under OUT2): every labelled slide, no split, labels put into the run's
+    # units -> OUT/runs/RUN/external/cohort2/  (scripts/05_test_hex.sh: EXTERNAL=COHORT2 EXTERNAL_OUT=OUT2)
+    python -m hex.test --out OUT --run RUN --data OUT2 --external-cohort cohort2
 
 Outputs (rank 0, atomic): ``patch_predictions.csv`` (``slide,index,x,y,true_<m>...,pred_<m>...``),
 ``marker_pearson.csv`` (``marker,pearson,spearman,mse,n[,visible]`` + ``mean``/``median`` rows and, with
@@ -32,6 +35,18 @@ model trained on, the labels redone) is redone, said so; other settings or anoth
 The labels must be normalised like the checkpoint's training labels (``markers/normalization.json`` against the
 one stored in the checkpoint): a difference stops the run, since MSE and r on differently normalised labels do not
 measure the model (``--allow-normalization-mismatch`` evaluates anyway, with a warning).
+
+Independent cohorts (``--external-cohort NAME``, with ``--data`` the cohort's own output root): the results go to
+``OUT/runs/RUN/external/NAME/`` (same files), every labelled slide of ``DATA/markers`` is scored unless
+``--split``/``--slides`` narrow it, and the cohort's labels, normalised with its own percentiles, are put into the
+run's units instead of stopping (:mod:`hex.evaluate.external`): from the raw means stage 03 keeps in
+``markers/raw/`` (exact: the labels stage 03 would write with the run's ``normalization.json``), else by inverting
+the cohort's ``normalization.json``, which is inexact for clipped labels (0 or 1; counted in ``summary.json``).
+``summary.json`` says what was applied under ``label_units`` (``mode``: ``as labelled`` / ``renormalised``, where
+each normalisation came from, the slides done each way, ``inexact_labels``). The training-slide check is off there:
+the cohort's slide ids name other slides, even where they equal training ids (``slide_000`` in both); a
+``--data`` whose label folder is the one the run was trained on (its ``config.json``) is not another cohort and
+stops.
 """
 
 from __future__ import annotations
@@ -59,6 +74,7 @@ from hex.data.datasets import (
 )
 from hex.data.splits import check_split_slides
 from hex.data.transforms import BatchTransform
+from hex.evaluate.external import labels_in_run_units, training_labels_dir
 from hex.evaluate.predict import predict_distributed, resolve_amp, wants_channels_last
 from hex.evaluate.reports import write_reports
 from hex.trained_model import add_checkpoint_args, check_backbone_kw, load_trained, training_split
@@ -147,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--allow-normalization-mismatch", action="store_true",
                    help="evaluate labels whose normalization.json differs from the checkpoint's (default: an error)")
+    p.add_argument("--external-cohort", metavar="NAME",
+                   help="score an independent cohort: its labelled slides under --data (another OUT, no split "
+                        "needed), labels put into the run's normalisation (from its markers/raw means, else by "
+                        "inverting its normalization.json), no training-slide check (its ids name other slides); "
+                        "results in OUT/runs/RUN/external/NAME")
     p.add_argument("--allow-train-slides", action="store_true",
                    help="score slides the model was trained on (default: an error; summary.json lists them)")
     p.add_argument("--overwrite", action="store_true",
@@ -175,6 +196,7 @@ class EvalConfig:
     device: str = "auto"
     no_plots: bool = False
     allow_normalization_mismatch: bool = False
+    external_cohort: str | None = None
     allow_train_slides: bool = False
     overwrite: bool = False
     checkpoint: Path | None = None
@@ -189,8 +211,13 @@ class EvalConfig:
 
     @property
     def results_dir(self) -> Path:
-        """Where the results go: ``--test-dir``, default ``OUT/runs/RUN/test``."""
-        return self.test_dir or art.HEX_TEST.dir(self.out, run=self.run)
+        """Where the results go: ``--test-dir``, default ``OUT/runs/RUN/test`` (``--external-cohort NAME``:
+        ``OUT/runs/RUN/external/NAME``)."""
+        if self.test_dir is not None:
+            return self.test_dir
+        if self.external_cohort:
+            return art.HEX_EXTERNAL.dir(self.out, run=self.run, cohort=self.external_cohort)
+        return art.HEX_TEST.dir(self.out, run=self.run)
 
 
 def make_config(args: argparse.Namespace) -> EvalConfig:
@@ -206,6 +233,14 @@ def make_config(args: argparse.Namespace) -> EvalConfig:
                          ("--patches-dir", cfg.patches_dir)):
         require(folder is None or folder.is_dir(), f"{flag} {folder}: folder not found")
     check_backbone_kw(cfg.backbone_kw)
+    if cfg.external_cohort is not None:
+        name = cfg.external_cohort
+        require(bool(name) and name not in (".", "..") and "/" not in name and os.sep not in name,
+                f"--external-cohort {name!r}: give the cohort a plain folder name (e.g. its folder's name)")
+        require(cfg.data is not None or cfg.markers_dir is not None,
+                "--external-cohort needs --data: the external cohort's output root (EXTERNAL_OUT), not OUT")
+        require(not cfg.allow_normalization_mismatch, "--external-cohort puts the labels into the run's units; "
+                "--allow-normalization-mismatch (score them as they are) contradicts it: give one of them")
     return cfg
 
 
@@ -249,6 +284,21 @@ def check_train_slides(slides: Sequence[str], trained: dict[str, Any] | None, al
     return seen
 
 
+def check_external(name: str, mdir: Path, ckpt: Path, slides: Sequence[str], trained: dict[str, Any] | None) -> None:
+    """``--external-cohort``: the label folder must not be the one the run was trained on (then it is no other
+    cohort and the training-slide check applies: stop, one line); slide ids shared with the training split are
+    logged, not an error (another cohort's slides)."""
+    own = training_labels_dir(ckpt)
+    if own is not None and mdir.resolve() == own:
+        raise PipelineError(f"--external-cohort {name}: the labels {mdir} are the ones {ckpt} was trained on, not an "
+                            "independent cohort; score this cohort without --external-cohort (e.g. --split ... "
+                            "--split-column val), or point --data at the other cohort's output root")
+    shared = sorted(set(slides) & set(trained["train_slides"])) if trained else []
+    if shared:
+        log.info("%d slide ids of cohort %s are also ids of the run's training slides (%s...): other slides of "
+                 "another cohort, not checked", len(shared), name, ", ".join(shared[:3]))
+
+
 def _outputs(test_dir: Path, plots: bool, _key: str = "") -> list[Path]:
     names = ["patch_predictions.csv", "marker_pearson.csv", "slide_pearson.csv", "summary.json"]
     return [test_dir / n for n in names + (["marker_pearson_bar.png", "scatter_grid.png"] if plots else [])]
@@ -264,6 +314,8 @@ def _done_spec(cfg: EvalConfig, test_dir: Path, ckpt: Path, slides: list[str], m
                 "split_column": cfg.split_column if cfg.split is not None and not cfg.slides else None,
                 "visible_markers": _abs(cfg.visible_markers), "plots": not cfg.no_plots,
                 "backbone": cfg.backbone, "weights": cfg.weights, "backbone_kw": cfg.backbone_kw}
+    if cfg.external_cohort:  # only then: results of the other path keep their done-records
+        settings["external_cohort"] = cfg.external_cohort
     inputs = {"checkpoint": _abs(ckpt), "labels": _abs(mdir), "patches": _abs(pdir)}
     return done_mod.DoneSpec(test_dir, settings, art.HEX_TEST.schema, inputs=lambda _s: inputs,
                              outputs=functools.partial(_outputs, test_dir, not cfg.no_plots))
@@ -293,7 +345,11 @@ def evaluate_run(cfg: EvalConfig, ctx: DistContext) -> int:
     check_split_slides(slides, mdir, pdir, source)
     visible = read_visible_markers(cfg.visible_markers) if cfg.visible_markers else None
     trained = training_split(ckpt)
-    seen = check_train_slides(slides, trained, cfg.allow_train_slides)
+    if cfg.external_cohort:
+        check_external(cfg.external_cohort, mdir, ckpt, slides, trained)
+        seen: list[str] = []
+    else:
+        seen = check_train_slides(slides, trained, cfg.allow_train_slides)
     spec = _done_spec(cfg, test_dir, ckpt, slides, mdir, pdir)
     state = done_mod.check(spec, _KEY)
     if not cfg.overwrite and state.state == "done":
@@ -314,7 +370,12 @@ def evaluate_run(cfg: EvalConfig, ctx: DistContext) -> int:
     cols, outputs = match_label_markers(meta["markers"], _first_csv_markers(mdir, slides),
                                         original=meta.get("checkpoint_kind") == "original")
     ds = build_dataset(data, slides, markers=cols, markers_dir=cfg.markers_dir, patches_dir=cfg.patches_dir)
-    check_normalization(meta, ds.normalization, cols, cfg.allow_normalization_mismatch)
+    if cfg.external_cohort:
+        ds.labels, units = labels_in_run_units(ds, mdir, meta.get("normalization"), ds.normalization, cols,
+                                               checkpoint=str(ckpt))
+    else:
+        check_normalization(meta, ds.normalization, cols, cfg.allow_normalization_mismatch)
+        units = {"mode": "as labelled", "cohort_normalization": str(mdir / art.NORMALIZATION.name)}
     ds.markers = [meta["markers"][k] for k in outputs]  # report under the model's names
     tf = BatchTransform(int(meta["input_size"]), meta["mean"], meta["std"], train=False,
                         interpolation=meta.get("interpolation") or "bilinear")
@@ -332,7 +393,7 @@ def evaluate_run(cfg: EvalConfig, ctx: DistContext) -> int:
                 "split_column": cfg.split_column if cfg.split is not None and not cfg.slides else None,
                 "slides": slides, "checkpoint": str(ckpt), "checkpoint_sha256": meta["checkpoint_sha256"],
                 "epoch": meta.get("epoch"), "trained_split": trained["split"] if trained else None,
-                "train_slides_scored": seen}
+                "train_slides_scored": seen, "external_cohort": cfg.external_cohort, "label_units": units}
         save_config(test_dir, {**config_dict(cfg), "checkpoint": str(ckpt), "world_size": ctx.world_size,
                                "slides": slides, "checkpoint_sha256": meta["checkpoint_sha256"],
                                "checkpoint_kind": meta["checkpoint_kind"], "markers": ds.markers},

@@ -1,6 +1,6 @@
 """Print what the demo made, scored against the sample cohort's ground truth.
 
-    python -m bench.demo_summary --cohort demo_out/cohort --out demo_out
+    python -m bench.demo_summary --cohort demo_out/cohort --out demo_out --outcome-out demo_out/outcome
 
 Each section appears only when its artifacts exist, so the summary also works part-way through the pipeline. Paths
 under OUT come from the artifact registry (``pipeline.artifacts``).
@@ -201,38 +201,44 @@ def summarize_infer(out: Path) -> None:
         print(f"virtual CODEX: {n_ome} OME-TIFFs; preview: {previews[0]}")
 
 
+def _report_table(md: Path) -> None:
+    """The first results table of a ``report.md`` (and the comparisons of its primary row)."""
+    lines = md.read_text().splitlines()
+    keep = [ln for ln in lines if ln.startswith("|") or ln.startswith("##") or "patients," in ln]
+    print("\n".join(keep[:40]))
+
+
 def summarize_mica(cohort: Path, out: Path) -> None:
-    """Sections 07-09: feature bags, the per-fold c-index table (truth, MICA modes, clinical) and the IG checks."""
+    """Sections 07-09 of one output root: feature bags, the outcome reports (the run's own folds and independent
+    cohorts) and the IG checks against the generator's risk masks."""
     bags = {i["encoder"]: _existing(art.FEATURE_BAGS, out, **i) for i in art.FEATURE_BAGS.instances(out)}
     bags = {e: files for e, files in bags.items() if files}
     if bags:
-        _section("07 feature bags")
+        _section(f"07 feature bags ({out})")
         for e, files in bags.items():
             print(f"H&E {e}: {len(files)} slides in {art.FEATURE_BAGS.dir(out, encoder=e)}")
         for f in _existing(art.CODEX_FEATURE_TABLE, out):
             print(f"CODEX {f.stem}: {f}")
-    runs = {}
-    for mode in ("coattn", "path", "codex"):
-        matches = _existing(art.MICA_RUN, out, run=f"*{mode}*")
-        surv = [m for m in matches if "response" not in m.parent.name]
-        if surv:
-            runs[mode] = surv[0].parent.name
-    if not runs:
-        return
-    from bench.mica_vs_truth import format_table, ig_risk_auroc, outcome_table
-
-    _section("08 MICA survival, 5 folds (c-index on each fold's validation patients; truth = true_risk)")
-    df = outcome_table(cohort, out, runs, task="survival")
-    print(format_table(df, "c-index"))
-    print("(folds of a 12-slide cohort hold 1-2 patients: only the pooled row means anything here; "
-          "python -m bench.validate_mica runs the same on 200 patients)")
-    for run in runs.values():
-        ig = art.ATTRIBUTIONS.dir(out, run=run)
+    for rep in _existing(art.MICA_REPORT, out):
+        md = rep.parent / "report.md"
+        if md.exists():
+            _section(f"09 outcome report of {rep.parent.parent.name} (its own 5 folds, out of fold): {md}")
+            _report_table(md)
+    for pred in _existing(art.MICA_EXTERNAL, out):
+        md = pred.parent / "report.md"
+        _section(f"09 {pred.parent.parent.parent.name} on the independent cohort {pred.parent.name}: "
+                 f"{md if md.exists() else pred}")
+        if md.exists():
+            _report_table(md)
+    for run_dir in _existing(art.MICA_RUN, out):
+        ig = art.ATTRIBUTIONS.dir(out, run=run_dir.parent.name)
         if not ig.is_dir():
             continue
         import pandas as pd
 
-        _section(f"09 integrated gradients ({run})")
+        from bench.mica_vs_truth import ig_risk_auroc
+
+        _section(f"09 integrated gradients ({run_dir.parent.name})")
         summ = ig / "ig_summary.csv"
         if summ.exists():
             t = pd.read_csv(summ)
@@ -249,8 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cohort", type=Path, required=True, help="sample cohort folder (has ground_truth.json)")
     p.add_argument("--out", type=Path, required=True, help="pipeline output root")
+    p.add_argument("--outcome-out", type=Path, help="output root of the demo's outcome cohort (stages 01, 06-09; "
+                   "its cohort in OUTCOME_OUT/cohort)")
     a = p.parse_args(argv)
     summarize(a.cohort, a.out)
+    if a.outcome_out is not None and a.outcome_out.is_dir():
+        summarize_mica(a.outcome_out / "cohort", a.outcome_out)
     return 0
 
 

@@ -176,3 +176,32 @@ def format_table(df: pd.DataFrame, metric: str) -> str:
         n = "" if r["n_val"] != r["n_val"] else f"{int(r['n_val'])}"
         lines.append(f"{str(r['fold']):>8s} {n:>5s} " + " ".join(f"{r[c]:8.3f}" for c in cols))
     return "\n".join(lines)
+
+
+def write_truth_csv(cohort: Path, path: Path) -> Path:
+    """``case_id,risk,prob``: the generator's true risk and response probability per patient, the reference row
+    ``truth`` of ``mica.test --truth`` / ``mica.compare --truth``."""
+    scores = true_risk_scores(cohort)
+    df = pd.DataFrame({"case_id": list(scores), "risk": [v["true_risk"] for v in scores.values()],
+                       "prob": [v["true_response_prob"] for v in scores.values()]})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.mica_vs_truth --cohort COHORT --truth-csv FILE``: write the truth table of a synthetic
+    cohort (made by sample_data.make_cohort) for the outcome report."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.mica_vs_truth", description=main.__doc__)
+    p.add_argument("--cohort", type=Path, required=True, help="synthetic cohort (ground_truth.json inside)")
+    p.add_argument("--truth-csv", type=Path, required=True, help="output CSV case_id,risk,prob")
+    args = p.parse_args(argv)
+    print(write_truth_csv(args.cohort, args.truth_csv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

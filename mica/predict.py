@@ -45,31 +45,36 @@ def item_loss(logits: torch.Tensor, item: dict[str, Any], task: str, alpha: floa
 @torch.no_grad()
 def predict(model: torch.nn.Module, ds: BagDataset, device: torch.device, task: str, workers: int = 0,
             alpha: float = 0.0, desc: str = "predict") -> tuple[pd.DataFrame, float]:
-    """Per-item predictions (risk = -sum S for survival, sigmoid prob for response) and the mean loss."""
-    from mica.survival import risk_from_logits
+    """Per-item predictions (risk = -sum S for survival, sigmoid prob for response) and the mean loss over the
+    items with an outcome (NaN when none has one)."""
+    from mica.survival import risk_from_logits, survival_curve
 
     model.eval()
     rows, losses = [], []
     for item in tqdm(loader(ds, range(len(ds)), workers), total=len(ds), desc=desc, leave=False):
         logits = forward(model, item, device)
         row: dict[str, Any] = {"case_id": item["case_id"], "slides": ";".join(item["slides"])}
-        losses.append(float(item_loss(logits, item, task, alpha)))
+        labelled = int(item["y_bin"]) >= 0 if task == "survival" else bool(torch.isfinite(item["response"]))
+        if labelled:  # an independent cohort without outcome (or bins) has no loss
+            losses.append(float(item_loss(logits, item, task, alpha)))
         if task == "survival":
-            row.update(time=float(item["time"]), censorship=int(item["censorship"]), y_bin=int(item["y_bin"]),
+            row.update(time=float(item["time"]), censorship=float(item["censorship"]), y_bin=int(item["y_bin"]),
                        risk=float(risk_from_logits(logits)[0]))
-            row.update({f"logit_{k}": float(v) for k, v in enumerate(logits[0].cpu())})
+            row.update({f"surv_{k}": float(v) for k, v in enumerate(survival_curve(logits)[0].cpu())})
         else:
             z = float(logits[0, 0])
-            row.update(response=int(item["response"]), logit=z, prob=float(1 / (1 + np.exp(-z))))
+            row.update(response=float(item["response"]), logit=z, prob=float(1 / (1 + np.exp(-z))))
         rows.append(row)
     return pd.DataFrame(rows), float(np.mean(losses)) if losses else float("nan")
 
 
 def patient_table(pred: pd.DataFrame, task: str) -> pd.DataFrame:
-    """One row per patient: slide-level rows (``--unit slide``) averaged (risk / logit; prob recomputed)."""
+    """One row per patient: slide-level rows (``--unit slide``) averaged (risk, the discrete survival curve
+    ``surv_k`` = S_k, the probability to outlive hazard bin k, and the logit; prob recomputed)."""
     if task == "survival":
+        curve = {c: (c, "mean") for c in pred.columns if c.startswith("surv_")}
         return pred.groupby("case_id", sort=False).agg(time=("time", "first"), censorship=("censorship", "first"),
-                                                       risk=("risk", "mean")).reset_index()
+                                                       risk=("risk", "mean"), **curve).reset_index()
     g = pred.groupby("case_id", sort=False).agg(response=("response", "first"), logit=("logit", "mean")).reset_index()
     g["prob"] = 1 / (1 + np.exp(-g["logit"]))
     return g

@@ -37,7 +37,7 @@ import argparse
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from mica.attribution.explain import IGOptions, check_ig, cohort_marker_attribut
 from mica.checkpoint import check_fold_files, load_fold_model
 from mica.checkpoint import write_csv as _write_csv
 from mica.clinical import split_path
+from mica.compare import ReportOptions, add_report_args, check_report_options
 from mica.dataset import BagDataset, FeatureSource, build_fold, check_fold_inputs
 from mica.fold_inputs import changed_inputs, fold_inputs
 from mica.predict import patient_table, predict
@@ -86,7 +87,31 @@ class TestConfig:
     ig_limit: int = 0
     thumbnail_size: int = 1024
     overwrite: bool = False
+    report: bool = True
+    compare: list[str] = field(default_factory=list)
+    truth: Path | None = None
+    covariates: list[str] | None = None
+    bootstrap: int = 1000
+    seed: int = 0
+    times: list[float] | None = None
+    tau: float | None = None
+    external_cohort: Path | None = None
+    external_out: Path | None = None
+    external_name: str | None = None
+    external_clinical: Path | None = None
     log_level: str = "INFO"
+
+    @property
+    def options(self) -> ReportOptions:
+        return ReportOptions(list(self.compare), self.truth, self.covariates, self.bootstrap, self.seed, self.times,
+                             self.tau)
+
+    @property
+    def external(self) -> str | None:
+        """The independent cohort's name (``--external-name``, else the cohort folder's name), or None."""
+        if self.external_out is None:
+            return None
+        return self.external_name or (self.external_cohort or self.external_out).resolve().name
 
     @property
     def run_dir(self) -> Path:
@@ -118,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("--overwrite", action="store_true",
                     help="recompute IG files that exist, also those made with other IG settings (metrics and plots "
                          "are always recomputed)")
+    add_report_args(p)
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="skip the outcome report (report.csv/.md, comparisons, figures with bootstrap CIs)")
+    ext = p.add_argument_group("independent cohort (apply the trained run; stage 09 on the run itself first)")
+    ext.add_argument("--external-out", type=Path, help="the independent cohort's output root (its stages 01, 06 and "
+                     "07 with the run's encoders): scores it instead of the run's folds")
+    ext.add_argument("--external-cohort", type=Path, help="its cohort folder (clinical.csv: case ids and, when "
+                     "known, the outcome); without one each slide is a patient and there is no outcome")
+    ext.add_argument("--external-clinical", type=Path, help="its clinical CSV (default EXTERNAL_COHORT/clinical.csv)")
+    ext.add_argument("--external-name", help="its name under OUT/mica_runs/RUN/external/ (default: the cohort "
+                     "folder's name)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -132,12 +168,22 @@ def make_config(args: argparse.Namespace) -> TestConfig:
                                   ("--workers", cfg.workers, cfg.workers >= 0, ">= 0"),
                                   ("--folds", cfg.folds, not cfg.folds or min(cfg.folds) >= 0, "fold indices >= 0")):
         require(ok, f"{flag} {value}: must be {want}")
+    check_report_options(cfg.options)
+    require(cfg.external_out is None or cfg.external_out.is_dir(),
+            f"--external-out {cfg.external_out} is not a folder (the independent cohort's OUT)")
+    require(cfg.external_out is not None or (cfg.external_cohort is None and cfg.external_clinical is None),
+            "--external-cohort/--external-clinical need --external-out (where its features are)")
+    require(cfg.external_out is None or not cfg.ig, "--ig explains the run's own folds: drop it with --external-out")
     load_run_config(cfg.run_dir)
     return cfg
 
 
 def prepare(cfg: TestConfig, ctx: Context) -> None:
     """The output folders (``test/``, and ``ig/`` with ``--ig``) are writable, before the log file opens."""
+    if cfg.external is not None:
+        ensure_writable(art.MICA_EXTERNAL.dir(cfg.out, run=cfg.run_name, cohort=cfg.external), "output folder",
+                        f"check {cfg.run_dir}")
+        return
     for d in (cfg.run_dir / "test", *([art.ATTRIBUTIONS.dir(cfg.out, run=cfg.run_name)] if cfg.ig else [])):
         ensure_writable(d, "output folder", f"check {cfg.run_dir}")
 
@@ -216,27 +262,29 @@ def check_trained_inputs(fold_dir: Path, fold: int, source: FeatureSource, mode:
 
 
 def evaluate_fold(model: torch.nn.Module, train_ds: BagDataset, val_ds: BagDataset, task: str, device: torch.device,
-                  workers: int = 0) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
-    """Patient-level val predictions (+ risk group), the fold's metrics and its time-dependent AUC rows."""
+                  workers: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], pd.DataFrame]:
+    """Patient-level val and train predictions (val with its risk group), the fold's metrics and its
+    time-dependent AUC rows."""
     from mica import survival as sv
 
     val = patient_table(predict(model, val_ds, device, task, workers, desc="val")[0], task)
-    slides = {}
-    for u in val_ds.units:
-        slides.setdefault(u.case_id, []).extend(u.slides)
-    val.insert(1, "slides", [";".join(slides[c]) for c in val["case_id"]])
-    if task == "response":
-        return val, {"auc": sv.binary_auc(val["response"], val["prob"]), "n_val": len(val)}, pd.DataFrame()
     train = patient_table(predict(model, train_ds, device, task, workers, desc="train")[0], task)
+    for table, ds in ((val, val_ds), (train, train_ds)):
+        slides: dict[str, list[str]] = {}
+        for u in ds.units:
+            slides.setdefault(u.case_id, []).extend(u.slides)
+        table.insert(1, "slides", [";".join(slides[c]) for c in table["case_id"]])
+    if task == "response":
+        return val, train, {"auc": sv.binary_auc(val["response"], val["prob"]), "n_val": len(val)}, pd.DataFrame()
     thr = sv.median_threshold(train["risk"])
     high = val["risk"].to_numpy() > thr
-    val["risk_group"] = np.where(high, "high", "low")
+    val.insert(val.columns.get_loc("risk") + 1, "risk_group", np.where(high, "high", "low"))
     times, aucs, mean_auc = sv.time_dependent_auc(train["time"], train["censorship"], val["time"],
                                                   val["censorship"], val["risk"])
     m = {"c_index": sv.c_index(val["time"], val["censorship"], val["risk"]), "td_auc_mean": mean_auc,
          "logrank_p": sv.logrank_pvalue(val["time"], val["censorship"], high), "risk_threshold": thr,
          "n_val": len(val), "n_events": int((val["censorship"] == 0).sum()), "n_high": int(high.sum())}
-    return val, m, pd.DataFrame({"time": times, "auc": aucs})
+    return val, train, m, pd.DataFrame({"time": times, "auc": aucs})
 
 
 def summarise(rows: list[dict[str, Any]], metric_cols: Sequence[str]) -> pd.DataFrame:
@@ -290,9 +338,10 @@ def evaluate(cfg: TestConfig) -> dict[str, Any]:
         fold_dir = run_dir / f"fold_{k}"
         model, meta = load_fold_model(fold_dir, device)
         train_ds, val_ds = inputs.fold(k, meta.get("bin_edges"))
-        val, m, td = evaluate_fold(model, train_ds, val_ds, inputs.task, device, cfg.workers)
+        val, train, m, td = evaluate_fold(model, train_ds, val_ds, inputs.task, device, cfg.workers)
         val.insert(0, "fold", k)
         _write_csv(val, fold_dir / "test_predictions.csv")
+        _write_csv(train, fold_dir / "train_predictions.csv")
         pooled.append(val)
         rows.append({"fold": str(k), **m, "epoch": meta["epoch"] + 1})
         if inputs.task == "survival":
@@ -332,20 +381,70 @@ def evaluate(cfg: TestConfig) -> dict[str, Any]:
                           "median_rel_delta": float(np.nanmedian(ig["delta"]))}
         log.info("IG: %d slides, completeness |delta| / |f(x)-f(b)|: median %.2g, max %.2g", len(ig),
                  summary["ig"]["median_rel_delta"], summary["ig"]["max_rel_delta"])
+    if cfg.report:
+        from mica.compare import internal_report
+        from mica.study.report import summary_lines
+
+        result = internal_report(cfg.out, [cfg.run_name, *cfg.compare], cfg.options)
+        summary["report"] = summary_lines(result, result.settings["rows"][0],
+                                          "clinical" if "clinical" in result.settings["rows"] else None)
     write_json(test_dir / "summary.json", summary)
     log.info("test summary (%s):\n%s", test_dir / "summary.csv", table.to_string(index=False))
     line = final_line(cfg.run_name, rows, metric, ig_report)
+    if summary.get("report"):
+        line += f"; pooled: {', '.join(summary['report'])}"
     (log.error if ig_report is not None and ig_report.failed else log.info)("%s", line)
     return summary
 
 
+def evaluate_external(cfg: TestConfig) -> pd.DataFrame:
+    """Apply the run's fold models to an independent cohort (:mod:`mica.external`) and, when it has outcomes,
+    write its report; returns the predictions table."""
+    from mica.compare import EXTERNAL_RECORD, external_report
+    from mica.external import apply_run, read_external_clinical
+    from mica.study.predictions import load_run
+
+    run_cfg = load_run_config(cfg.run_dir)
+    tables = load_run(cfg.run_dir, cfg.folds)
+    name = cfg.external
+    assert name is not None and cfg.external_out is not None
+    dest = art.MICA_EXTERNAL.dir(cfg.out, run=cfg.run_name, cohort=name)
+    run_source = feature_source(config_from_record(run_cfg, out=cfg.out))
+    ext_source = feature_source(config_from_record(run_cfg, out=cfg.external_out, features_dir=None,
+                                                   codex_features=None))
+    clinical = read_external_clinical(cfg.external_cohort, cfg.external_clinical, tables.task)
+    save_config(dest, cfg)
+    pred, _ = apply_run(tables, run_source, ext_source, clinical, dest, resolve_device(cfg.device), cfg.workers)
+    clin_path = cfg.external_clinical or (cfg.external_cohort / "clinical.csv" if cfg.external_cohort else None)
+    write_json(dest / EXTERNAL_RECORD, {"name": name, "cohort": None if cfg.external_cohort is None else
+                                        str(cfg.external_cohort.resolve()), "out": str(cfg.external_out.resolve()),
+                                        "clinical": str(clin_path) if clinical is not None and clin_path else None,
+                                        "patients": len(pred), "folds": [f.fold for f in tables.folds]})
+    line = f"mica.test {cfg.run_name} on {name}: {len(pred)} patients scored by {len(tables.folds)} folds"
+    if cfg.report:
+        result = external_report(cfg.out, [cfg.run_name, *cfg.compare], name, cfg.options)
+        if result is not None:
+            from mica.study.report import summary_lines
+
+            line += "; " + ", ".join(summary_lines(result, result.settings["rows"][0], "clinical" if "clinical" in
+                                                   result.settings["rows"] else None))
+        else:
+            line += " (no outcome: risk table and groups only)"
+    log.info("%s", line)
+    return pred
+
+
 def run(cfg: TestConfig, ctx: Context) -> int:
     """Stage 09 (see the module docstring); exit code 0, or 1 when an IG unit failed."""
+    if cfg.external is not None:
+        evaluate_external(cfg)
+        return 0
     return EXIT_FAILED if evaluate(cfg).get("ig", {}).get("failed") else 0
 
 
 STAGE = Stage("mica.test", build_parser, make_config, run=run, prepare=prepare,
-              log_file=lambda cfg: cfg.run_dir / "test" / "test.log",
+              log_file=lambda cfg: (cfg.run_dir / "test" / "test.log" if cfg.external is None else
+                                    art.MICA_EXTERNAL.dir(cfg.out, run=cfg.run_name, cohort=cfg.external) / "test.log"),
               resume_hint="run the same command again to resume (metrics are recomputed, IG slides already done are "
                           "skipped)")
 

@@ -163,16 +163,22 @@ def external_report(out: Path, runs: Sequence[str], name: str, opts: ReportOptio
     if ext_clin is not None:
         covariates = [c for c in covariates if c in ext_clin.columns]
     truth = read_truth(opts.truth, primary.task) if opts.truth else None
-    if len(runs) > 1:
-        log.warning("--compare/--runs beyond the first are not applied to an independent cohort yet: report of %s only",
-                    runs[0])
+    others = []
+    for r in runs[1:]:
+        d = art.MICA_EXTERNAL.dir(out, run=r, cohort=name)
+        if not (d / "predictions.csv").is_file():
+            raise PipelineError(f"{d / 'predictions.csv'} does not exist: apply run {r} to {name} first (python -m "
+                                f"mica.test --run-name {r} --external-out ... --external-name {name} --no-report)")
+        others.append((load_run(art.MICA_RUN.dir(out, run=r)),
+                       pd.read_csv(d / "predictions.csv", dtype={"case_id": str}),
+                       pd.read_csv(d / "fold_predictions.csv", dtype={"case_id": str})))
     times = None
     if primary.task == "survival":
         probe = Cohort(name, "survival", ext["case_id"].to_numpy(), time=ext["time"].to_numpy(float),
                        event=ext["censorship"].to_numpy(float) == 0)
         times, _ = study_times(probe, settings_of(opts))
     cohort, rows, groups, notes = external_rows(primary, ext, fold_preds, train_clin, ext_clin, covariates, times,
-                                                name, truth)
+                                                name, truth, others)
     settings = settings_of(opts, "", notes)
     settings.times = None if times is None else [float(t) for t in times]
     dest = dest or ext_dir

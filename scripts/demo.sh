@@ -7,6 +7,11 @@ SEED=${SEED:-0}
 TISSUE_MM=${TISSUE_MM:-1.5}              # side of each synthetic tissue section, mm
 HEX_EPOCHS=${HEX_EPOCHS:-40}             # epochs of the tiny HEX model
 MICA_EPOCHS=${MICA_EPOCHS:-20}           # epochs of each MICA fold (paper: 20)
+MICA_EXTRA=${MICA_EXTRA:---grad-accum 8} # flags for mica.train: ~50 training patients per fold make 2 optimizer steps
+                                         # per epoch with the original's accumulation of 32; 8 gives 6
+OUTCOME_PATIENTS=${OUTCOME_PATIENTS:-64}  # patients (one small section each) of the outcome cohort of stages 07-09
+OUTCOME_TISSUE_MM=${OUTCOME_TISSUE_MM:-0.6}  # their section diameter, mm
+BOOTSTRAP=${BOOTSTRAP:-200}              # bootstrap resamples of the outcome report (a paper: 1000)
 WORKERS=${WORKERS:-2}
 HEX_EXTRA=${HEX_EXTRA:---save-every 10}  # flags for hex.train in stage 04 (its EXTRA), e.g. "--save-every 5 --lr 3e-4"
 set -euo pipefail
@@ -27,7 +32,7 @@ run_stage() {  # run_stage NAME command...; a failed stage prints the summary so
 print_summary() {
   echo; echo "=== demo summary ($(( $(date +%s) - start )) s) ==="
   printf '  %s\n' "${status[@]}"
-  python -m bench.demo_summary --cohort "$COHORT" --out "$OUT" || true
+  python -m bench.demo_summary --cohort "$COHORT" --out "$OUT" --outcome-out "$DEMO_OUT/outcome" || true
 }
 if [ ! -f "$COHORT/ground_truth.json" ]; then
   run_stage "sample cohort" python -m sample_data.make_cohort --out "$COHORT" --slides "$SLIDES" --seed "$SEED" \
@@ -49,13 +54,36 @@ RUN=demo_tiny WORKERS=0 GPUS=0 EXTRA="--visible-markers $COHORT/ground_truth.jso
 RUN=demo_tiny WORKERS=0 GPUS=0 run_stage "06 WSI inference" bash scripts/06_infer_wsi.sh
 # feature bags: H&E = the demo HEX run's backbone (no pretrained MUSK here), CODEX = stats descriptors of the maps
 HEX_RUN=demo_tiny CODEX_ENCODER=stats WORKERS=0 run_stage "07 features" bash scripts/07_features.sh
-# MICA, 5 folds, survival: co-attention (the paper) and the two single-modality modes; IG for co-attention
+# MICA needs patients: an outcome cohort of OUTCOME_PATIENTS small sections (another seed) through stages 01, 06
+# and 07 with the demo's HEX run, then MICA (5 folds, survival) in the three modes on it. The 12-slide cohort above
+# (made with another seed) is its independent cohort.
+OC="$DEMO_OUT/outcome/cohort" OO="$DEMO_OUT/outcome"
+HEX_CKPT="$DEMO_OUT/runs/demo_tiny/best.safetensors"
+if [ ! -f "$OC/ground_truth.json" ]; then
+  run_stage "outcome cohort" python -m sample_data.make_cohort --out "$OC" --slides "$OUTCOME_PATIENTS" --no-codex \
+    --patients "$OUTCOME_PATIENTS" --seed $((SEED + 100)) --tissue-mm "$OUTCOME_TISSUE_MM" --workers "$WORKERS"
+else
+  status+=("outcome cohort: reused $OC (delete it to rebuild)")
+fi
+python -m bench.mica_vs_truth --cohort "$OC" --truth-csv "$OO/truth.csv" >/dev/null
+COHORT=$OC OUT=$OO run_stage "01 patch (outcome cohort)" bash scripts/01_patch.sh
+COHORT=$OC OUT=$OO RUN=demo_tiny CHECKPOINT=$HEX_CKPT WORKERS=0 GPUS=0 \
+  run_stage "06 WSI inference (outcome cohort)" bash scripts/06_infer_wsi.sh
+COHORT=$OC OUT=$OO ENCODER=hex:demo_tiny WEIGHTS=$HEX_CKPT CODEX_ENCODER=stats WORKERS=0 \
+  run_stage "07 features (outcome cohort)" bash scripts/07_features.sh
 for mode in coattn path codex; do
-  MODE=$mode TASK=survival RUN=demo_$mode ENCODER=hex:demo_tiny CODEX_ENCODER=stats EPOCHS=${MICA_EPOCHS:-20} \
-    WORKERS=0 run_stage "08 train MICA ($mode)" bash scripts/08_train_mica.sh
+  COHORT=$OC OUT=$OO MODE=$mode TASK=survival RUN=demo_$mode ENCODER=hex:demo_tiny CODEX_ENCODER=stats EXTRA="$MICA_EXTRA" \
+    EPOCHS=$MICA_EPOCHS WORKERS=0 run_stage "08 train MICA ($mode)" bash scripts/08_train_mica.sh
 done
-MODE=coattn TASK=survival RUN=demo_coattn IG=1 WORKERS=0 run_stage "09 test MICA (coattn, IG)" bash scripts/09_test_mica.sh
 for mode in path codex; do
-  MODE=$mode TASK=survival RUN=demo_$mode IG=0 WORKERS=0 run_stage "09 test MICA ($mode)" bash scripts/09_test_mica.sh
+  COHORT=$OC OUT=$OO MODE=$mode RUN=demo_$mode IG=0 WORKERS=0 EXTRA="--no-report" \
+    run_stage "09 test MICA ($mode)" bash scripts/09_test_mica.sh
 done
+# the report: coattn with path, codex, the clinical model (age, stage), coattn+clinical and the generator's truth
+COHORT=$OC OUT=$OO MODE=coattn RUN=demo_coattn IG=1 WORKERS=0 COMPARE="demo_path demo_codex" TRUTH="$OO/truth.csv" \
+  BOOTSTRAP=$BOOTSTRAP run_stage "09 test MICA (coattn, report, IG)" bash scripts/09_test_mica.sh
+# the trained coattn run applied to the independent 12-slide cohort (its stages 01, 06, 07 ran above)
+python -m bench.mica_vs_truth --cohort "$COHORT" --truth-csv "$DEMO_OUT/truth.csv" >/dev/null
+COHORT=$OC OUT=$OO RUN=demo_coattn EXTERNAL="$COHORT" EXTERNAL_OUT="$DEMO_OUT" TRUTH="$DEMO_OUT/truth.csv" \
+  BOOTSTRAP=$BOOTSTRAP WORKERS=0 run_stage "09 MICA on the independent cohort" bash scripts/09_test_mica.sh
 print_summary

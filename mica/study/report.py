@@ -14,6 +14,8 @@ independent cohort; :data:`pipeline.artifacts.MICA_REPORT`):
 - ``cox_multivariable.csv`` (survival, when covariates are given): HR per SD of the primary row's risk with the
   clinical covariates, 95% CI, p and the Schoenfeld test of proportional hazards (:mod:`mica.study.cox`);
 - ``report.md`` (a results table), ``report.json`` (the settings: times, tau, resamples, seed, scaling);
+- ``predictions.csv`` (``report_predictions.csv`` for an independent cohort, whose ``predictions.csv`` is the
+  ensemble's table): per patient its fold, outcome, every row's score and the primary row's ``risk_group``;
 - figures: ``km_risk_groups.png`` (Kaplan-Meier of the primary row's risk groups with CI bands and the
   number at risk), ``forest_cox.png``, ``compare_{metric}.png`` (all rows with CIs), ``roc.png`` with its bootstrap
   band and ``calibration.png`` (response).
@@ -193,7 +195,7 @@ def _fmt(v: float, lo: float | None = None, hi: float | None = None, digits: int
         return "n/a"
     s = f"{v:.{digits}f}"
     if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
-        s += f" ({lo:.{digits}f}-{hi:.{digits}f})"
+        s += f" ({lo:.{digits}f} to {hi:.{digits}f})"
     return s
 
 
@@ -285,6 +287,8 @@ def write_report(dest: str | Path, cohort: Cohort, rows: Sequence[Row], settings
     write_csv(result.report, dest / "report.csv")
     write_csv(result.folds, dest / "report_folds.csv")
     write_csv(result.comparisons, dest / "comparisons.csv")
+    write_csv(rows_frame(cohort, rows, None if groups is None else {"risk_group": np.where(groups, "high", "low")}),
+              dest / "predictions.csv" if cohort.fold is not None else dest / "report_predictions.csv")
     figures: list[str] = []
     cox = gp = None
     by_name = {r.name: r for r in rows}

@@ -145,6 +145,18 @@ def internal_rows(primary: RunTables, others: Sequence[RunTables], clinical: pd.
     return cohort, rows, groups, notes
 
 
+def _fold_curves(run: RunTables, fold_preds: pd.DataFrame, ids: np.ndarray, times: np.ndarray | None
+                 ) -> dict[int, np.ndarray]:
+    """{fold: (N,T) survival at ``times``} of each fold model on the patients ``ids`` (fold_predictions.csv)."""
+    if times is None:
+        return {}
+    out = {}
+    for f in run.folds:
+        fp = fold_preds[fold_preds["fold"] == f.fold].set_index("case_id").loc[list(ids)].reset_index()
+        out[f.fold] = fold_survival_at(f, fp, times)
+    return out
+
+
 def _truth_row(truth: pd.Series, ids: np.ndarray) -> Row:
     missing = [c for c in ids if c not in truth.index]
     if missing:
@@ -154,11 +166,13 @@ def _truth_row(truth: pd.Series, ids: np.ndarray) -> Row:
 
 def external_rows(primary: RunTables, ext: pd.DataFrame, fold_preds: pd.DataFrame, train_clinical: pd.DataFrame
                   | None, ext_clinical: pd.DataFrame | None, covariates: Sequence[str], times: np.ndarray | None,
-                  cohort_name: str, truth: pd.Series | None = None) -> tuple[Cohort, list[Row], np.ndarray | None,
-                                                                             list[str]]:
+                  cohort_name: str, truth: pd.Series | None = None,
+                  others: Sequence[tuple[RunTables, pd.DataFrame, pd.DataFrame]] = ()
+                  ) -> tuple[Cohort, list[Row], np.ndarray | None, list[str]]:
     """Rows of an independent cohort from :func:`mica.external.apply_run`'s tables (``ext`` = predictions.csv,
     ``fold_preds`` = fold_predictions.csv); clinical models fitted on ``train_clinical`` (the training cohort,
-    one row per patient, index case_id)."""
+    one row per patient, index case_id). ``others``: (run, predictions, fold predictions) of other runs applied to
+    the same cohort, each a row (its fold ensemble)."""
     from mica.external import training_ensemble
 
     task = primary.task
@@ -168,18 +182,26 @@ def external_rows(primary: RunTables, ext: pd.DataFrame, fold_preds: pd.DataFram
                         event=(ext["censorship"].to_numpy(float) == 0))
     else:
         cohort = Cohort(cohort_name, task, ids, response=ext["response"].to_numpy(float))
-    name = primary.mode
-    fold_surv = {}
-    if task == "survival" and times is not None:
-        for f in primary.folds:
-            fp = fold_preds[fold_preds["fold"] == f.fold].set_index("case_id").loc[ids].reset_index()
-            fold_surv[f.fold] = fold_survival_at(f, fp, times)
+    runs = [primary, *(o[0] for o in others)]
+    name = row_name(primary, runs)
     key = "risk" if task == "survival" else "prob"
+    fold_surv = _fold_curves(primary, fold_preds, ids, times) if task == "survival" else {}
     ens = ext[key].to_numpy(float)
     ens_surv = np.mean(list(fold_surv.values()), axis=0) if fold_surv else None
     rows = [Row(name, ens, ens_surv)]
     rows += [Row(f"{name} fold {f.fold}", ext[f"{key}_fold{f.fold}"].to_numpy(float), fold_surv.get(f.fold))
              for f in primary.folds]
+    for run, pred, fp in others:
+        if run.task != task:
+            raise PipelineError(f"run {run.run} is a {run.task} run, {primary.run} a {task} run")
+        p = pred.set_index("case_id")
+        missing = [c for c in ids if c not in p.index]
+        if missing:
+            raise PipelineError(f"run {run.run} on {cohort_name} has no prediction of {len(missing)} patients "
+                                f"({', '.join(missing[:3])}); apply it to the same cohort again")
+        curves = _fold_curves(run, fp, ids, times) if task == "survival" else {}
+        rows.append(Row(row_name(run, runs), p.loc[list(ids), key].to_numpy(float),
+                        np.mean(list(curves.values()), axis=0) if curves else None))
     notes = [f"{name} = mean of the {len(primary.folds)} fold models ({'raw risk' if task == 'survival' else 'prob'}"
              f"{', survival curves' if fold_surv else ''}); '{name} fold k' = fold k's model alone"]
     if train_clinical is not None and ext_clinical is not None and covariates:

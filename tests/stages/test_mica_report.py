@@ -86,8 +86,11 @@ def test_compare_cli_rebuilds_the_same_report(runs, tmp_path) -> None:
 
 def test_external_path_on_the_runs_own_cohort_reproduces_each_folds_val_risk(runs) -> None:
     root, _ = runs
+    assert mtest.main(["--out", str(root), "--run-name", "c", "--external-out", str(root), "--external-cohort",
+                       str(root), "--external-name", "self", "--no-report"]) == 0
     assert mtest.main(["--out", str(root), "--run-name", "p", "--external-out", str(root), "--external-cohort",
-                       str(root), "--external-name", "self", "--bootstrap", "30", "--covariates", "age"]) == 0
+                       str(root), "--external-name", "self", "--bootstrap", "30", "--covariates", "age",
+                       "--compare", "c"]) == 0
     d = root / "mica_runs/p/external/self"
     pred = pd.read_csv(d / "predictions.csv", dtype={"case_id": str}).set_index("case_id")
     assert {"risk", "risk_fold0", "risk_fold1", "risk_fold2", "risk_group", "time", "censorship"} <= set(pred.columns)
@@ -97,7 +100,7 @@ def test_external_path_on_the_runs_own_cohort_reproduces_each_folds_val_risk(run
         np.testing.assert_allclose(pred.loc[val["case_id"], f"risk_fold{k}"].to_numpy(), val["risk"].to_numpy(),
                                    rtol=1e-6, atol=1e-6)
     rep = pd.read_csv(d / "report.csv")
-    assert {"path", "path fold 0", "clinical", "path+clinical"} <= set(rep["row"])
+    assert {"path", "path fold 0", "codex", "clinical", "path+clinical"} <= set(rep["row"])
 
 
 def test_external_without_outcome_gives_the_risk_table_only(runs, tmp_path, caplog) -> None:
@@ -146,3 +149,27 @@ def test_external_with_other_encoder_weights_stops(runs, tmp_path, caplog) -> No
         shutil.rmtree(root / "features/synth/done")
     err = _error_lines(caplog)
     assert len(err) == 1 and "H&E bags were made otherwise than the run's" in err[0] and "b" * 64 in err[0]
+
+
+def test_response_report(tmp_path) -> None:
+    """A response run: AUC, balanced accuracy and Brier with CIs, the clinical rows, ROC with its band and the
+    calibration curve; the external path writes prob and prob_fold{k}."""
+    write_synthetic_bags(tmp_path, n_patients=30, n_folds=2, seed=4, two_slide_every=0)
+    assert mt.main(["--cohort", str(tmp_path), "--out", str(tmp_path), "--run-name", "r", "--mode", "codex",
+                    "--task", "response", "--folds", "0", "1", *TRAIN]) == 0
+    assert mtest.main(["--out", str(tmp_path), "--run-name", "r", "--bootstrap", "40", "--covariates", "age"]) == 0
+    d = tmp_path / "mica_runs/r/test"
+    rep = pd.read_csv(d / "report.csv")
+    assert set(rep["row"]) == {"codex", "clinical", "codex+clinical"}
+    assert set(rep["metric"]) == {"auc", "balanced_accuracy", "brier"}
+    auc = rep[(rep["metric"] == "auc") & (rep["row"] == "codex")].iloc[0]
+    pooled = pd.concat(pd.read_csv(d.parent / f"fold_{k}/test_predictions.csv") for k in range(2))
+    from sklearn.metrics import roc_auc_score
+
+    assert auc["value"] == pytest.approx(roc_auc_score(pooled["response"], pooled["prob"]), abs=1e-12)
+    for f in ("roc.png", "calibration.png", "calibration.csv", "compare_auc.png"):
+        assert (d / f).is_file(), f
+    assert mtest.main(["--out", str(tmp_path), "--run-name", "r", "--external-out", str(tmp_path),
+                       "--external-cohort", str(tmp_path), "--external-name", "self", "--bootstrap", "20"]) == 0
+    pred = pd.read_csv(tmp_path / "mica_runs/r/external/self/predictions.csv")
+    assert {"prob", "prob_fold0", "prob_fold1", "response"} <= set(pred.columns)

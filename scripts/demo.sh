@@ -7,8 +7,8 @@ SEED=${SEED:-0}
 TISSUE_MM=${TISSUE_MM:-1.5}              # side of each synthetic tissue section, mm
 HEX_EPOCHS=${HEX_EPOCHS:-40}             # epochs of the tiny HEX model
 MICA_EPOCHS=${MICA_EPOCHS:-20}           # epochs of each MICA fold (paper: 20)
-MICA_EXTRA=${MICA_EXTRA:---grad-accum 8} # flags for mica.train: ~50 training patients per fold make 2 optimizer steps
-                                         # per epoch with the original's accumulation of 32; 8 gives 6
+MICA_EXTRA=${MICA_EXTRA:---grad-accum 8} # flags for mica.train in stage 08, e.g. "--grad-accum 32" (the original's:
+                                         # ~50 training patients per fold then make 2 optimizer steps per epoch)
 OUTCOME_PATIENTS=${OUTCOME_PATIENTS:-64}  # patients (one small section each) of the outcome cohort of stages 07-09
 OUTCOME_TISSUE_MM=${OUTCOME_TISSUE_MM:-0.6}  # their section diameter, mm
 BOOTSTRAP=${BOOTSTRAP:-200}              # bootstrap resamples of the outcome report (a paper: 1000)

@@ -13,9 +13,9 @@ generator's truth (``COMPARE``, ``TRUTH``) -> ``OUT/mica_runs/val_coattn_{task}/
 gradients for the co-attention survival model.
 
 Independent cohort (``--external-patients``, another seed and another site: the 40x twin, ``--external-he-mpp
-0.25``): 01, 02 and 03 under its own output root, 05 scores the HEX run on its labelled slides (``EXTERNAL``), 06
-and 07 with the internal HEX run (``CHECKPOINT``, ``WEIGHTS``), and 09 applies every MICA run to it (``EXTERNAL``,
-``EXTERNAL_OUT``) -> ``OUT/mica_runs/val_coattn_{task}/external/{cohort}/report.md``.
+0.25``): 01 under its own output root (with ``--external-hex`` also 02 and 03, and 05 scores the HEX run on its
+labelled slides, ``EXTERNAL``), 06 and 07 with the internal HEX run (``CHECKPOINT``, ``WEIGHTS``), and 09 applies
+every MICA run to it (``EXTERNAL``, ``EXTERNAL_OUT``) -> ``OUT/mica_runs/val_coattn_{task}/external/{cohort}/``.
 
 Every stage skips what it finished, so a rerun continues. The tables go to ``OUT/validation.md``; the exit status
 is 1 when a target is missed: coattn above clinical with the paired 95% CI of the difference in Harrell's C (AUC
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-patients", type=int, default=100, help="its patients (0: no independent cohort)")
     p.add_argument("--external-seed", type=int, default=2)
     p.add_argument("--external-he-mpp", type=float, default=0.25, help="its H&E µm/px (0.25: the 40x twin)")
+    p.add_argument("--external-hex", action="store_true",
+                   help="also stages 02-03 on it and HEX scored on its labelled slides (stage 05 EXTERNAL)")
     p.add_argument("--workers", type=int, default=2, help="slides in parallel in stages 01-03")
     p.add_argument("--hex-epochs", type=int, default=15, help="epochs of the tiny HEX model")
     p.add_argument("--mica-epochs", type=int, default=20, help="epochs of each MICA fold (paper: 20)")
@@ -139,12 +141,13 @@ def external(args: argparse.Namespace, out: Path, log: Path, times: dict[str, fl
                                            args.workers, args.external_he_mpp)
     truth = write_truth(ext, eout / "truth.csv")
     base = {"COHORT": str(ext), "OUT": str(eout), "WORKERS": str(args.workers)}
-    for s in ("01_patch.sh", "02_register.sh", "03_quantify.sh"):
-        times[f"ext {s}"] = run_script(s, base, log)
     ckpt = str(art.HEX_RUN.path(out, run=HEX_RUN))
-    times["ext 05 (HEX on the independent cohort)"] = run_script(
-        "05_test_hex.sh", {"COHORT": str(ext), "OUT": str(out), "RUN": HEX_RUN, "WORKERS": "0", "EXTERNAL": str(ext),
-                           "EXTERNAL_OUT": str(eout)}, log)
+    for s in ("01_patch.sh", *(("02_register.sh", "03_quantify.sh") if args.external_hex else ())):
+        times[f"ext {s}"] = run_script(s, base, log)
+    if args.external_hex:
+        times["ext 05 (HEX on the independent cohort)"] = run_script(
+            "05_test_hex.sh", {"COHORT": str(ext), "OUT": str(out), "RUN": HEX_RUN, "WORKERS": "0",
+                               "EXTERNAL": str(ext), "EXTERNAL_OUT": str(eout)}, log)
     times["ext 06"] = run_script("06_infer_wsi.sh", {**base, "RUN": HEX_RUN, "CHECKPOINT": ckpt, "WORKERS": "1"}, log)
     times["ext 07"] = run_script("07_features.sh", {**base, "ENCODER": f"hex:{HEX_RUN}", "WEIGHTS": ckpt,
                                                     "CODEX_ENCODER": "stats", "WORKERS": "1"}, log)

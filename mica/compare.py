@@ -43,9 +43,10 @@ EXTERNAL_RECORD = "external.json"
 """Written by ``mica.test --external-cohort`` beside predictions.csv: where the independent cohort came from."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ReportOptions:
-    """How stage 09 and ``mica.compare`` score a report (the flags of the same names)."""
+    """How stage 09 and ``mica.compare`` score a report (the flags of the same names); the base of both stages'
+    configs."""
 
     compare: list[str] = field(default_factory=list)
     truth: Path | None = None
@@ -198,24 +199,14 @@ def _log_result(result: StudyResult, primary: str, dest: Path) -> None:
 
 
 @dataclass
-class CompareConfig:
-    """``python -m mica.compare``'s settings (the flags of the same names)."""
+class CompareConfig(ReportOptions):
+    """``python -m mica.compare``'s settings (the flags of the same names; ``compare`` unused: ``runs``)."""
 
     out: Path
     runs: list[str]
     external: str | None = None
     dest: Path | None = None
-    truth: Path | None = None
-    covariates: list[str] | None = None
-    bootstrap: int = 1000
-    seed: int = 0
-    times: list[float] | None = None
-    tau: float | None = None
     log_level: str = "INFO"
-
-    @property
-    def options(self) -> ReportOptions:
-        return ReportOptions([], self.truth, self.covariates, self.bootstrap, self.seed, self.times, self.tau)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_config(args: argparse.Namespace) -> CompareConfig:
     cfg = config_from_args(CompareConfig, args)
-    check_report_options(cfg.options)
+    check_report_options(cfg)
     require(len(set(cfg.runs)) == len(cfg.runs), f"--runs {cfg.runs}: a run is named twice")
     for r in cfg.runs:
         d = art.MICA_RUN.dir(cfg.out, run=r)
@@ -243,9 +234,9 @@ def make_config(args: argparse.Namespace) -> CompareConfig:
 
 def run(cfg: CompareConfig, ctx: Context) -> int:
     if cfg.external:
-        external_report(cfg.out, cfg.runs, cfg.external, cfg.options, cfg.dest)
+        external_report(cfg.out, cfg.runs, cfg.external, cfg, cfg.dest)
     else:
-        internal_report(cfg.out, cfg.runs, cfg.options, cfg.dest)
+        internal_report(cfg.out, cfg.runs, cfg, cfg.dest)
     return 0
 
 

@@ -77,8 +77,7 @@ def _hex_checkpoints(out: Path | None, slides: Sequence[str]) -> dict[str, list[
         p = None if out is None else art.PREDICTIONS.path(out, s)
         if p is None or not p.is_file():
             continue
-        with h5py.File(p, "r") as f:
-            sha = f.attrs.get("checkpoint_sha256")
+        sha = art.h5_attrs(p, "06 (hex.infer_wsi)").get("checkpoint_sha256")
         if sha is not None:
             found.setdefault(sha.decode() if isinstance(sha, bytes) else str(sha), []).append(s)
     return found

@@ -37,7 +37,7 @@ import argparse
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ log = logging.getLogger("mica.test")
 
 
 @dataclass
-class TestConfig:
+class TestConfig(ReportOptions):
     """Stage 09's settings (the flags of the same names; see ``build_parser``)."""
 
     __test__ = False  # not a pytest test class
@@ -88,23 +88,11 @@ class TestConfig:
     thumbnail_size: int = 1024
     overwrite: bool = False
     report: bool = True
-    compare: list[str] = field(default_factory=list)
-    truth: Path | None = None
-    covariates: list[str] | None = None
-    bootstrap: int = 1000
-    seed: int = 0
-    times: list[float] | None = None
-    tau: float | None = None
     external_cohort: Path | None = None
     external_out: Path | None = None
     external_name: str | None = None
     external_clinical: Path | None = None
     log_level: str = "INFO"
-
-    @property
-    def options(self) -> ReportOptions:
-        return ReportOptions(list(self.compare), self.truth, self.covariates, self.bootstrap, self.seed, self.times,
-                             self.tau)
 
     @property
     def external(self) -> str | None:
@@ -168,7 +156,7 @@ def make_config(args: argparse.Namespace) -> TestConfig:
                                   ("--workers", cfg.workers, cfg.workers >= 0, ">= 0"),
                                   ("--folds", cfg.folds, not cfg.folds or min(cfg.folds) >= 0, "fold indices >= 0")):
         require(ok, f"{flag} {value}: must be {want}")
-    check_report_options(cfg.options)
+    check_report_options(cfg)
     require(cfg.external_out is None or cfg.external_out.is_dir(),
             f"--external-out {cfg.external_out} is not a folder (the independent cohort's OUT)")
     require(cfg.external_out is not None or (cfg.external_cohort is None and cfg.external_clinical is None),
@@ -385,7 +373,7 @@ def evaluate(cfg: TestConfig) -> dict[str, Any]:
         from mica.compare import internal_report
         from mica.study.report import summary_lines
 
-        result = internal_report(cfg.out, [cfg.run_name, *cfg.compare], cfg.options)
+        result = internal_report(cfg.out, [cfg.run_name, *cfg.compare], cfg)
         summary["report"] = summary_lines(result, result.settings["rows"][0],
                                           "clinical" if "clinical" in result.settings["rows"] else None)
     write_json(test_dir / "summary.json", summary)
@@ -422,7 +410,7 @@ def evaluate_external(cfg: TestConfig) -> pd.DataFrame:
                                         "patients": len(pred), "folds": [f.fold for f in tables.folds]})
     line = f"mica.test {cfg.run_name} on {name}: {len(pred)} patients scored by {len(tables.folds)} folds"
     if cfg.report:
-        result = external_report(cfg.out, [cfg.run_name, *cfg.compare], name, cfg.options)
+        result = external_report(cfg.out, [cfg.run_name, *cfg.compare], name, cfg)
         if result is not None:
             from mica.study.report import summary_lines
 

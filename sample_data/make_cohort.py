@@ -278,7 +278,8 @@ def cohort_jobs(args: argparse.Namespace, n_pat: int
                      spawn_key=(1000 + i,), tissue_um=1000.0 * args.tissue_mm, margin_um=args.margin_um,
                      density=args.cell_density, rotation_deg=args.rotation_deg, shift_um=args.shift_um,
                      codex_coverage=args.codex_coverage, images=not args.tables_only, he_mpp=args.he_mpp,
-                     warp_um=args.warp_um, warp_corr_um=1000.0 * args.warp_corr_mm, codex=not args.no_codex,
+                     warp_um=args.warp_um, warp_corr_um=1000.0 * args.warp_corr_mm,
+                     codex=not getattr(args, "no_codex", False),  # older cohorts' params lack it
                      nodata_frac=args.nodata_frac if i < args.nodata_slides else 0.0) for i in range(args.slides)]
     return patients, jobs, rng_out, rng_split
 

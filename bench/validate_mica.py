@@ -60,15 +60,16 @@ def run_script(name: str, env: dict[str, str], log: Path) -> float:
     return dt
 
 
-def make_cohort(cohort: Path, patients: int, tissue_mm: float, seed: int, workers: int, he_mpp: float = 0.5
-                ) -> float:
-    """Generate a synthetic cohort unless it exists; returns seconds."""
+def make_cohort(cohort: Path, patients: int, tissue_mm: float, seed: int, workers: int, he_mpp: float = 0.5,
+                codex: bool = True) -> float:
+    """Generate a synthetic cohort unless it exists (H&E only without ``codex``); returns seconds."""
     if (cohort / "ground_truth.json").exists():
         return 0.0
     t0 = time.time()
     subprocess.check_call([sys.executable, "-m", "sample_data.make_cohort", "--out", str(cohort), "--slides",
                            str(patients), "--patients", str(patients), "--tissue-mm", str(tissue_mm), "--seed",
-                           str(seed), "--workers", str(workers), "--he-mpp", str(he_mpp)], cwd=SCRIPTS.parent)
+                           str(seed), "--workers", str(workers), "--he-mpp", str(he_mpp),
+                           *([] if codex else ["--no-codex"])], cwd=SCRIPTS.parent)
     return time.time() - t0
 
 
@@ -138,7 +139,7 @@ def external(args: argparse.Namespace, out: Path, log: Path, times: dict[str, fl
     ext, eout = args.external_cohort.resolve(), args.external_out.resolve()
     eout.mkdir(parents=True, exist_ok=True)
     times["external cohort"] = make_cohort(ext, args.external_patients, args.tissue_mm, args.external_seed,
-                                           args.workers, args.external_he_mpp)
+                                           args.workers, args.external_he_mpp, codex=args.external_hex)
     truth = write_truth(ext, eout / "truth.csv")
     base = {"COHORT": str(ext), "OUT": str(eout), "WORKERS": str(args.workers)}
     ckpt = str(art.HEX_RUN.path(out, run=HEX_RUN))

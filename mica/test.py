@@ -5,6 +5,16 @@ Commands (from the repository root; the run's config.json supplies the cohort, f
     python -m mica.test --out OUT --run-name mica_coattn                 # metrics and plots
     python -m mica.test --out OUT --run-name mica_coattn --ig            # + IG attributions of every val slide
     python -m mica.test --out OUT --run-name mica_coattn --ig --ig-steps 50 --ig-batch 4 --cohort /data/lung
+    # the outcome report with other runs' rows and a reference (test those runs first, --no-report)
+    python -m mica.test --out OUT --run-name mica_coattn --compare mica_path mica_codex --truth truth.csv
+    # an independent cohort: every fold's model and the ensemble (stage 09 on the run itself first)
+    python -m mica.test --out OUT --run-name mica_coattn --external-out OUT2 --external-cohort /data/lung2
+
+The outcome report (``test/report.md`` and its tables and figures, :mod:`mica.study.report`, built by
+:func:`mica.compare.internal_report`): every row scored out of fold with 95% bootstrap CIs (``--bootstrap``
+resamples of the patients, ``--seed``), paired comparisons of every pair, the clinical model and MICA + clinical on
+``--covariates``, the multivariable Cox. ``--external-out``: :mod:`mica.external` writes
+``external/{name}/predictions.csv`` (and the report when the cohort has outcomes).
 
 Per fold k (each patient is evaluated by the fold whose validation side holds it): ``fold_k/test_predictions.csv``
 (one row per patient: ``case_id,slides,time,censorship,risk,risk_group`` or ``case_id,slides,response,prob``).

@@ -84,6 +84,6 @@ COHORT=$OC OUT=$OO MODE=coattn RUN=demo_coattn IG=1 WORKERS=0 COMPARE="demo_path
   BOOTSTRAP=$BOOTSTRAP run_stage "09 test MICA (coattn, report, IG)" bash scripts/09_test_mica.sh
 # the trained coattn run applied to the independent 12-slide cohort (its stages 01, 06, 07 ran above)
 python -m bench.mica_vs_truth --cohort "$COHORT" --truth-csv "$DEMO_OUT/truth.csv" >/dev/null
-COHORT=$OC OUT=$OO RUN=demo_coattn EXTERNAL="$COHORT" EXTERNAL_OUT="$DEMO_OUT" TRUTH="$DEMO_OUT/truth.csv" \
+COHORT=$OC OUT=$OO RUN=demo_coattn EXTERNAL="$DEMO_OUT/cohort" EXTERNAL_OUT="$DEMO_OUT" TRUTH="$DEMO_OUT/truth.csv" \
   BOOTSTRAP=$BOOTSTRAP WORKERS=0 run_stage "09 MICA on the independent cohort" bash scripts/09_test_mica.sh
 print_summary

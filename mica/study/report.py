@@ -241,7 +241,10 @@ def markdown(result: StudyResult, primary: str, cox: pd.DataFrame | None = None,
         lines += ["", f"td-AUC and Brier at {', '.join(f'{t:g}' for t in info['times'])} {info['time_unit']}; "
                   f"Uno's C truncated at tau = {info['tau']:g} {info['time_unit']}; IBS over the same range (lower "
                   "is better; rows without a survival curve have none)."]
-    comps = result.comparisons[(result.comparisons["row_a"] == primary) | (result.comparisons["row_b"] == primary)]
+    c = result.comparisons
+    folds_of = f"{primary} fold "  # the ensemble against its own fold models: in comparisons.csv only
+    comps = c[((c["row_a"] == primary) | (c["row_b"] == primary)) & ~c["row_a"].str.startswith(folds_of)
+              & ~c["row_b"].str.startswith(folds_of)]
     if not comps.empty:
         lines += ["", f"## {primary} against each other model (paired bootstrap on the same patients)", "",
                   "| comparison | metric | difference (95% CI) | p | relative change |", "|---|---|---|---|---|"]

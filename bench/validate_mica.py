@@ -190,7 +190,8 @@ def _headline(report_dir: Path, metric: str) -> tuple[str, bool]:
         c = comp[(comp["row_a"] == "coattn") & (comp["row_b"] == other) & (comp["metric"] == metric)]
         if not c.empty:
             r = c.iloc[0]
-            lines.append(f"  coattn - {other}: {r['delta']:+.3f} ({r['lo']:+.3f} to {r['hi']:+.3f}), p {r['p']:.3g}, "
+            p = "<0.001" if r["p"] < 0.001 else f"{r['p']:.3g}"
+            lines.append(f"  coattn - {other}: {r['delta']:+.3f} ({r['lo']:+.3f} to {r['hi']:+.3f}), p {p}, "
                          f"relative {100 * r['rel_improvement']:+.1f}%")
             if other == "clinical":
                 ok = bool(r["lo"] > 0)

@@ -114,7 +114,7 @@ def settings_of(opts: ReportOptions, scaling: str = "", notes: Sequence[str] = (
 def internal_report(out: Path, runs: Sequence[str], opts: ReportOptions, dest: Path | None = None
                     ) -> StudyResult:
     """The report of ``runs`` (first = primary) on their own folds -> ``OUT/mica_runs/{runs[0]}/test/``."""
-    from mica.study.report import study_times
+    from mica.study.report import Cohort, study_times
     from mica.study.rows import internal_rows, read_truth
 
     tables = [load_run(art.MICA_RUN.dir(out, run=r)) for r in runs]
@@ -123,9 +123,11 @@ def internal_report(out: Path, runs: Sequence[str], opts: ReportOptions, dest: P
     covariates = _covariates(opts, clinical, source)
     truth = read_truth(opts.truth, primary.task) if opts.truth else None
     times = None
-    if primary.task == "survival":
-        cohort, _, _, _ = internal_rows(primary, [], None, (), None)
-        times, _ = study_times(cohort, settings_of(opts))
+    if primary.task == "survival":  # the times come from the validation patients' outcomes alone
+        val = pd.concat([f.val for f in primary.folds])
+        probe = Cohort("internal", "survival", val["case_id"].to_numpy(), time=val["time"].to_numpy(float),
+                       event=val["censorship"].to_numpy(float) == 0)
+        times, _ = study_times(probe, settings_of(opts))
     cohort, rows, groups, notes = internal_rows(primary, tables[1:], clinical, covariates, times, truth)
     dest = dest or art.MICA_REPORT.dir(out, run=runs[0])
     settings = settings_of(opts, SCALING if primary.task == "survival" else "probabilities pooled as they are",

@@ -64,6 +64,7 @@ import torch
 
 from hex.evaluate.predict import resolve_amp, wants_channels_last
 from hex.infer.map_formats import choose_preview_markers
+from hex.infer.maps import FORMATS as MAP_FORMATS
 from hex.infer.maps import map_conflicts, write_slide_maps
 from hex.infer.predictions import InferConfig, denormalize, infer_slide
 from hex.trained_model import add_checkpoint_args, check_backbone_kw, load_trained
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="markers/normalization.json to use for --raw-units (default: the checkpoint's)")
     r.add_argument("--no-maps", action="store_true", help="skip the virtual CODEX maps (hex.virtual_codex)")
     r.add_argument("--preview-markers", nargs="+", help="markers shown in the map previews")
+    r.add_argument("--map-formats", nargs="+", choices=MAP_FORMATS, default=list(MAP_FORMATS),
+                   help="virtual CODEX outputs to write (default: all): npy = map + mask (stage 07 reads it), "
+                        "ome = pyramidal OME-TIFF, preview = PNG (~2 s a slide on CPU), geojson = QuPath detections")
     return p
 
 
@@ -159,6 +163,7 @@ class InferWSIConfig:
     normalization: Path | None = None
     no_maps: bool = False
     preview_markers: list[str] | None = None
+    map_formats: list[str] = field(default_factory=lambda: list(MAP_FORMATS))
     he_resolved: dict[str, str] = field(default_factory=dict)
     slides_resolved: list[str] = field(default_factory=list)
 
@@ -293,7 +298,7 @@ def _write_maps(slides: Sequence[str], cfg: InferWSIConfig) -> tuple[list[str], 
         try:
             res = write_slide_maps(art.PREDICTIONS.path(cfg.out, sid), art.VIRTUAL_CODEX.dir(cfg.out),
                                    he_path=Path(cfg.he_resolved[sid]), preview_markers=cfg.preview_markers,
-                                   overwrite=cfg.overwrite)
+                                   overwrite=cfg.overwrite, formats=cfg.map_formats)
             if not res["skipped"]:
                 made.append(sid)
         except PipelineError as e:

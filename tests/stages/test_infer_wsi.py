@@ -195,6 +195,22 @@ def test_maps_written_by_default(cohort: tuple[Path, Path], tmp_path: Path) -> N
     assert infer_wsi.main(["--cohort", str(d), "--slides", "a", "--out", str(tmp_path), "--checkpoint", str(ck),
                            "--workers", "0", "--patch-size", str(PS)]) == 0
     assert (tmp_path / "virtual_codex" / "a.npy").is_file() and (tmp_path / "virtual_codex" / "a.ome.tif").is_file()
+    assert (tmp_path / "virtual_codex" / "a_preview.png").is_file()
+
+
+def test_map_formats_writes_only_those_and_adds_the_rest_later(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    """``--map-formats npy`` (the demo's outcome cohort: stage 07 needs only the map) skips the preview and the
+    OME-TIFF; a later run with every format adds them without predicting again."""
+    d, out = cohort
+    ck = out / "runs" / "tiny" / "best.safetensors"
+    base = ["--cohort", str(d), "--slides", "a", "--out", str(tmp_path), "--checkpoint", str(ck), "--workers", "0",
+            "--patch-size", str(PS)]
+    vc = tmp_path / "virtual_codex"
+    assert infer_wsi.main([*base, "--map-formats", "npy"]) == 0
+    assert (vc / "a.npy").is_file() and not (vc / "a_preview.png").exists() and not (vc / "a.ome.tif").exists()
+    assert json.loads((vc / "a.json").read_text())["formats"] == ["npy"]
+    assert infer_wsi.main(base) == 0
+    assert (vc / "a_preview.png").is_file() and (vc / "a.ome.tif").is_file() and (vc / "a.geojson").is_file()
 
 
 def test_shards_cover_all(cohort: tuple[Path, Path], tmp_path: Path) -> None:

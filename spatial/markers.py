@@ -1,0 +1,213 @@
+"""Marker values at units (cells or tiles): the virtual CODEX of stage 06 and, where a slide has it, the measured CODEX.
+
+- Virtual, at cells: :func:`sample_map` reads the finest map of the slide (``OUT/virtual_codex/{slide}.npy``: one
+  pixel per stride step, pixel (r, c) centred at level-0 ((c + 1/2) s, (r + 1/2) s)) by bilinear interpolation
+  between the pixel centres that hold tissue (the mask weights the four neighbours, so no value leaks in from the
+  zeros outside tissue). With ``STRIDE=56`` the map has 28 µm pixels: cells inherit the markers of their
+  surroundings, not their own (the dense HEX of cell scale is another issue).
+- Virtual, at tiles: :func:`tile_units` gives every tile of ``OUT/hex_pred/{slide}.h5`` (any stride) with its 40
+  predictions, centred at the tile's centre.
+- Measured, at cells: :func:`measure_codex_at` maps each H&E point into the CODEX through the stage-02 registration
+  (affine + displacement field, :class:`preprocess.quantify.geometry.CodexToHE`) and takes the mean of each channel
+  in a disk of ``radius_um`` there (a box-free disk filter over blocks of the CODEX, so a million cells read each
+  CODEX pixel about once); :func:`normalise_measured` puts the means into the units of the labels with stage 03's
+  ``markers/normalization.json`` (percentiles of 112 µm patch means, so a positive cell sits at or above 1 and is
+  clipped there).
+- Measured, at tiles: the stage-03 labels (``OUT/markers/{slide}.csv``) of the tiles of the stage-01 grid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import artifacts as art
+from pipeline.errors import PipelineError
+
+
+@dataclass
+class VirtualMap:
+    """One slide's virtual CODEX map: ``values`` (H', W', M) float32 in normalised units, ``mask`` (H', W') bool
+    (tissue), ``markers`` (M names), ``stride_level0`` (level-0 px per map pixel), ``mpp`` (level-0 µm/px)."""
+
+    values: np.ndarray
+    mask: np.ndarray
+    markers: list[str]
+    stride_level0: float
+    mpp: float
+
+    @property
+    def pixel_um(self) -> float:
+        """Side of a map pixel, µm."""
+        return float(self.stride_level0 * self.mpp)
+
+
+def read_virtual_map(out: str | os.PathLike, slide: str) -> VirtualMap:
+    """The stage-06 map of ``slide`` under the OUT root ``out`` (npy + mask + record); a missing or unreadable one
+    is a :class:`PipelineError` naming it and stage 06."""
+    from mica.features.codex_features import load_map
+
+    vmap, mask, markers = load_map(out, slide)
+    rec_path = art.VIRTUAL_CODEX.path(out, slide)
+    try:
+        rec = json.loads(Path(rec_path).read_text())
+        stride, mpp = float(rec["stride_level0"]), float(rec["mpp"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PipelineError(f"{rec_path} does not give the map's stride_level0 and mpp ({e}); rerun stage 06 "
+                            "(scripts/06_infer_wsi.sh) for this slide") from None
+    return VirtualMap(values=np.asarray(vmap, np.float32), mask=np.asarray(mask, bool), markers=list(markers),
+                      stride_level0=stride, mpp=mpp)
+
+
+def sample_map(vmap: VirtualMap, xy_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Markers of the map at level-0 points.
+
+    Args:
+        vmap: the slide's map. xy_px: (N, 2) level-0 (x, y) px of the H&E.
+    Returns:
+        values (N, M) float32 (mask-weighted bilinear interpolation between tissue pixel centres; NaN where none of
+        the four neighbours is tissue) and inside (N,) bool (at least one tissue neighbour).
+    """
+    xy = np.asarray(xy_px, np.float64).reshape(-1, 2)
+    h, w, m = vmap.values.shape
+    u = xy[:, 0] / vmap.stride_level0 - 0.5
+    v = xy[:, 1] / vmap.stride_level0 - 0.5
+    c0, r0 = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
+    fu, fv = u - c0, v - r0
+    acc = np.zeros((len(xy), m), np.float64)
+    wsum = np.zeros(len(xy), np.float64)
+    for dr, dc, wt in ((0, 0, (1 - fv) * (1 - fu)), (0, 1, (1 - fv) * fu), (1, 0, fv * (1 - fu)), (1, 1, fv * fu)):
+        r, c = r0 + dr, c0 + dc
+        ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        rr, cc = np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)
+        wk = np.where(ok & vmap.mask[rr, cc], wt, 0.0)
+        acc += wk[:, None] * vmap.values[rr, cc]
+        wsum += wk
+    inside = wsum > 1e-9
+    out = np.full((len(xy), m), np.nan, np.float32)
+    out[inside] = (acc[inside] / wsum[inside, None]).astype(np.float32)
+    return out, inside
+
+
+@dataclass
+class TileUnits:
+    """Every tile of a slide's ``hex_pred`` file: ``xy_px`` (N, 2) level-0 centres, ``values`` (N, M) predictions,
+    ``markers``, ``patch_size_level0``, ``stride_level0``, ``mpp``."""
+
+    xy_px: np.ndarray
+    values: np.ndarray
+    markers: list[str]
+    patch_size_level0: float
+    stride_level0: float
+    mpp: float | None
+
+
+def tile_units(out: str | os.PathLike, slide: str) -> TileUnits:
+    """The tiles of ``OUT/hex_pred/{slide}.h5`` as units (their centres)."""
+    from hex.infer.predictions import read_prediction
+
+    pred = read_prediction(art.PREDICTIONS.path(out, slide))
+    centre = pred.coords.astype(np.float64) + pred.patch_size_level0 / 2.0
+    return TileUnits(xy_px=centre, values=pred.values, markers=list(pred.markers),
+                     patch_size_level0=float(pred.patch_size_level0), stride_level0=float(pred.stride_level0),
+                     mpp=float(pred.mpp) if pred.mpp else None)
+
+
+def measured_tile_labels(out: str | os.PathLike, slide: str, xy_px: np.ndarray, patch_size_level0: float,
+                         markers: list[str]) -> np.ndarray | None:
+    """The stage-03 labels (``OUT/markers/{slide}.csv``, normalised units) of the tiles centred at ``xy_px``
+    (N, 2): (N, M) float32 with NaN for tiles without a label, or None when the slide has no labels file."""
+    import pandas as pd
+
+    path = art.LABELS.path(out, slide)
+    if not Path(path).is_file():
+        return None
+    df = pd.read_csv(path)
+    missing = [m for m in markers if m not in df.columns]
+    if missing:
+        raise PipelineError(f"{path} lacks the markers {missing[:5]}; rerun stage 03 with the run's panel")
+    key = {(int(x), int(y)): i for i, (x, y) in enumerate(zip(df["x"], df["y"]))}
+    tl = np.rint(np.asarray(xy_px, np.float64) - patch_size_level0 / 2.0).astype(np.int64)
+    rows = np.array([key.get((int(x), int(y)), -1) for x, y in tl], np.int64)
+    vals = df[markers].to_numpy(np.float32)
+    out_ = np.full((len(tl), len(markers)), np.nan, np.float32)
+    out_[rows >= 0] = vals[rows[rows >= 0]]
+    return out_
+
+
+def _disk(radius_px: float) -> np.ndarray:
+    r = max(0.5, float(radius_px))
+    k = int(np.ceil(r))
+    yy, xx = np.mgrid[-k:k + 1, -k:k + 1]
+    d = (xx ** 2 + yy ** 2 <= r ** 2).astype(np.float32)
+    return d / d.sum()
+
+
+def measure_codex_at(codex_path: str | os.PathLike, mapping, channels: list[int], xy_he_px: np.ndarray,
+                     radius_um: float = 3.0, codex_mpp: float | None = None, block_px: int = 1024,
+                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Raw mean of each CODEX channel in a disk around each H&E point, through the registration.
+
+    Args:
+        codex_path: the CODEX image (OME-TIFF). mapping: :class:`preprocess.quantify.geometry.CodexToHE` (the
+            stage-02 record's map). channels: CODEX channel index of each marker (M). xy_he_px: (N, 2) H&E level-0
+            points. radius_um: disk radius, µm (3 µm ~ a nucleus). codex_mpp: CODEX level-0 µm/px (default: the
+            file's). block_px: CODEX block side read at once.
+    Returns:
+        raw (N, M) float32 means (NaN outside the CODEX) and valid (N,) bool.
+    """
+    import cv2
+
+    from preprocess.slide_io import CodexImage
+
+    pts = np.asarray(xy_he_px, np.float64).reshape(-1, 2)
+    out = np.full((len(pts), len(channels)), np.nan, np.float32)
+    valid = np.zeros(len(pts), bool)
+    if len(pts) == 0:
+        return out, valid
+    with CodexImage(codex_path, mpp=codex_mpp) as codex:
+        mpp = codex_mpp or codex.mpp
+        if not mpp:
+            raise PipelineError(f"{codex_path} has no pixel size; give the CODEX µm/px (--codex-mpp or "
+                                "COHORT/pixel_sizes.csv)")
+        kernel = _disk(radius_um / mpp)
+        k = kernel.shape[0] // 2
+        w, h = codex.dimensions
+        uv = mapping.he_to_codex(pts)
+        ci, ri = np.rint(uv[:, 0]).astype(np.int64), np.rint(uv[:, 1]).astype(np.int64)
+        inside = (ci >= 0) & (ci < w) & (ri >= 0) & (ri < h)
+        bx, by = ci // block_px, ri // block_px
+        blocks = np.unique(np.stack([bx[inside], by[inside]], 1), axis=0)
+        it = blocks
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(blocks, desc=f"CODEX at cells {Path(codex_path).name}", unit="block", leave=False)
+        for gx, gy in it:
+            sel = np.flatnonzero(inside & (bx == gx) & (by == gy))
+            x0, y0 = int(gx) * block_px - k, int(gy) * block_px - k
+            x1, y1 = x0 + block_px + 2 * k, y0 + block_px + 2 * k
+            region = codex.read_region(max(0, x0), max(0, y0), min(w, x1), min(h, y1), 0, channels=channels)
+            px, py = max(0, x0), max(0, y0)
+            lc, lr = ci[sel] - px, ri[sel] - py
+            for j in range(len(channels)):
+                plane = np.asarray(region[j], np.float32)
+                filt = cv2.filter2D(plane, -1, kernel, borderType=cv2.BORDER_REFLECT)
+                out[sel, j] = filt[lr, lc]
+            valid[sel] = True
+    return out, valid
+
+
+def normalise_measured(raw: np.ndarray, norm: dict) -> np.ndarray:
+    """Raw CODEX means (N, M) -> the labels' normalised units with a stage-03 ``normalization.json`` record
+    (``clip((raw - p_low) / (p_high - p_low), 0, 1)``); NaN stays NaN."""
+    from preprocess.quantify.normalize import apply_normalization
+
+    nan = np.isnan(raw)
+    out = apply_normalization(np.nan_to_num(raw), norm).astype(np.float32)
+    out[nan] = np.nan
+    return out

@@ -150,10 +150,30 @@ ATTRIBUTIONS = Artifact("attributions", "mica_runs/{run}/ig", "{slide}.h5", "09 
                         "coords, path_attr (N,), codex_attr (40,); attrs baseline, steps, delta; heatmap PNG",
                         extra=("{slide}_heatmap.png",), column="ig/{run}")
 
+SPATIAL_UNITS = Artifact("spatial_units", "spatial/units", "{slide}.h5", "10 niches", 1,
+                         "cells: xy_px, xy_um (N,2), area_um2, virtual (N,40) (the map at each cell), measured (N,40) "
+                         "raw CODEX disk means; attrs units, markers, mpp, cell_source")
+SPATIAL = Artifact("spatial", "spatial", "{slide}.h5ad", "10 niches", 1,
+                   "AnnData of the cells: obs x_um, y_um, x_px, y_px, area_um2, phenotype, niche (+ _measured); "
+                   "X virtual CODEX; layers measured; obsm spatial (µm); {slide}.geojson (QuPath detections), "
+                   "{slide}_niches.png", extra=("{slide}.geojson", "{slide}_niches.png"), records=False)
+SPATIAL_COHORT = Artifact("spatial_cohort", "spatial/cohort", "niches.csv", "10 niches", 1,
+                          "niches.csv (slide x niche fractions), colocalisation.csv, composition.csv, phenotypes.csv, "
+                          "niche_model_{source}.json, scaling_{source}.json, patient_features.csv, "
+                          "association_{survival,response}.csv, figures", records=False, column="")
+SPATIAL_TILES_UNITS = Artifact("spatial_tiles_units", "spatial_tiles/units", "{slide}.h5", "10 niches", 1,
+                               "as spatial_units, for the tiles of hex_pred (--units tiles); measured = stage-03 "
+                               "labels")
+SPATIAL_TILES = Artifact("spatial_tiles", "spatial_tiles", "{slide}.h5ad", "10 niches", 1,
+                         "as spatial, one unit per tile (--units tiles)",
+                         extra=("{slide}.geojson", "{slide}_niches.png"), records=False)
+SPATIAL_TILES_COHORT = Artifact("spatial_tiles_cohort", "spatial_tiles/cohort", "niches.csv", "10 niches", 1,
+                                "as spatial_cohort, for the tiles", records=False, column="")
+
 REGISTRY: dict[str, Artifact] = {a.key: a for a in (
     PATCH_GRID, REGISTRATION, LABELS, NORMALIZATION, PATCH_STORE, HEX_RUN, HEX_TEST, HEX_EXTERNAL, PREDICTIONS,
     VIRTUAL_CODEX, FEATURE_BAGS, CODEX_FEATURES, CODEX_FEATURE_TABLE, MICA_RUN, MICA_REPORT, MICA_EXTERNAL,
-    ATTRIBUTIONS)}
+    ATTRIBUTIONS, SPATIAL_UNITS, SPATIAL, SPATIAL_COHORT, SPATIAL_TILES_UNITS, SPATIAL_TILES, SPATIAL_TILES_COHORT)}
 
 
 def format_table() -> str:

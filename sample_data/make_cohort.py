@@ -21,6 +21,8 @@ smooth non-rigid displacement (``--warp-um``, sample_data/warp.py). Layout of ``
     warps/{slide}.npy         (2, Gy, Gx) float32 displacement D (H&E level-0 px) at nodes j·S, i·S (--warp-um > 0)
     risk_masks/{slide}.png    uint8 map at H&E downsample 32: 128 neutral, > 128 cells that raise the hazard
                               (myeloid foci), < 128 cells that lower it (CD8 / TCF-1+ T cells at tumour nests)
+    truth/cells/{slide}.csv.gz  every cell: nucleus centre x, y (H&E level-0 px), type, nucleated, hidden states,
+                              compartment (sample_data/cell_truth.py; also with --tables-only)
     preview.png               first slide: H&E thumbnail, DAPI and three markers
 
 The same seed gives the same files (no timestamps in any of them). H&E rendering, CODEX rendering and the warp
@@ -48,6 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import outcomes, render, tissue
+from .cell_truth import COLUMN_NOTES, COMPARTMENTS, write_cell_truth
 from .panel import MARKERS, PANEL_CSV
 from .preview import write_preview
 from .warp import MIN_CORR_UM, displaced, make_warp
@@ -58,6 +61,7 @@ log = logging.getLogger("sample_data.make_cohort")
 HE_MPP = 0.5
 CODEX_MPP = 0.377
 RISK_MASK_DOWNSAMPLE = 32
+CELL_TRUTH_DIR = "truth/cells"
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,8 @@ def generate_slide(job: SlideJob) -> dict:
 
     mask_rel = _write_risk_mask(Path(job.out), job.slide_id, cells, layout, he, job.he_mpp)
     out = Path(job.out)
+    cells_rel = f"{CELL_TRUTH_DIR}/{job.slide_id}.csv.gz"
+    write_cell_truth(out / cells_rel, cells, layout, he)  # draws no random numbers
     warp_rel = f"warps/{job.slide_id}.npy"
     nodes, step = warp.he_nodes(he.shape, job.he_mpp) if warp is not None else (None, None)
     if nodes is not None:
@@ -172,6 +178,7 @@ def generate_slide(job: SlideJob) -> dict:
         "warp": _warp_entry(step, warp_rel, job.warp_um),
         "risk_mask_png": mask_rel,
         "risk_mask_downsample": RISK_MASK_DOWNSAMPLE,
+        "cells": cells_rel,
         "he_shape": list(he.shape),
         "codex_shape": list(cx.shape),
         "codex_rotation_deg": round(float(np.rad2deg(theta)), 6),
@@ -296,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     if args.warp_um < 0 or args.he_mpp <= 0 or not 0 < args.nodata_frac < 1:
         raise SystemExit("--warp-um must be >= 0, --he-mpp > 0 and 0 < --nodata-frac < 1")
-    for sub in ("he", "splits", "risk_masks") + (("warps",) if args.warp_um > 0 else ()) + \
+    for sub in ("he", "splits", "risk_masks", CELL_TRUTH_DIR) + (("warps",) if args.warp_um > 0 else ()) + \
             (() if args.no_codex else ("codex",)):
         (out / sub).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -345,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         "markers": list(MARKERS),
         "visible_markers": [m for m in MARKERS if m in tissue.VISIBLE_MARKERS],
         "slides": {r["slide_id"]: r["ground_truth"] | {"case_id": r["case_id"]} for r in results},
+        "cell_truth": {"file": "per slide: slides[slide].cells (gzip CSV, one row per cell)",
+                       "columns": COLUMN_NOTES, "compartments": list(COMPARTMENTS)},
         "patients": {
             p.case_id: {
                 "true_risk": round(risk[i], 6),

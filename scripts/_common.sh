@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sourced by the numbered stage scripts, after their variables and before their commands:
-#  - the path variables (COHORT, OUT, FIT_SPLIT, WEIGHTS, CHECKPOINT, CODEX_WEIGHTS, EXTERNAL, EXTERNAL_OUT, TRUTH)
-#    become absolute against the directory the script was started from (hf_hub:<repo> values stay as they are), and the python modules run in
-#    that directory too, so relative paths in EXTRA-like variables and in the script's arguments mean the same;
+#  - the path variables (COHORT, OUT, FIT_SPLIT, WEIGHTS, CHECKPOINT, CODEX_WEIGHTS, EXTERNAL, EXTERNAL_OUT, TRUTH,
+#    CELLS, GATING) become absolute against the directory the script was started from (hf_hub:<repo> values stay
+#    as they are), and the python modules run in that directory too, so relative paths in EXTRA-like variables
+#    and in the script's arguments mean the same;
 #  - activates .venv when present (the project is installed there, editable: scripts/_setup_env.sh);
 #    PYTHONSAFEPATH=1: a folder in the current directory never shadows the project's packages;
 #  - when stderr is not a terminal (a log file, nohup, sbatch), progress bars redraw every TQDM_MININTERVAL
@@ -31,7 +32,7 @@ _abs_path() {
       ;;
   esac
 }
-for _v in COHORT OUT FIT_SPLIT WEIGHTS CHECKPOINT CODEX_WEIGHTS EXTERNAL EXTERNAL_OUT TRUTH; do
+for _v in COHORT OUT FIT_SPLIT WEIGHTS CHECKPOINT CODEX_WEIGHTS EXTERNAL EXTERNAL_OUT TRUTH CELLS GATING; do
   if [ -n "${!_v:-}" ]; then
     printf -v "$_v" '%s' "$(_abs_path "${!_v}")"
   fi

@@ -9,8 +9,9 @@
   predictions, centred at the tile's centre.
 - Measured, at cells: :func:`measure_codex_at` maps each H&E point into the CODEX through the stage-02 registration
   (affine + displacement field, :class:`preprocess.quantify.geometry.CodexToHE`) and takes the mean of each channel
-  in a disk of ``radius_um`` there (a box-free disk filter over blocks of the CODEX, so a million cells read each
-  CODEX pixel about once); :func:`normalise_measured` puts the means into the units of the labels with stage 03's
+  over the pixels of a disk of ``radius_um`` there (the CODEX read block by block with stage 03's tile reader, so a
+  million cells read each CODEX pixel about once). Stage 10 rescales these raw means over the cohort
+  (:mod:`spatial.analysis`); :func:`normalise_measured` puts them into the labels' units instead, with stage 03's
   ``markers/normalization.json`` (percentiles of 112 µm patch means, so a positive cell sits at or above 1 and is
   clipped there).
 - Measured, at tiles: the stage-03 labels (``OUT/markers/{slide}.csv``) of the tiles of the stage-01 grid.
@@ -139,12 +140,24 @@ def measured_tile_labels(out: str | os.PathLike, slide: str, xy_px: np.ndarray, 
     return out_
 
 
-def _disk(radius_px: float) -> np.ndarray:
+def disk_offsets(radius_px: float) -> np.ndarray:
+    """(K, 2) integer (dx, dy) offsets of the pixels whose centres lie within ``radius_px`` of a pixel centre (at
+    least the centre itself)."""
     r = max(0.5, float(radius_px))
-    k = int(np.ceil(r))
+    k = int(np.floor(r))
     yy, xx = np.mgrid[-k:k + 1, -k:k + 1]
-    d = (xx ** 2 + yy ** 2 <= r ** 2).astype(np.float32)
-    return d / d.sum()
+    keep = xx ** 2 + yy ** 2 <= r ** 2
+    return np.stack([xx[keep], yy[keep]], 1).astype(np.int64)
+
+
+def _reader(codex, channels: list[int]):
+    """The fast tile reader of stage 03 when the file allows it, else the zarr one."""
+    from preprocess.quantify.readers import TiledRegionReader, ZarrRegionReader
+
+    try:
+        return TiledRegionReader(codex.path, channels, codex.shape)
+    except (ValueError, OSError, AttributeError):
+        return ZarrRegionReader(codex, channels)
 
 
 def measure_codex_at(codex_path: str | os.PathLike, mapping, channels: list[int], xy_he_px: np.ndarray,
@@ -156,12 +169,11 @@ def measure_codex_at(codex_path: str | os.PathLike, mapping, channels: list[int]
         codex_path: the CODEX image (OME-TIFF). mapping: :class:`preprocess.quantify.geometry.CodexToHE` (the
             stage-02 record's map). channels: CODEX channel index of each marker (M). xy_he_px: (N, 2) H&E level-0
             points. radius_um: disk radius, µm (3 µm ~ a nucleus). codex_mpp: CODEX level-0 µm/px (default: the
-            file's). block_px: CODEX block side read at once.
+            file's). block_px: CODEX block side read at once (each block is read once, with a margin of the radius).
     Returns:
-        raw (N, M) float32 means (NaN outside the CODEX) and valid (N,) bool.
+        raw (N, M) float32: the mean over the disk's pixels (centres within the radius of the mapped point's
+        nearest pixel) that lie inside the image; NaN (and valid False) where the point maps outside the CODEX.
     """
-    import cv2
-
     from preprocess.slide_io import CodexImage
 
     pts = np.asarray(xy_he_px, np.float64).reshape(-1, 2)
@@ -174,8 +186,8 @@ def measure_codex_at(codex_path: str | os.PathLike, mapping, channels: list[int]
         if not mpp:
             raise PipelineError(f"{codex_path} has no pixel size; give the CODEX µm/px (--codex-mpp or "
                                 "COHORT/pixel_sizes.csv)")
-        kernel = _disk(radius_um / mpp)
-        k = kernel.shape[0] // 2
+        off = disk_offsets(radius_um / mpp)
+        k = int(np.abs(off).max())
         w, h = codex.dimensions
         uv = mapping.he_to_codex(pts)
         ci, ri = np.rint(uv[:, 0]).astype(np.int64), np.rint(uv[:, 1]).astype(np.int64)
@@ -187,18 +199,26 @@ def measure_codex_at(codex_path: str | os.PathLike, mapping, channels: list[int]
             from tqdm import tqdm
 
             it = tqdm(blocks, desc=f"CODEX at cells {Path(codex_path).name}", unit="block", leave=False)
-        for gx, gy in it:
-            sel = np.flatnonzero(inside & (bx == gx) & (by == gy))
-            x0, y0 = int(gx) * block_px - k, int(gy) * block_px - k
-            x1, y1 = x0 + block_px + 2 * k, y0 + block_px + 2 * k
-            region = codex.read_region(max(0, x0), max(0, y0), min(w, x1), min(h, y1), 0, channels=channels)
-            px, py = max(0, x0), max(0, y0)
-            lc, lr = ci[sel] - px, ri[sel] - py
-            for j in range(len(channels)):
-                plane = np.asarray(region[j], np.float32)
-                filt = cv2.filter2D(plane, -1, kernel, borderType=cv2.BORDER_REFLECT)
-                out[sel, j] = filt[lr, lc]
-            valid[sel] = True
+        reader = _reader(codex, list(channels))
+        try:
+            for gx, gy in it:
+                sel = np.flatnonzero(inside & (bx == gx) & (by == gy))
+                x0 = max(0, int(ci[sel].min()) - k)
+                y0 = max(0, int(ri[sel].min()) - k)
+                x1 = min(w, int(ci[sel].max()) + k + 1)
+                y1 = min(h, int(ri[sel].max()) + k + 1)
+                region = reader.read(x0, y0, x1, y1)  # (M, y1 - y0, x1 - x0), the file's dtype
+                cc = ci[sel, None] + off[None, :, 0] - x0
+                rr = ri[sel, None] + off[None, :, 1] - y0
+                ok = (cc >= 0) & (cc < x1 - x0) & (rr >= 0) & (rr < y1 - y0)
+                cc, rr = np.clip(cc, 0, x1 - x0 - 1), np.clip(rr, 0, y1 - y0 - 1)
+                n_ok = ok.sum(1)
+                for j in range(len(channels)):
+                    vals = region[j][rr, cc].astype(np.float32)
+                    out[sel, j] = np.where(ok, vals, 0.0).sum(1) / n_ok
+                valid[sel] = True
+        finally:
+            reader.close()
     return out, valid
 
 

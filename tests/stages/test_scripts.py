@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("0[1-9]_*.sh"))
+SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("[0-9][0-9]_*.sh"))
 MODULES = {
     "01_patch.sh": ["preprocess.patch"],
     "02_register.sh": ["preprocess.register"],
@@ -29,6 +29,7 @@ MODULES = {
     "07_features.sh": ["mica.extract_features"],
     "08_train_mica.sh": ["mica.train"],
     "09_test_mica.sh": ["mica.test"],
+    "10_niches.sh": ["spatial.niches"],
 }
 FAKE_PYTHON = """#!/usr/bin/env bash
 printf '%s|%s|%s\\n' "$PWD" "${PYTHONSAFEPATH:-}" "$*" >> "$SHIM_LOG"

@@ -251,16 +251,37 @@ def summarize_mica(cohort: Path, out: Path) -> None:
         print(f"heatmaps and the marker bar plot: {ig}")
 
 
+def summarize_niches(cohort: Path, out: Path) -> None:
+    """Stage 10: the cohort summary (niches, their composition, the niche-outcome table) and, where the cohort has
+    the generator's cells, the detection F1 and the niches' adjusted Rand index against the true compartments."""
+    summ = art.SPATIAL_COHORT.dir(out) / "summary.txt"
+    if not summ.exists():
+        return
+    _section(f"10 spatial niches ({art.SPATIAL_COHORT.dir(out)})")
+    print(summ.read_text().rstrip())
+    slides = sorted(p.name.split(".")[0] for p in art.SPATIAL_UNITS.dir(out).glob("*.h5"))
+    if slides and (cohort / "truth" / "cells").is_dir():
+        from bench.validate_niches import niche_ari, score_detection
+
+        d = score_detection(cohort, out, slides)
+        print(f"nuclei vs the generator's cells (4 µm): precision {d['precision']:.3f}, recall {d['recall']:.3f}, "
+              f"F1 {d['f1']:.3f}")
+        for k, v in niche_ari(cohort, out, slides).items():
+            print(f"{k} vs the true compartments: adjusted Rand index {v:.3f}")
+    print(f"AnnData (scanpy/squidpy) and niche maps: {art.SPATIAL.dir(out)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cohort", type=Path, required=True, help="sample cohort folder (has ground_truth.json)")
     p.add_argument("--out", type=Path, required=True, help="pipeline output root")
-    p.add_argument("--outcome-out", type=Path, help="output root of the demo's outcome cohort (stages 01, 06-09; "
+    p.add_argument("--outcome-out", type=Path, help="output root of the demo's outcome cohort (stages 01, 06-10; "
                    "its cohort in OUTCOME_OUT/cohort)")
     a = p.parse_args(argv)
     summarize(a.cohort, a.out)
     if a.outcome_out is not None and a.outcome_out.is_dir():
         summarize_mica(a.outcome_out / "cohort", a.outcome_out)
+        summarize_niches(a.outcome_out / "cohort", a.outcome_out)
     return 0
 
 

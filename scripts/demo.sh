@@ -9,9 +9,13 @@ HEX_EPOCHS=${HEX_EPOCHS:-40}             # epochs of the tiny HEX model
 MICA_EPOCHS=${MICA_EPOCHS:-20}           # epochs of each MICA fold (paper: 20)
 MICA_EXTRA=${MICA_EXTRA:---grad-accum 8} # flags for mica.train in stage 08, e.g. "--grad-accum 32" (the original's:
                                          # ~50 training patients per fold then make 2 optimizer steps per epoch)
+MICA_PROCS=${MICA_PROCS:-2}              # stage 08: folds trained in parallel on the CPU (torchrun, one thread each)
 OUTCOME_PATIENTS=${OUTCOME_PATIENTS:-64}  # patients (one small section each) of the outcome cohort of stages 07-09
 OUTCOME_TISSUE_MM=${OUTCOME_TISSUE_MM:-0.6}  # their section diameter, mm
 BOOTSTRAP=${BOOTSTRAP:-200}              # bootstrap resamples of the outcome report (a paper: 1000)
+COMPARE_MODES=${COMPARE_MODES:-path}     # MICA modes trained beside coattn for the report's rows: "path codex" adds
+                                         # the CODEX-only ablation (~2 min more)
+IG_LIMIT=${IG_LIMIT:-4}                  # integrated gradients of the first N validation patients per fold (0 = all)
 WORKERS=${WORKERS:-2}
 HEX_EXTRA=${HEX_EXTRA:---save-every 10}  # flags for hex.train in stage 04 (its EXTRA), e.g. "--save-every 5 --lr 3e-4"
 set -euo pipefail
@@ -67,23 +71,31 @@ else
 fi
 python -m bench.mica_vs_truth --cohort "$OC" --truth-csv "$OO/truth.csv" >/dev/null
 COHORT=$OC OUT=$OO run_stage "01 patch (outcome cohort)" bash scripts/01_patch.sh
-COHORT=$OC OUT=$OO RUN=demo_tiny CHECKPOINT=$HEX_CKPT WORKERS=0 GPUS=0 \
+# only the maps stage 07 reads (npy): no preview figure (~2 s a slide), no OME-TIFF or GeoJSON for these 64 slides
+COHORT=$OC OUT=$OO RUN=demo_tiny CHECKPOINT=$HEX_CKPT WORKERS=0 GPUS=0 EXTRA="--map-formats npy" \
   run_stage "06 WSI inference (outcome cohort)" bash scripts/06_infer_wsi.sh
 COHORT=$OC OUT=$OO ENCODER=hex:demo_tiny WEIGHTS=$HEX_CKPT CODEX_ENCODER=stats WORKERS=0 \
   run_stage "07 features (outcome cohort)" bash scripts/07_features.sh
-for mode in coattn path codex; do
+for mode in coattn $COMPARE_MODES; do
   COHORT=$OC OUT=$OO MODE=$mode TASK=survival RUN=demo_$mode ENCODER=hex:demo_tiny CODEX_ENCODER=stats EXTRA="$MICA_EXTRA" \
-    EPOCHS=$MICA_EPOCHS WORKERS=0 run_stage "08 train MICA ($mode)" bash scripts/08_train_mica.sh
+    EPOCHS=$MICA_EPOCHS WORKERS=0 GPUS=$MICA_PROCS run_stage "08 train MICA ($mode)" bash scripts/08_train_mica.sh
 done
-for mode in path codex; do
+compare=()
+for mode in $COMPARE_MODES; do
   COHORT=$OC OUT=$OO MODE=$mode RUN=demo_$mode IG=0 WORKERS=0 EXTRA="--no-report" \
     run_stage "09 test MICA ($mode)" bash scripts/09_test_mica.sh
+  compare+=("demo_$mode")
 done
-# the report: coattn with path, codex, the clinical model (age, stage), coattn+clinical and the generator's truth
-COHORT=$OC OUT=$OO MODE=coattn RUN=demo_coattn IG=1 WORKERS=0 COMPARE="demo_path demo_codex" TRUTH="$OO/truth.csv" \
-  BOOTSTRAP=$BOOTSTRAP run_stage "09 test MICA (coattn, report, IG)" bash scripts/09_test_mica.sh
+# the report: coattn with the other modes, the clinical model (age, stage), coattn+clinical and the generator's truth
+COHORT=$OC OUT=$OO MODE=coattn RUN=demo_coattn IG=1 WORKERS=0 COMPARE="${compare[*]}" TRUTH="$OO/truth.csv" \
+  BOOTSTRAP=$BOOTSTRAP EXTRA="--ig-limit $IG_LIMIT" run_stage "09 test MICA (coattn, report, IG)" \
+  bash scripts/09_test_mica.sh
 # the trained coattn run applied to the independent 12-slide cohort (its stages 01, 06, 07 ran above)
 python -m bench.mica_vs_truth --cohort "$COHORT" --truth-csv "$DEMO_OUT/truth.csv" >/dev/null
 COHORT=$OC OUT=$OO RUN=demo_coattn EXTERNAL="$DEMO_OUT/cohort" EXTERNAL_OUT="$DEMO_OUT" TRUTH="$DEMO_OUT/truth.csv" \
   BOOTSTRAP=$BOOTSTRAP WORKERS=0 run_stage "09 MICA on the independent cohort" bash scripts/09_test_mica.sh
+# stage 10 on the outcome cohort: nuclei of the H&E, virtual CODEX at each, phenotypes, Schürch windows, 8 niches over
+# the cohort, co-localisation (100 permutations), and the niche-outcome association (Cox, logistic)
+COHORT=$OC OUT=$OO PERMS=100 EXTRA="--formats h5ad png" run_stage "10 spatial niches (outcome cohort)" \
+  bash scripts/10_niches.sh
 print_summary

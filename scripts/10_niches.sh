@@ -17,8 +17,8 @@ K=${K:-10}                               # neighbours per window (Schürch et al
 NICHES=${NICHES:-8}                      # niches (k-means clusters of the windows)
 PERMS=${PERMS:-200}                      # label permutations of the co-localisation z-scores
 SHARD=${SHARD:-}                         # i/n: every n-th slide from i (job arrays), per-slide half only
-WORKERS=${WORKERS:-1}                    # processes detecting nuclei within a slide
-EXTRA=${EXTRA:-}                         # more flags, e.g. "--source measured --radius 50 --formats h5ad"
+WORKERS=${WORKERS:-1}                    # processes building the slides' units (nuclei, markers), a slide each
+EXTRA=${EXTRA:-}                         # more flags for spatial.niches, e.g. "--source measured --radius 50"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 require_module spatial.niches
 ARGS=(--cohort "$COHORT" --out "$OUT" --units "$UNITS" --phenotypes "$PHENOTYPES" --k "$K" --n-niches "$NICHES"

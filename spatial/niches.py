@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--formats", nargs="+", choices=("h5ad", "geojson", "png"), default=["h5ad", "geojson", "png"],
                    help="per-slide outputs (default all)")
-    r.add_argument("--workers", type=int, default=1, help="processes detecting nuclei within a slide")
+    r.add_argument("--workers", type=int, default=1,
+                   help="processes building the slides' units (nuclei, markers), one slide each (default 1)")
     r.add_argument("--shard", help="job arrays: i/n = every n-th slide; the per-slide half only")
     r.add_argument("--overwrite", action="store_true", help="redo every slide's units and the cohort outputs")
     return p
@@ -220,7 +221,7 @@ def build_units(slide: str, cfg: NichesConfig) -> dict[str, Any]:
     """The per-slide job: units + markers -> ``spatial/units/{slide}.h5``."""
     if cfg.units == "cells":
         u = cell_units(cfg.out, slide, cfg.he_resolved[slide], cfg.mpp, str(cfg.cells) if cfg.cells else None,
-                       cfg.cells_csv_units, cfg.disk_um, not cfg.no_measured, workers=cfg.workers)
+                       cfg.cells_csv_units, cfg.disk_um, not cfg.no_measured)
     else:
         u = tile_units_of(cfg.out, slide, cfg.mpp, not cfg.no_measured)
     write_units(cfg.arts[0].path(cfg.out, slide), u)
@@ -255,7 +256,7 @@ def slide_outputs(u: SlideUnits, models: dict[str, SourceModel], cfg: NichesConf
         sp = slide_phenotypes(u, source, m.scaling, m.phenotyper, s, enrichment=source == main)
         if sp is None:
             continue
-        names = np.asarray(m.phenotyper.names + ["none"])
+        names = np.asarray(m.phenotyper.names)
         niche = m.niches.predict(sp.composition) if len(sp.composition) else np.zeros(0, np.int16)
         col = "" if source == main else f"_{source}"
         obs[f"phenotype{col}"] = pd.Categorical(names[sp.codes], categories=list(names))
@@ -279,7 +280,7 @@ def slide_outputs(u: SlideUnits, models: dict[str, SourceModel], cfg: NichesConf
                "scale_percentiles": list(cfg.scale_percentiles),
                "k": cfg.k, "radius_um": cfg.radius_um, "n_niches": cfg.n_niches, "seed": cfg.seed}
         write_h5ad(slide_art.path(cfg.out, u.slide), obs, u.virtual, u.markers, uns=uns, layers=layers,
-                   phenotype_order=main_model.phenotyper.names + ["none"])
+                   phenotype_order=main_model.phenotyper.names)
     if "geojson" in cfg.formats:
         write_qupath_detections(slide_art.dir(cfg.out) / f"{u.slide}.geojson", obs, u.virtual, u.markers, u.slide,
                                 u.mpp, shape="circle" if u.units == "cells" else "point",
@@ -428,7 +429,7 @@ def run(cfg: NichesConfig, ctx: Any) -> int:
     units_art, slide_art, cohort_art = cfg.arts
     save_config(units_art.dir(cfg.out), config_dict(cfg), name=shard_file_name(cfg.shard))
     report = run_slides(cfg.slides_resolved, functools.partial(build_units, cfg=cfg), done=units_spec(cfg),
-                        overwrite=cfg.overwrite, desc=units_art.folder)
+                        overwrite=cfg.overwrite, desc=units_art.folder, workers=cfg.workers)
     extra = f"units in {units_art.dir(cfg.out)}"
     if cfg.shard or not report.ok:
         if not report.ok:

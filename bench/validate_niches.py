@@ -99,6 +99,20 @@ def phenotypes_at_true_cells(cohort: Path, out: Path, slides: list[str]) -> dict
     return res
 
 
+def invisible_types(cohort: Path) -> dict[str, list[str]]:
+    """{phenotype: its gating markers that H&E does not show} (the generator's ``visible_markers``): the types the
+    virtual CODEX cannot separate from the H&E."""
+    from spatial.phenotypes import default_gating
+
+    visible = set(json.loads((cohort / "ground_truth.json").read_text())["visible_markers"])
+    out = {}
+    for rule in default_gating().rules:
+        hidden = sorted({c.marker for conj in rule.clauses for c in conj} - visible)
+        if hidden:
+            out[rule.phenotype] = hidden
+    return out
+
+
 def niche_ari(cohort: Path, out: Path, slides: list[str]) -> dict:
     """ARI of the detected cells' niches (virtual, measured) against the true compartments of their matches."""
     import anndata
@@ -179,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         for typ, v in r["per_type"].items():
             print(f"  {typ:<11} F1 {v['f1']:.3f}  precision {v['precision']:.3f}  recall {v['recall']:.3f}  "
                   f"n {int(v['n'])}")
+    hidden = invisible_types(args.cohort)
+    res["types_hidden_from_he"] = hidden
+    print("types the H&E cannot separate (gating markers not visible in H&E): "
+          + "; ".join(f"{t} ({', '.join(m)})" for t, m in hidden.items()))
     for k, v in res["niche_ari"].items():
         print(f"niches vs compartments, {k}: ARI {v:.3f}" + (" (target >= 0.5)" if k == "niche_measured" else ""))
     for what, r in res.get("outcome", {}).items():

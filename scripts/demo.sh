@@ -94,7 +94,7 @@ COHORT=$OC OUT=$OO MODE=coattn RUN=demo_coattn IG=1 WORKERS=0 COMPARE="${compare
 python -m bench.mica_vs_truth --cohort "$COHORT" --truth-csv "$DEMO_OUT/truth.csv" >/dev/null
 COHORT=$OC OUT=$OO RUN=demo_coattn EXTERNAL="$DEMO_OUT/cohort" EXTERNAL_OUT="$DEMO_OUT" TRUTH="$DEMO_OUT/truth.csv" \
   BOOTSTRAP=$BOOTSTRAP WORKERS=0 run_stage "09 MICA on the independent cohort" bash scripts/09_test_mica.sh
-# stage 10 on the outcome cohort: nuclei of the H&E, virtual CODEX at each, phenotypes, Schürch windows, 8 niches over
+# stage 10 on the outcome cohort: nuclei of the H&E, virtual CODEX at each, phenotypes, 5-cell windows, 8 niches over
 # the cohort, co-localisation (100 permutations), and the niche-outcome association (Cox, logistic)
 COHORT=$OC OUT=$OO PERMS=100 WORKERS=$WORKERS EXTRA="--formats h5ad png" run_stage "10 spatial niches (outcome cohort)" \
   bash scripts/10_niches.sh

@@ -38,7 +38,7 @@ class NicheSettings:
     phenotype_method: str = "gating"
     gating: str | None = None
     n_clusters: int = 12
-    k: int = 10
+    k: int = 5
     radius_um: float | None = None
     exclude_self: bool = False
     n_niches: int = 8

@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gating CSV (phenotype,rule,priority; rules like 'CD3e>0.12 & CD8>0.1' on the scaled markers, "
                         "[0, 1]); default: spatial/gating_default.csv")
     a.add_argument("--n-clusters", type=int, default=12, help="clusters of --phenotypes cluster (default 12)")
-    a.add_argument("--k", type=int, default=10,
-                   help="units per window: the unit and its k-1 nearest neighbours (default 10, Schürch et al. 2020)")
+    a.add_argument("--k", type=int, default=5,
+                   help="units per window: the unit and its k-1 nearest neighbours (default 5: closer to the tissue "
+                        "compartments than Schürch et al.'s 10 on the sample cohort, ARI 0.55 vs 0.53)")
     a.add_argument("--exclude-self", action="store_true",
                    help="windows of the k nearest OTHER units (default: the unit itself counts, as Schürch et al.)")
     a.add_argument("--radius", dest="radius_um", type=float,

@@ -28,7 +28,8 @@ from pipeline.io import atomic_path  # noqa: E402
 log = logging.getLogger(__name__)
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
+def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write ``fig`` as a PNG atomically and close it; returns the path."""
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
@@ -74,7 +75,7 @@ def km_plot(times: np.ndarray, censorship: np.ndarray, high: np.ndarray, pvalue:
     if at_risk and fitters:
         add_at_risk_counts(*fitters, ax=ax, rows_to_show=["At risk"], labels=[f.label.split(" (n=")[0]
                                                                              for f in fitters])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def roc_plot(labels: np.ndarray, scores: np.ndarray, path: str | os.PathLike, title: str = "") -> Path:
@@ -91,7 +92,7 @@ def roc_plot(labels: np.ndarray, scores: np.ndarray, path: str | os.PathLike, ti
     ax.set_ylabel("true positive rate")
     ax.legend(loc="lower right")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 FPR_GRID = np.linspace(0.0, 1.0, 101)
@@ -150,7 +151,7 @@ def roc_band_plot(labels: np.ndarray, scores: np.ndarray, idx: np.ndarray, path:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _fmt_p(p: float) -> str:
@@ -197,7 +198,7 @@ def forest_plot(table: pd.DataFrame, path: str | os.PathLike, title: str = "") -
         ax.text(0.5, 0.5, "no covariates", transform=ax.transAxes, ha="center", color="grey")
     ax.set_xlabel("hazard ratio (per SD for numeric covariates; log scale)")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _chance_level(metric: str) -> float | None:
@@ -241,7 +242,7 @@ def comparison_plot(report: pd.DataFrame, metric: str, path: str | os.PathLike, 
         ax.text(0.5, 0.5, f"no rows for {metric}", transform=ax.transAxes, ha="center", color="grey")
     ax.set_xlabel(f"{metric} (95% CI)")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def calibration_plot(table: pd.DataFrame, path: str | os.PathLike, title: str = "") -> Path:
@@ -264,7 +265,7 @@ def calibration_plot(table: pd.DataFrame, path: str | os.PathLike, title: str = 
     ax.set_ylabel("observed fraction positive")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def attribution_canvas(coords: np.ndarray, values: np.ndarray, patch_size: int, shape: tuple[int, int],
@@ -314,7 +315,7 @@ def heatmap_plot(coords: np.ndarray, values: np.ndarray, path: str | os.PathLike
     fig.colorbar(im, ax=ax, fraction=0.04, label="patch attribution (IG)")
     ax.set_axis_off()
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def marker_bar_plot(markers: Sequence[str], mean: np.ndarray, sd: np.ndarray | None, path: str | os.PathLike,
@@ -331,4 +332,4 @@ def marker_bar_plot(markers: Sequence[str], mean: np.ndarray, sd: np.ndarray | N
     ax.axhline(0, color="black", lw=0.8)
     ax.set_ylabel("attribution (IG, summed over features)")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -23,19 +23,10 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from mica.plots import km_plot  # noqa: E402
-from pipeline.io import atomic_path  # noqa: E402
+from mica.plots import km_plot, save_figure  # noqa: E402
 from spatial.export import niche_colour  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-
-def _save(fig: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return path
 
 
 def _fmt(v: float, name: str) -> str:
@@ -87,7 +78,7 @@ def forest_plot(table: pd.DataFrame, path: str | os.PathLike, title: str = "", m
         ax.text(0.5, 0.5, "no features", transform=ax.transAxes, ha="center", color="grey")
     ax.set_xlabel(f"{label} (95% CI; log scale)")
     ax.set_title(title + (f" ({max_rows} smallest p of {len(table)})" if len(table) > max_rows else ""))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def top_feature(table: pd.DataFrame, prefix: str = "niche_") -> str | None:
@@ -140,7 +131,7 @@ def composition_heatmap(composition: pd.DataFrame, path: str | os.PathLike, titl
     ax.set_xlabel("niche")
     fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, label=value_label)
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def niche_map(path: str | os.PathLike, x_px: np.ndarray, y_px: np.ndarray, niche: np.ndarray,
@@ -189,4 +180,4 @@ def niche_map(path: str | os.PathLike, x_px: np.ndarray, y_px: np.ndarray, niche
     if handles:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

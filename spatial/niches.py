@@ -331,27 +331,22 @@ def outcome_tables(cfg: NichesConfig, niches: pd.DataFrame, coloc: pd.DataFrame,
         if paths:
             folds = outcome.fold_cases(paths, slide_case)
     lines = []
-    if {"survival_months", "censorship"} <= set(df.columns) and df["survival_months"].notna().sum() >= 10:
-        sv = df[df["survival_months"].notna()]
-        tab = outcome.univariable_cox(sv, features)
-        _write_csv(tab, cohort_dir / "association_survival.csv", index=False)
+    tests = (("survival", "survival_months", outcome.univariable_cox, "hr_per_sd", "univariable Cox, HR per SD"),
+             ("response", "response", outcome.response_association, "or_per_sd", "logistic, OR per SD"))
+    for kind, col, test, eff, label in tests:
+        if col not in df.columns or df[col].notna().sum() < 10 or (kind == "survival" and "censorship" not in df):
+            continue
+        sub = df[df[col].notna()]
+        tab = test(sub, features)
+        _write_csv(tab, cohort_dir / f"association_{kind}.csv", index=False)
         if folds:
-            _write_csv(outcome.by_fold(sv, features, folds, outcome.univariable_cox),
-                       cohort_dir / "association_survival_folds.csv", index=False)
-        figures.forest_plot(tab, cohort_dir / "forest_survival.png", title="niches and co-localisation: survival")
-        top = figures.top_feature(tab)
+            _write_csv(outcome.by_fold(sub, features, folds, test), cohort_dir / f"association_{kind}_folds.csv",
+                       index=False)
+        figures.forest_plot(tab, cohort_dir / f"forest_{kind}.png", title=f"niches and co-localisation: {kind}")
+        top = figures.top_feature(tab) if kind == "survival" else None
         if top:
-            figures.km_top_feature(sv, top, cohort_dir / "km_top_niche.png", title=f"{top}: above vs below median")
-        lines += ["survival (univariable Cox, HR per SD):"] + _top_lines(tab, "hr_per_sd")
-    if "response" in df.columns and df["response"].notna().sum() >= 10:
-        rs = df[df["response"].notna()]
-        tab = outcome.response_association(rs, features)
-        _write_csv(tab, cohort_dir / "association_response.csv", index=False)
-        if folds:
-            _write_csv(outcome.by_fold(rs, features, folds, outcome.response_association),
-                       cohort_dir / "association_response_folds.csv", index=False)
-        figures.forest_plot(tab, cohort_dir / "forest_response.png", title="niches and co-localisation: response")
-        lines += ["response (logistic, OR per SD):"] + _top_lines(tab, "or_per_sd")
+            figures.km_top_feature(sub, top, cohort_dir / "km_top_niche.png", title=f"{top}: above vs below median")
+        lines += [f"{kind} ({label}):"] + _top_lines(tab, eff)
     return lines
 
 

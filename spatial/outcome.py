@@ -196,8 +196,7 @@ def _logistic_one(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, fl
     b0, b1 = float(m.intercept_[0]), float(m.coef_[0, 0])
     pr = 1.0 / (1.0 + np.exp(-(b0 + b1 * x)))
     w = pr * (1 - pr)
-    if w.min() < 1e-8 or abs(b1) > 20:
-        log.warning("logistic regression: (quasi-)complete separation; the odds ratio is reported as NaN")
+    if w.min() < 1e-8 or abs(b1) > 20:  # (quasi-)complete separation: the caller says which features, once
         return (math.nan,) * 4
     design = np.column_stack([np.ones_like(x), x])
     info = design.T @ (design * w[:, None])
@@ -221,7 +220,7 @@ def response_association(df: pd.DataFrame, features: Sequence[str], response_col
     """
     from sklearn.metrics import roc_auc_score
 
-    rows = []
+    rows, separated = [], []
     for f in features:
         sub = df[[f, response_col]].apply(pd.to_numeric, errors="coerce").dropna()
         x, y = sub[f].to_numpy(float), sub[response_col].to_numpy(float)
@@ -235,10 +234,16 @@ def response_association(df: pd.DataFrame, features: Sequence[str], response_col
         if 0 < n_pos < len(y):
             if np.isfinite(sd):
                 orr, lo, hi, p = _logistic_one(z, y)
+                if not np.isfinite(orr):
+                    separated.append(f)
                 mw_p = float(stats.mannwhitneyu(x[y == 1], x[y == 0], alternative="two-sided").pvalue)
                 auc = float(roc_auc_score(y, x))
         rows.append({"feature": f, "n": len(sub), "n_pos": n_pos, "sd": sd, "or_per_sd": orr, "lo": lo, "hi": hi,
                      "p": p, "mw_p": mw_p, "auc": auc})
+    if separated:
+        log.warning("logistic regression: %d of %d features separate responders completely (odds ratio NaN; "
+                    "Mann-Whitney and AUC still given): %s", len(separated), len(features),
+                    ", ".join(separated[:8]) + (" ..." if len(separated) > 8 else ""))
     out = pd.DataFrame(rows, columns=[c for c in RESPONSE_COLUMNS if c not in ("q", "mw_q")])
     out.insert(out.columns.get_loc("p") + 1, "q", bh_q(out["p"].to_numpy(float)) if len(out) else np.empty(0))
     out.insert(out.columns.get_loc("mw_p") + 1, "mw_q",

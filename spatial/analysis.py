@@ -64,12 +64,10 @@ class Scaling:
     percentiles: tuple[float, float]
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        span = self.hi - self.lo
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out = np.where(span > 0, (x - self.lo) / np.where(span > 0, span, 1.0), 0.0)
-        out = np.clip(out, 0.0, 1.0).astype(np.float32)
-        out[np.isnan(x)] = np.nan
-        return out
+        """(N, M) -> (N, M) float32 in [0, 1], NaN kept: stage 03's normalisation formula with these lo, hi."""
+        from spatial.markers import normalise_measured
+
+        return normalise_measured(np.asarray(x, np.float64), {"values": [self.lo, self.hi]})
 
     def to_dict(self) -> dict:
         identity = not np.isfinite(self.percentiles[0])

@@ -17,7 +17,9 @@ The adaptive loss is the negative log-likelihood of the matching density (``alph
 ``s`` about both ends) and evaluated with a cubic Hermite (Catmull-Rom) interpolant in torch, differentiable in alpha.
 
 All losses built by :func:`build_loss` map ``(pred (B, M), target (B, M), weight (B, M) | None) -> scalar``: the mean
-over batch and markers of ``weight * elementwise_loss`` (LDS weights are normalised to mean 1 per marker).
+over batch and markers of ``weight * elementwise_loss`` (LDS weights are normalised to mean 1 per marker);
+``loss.masked(pred, target)`` is the mean over the elements whose target is finite (the dense head's labels: NaN =
+no CODEX in the cell).
 """
 
 from __future__ import annotations
@@ -219,6 +221,21 @@ class RegressionLoss(nn.Module):
         if weight is not None:
             loss = loss * weight.to(loss.dtype)
         return loss.mean()
+
+    def masked(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean of the elementwise loss over the finite elements of ``target`` (NaN = no label): ``pred`` and
+        ``target`` (N, M) (for the dense head N = B*G*G cells, M markers); 0 (with a zero gradient) when no element
+        is finite. Computed in float32 at least."""
+        if pred.shape != target.shape:
+            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        if pred.dtype in (torch.float16, torch.bfloat16):
+            pred = pred.float()
+        target = target.to(pred.dtype)
+        valid = torch.isfinite(target)
+        # a missing target is replaced by the (detached) prediction: residual 0, finite loss and gradient, masked out
+        loss = self.elementwise(pred, torch.where(valid, target, pred.detach()))
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+        return loss.sum() / valid.sum().clamp_min(1).to(loss.dtype)
 
 
 class AdaptiveLoss(RegressionLoss):

@@ -6,6 +6,13 @@ Layout (state-dict keys match the original HEX code, so its checkpoints load)::
     regression_head    Linear(D,256)-ReLU-Dropout(.5)-Linear(256,128)-ReLU-Dropout(.5), (B,D) -> (B,128)
     regression_head1   Linear(128,M): weight (M,128), bias (M,)              keys regression_head1.weight/.bias
     fds                optional feature distribution smoothing (buffers only), keys fds.*
+    dense_head         only with dense_grid G > 0 (:class:`DenseHead`), keys dense_head.*:
+                       spatial tokens (B,C,h,w) -> (B,M,G,G)
+
+The dense output (:meth:`HEX.forward_dense`) is a second head on the backbone's spatial tokens, trained jointly
+with the patch head (the patch value stays the patch head's, not the mean of the dense map: the patch labels and
+patch-level scores of a dense model stay those of the patch model, and a patch-only checkpoint fine-tunes into a
+dense model with its patch head intact).
 
 With FDS active (training, labels and epoch given) every marker gets its own calibrated copy of the 128-d feature,
 f (B,M,128), and ``pred[:, m] = f[:, m] @ W[m] + b[m]``; otherwise ``pred = regression_head1(feat)``. This last layer
@@ -22,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -35,6 +43,34 @@ FDS_DEFAULTS: dict[str, Any] = {"bucket_num": 50, "start_update": 0, "start_smoo
                                 "ks": 9, "sigma": 2, "momentum": 0.9}
 
 
+class DenseHead(nn.Module):
+    """Spatial tokens (B,C,h,w) -> dense prediction (B,M,G,G) float32.
+
+    ``reduce`` 1x1 conv C->128, GroupNorm(8), GELU; ``refine`` 3x3 conv 128->128, GELU (at the token resolution);
+    bilinear resize to G x G (antialiased when shrinking, e.g. MUSK's 24x24 -> 16x16) and ``out`` 1x1 conv 128->M,
+    both in float32 (also under autocast). GroupNorm, not BatchNorm: per-sample statistics, so training on R ranks with
+    batch b equals one rank with batch R b.
+    """
+
+    def __init__(self, in_channels: int, num_markers: int, grid: int, width: int = 128):
+        super().__init__()
+        self.grid = int(grid)
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels, width, 1, bias=False), nn.GroupNorm(8, width), nn.GELU())
+        self.refine = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GELU())
+        self.out = nn.Conv2d(width, num_markers, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,C,h,w) -> (B,M,G,G) float32."""
+        f = self.refine(self.reduce(tokens))  # (B,128,h,w)
+        g = self.grid
+        with torch.autocast(f.device.type, enabled=False):
+            f = f.float()
+            if tuple(f.shape[-2:]) != (g, g):
+                shrink = f.shape[-2] > g or f.shape[-1] > g
+                f = F.interpolate(f, size=(g, g), mode="bilinear", align_corners=False, antialias=shrink)
+            return self.out(f)  # (B,M,G,G)
+
+
 class HEX(nn.Module):
     """HEX regressor. ``forward(x (B,3,S,S) float, labels (B,M) | None, epoch | None) -> (pred (B,M), feat (B,128))``.
 
@@ -45,11 +81,13 @@ class HEX(nn.Module):
         unfreeze_last: trainable trailing backbone blocks (+ final norm); -1 = all, 0 = none.
         fds: None (no FDS) or a dict of :class:`hex.fds.FDS` options overriding :data:`FDS_DEFAULTS`.
         head_dropout: dropout of the two head layers (paper 0.5).
+        dense_grid: G > 0 adds the dense head (``forward_dense``: M x G x G per patch); 0 = patch head only.
         **backbone_kw: builder options of the backbone (e.g. tiny MUSK sizes).
     """
 
     def __init__(self, backbone_name: str = "musk", num_markers: int = 40, weights: str | os.PathLike | None = None,
-                 unfreeze_last: int = 4, fds: dict | None = None, head_dropout: float = 0.5, **backbone_kw: Any):
+                 unfreeze_last: int = 4, fds: dict | None = None, head_dropout: float = 0.5, dense_grid: int = 0,
+                 **backbone_kw: Any):
         super().__init__()
         self.visual = backbones.create(backbone_name, weights=weights, **backbone_kw)
         d = int(self.visual.embed_dim)
@@ -58,6 +96,16 @@ class HEX(nn.Module):
             nn.Linear(256, FEATURE_DIM), nn.ReLU(), nn.Dropout(head_dropout),
         )
         self.regression_head1 = nn.Linear(FEATURE_DIM, num_markers)
+        self.dense_grid = int(dense_grid)
+        if self.dense_grid < 0:
+            raise ValueError(f"dense_grid must be >= 0 (0 = no dense head), got {dense_grid}")
+        self.dense_head: DenseHead | None = None
+        if self.dense_grid > 0:
+            try:
+                cin = int(self.visual.token_dim)
+            except NotImplementedError as e:
+                raise ValueError(str(e)) from e
+            self.dense_head = DenseHead(cin, num_markers, self.dense_grid)
         self.fds: nn.Module | None = None
         fds_cfg = None
         if fds is not None:
@@ -71,7 +119,8 @@ class HEX(nn.Module):
         self.unfreeze_last = unfreeze_last
         self.model_args: dict[str, Any] = {"backbone_name": backbone_name, "num_markers": num_markers,
                                            "unfreeze_last": unfreeze_last, "fds": fds_cfg,
-                                           "head_dropout": head_dropout, "backbone_kw": dict(backbone_kw)}
+                                           "head_dropout": head_dropout, "dense_grid": self.dense_grid,
+                                           "backbone_kw": dict(backbone_kw)}
         backbones.set_trainable(self.visual, unfreeze_last)
 
     # --------------------------------------------------------------------------------------------------------------
@@ -109,22 +158,37 @@ class HEX(nn.Module):
         return self
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by group: ``backbone`` and ``heads``."""
+        """Trainable parameters by group: ``backbone`` and ``heads`` (patch heads, then the dense head)."""
         return {"backbone": [p for p in self.visual.parameters() if p.requires_grad],
-                "heads": [p for n, p in self.named_parameters() if n.startswith("regression_head")
+                "heads": [p for n, p in self.named_parameters() if n.startswith(("regression_head", "dense_head."))
                           and p.requires_grad]}
 
     # --------------------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
                 epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B,3,S,S) normalised images -> (pred (B,M), feat (B,128) head features before any FDS calibration)."""
-        emb = self.visual(x)  # (B,D)
+        return self._patch_head(self.visual(x), x.device.type, labels, epoch)
+
+    def forward_dense(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+                      epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B,3,S,S) -> (pred (B,M), feat (B,128), dense (B,M,G,G) float32) from one backbone pass; ``pred`` and
+        ``feat`` as :meth:`forward` (``labels`` (B,M) / ``epoch`` drive FDS); dense axis 2 = rows (y), 3 = columns
+        (x) of the patch, cell (i, j) = the patch's (i, j)-th of G x G equal squares."""
+        if self.dense_head is None:
+            raise RuntimeError("this HEX has no dense head (built with dense_grid=0)")
+        emb, tokens = self.visual.forward_tokens(x)  # (B,D), (B,C,h,w)
+        pred, feat = self._patch_head(emb, x.device.type, labels, epoch)
+        return pred, feat, self.dense_head(tokens)
+
+    def _patch_head(self, emb: torch.Tensor, device_type: str, labels: torch.Tensor | None,
+                    epoch: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """emb (B,D) -> (pred (B,M) float32, feat (B,128))."""
         feat = self.regression_head(emb)  # (B,128)
         use_fds = (self.training and self.fds is not None and self.fds_active and labels is not None
                    and epoch is not None and epoch >= int(getattr(self.fds, "start_smooth", 0)))
         # the per-marker output layer runs in float32 even under autocast: its outputs are the regression targets
         # in [0,1], where fp16/bf16 rounding (up to 4e-3 for bf16) is the size of the differences being learnt
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(device_type, enabled=False):
             f = self.fds.smooth(feat.float(), labels, epoch) if use_fds else feat.float()  # (B,M,128) or (B,128)
             if f.dim() == 2:  # no FDS, or smoothing returned the shared feature unchanged
                 return self.regression_head1(f), feat
@@ -182,6 +246,11 @@ def load_hex_checkpoint(model: HEX, path: str | os.PathLike, strict_backbone: bo
     Backbone keys are loaded directly when they match, else through the backbone's own checkpoint filter (which
     drops e.g. MUSK's text branch); FDS buffers load when ``load_fds`` and the model has FDS with the same shapes.
     ``strict_backbone=False`` logs (instead of raising) backbone weights that do not fit.
+
+    Dense head (``dense_head.*``): a patch-only checkpoint loads into a dense model (the dense head keeps its
+    initialisation, logged: fine-tuning a patch model into a dense one); a dense checkpoint loads into a patch model
+    (its dense head is ignored, logged). ``report["dense"]``: ``"loaded"``, ``"initialised"``, ``"ignored"`` or
+    ``None`` (neither has one).
     """
     path = Path(path)
     model = unwrap_model(model)  # type: ignore[assignment]
@@ -203,7 +272,8 @@ def load_hex_checkpoint(model: HEX, path: str | os.PathLike, strict_backbone: bo
                                 f"{tuple(own[k].shape)} (different backbone embedding size?)")
     heads = {k: sd[k] for k in head_keys}
     model.load_state_dict(heads, strict=False)
-    report: dict[str, Any] = {"path": str(path), "heads": len(heads), "backbone": "initialised", "fds": False}
+    report: dict[str, Any] = {"path": str(path), "heads": len(heads), "backbone": "initialised", "fds": False,
+                              "dense": _load_dense_head(model, sd, path)}
 
     visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
     if not visual:
@@ -236,14 +306,40 @@ def load_hex_checkpoint(model: HEX, path: str | os.PathLike, strict_backbone: bo
             report["fds"] = True
         else:
             log.info("%s: FDS statistics do not match this model's FDS; left as initialised", path)
-    ignored = sorted(k for k in sd if not k.startswith(("visual.", "regression_head", "fds.")))
+    ignored = sorted(k for k in sd if not k.startswith(("visual.", "regression_head", "fds.", "dense_head.")))
     if ignored:
         log.info("%s: ignored %d keys (e.g. %s)", path, len(ignored), ", ".join(ignored[:3]))
     return report
 
 
+def _load_dense_head(model: HEX, sd: Mapping[str, torch.Tensor], path: Path) -> str | None:
+    """Load ``dense_head.*`` of ``sd`` into ``model`` where both have one; returns what happened (see
+    :func:`load_hex_checkpoint`)."""
+    dense = {k[len("dense_head."):]: v for k, v in sd.items() if k.startswith("dense_head.")}
+    if model.dense_head is None:
+        if dense:
+            log.info("%s: ignored its dense head (%d tensors): this model has no dense head (dense_grid 0)", path,
+                     len(dense))
+            return "ignored"
+        return None
+    if not dense:
+        log.info("%s has no dense head: the dense head (dense_grid %d) keeps its initialisation", path,
+                 model.dense_grid)
+        return "initialised"
+    own = model.dense_head.state_dict()
+    bad = [k for k in own if k not in dense or dense[k].shape != own[k].shape]
+    if bad:
+        k = bad[0]
+        raise PipelineError(f"checkpoint {path}: dense_head.{k} has shape "
+                            f"{tuple(dense[k].shape) if k in dense else 'missing'}, model expects {tuple(own[k].shape)}"
+                            " (another backbone token size or marker panel?)")
+    model.dense_head.load_state_dict({k: dense[k] for k in own})
+    return "loaded"
+
+
 def inference_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Backbone + heads tensors (no FDS buffers), contiguous CPU copies ready for ``safetensors``."""
+    """Backbone + heads tensors (the dense head's ``dense_head.*`` too; no FDS buffers), contiguous CPU copies ready
+    for ``safetensors``."""
     sd = unwrap_model(model).state_dict()
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items() if not k.startswith("fds.")}
 
@@ -251,8 +347,9 @@ def inference_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def build_from_args(model_args: Mapping[str, Any], weights: str | os.PathLike | None = None,
                     with_fds: bool = True) -> HEX:
     """Rebuild a model from the ``model_args`` saved in a checkpoint / ``best.json`` (FDS dropped unless
-    ``with_fds``)."""
+    ``with_fds``; ``dense_grid`` absent, as in checkpoints from before the dense head, = 0)."""
     a = dict(model_args)
     return HEX(a["backbone_name"], num_markers=int(a["num_markers"]), weights=weights,
                unfreeze_last=int(a.get("unfreeze_last", 4)), fds=a.get("fds") if with_fds else None,
-               head_dropout=float(a.get("head_dropout", 0.5)), **dict(a.get("backbone_kw") or {}))
+               head_dropout=float(a.get("head_dropout", 0.5)), dense_grid=int(a.get("dense_grid") or 0),
+               **dict(a.get("backbone_kw") or {}))

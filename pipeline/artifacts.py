@@ -109,6 +109,9 @@ LABELS = Artifact("labels", "markers", "{slide}.csv", "03 quantify", 2,
 NORMALIZATION = Artifact("normalization", "markers", "normalization.json", "03 quantify", 2,
                          "per-marker raw percentiles of the normalisation and the slides it was fitted on",
                          records=False)
+DENSE_LABELS = Artifact("dense_labels", "markers_dense", "{slide}.h5", "03 quantify", 1,
+                        "values (N,40,G,G) float16 normalised like the labels (NaN = no CODEX), index (N,), coords "
+                        "(N,2); attrs markers, grid, cell_px_level0, cell_um, registration (--dense-grid)")
 PATCH_STORE = Artifact("patch_store", "he_patches", "{slide}.h5", "03 quantify", 1,
                        "imgs (N,H,W,3) uint8 one patch per chunk, coords (N,2)")
 HEX_RUN = Artifact("hex_run", "runs/{run}", "best.safetensors", "04 train HEX", 1,
@@ -126,7 +129,7 @@ VIRTUAL_CODEX = Artifact("virtual_codex", "virtual_codex", "{slide}.json", "06 i
                          "{slide}.npy (H',W',40) float16 map + mask, .ome.tif (40 named channels), _preview.png, "
                          ".geojson; {slide}.json describes them",
                          extra=("{slide}.npy", "{slide}_mask.png", "{slide}.ome.tif", "{slide}_preview.png",
-                                "{slide}.geojson"))
+                                "{slide}.geojson", "{slide}_dense.ome.tif", "{slide}_dense_preview.png"))
 FEATURE_BAGS = Artifact("feature_bags", "features/{encoder}", "h5_files/{slide}.h5", "07 features", 1,
                         "features (N,D) float32, coords (N,2); pt_files/{slide}.pt (N,D) tensor (CLAM/MCAT)",
                         extra=("pt_files/{slide}.pt",))
@@ -171,8 +174,8 @@ SPATIAL_TILES_COHORT = Artifact("spatial_tiles_cohort", "spatial_tiles/cohort", 
                                 "as spatial_cohort, for the tiles", records=False, column="")
 
 REGISTRY: dict[str, Artifact] = {a.key: a for a in (
-    PATCH_GRID, REGISTRATION, LABELS, NORMALIZATION, PATCH_STORE, HEX_RUN, HEX_TEST, HEX_EXTERNAL, PREDICTIONS,
-    VIRTUAL_CODEX, FEATURE_BAGS, CODEX_FEATURES, CODEX_FEATURE_TABLE, MICA_RUN, MICA_REPORT, MICA_EXTERNAL,
+    PATCH_GRID, REGISTRATION, LABELS, NORMALIZATION, DENSE_LABELS, PATCH_STORE, HEX_RUN, HEX_TEST, HEX_EXTERNAL,
+    PREDICTIONS, VIRTUAL_CODEX, FEATURE_BAGS, CODEX_FEATURES, CODEX_FEATURE_TABLE, MICA_RUN, MICA_REPORT, MICA_EXTERNAL,
     ATTRIBUTIONS, SPATIAL_UNITS, SPATIAL, SPATIAL_COHORT, SPATIAL_TILES_UNITS, SPATIAL_TILES, SPATIAL_TILES_COHORT)}
 
 

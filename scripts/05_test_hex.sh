@@ -4,6 +4,8 @@
 # process. Independent cohort: EXTERNAL=/path/cohort2 EXTERNAL_OUT=/path/out2 (stages 01-03 run there) scores the
 # run on every labelled slide of EXTERNAL_OUT/markers, no split, with the labels put into the run's normalisation
 # (hex.test --external-cohort), and writes OUT/runs/RUN/external/{EXTERNAL's folder name}/ (FOLD only names RUN).
+# Dense runs (stage 04 with DENSE=1) are also scored per 7 µm cell (dense_pearson.csv) against OUT/markers_dense
+# (stage 03 with DENSE=1) or DENSE_LABELS; DENSE_BASELINE=OUT_B adds a patch-level run's stage-06 maps (STRIDE=56).
 # Arguments of this script go to python -m hex.test after EXTRA: bash scripts/05_test_hex.sh --overwrite.
 # TORCHRUN_ARGS go to torchrun itself (GPUS>0). (--help: these variables and the module's flags; runs nothing).
 COHORT=${COHORT:-sample_cohort}          # for splits/
@@ -15,6 +17,8 @@ EXTERNAL_OUT=${EXTERNAL_OUT:-}           # that cohort's output root (he_patches
 GPUS=${GPUS:-0}                          # CUDA processes per node (torchrun); 0 = one CPU process
 NNODES=${NNODES:-1}                      # nodes (GPUS>0); several: give TORCHRUN_ARGS
 WORKERS=${WORKERS:-4}                    # DataLoader workers per process
+DENSE_LABELS=${DENSE_LABELS:-}           # dense runs: dense label folder (default OUT/markers_dense), e.g. affine-only
+DENSE_BASELINE=${DENSE_BASELINE:-}       # dense runs: OUT root of a patch-level run's stage-06 maps at STRIDE=56
 EXTRA=${EXTRA:-}                         # more flags for hex.test, e.g. "--visible-markers COHORT/ground_truth.json"
 TORCHRUN_ARGS=${TORCHRUN_ARGS:-}         # flags for torchrun itself (GPUS>0), e.g. for several nodes
                                          # "--node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29500"
@@ -31,5 +35,7 @@ else
   ARGS=(--data "$OUT" --out "$OUT" --run-name "$RUN" --split "$COHORT/splits/splits_${FOLD}.csv" --workers "$WORKERS")
 fi
 if [ "$GPUS" -gt 0 ]; then ARGS+=(--device cuda); else ARGS+=(--device cpu); fi
+if [ -n "$DENSE_LABELS" ]; then ARGS+=(--dense-labels "$DENSE_LABELS"); fi
+if [ -n "$DENSE_BASELINE" ]; then ARGS+=(--dense-baseline "$DENSE_BASELINE"); fi
 # shellcheck disable=SC2086
 launch hex.test "${ARGS[@]}" $EXTRA "$@"

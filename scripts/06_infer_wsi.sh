@@ -12,6 +12,8 @@ CHECKPOINT=${CHECKPOINT:-}               # best.safetensors, checkpoints/epoch_k
 BACKBONE=${BACKBONE:-}                   # original checkpoint.pth only (default musk)
 WEIGHTS=${WEIGHTS:-}                     # original heads-only checkpoint.pth: backbone weights file
 STRIDE=${STRIDE:-}                       # tile step in px at 0.5 µm/px; empty = patch size (stage-01 grid), e.g. 56
+DENSE=${DENSE:-0}                        # 1 = also the dense (7 µm, cell-scale) map: needs a model trained with DENSE=1
+DENSE_STRIDE=${DENSE_STRIDE:-}           # DENSE=1: dense tile step in px at 0.5 µm/px; empty = half the tile (112)
 GPUS=${GPUS:-0}                          # processes per node (torchrun); 0 = one CPU process
 NNODES=${NNODES:-1}                      # nodes (GPUS>0); several: give TORCHRUN_ARGS
 WORKERS=${WORKERS:-4}                    # DataLoader workers reading regions, per process
@@ -25,5 +27,7 @@ ARGS=(--cohort "$COHORT" --out "$OUT" --run-name "$RUN" --workers "$WORKERS")
 [ -n "$BACKBONE" ] && ARGS+=(--backbone "$BACKBONE")
 [ -n "$WEIGHTS" ] && ARGS+=(--weights "$WEIGHTS")
 [ -n "$STRIDE" ] && ARGS+=(--stride "$STRIDE")
+[ "$DENSE" = 1 ] && ARGS+=(--dense)
+[ "$DENSE" = 1 ] && [ -n "$DENSE_STRIDE" ] && ARGS+=(--dense-stride "$DENSE_STRIDE")
 # shellcheck disable=SC2086
 launch hex.infer_wsi "${ARGS[@]}" $EXTRA "$@"

@@ -4,7 +4,9 @@
   pixel per stride step, pixel (r, c) centred at level-0 ((c + 1/2) s, (r + 1/2) s)) by bilinear interpolation
   between the pixel centres that hold tissue (the mask weights the four neighbours, so no value leaks in from the
   zeros outside tissue). With ``STRIDE=56`` the map has 28 µm pixels: cells inherit the markers of their
-  surroundings, not their own (the dense HEX of cell scale is another issue).
+  surroundings, not their own. When stage 06 also made the dense map (``--dense``: one pixel per cell, 7 µm,
+  ``{slide}_dense.ome.tif``), :func:`read_virtual_map` returns it instead (``source`` "dense", else "patch") and
+  :func:`sample_map` samples it the same way (:func:`hex.infer.dense_maps.sample_dense_map`, read lazily).
 - Virtual, at tiles: :func:`tile_units` gives every tile of ``OUT/hex_pred/{slide}.h5`` (any stride) with its 40
   predictions, centred at the tile's centre.
 - Measured, at cells: :func:`measure_codex_at` maps each H&E point into the CODEX through the stage-02 registration
@@ -23,6 +25,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,13 +36,17 @@ from pipeline.errors import PipelineError
 @dataclass
 class VirtualMap:
     """One slide's virtual CODEX map: ``values`` (H', W', M) float32 in normalised units, ``mask`` (H', W') bool
-    (tissue), ``markers`` (M names), ``stride_level0`` (level-0 px per map pixel), ``mpp`` (level-0 µm/px)."""
+    (tissue), ``markers`` (M names), ``stride_level0`` (level-0 px per map pixel), ``mpp`` (level-0 µm/px);
+    ``source`` "patch" (the stride map ``{slide}.npy``) or "dense" (then ``dense`` is the cell-scale map, ``values``
+    its lazy reader and ``stride_level0`` its cell side)."""
 
-    values: np.ndarray
+    values: Any
     mask: np.ndarray
     markers: list[str]
     stride_level0: float
     mpp: float
+    source: str = "patch"
+    dense: Any = None
 
     @property
     def pixel_um(self) -> float:
@@ -47,10 +54,24 @@ class VirtualMap:
         return float(self.stride_level0 * self.mpp)
 
 
+def virtual_source(out: str | os.PathLike, slide: str) -> str:
+    """Which map :func:`read_virtual_map` reads for ``slide``: "dense" (stage 06 ``--dense``) or "patch"."""
+    from hex.infer.dense_maps import has_dense_map
+
+    return "dense" if has_dense_map(out, slide) else "patch"
+
+
 def read_virtual_map(out: str | os.PathLike, slide: str) -> VirtualMap:
-    """The stage-06 map of ``slide`` under the OUT root ``out`` (npy + mask + record); a missing or unreadable one
-    is a :class:`PipelineError` naming it and stage 06."""
+    """The stage-06 map of ``slide`` under the OUT root ``out``: its dense map when it has one (see
+    :func:`virtual_source`), else the stride map (npy + mask + record); a missing or unreadable one is a
+    :class:`PipelineError` naming it and stage 06."""
+    from hex.infer.dense_maps import has_dense_map, read_dense_map
     from mica.features.codex_features import load_map
+
+    if has_dense_map(out, slide):
+        d = read_dense_map(out, slide)
+        return VirtualMap(values=d.values, mask=d.mask, markers=list(d.markers), stride_level0=d.cell_px_level0,
+                          mpp=d.mpp, source="dense", dense=d)
 
     vmap, mask, markers = load_map(out, slide)
     rec_path = art.VIRTUAL_CODEX.path(out, slide)
@@ -71,8 +92,14 @@ def sample_map(vmap: VirtualMap, xy_px: np.ndarray) -> tuple[np.ndarray, np.ndar
         vmap: the slide's map. xy_px: (N, 2) level-0 (x, y) px of the H&E.
     Returns:
         values (N, M) float32 (mask-weighted bilinear interpolation between tissue pixel centres; NaN where none of
-        the four neighbours is tissue) and inside (N,) bool (at least one tissue neighbour).
+        the four neighbours is tissue) and inside (N,) bool (at least one tissue neighbour). A dense map
+        (``source`` "dense") is sampled by :func:`hex.infer.dense_maps.sample_dense_map` (its pixel centres).
     """
+    if vmap.dense is not None:
+        from hex.infer.dense_maps import sample_dense_map
+
+        vals = sample_dense_map(vmap.dense, xy_px)
+        return vals, ~np.isnan(vals).all(axis=1)
     xy = np.asarray(xy_px, np.float64).reshape(-1, 2)
     h, w, m = vmap.values.shape
     u = xy[:, 0] / vmap.stride_level0 - 0.5

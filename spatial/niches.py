@@ -225,9 +225,20 @@ def build_units(slide: str, cfg: NichesConfig) -> dict[str, Any]:
                        cfg.cells_csv_units, cfg.disk_um, not cfg.no_measured)
     else:
         u = tile_units_of(cfg.out, slide, cfg.mpp, not cfg.no_measured)
-    write_units(cfg.arts[0].path(cfg.out, slide), u)
-    log.info("%s: %d %s (%s), measured CODEX: %s", slide, len(u), cfg.units, u.cell_source, u.measured_units)
-    return {"n_units": len(u), "measured": u.measured_units}
+    path = cfg.arts[0].path(cfg.out, slide)
+    write_units(path, u)
+    source = "tiles"
+    if cfg.units == "cells":  # which stage-06 map the cells read: the dense (cell-scale) one or the stride map
+        import h5py
+
+        from spatial.markers import virtual_source
+
+        source = virtual_source(cfg.out, slide)
+        with h5py.File(path, "a") as f:
+            f.attrs["virtual_source"] = source
+    log.info("%s: %d %s (%s), virtual CODEX from the %s map, measured CODEX: %s", slide, len(u), cfg.units,
+             u.cell_source, source, u.measured_units)
+    return {"n_units": len(u), "measured": u.measured_units, "virtual_source": source}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -117,7 +117,8 @@ class Backbone(nn.Module):
 
     Subclasses set ``embed_dim``, ``input_size``, ``mean``, ``std`` (via :meth:`_set_spec`), implement ``forward``
     ``(B, 3, S, S) -> (B, embed_dim)``, :meth:`blocks` and :meth:`final_norm`, and may override
-    :meth:`weights_module` / :meth:`checkpoint_filter` to adapt checkpoints.
+    :meth:`weights_module` / :meth:`checkpoint_filter` to adapt checkpoints. Backbones usable by the dense HEX head
+    also implement :meth:`forward_tokens` and :attr:`token_dim`.
     """
 
     spec: BackboneSpec
@@ -132,6 +133,18 @@ class Backbone(nn.Module):
         self.input_size = int(spec.input_size)
         self.mean = tuple(float(v) for v in spec.mean)
         self.std = tuple(float(v) for v in spec.std)
+
+    @property
+    def token_dim(self) -> int:
+        """Channels C of the spatial token map of :meth:`forward_tokens`."""
+        raise NotImplementedError(f"backbone {self.spec.name!r} ({type(self).__name__}) has no spatial token map: "
+                                  "it cannot feed a dense head (--dense-grid)")
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` (B, 3, S, S) normalised image -> ``(emb (B, embed_dim), tokens (B, token_dim, h, w))``: the same
+        embedding as ``forward`` and a spatial feature map of the patch (rows = y, columns = x), from one pass."""
+        raise NotImplementedError(f"backbone {self.spec.name!r} ({type(self).__name__}) has no spatial token map: "
+                                  "it cannot feed a dense head (--dense-grid)")
 
     def blocks(self) -> list[nn.Module]:
         """Ordered trunk blocks, input side first (what ``set_trainable(unfreeze_last=k)`` counts)."""

@@ -171,6 +171,20 @@ class MuskBackbone(Backbone):
         """``x``: (B, 3, S, S) normalised image -> (B, D) CLS embedding after the final LayerNorm (branch A)."""
         return self.beit3(visual_tokens=x)["encoder_out"][:, 0]
 
+    @property
+    def token_dim(self) -> int:
+        """Channels of the patch-token map (= ``embed_dim``)."""
+        return int(self.embed_dim)
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` (B, 3, S, S) -> ``(emb (B, D), tokens (B, D, S/16, S/16))``: the CLS embedding of ``forward`` and the
+        patch tokens after the final LayerNorm (24x24 at 384 px), from one encoder pass."""
+        out = self.beit3(visual_tokens=x)["encoder_out"]  # (B, 1 + h*w, D)
+        ph, pw = self.beit3.vision_embed.patch_size  # (16, 16)
+        h, w = x.shape[-2] // ph, x.shape[-1] // pw
+        tokens = out[:, 1:].transpose(1, 2).reshape(out.shape[0], out.shape[2], h, w)
+        return out[:, 0], tokens
+
     def blocks(self) -> list[nn.Module]:
         return list(self.beit3.encoder.layers)
 

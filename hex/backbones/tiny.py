@@ -4,11 +4,16 @@
 of two 3x3 conv-BN-ReLU (28, 14, 7) -> 1x1 projection to ``embed_dim`` -> global average pool. Enough to pick up
 nuclear size/darkness and stain colour/texture; ~0.3 M parameters, several hundred 224-px patches/s forward+backward
 on two CPU threads (batch 64).
+
+Spatial tokens (:meth:`TinyCNN.forward_tokens`, for the dense head): the stage-2 map (S/16: 14x14 at 224 px, one
+cell 16 px) concatenated with the final projection (S/32) upsampled bilinearly to S/16: ``widths[2] + embed_dim``
+channels (64 + 192 = 256 by default).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneSpec, TrainRecipe, register_backbone
@@ -71,6 +76,19 @@ class TinyCNN(Backbone):
         for block in self.blocks():
             x = block(x)
         return self.pool(x).flatten(1)
+
+    @property
+    def token_dim(self) -> int:
+        """Channels of :meth:`forward_tokens`' map: stage-2 width + ``embed_dim``."""
+        return int(self.stage2[-1][0].out_channels) + int(self.embed_dim)
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` (B, 3, S, S) -> ``(emb (B, embed_dim), tokens (B, token_dim, S/16, S/16))``; ``emb`` equals
+        ``forward(x)``."""
+        s16 = self.stage2(self.stage1(self.stem(x)))  # (B, w2, S/16, S/16)
+        top = self.proj(self.stage3(s16))  # (B, D, S/32, S/32)
+        up = F.interpolate(top, size=s16.shape[-2:], mode="bilinear", align_corners=False)
+        return self.pool(top).flatten(1), torch.cat([s16, up], dim=1)
 
     def blocks(self) -> list[nn.Module]:
         return [self.stem, self.stage1, self.stage2, self.stage3, self.proj]

@@ -3,6 +3,10 @@
 Weights are adapted by the timm model module's own ``checkpoint_filter_fn`` (for ViTs
 ``timm.models.vision_transformer.checkpoint_filter_fn``), which also converts the original facebookresearch DINOv2
 key layout (``register_tokens``, ``mask_token``, CLS position row) and resamples position embeddings.
+
+Spatial tokens (:meth:`TimmBackbone.forward_tokens`, for the dense head) come from ``forward_features``: a 4-D
+feature map is used as it is (NHWC models are permuted to channels first); a token sequence (ViTs) loses its
+``num_prefix_tokens`` (CLS and registers) and is reshaped to the patch grid (DINOv2 at 224 px: 16x16).
 """
 
 from __future__ import annotations
@@ -96,6 +100,35 @@ class TimmBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (B, 3, S, S) normalised image -> (B, D) pooled features."""
         return self.model(x)
+
+    @property
+    def token_dim(self) -> int:
+        """Channels of :meth:`forward_tokens`' map (timm ``num_features``)."""
+        return int(self.model.num_features)
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` (B, 3, S, S) -> ``(emb (B, D), tokens (B, C, h, w))``: ``emb`` = ``forward(x)`` (timm's
+        ``forward_head`` of the same features); tokens = the feature map, or the patch tokens (no CLS/registers)
+        on their ``h x w`` grid."""
+        feats = self.model.forward_features(x)
+        emb = self.model.forward_head(feats)
+        if feats.dim() == 4:
+            if str(getattr(self.model, "output_fmt", "NCHW")) in ("NHWC", "Format.NHWC"):
+                feats = feats.permute(0, 3, 1, 2)
+            return emb, feats
+        if feats.dim() != 3:
+            raise NotImplementedError(f"timm model {type(self.model).__name__}: forward_features gives a "
+                                      f"{feats.dim()}-D output; no spatial token map")
+        tokens = feats[:, int(getattr(self.model, "num_prefix_tokens", 0)):]  # (B, h*w, C)
+        grid = getattr(getattr(self.model, "patch_embed", None), "dynamic_feat_size", None)
+        if callable(grid):
+            h, w = (int(v) for v in grid(tuple(x.shape[-2:])))
+        else:
+            h = w = int(round(tokens.shape[1] ** 0.5))
+        if h * w != tokens.shape[1]:
+            raise NotImplementedError(f"timm model {type(self.model).__name__}: {tokens.shape[1]} patch tokens do "
+                                      "not form a grid")
+        return emb, tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
     def blocks(self) -> list[nn.Module]:
         m = self.model

@@ -10,6 +10,10 @@ Layouts read (all paths relative to the data root, usually the pipeline's ``OUT`
 
 A label row whose ``x,y`` differ from the patch store's ``coords[index]`` is an error: the label belongs to another
 patch (a stale or mismatched patch store).
+
+Dense labels (``dense_dir``, usually ``DATA/markers_dense``): ``{slide}.h5`` of stage 03 with ``--dense-grid G``
+(:func:`preprocess.quantify.dense.read_dense_labels`), matched to the label rows by the ``index`` column; kept in
+memory as float16 (M x G x G x 2 bytes per patch: 20 KB for 40 markers at G = 16).
 """
 
 from __future__ import annotations
@@ -153,13 +157,16 @@ class _PngSource:
 class PatchDataset(Dataset):
     """Labelled patches of many slides.
 
-    Item ``i`` is ``(img, labels, i)``: img (3,H,W) uint8 as stored (no transform), labels (M,) float32 in [0,1].
+    Item ``i`` is ``(img, labels, i)``: img (3,H,W) uint8 as stored (no transform), labels (M,) float32 in [0,1];
+    with dense labels ``(img, labels, i, dense)``, dense (M,G,G) float32 in [0,1], NaN = no data.
     ``slides``, ``slide_idx`` (N,), ``rows`` (N,) (patch index in its slide), ``coords`` (N,2) level-0 x,y and
-    ``markers`` (M names) describe the samples in order.
+    ``markers`` (M names) describe the samples in order; ``dense`` (N,M,G,G) float16 or None, ``dense_grid`` G (0
+    without).
     """
 
     def __init__(self, slides: list[str], sources: list[Any], slide_idx: np.ndarray, rows: np.ndarray,
-                 labels: np.ndarray, coords: np.ndarray, markers: list[str], normalization: dict | None = None):
+                 labels: np.ndarray, coords: np.ndarray, markers: list[str], normalization: dict | None = None,
+                 dense: np.ndarray | None = None):
         self.slides = slides
         self.sources = sources
         self.slide_idx = slide_idx.astype(np.int64)
@@ -168,14 +175,22 @@ class PatchDataset(Dataset):
         self.coords = coords.astype(np.int64)
         self.markers = markers
         self.normalization = normalization
+        self.dense = dense
+
+    @property
+    def dense_grid(self) -> int:
+        """G of the dense labels (0: none)."""
+        return 0 if self.dense is None else int(self.dense.shape[-1])
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple:
         arr = self.sources[self.slide_idx[i]].read(int(self.rows[i]))
         img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (3,H,W) uint8
-        return img, torch.from_numpy(self.labels[i]), i
+        if self.dense is None:
+            return img, torch.from_numpy(self.labels[i]), i
+        return img, torch.from_numpy(self.labels[i]), i, torch.from_numpy(self.dense[i].astype(np.float32))
 
     @property
     def slide_of_sample(self) -> np.ndarray:
@@ -204,12 +219,18 @@ def build_dataset(
     markers: Sequence[str] | None = None,
     markers_dir: str | os.PathLike | None = None,
     patches_dir: str | os.PathLike | None = None,
+    dense_dir: str | os.PathLike | None = None,
+    dense_grid: int | None = None,
 ) -> PatchDataset:
     """Join the label CSVs of ``slides`` with their patches (h5 store, else legacy PNG folder).
 
     ``markers`` fixes the marker order (e.g. from a checkpoint); otherwise the first CSV's order is used and every
     other CSV must have the same markers. Rows with missing labels are dropped (warning); a label ``index`` outside
     the patch store, a missing PNG, or a marker set that differs between slides is an error naming the file.
+
+    ``dense_dir``: also the dense labels ``{dense_dir}/{slide}.h5`` of every label row (items get a 4th element);
+    a missing file, a file without some labelled rows or lacking markers, or another grid than ``dense_grid`` (or
+    than the first slide's) is a PipelineError naming the file and "run stage 03 with --dense-grid G".
     """
     if not slides:
         raise PipelineError("no slides to load (empty split?)")
@@ -217,7 +238,7 @@ def build_dataset(
     mdir = resolve_markers_dir(root, markers_dir)
     pdir = Path(patches_dir) if patches_dir is not None else art.PATCH_STORE.dir(root)
     names: list[str] | None = list(markers) if markers is not None else None
-    sources, s_idx, rows, labels, coords = [], [], [], [], []
+    sources, s_idx, rows, labels, coords, dense = [], [], [], [], [], []
     for k, slide in enumerate(slides):
         csv = mdir / f"{slide}.csv"
         df, cols = read_marker_csv(csv, names)
@@ -247,6 +268,10 @@ def build_dataset(
             if missing:
                 raise PipelineError(f"{len(missing)} PNG patches listed in {csv} are missing, e.g. "
                                     f"{src.file(int(missing[0]))}")
+        if dense_dir is not None:
+            d = _dense_rows(Path(dense_dir) / f"{slide}.h5", idx, xy, names, dense_grid)
+            dense_grid = int(d.shape[-1])
+            dense.append(d)
         sources.append(src)
         s_idx.append(np.full(len(idx), k, np.int64))
         rows.append(idx)
@@ -258,10 +283,42 @@ def build_dataset(
         log.warning("labels outside [0,1] (min %.3g, max %.3g): expected normalised marker values",
                     float(y_all.min()), float(y_all.max()))
     ds = PatchDataset(list(slides), sources, np.concatenate(s_idx), np.concatenate(rows), y_all,
-                      np.concatenate(coords), names, load_normalization(mdir))
+                      np.concatenate(coords), names, load_normalization(mdir),
+                      np.concatenate(dense) if dense_dir is not None else None)
     if len(ds) == 0:
         raise PipelineError(f"slides {list(slides)[:5]}... have no labelled patches in {mdir}")
     return ds
+
+
+def _dense_rows(path: Path, idx: np.ndarray, xy: np.ndarray, markers: Sequence[str], grid: int | None) -> np.ndarray:
+    """Dense labels (len(idx), M, G, G) float16 of the patch rows ``idx`` (level-0 top-left ``xy`` (N,2)) from
+    ``path``, markers in the order of ``markers``; PipelineError naming the file when it is missing, lacks rows or
+    markers, has other coordinates for them or another grid."""
+    from preprocess.quantify.dense import read_dense_labels
+
+    fix = f"run stage 03 with --dense-grid {grid or 'G'} (DENSE=1 bash scripts/03_quantify.sh)"
+    try:
+        d = read_dense_labels(path)
+    except PipelineError as e:
+        raise PipelineError(f"{e} ({fix})") from None
+    if grid is not None and d.grid != grid:
+        raise PipelineError(f"dense labels {path} have a {d.grid}x{d.grid} grid, not {grid}x{grid}; {fix}")
+    missing = [m for m in markers if m not in d.markers]
+    if missing:
+        raise PipelineError(f"dense labels {path} lack markers {missing[:5]}; {fix} for this marker panel")
+    pos = {int(v): i for i, v in enumerate(d.index)}
+    absent = [int(i) for i in idx if int(i) not in pos]
+    if absent:
+        raise PipelineError(f"dense labels {path} lack {len(absent)} labelled patches (e.g. index {absent[0]}): "
+                            f"stale file; {fix}")
+    sel = np.fromiter((pos[int(i)] for i in idx), np.int64, len(idx))
+    bad = np.flatnonzero((d.coords[sel] != xy).any(axis=1)) if xy.any() else []
+    if len(bad):
+        raise PipelineError(f"dense labels {path}: {len(bad)} patches have other coordinates than the label table "
+                            f"(index {int(idx[bad[0]])}: {d.coords[sel][bad[0]].tolist()} vs {xy[bad[0]].tolist()}); "
+                            f"stale file; {fix}")
+    order = [d.markers.index(m) for m in markers]
+    return d.values[sel][:, order].astype(np.float16)
 
 
 def _check_coords(csv: Path, xy: np.ndarray, store_xy: np.ndarray, idx: np.ndarray, store: Path) -> None:

@@ -77,21 +77,18 @@ class BatchTransform:
                              align_corners=False, antialias=self.interpolation in ("bilinear", "bicubic"))
 
     @staticmethod
-    def _geometry(x: torch.Tensor) -> torch.Tensor:
-        """Random flip/rot90 per sample of a square uint8 batch (8 dihedral elements, uniform)."""
+    def _geometry(x: torch.Tensor, dense: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Random flip/rot90 per sample of a square uint8 batch (8 dihedral elements, uniform); the same element
+        is applied to the sample's ``dense`` map (B,M,G,G) when given."""
         n = x.shape[0]
         code = torch.randint(0, 8, (n,)).tolist()
         out = torch.empty_like(x)
+        dense_out = None if dense is None else torch.empty_like(dense)
         for i, c in enumerate(code):
-            v = x[i]
-            if c & 1:
-                v = v.flip(-1)
-            if c & 2:
-                v = v.flip(-2)
-            if c & 4:
-                v = v.transpose(-1, -2)
-            out[i].copy_(v)
-        return out
+            out[i].copy_(_dihedral(x[i], c))
+            if dense_out is not None:
+                dense_out[i].copy_(_dihedral(dense[i], c))
+        return out, dense_out
 
     def _affine(self, x: torch.Tensor, colour: bool) -> torch.Tensor:
         """(B,3,H,W) float in [0,255] -> normalised, with the per-sample colour map when ``colour``."""
@@ -112,24 +109,59 @@ class BatchTransform:
             y = torch.clamp(y, (-mean / std).to(dev), ((1 - mean) / std).to(dev))
         return y.view_as(x)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor,
+                 dense: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``x`` uint8 (B,3,H,W) -> normalised float32 (B,3,S,S). With ``dense`` (B,M,G,G) float labels of the same
+        patches (NaN = no data) returns ``(x, dense)``: ``dense`` gets the same flip/rot90 and rotation as its image
+        (rotation: nearest cell, NaN outside the rotated patch); without it the result and the random draws are
+        those of the image alone."""
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a uint8 (B,3,H,W) batch, got {x.dtype} {tuple(x.shape)}")
+        if dense is not None and (dense.ndim != 4 or dense.shape[0] != x.shape[0] or dense.shape[-1] != dense.shape[-2]
+                                  or not dense.is_floating_point()):
+            raise ValueError(f"expected a float (B,M,G,G) dense batch for {x.shape[0]} images, got {dense.dtype} "
+                             f"{tuple(dense.shape)}")
         colour = self.train and any(self.jitter)
         if self.train and self.flips and x.shape[-1] == x.shape[-2]:
-            x = self._geometry(x)
+            x, dense = self._geometry(x, dense)
         x = x.float()
         if self.train and self.rotation > 0:
             angles = (torch.rand(x.shape[0]) * 2 - 1) * self.rotation
             x = rotate_batch(x, angles)
+            if dense is not None:
+                dense = rotate_dense(dense, angles)
         if x.shape[-1] < self.input_size:  # upsampling: colour at the (smaller) source resolution
-            return self._resize(self._affine(x, colour))
-        return self._affine(self._resize(x), colour)
+            x = self._resize(self._affine(x, colour))
+        else:
+            x = self._affine(self._resize(x), colour)
+        return x if dense is None else (x, dense)
 
 
-def rotate_batch(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+def _dihedral(v: torch.Tensor, code: int) -> torch.Tensor:
+    """Element ``code`` (0-7) of the dihedral group on the last two axes of ``v``: bit 0 flips columns, bit 1 rows,
+    bit 2 transposes."""
+    if code & 1:
+        v = v.flip(-1)
+    if code & 2:
+        v = v.flip(-2)
+    if code & 4:
+        v = v.transpose(-1, -2)
+    return v
+
+
+def rotate_dense(dense: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate dense maps (B,M,G,G) like :func:`rotate_batch` rotates their images (same angles, same centre), by
+    nearest cell; cells whose centre falls outside the source patch become NaN (no label)."""
+    inside = rotate_batch(torch.ones_like(dense[:, :1]), degrees, mode="nearest") > 0.5  # (B,1,G,G)
+    out = rotate_batch(torch.nan_to_num(dense, nan=0.0), degrees, mode="nearest")
+    nan_src = rotate_batch(torch.isnan(dense).to(dense.dtype), degrees, mode="nearest") > 0.5
+    return torch.where(inside & ~nan_src, out, torch.full_like(out, float("nan")))
+
+
+def rotate_batch(x: torch.Tensor, degrees: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Rotate each image of a float batch (B,C,H,W) about its centre by ``degrees`` (B,) counter-clockwise (as
-    ``torchvision.transforms.functional.rotate``), bilinear, zeros outside the source; same shape out."""
+    ``torchvision.transforms.functional.rotate``), ``mode`` bilinear (or nearest), zeros outside the source; same
+    shape out."""
     n, _, h, w = x.shape
     t = degrees.to(torch.float64) * math.pi / 180
     cos, sin = torch.cos(t), torch.sin(t)
@@ -138,4 +170,4 @@ def rotate_batch(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * h / w
     theta[:, 1, 0], theta[:, 1, 1] = sin * w / h, cos
     grid = F.affine_grid(theta.to(x.device, torch.float32), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)

@@ -5,4 +5,5 @@
   feature extraction (autocast, channels-last, sharded prediction over ranks);
 - :mod:`.metrics`: per-marker Pearson/Spearman/MSE and the marker and slide tables;
 - :mod:`.reports`: the files ``hex.test`` writes (CSV tables, ``summary.json``, plots).
+- :mod:`.dense`: dense models scored per cell (``dense_pearson.csv``, the upsampled stride-56 baseline).
 """

@@ -14,6 +14,9 @@
 * On CUDA: autocast with ``amp`` (bf16 where supported, else fp16), ``non_blocking`` host-to-device copies (the
   loader should pin memory), optional channels-last inputs for convolutional backbones, and device-to-host copies
   of the outputs that overlap the next batch. On CPU: float32 (autocast is never used on CPU).
+* Dense models (``model.dense_grid`` G > 0, ``model.forward_dense(x) -> (pred, feat, dense (B, M, G, G))``):
+  :func:`predict` / :func:`predict_distributed` with ``dense=True`` return ``(pred (N, M), dense (N, M, G, G))``
+  from one pass (:func:`dense_prediction_fn` concatenates both into the (B, F) rows :func:`run_loop` handles).
 """
 
 from __future__ import annotations
@@ -68,6 +71,30 @@ def prediction_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
     fwd.module = model  # type: ignore[attr-defined]
     return fwd
+
+
+def dense_prediction_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> cat(pred (B, M), dense (B, M, G, G) flattened)`` (B, M + M G G) float32 for a dense model
+    (``model.forward_dense``); split it back with :func:`split_dense`. Eval mode."""
+    model.eval()
+    if int(getattr(model, "dense_grid", 0) or 0) <= 0 or not hasattr(model, "forward_dense"):
+        raise ValueError("dense prediction needs a model with dense_grid > 0 and forward_dense")
+
+    def fwd(x: torch.Tensor) -> torch.Tensor:
+        pred, _feat, dense = model.forward_dense(x)
+        return torch.cat([pred.float(), dense.float().flatten(1)], dim=1)
+
+    fwd.module = model  # type: ignore[attr-defined]
+    return fwd
+
+
+def split_dense(rows: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (N, M + M G G) of :func:`dense_prediction_fn` -> ``(pred (N, M), dense (N, M, G, G))`` float32."""
+    n, f = rows.shape
+    m, rem = divmod(f, 1 + grid * grid)
+    if rem:
+        raise ValueError(f"{f} outputs per sample are not M + M*{grid}*{grid}")
+    return rows[:, :m], rows[:, m:].reshape(n, m, grid, grid)
 
 
 @torch.inference_mode()
@@ -173,29 +200,40 @@ class _Positions(Dataset):
 def predict(model: nn.Module, dataset: Dataset, indices: Sequence[int], transform: Callable[[torch.Tensor],
             torch.Tensor], device: torch.device, batch_size: int = 128, workers: int = 0,
             amp: torch.dtype | None = None, progress: bool = False, desc: str = "predict",
-            channels_last: bool = False) -> np.ndarray:
+            channels_last: bool = False, dense: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Predictions (len(indices), M) float32 for ``dataset[indices]`` in that order (model in eval mode).
 
     ``dataset`` items give a uint8 (3,H,W) image first (``hex.data.datasets.PatchDataset``: ``(img, labels, i)``).
     ``channels_last`` feeds channels-last inputs on CUDA (convert the model with
     ``model.to(memory_format=torch.channels_last)`` first; see :func:`wants_channels_last`).
+    ``dense``: a dense model's ``(pred (n, M), dense (n, M, G, G))`` from one pass (G = ``model.dense_grid``).
     """
     dim = len(getattr(dataset, "markers", ())) or None
+    g = int(model.dense_grid) if dense else 0
     if not len(indices):
-        return np.zeros((0, dim or 0), np.float32)
+        empty = np.zeros((0, dim or 0), np.float32)
+        return (empty, np.zeros((0, dim or 0, g, g), np.float32)) if dense else empty
     # own generator: creating the iterator draws a seed, which must not consume the global RNG (exact resume)
     loader = DataLoader(_Positions(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         generator=torch.Generator().manual_seed(0))
+    if dense:
+        rows = run_loop(loader, dense_prediction_fn(model), transform, device, amp, n=len(indices),
+                        channels_last=channels_last, progress=progress, desc=desc, total=len(indices))
+        return split_dense(rows, g)
     return run_loop(loader, prediction_fn(model), transform, device, amp, n=len(indices), dim=dim,
                     channels_last=channels_last, progress=progress, desc=desc, total=len(indices))
 
 
 def predict_distributed(model: nn.Module, dataset: Dataset, transform: Callable[[torch.Tensor], torch.Tensor],
-                        device: torch.device, rank: int, world_size: int, **kw: Any) -> np.ndarray:
+                        device: torch.device, rank: int, world_size: int, dense: bool = False,
+                        **kw: Any) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Predictions (N,M) for the whole dataset on every rank: each rank predicts a contiguous shard (no padding,
-    no duplicates), shards are gathered and placed by sample index."""
+    no duplicates), shards are gathered and placed by sample index. ``dense``: ``(pred (N, M), dense (N, M, G,
+    G))`` of a dense model, gathered the same way."""
     mine = shard_indices(len(dataset), rank, world_size)
+    if dense:
+        return _predict_distributed_dense(model, dataset, transform, device, mine, **kw)
     pred = predict(model, dataset, mine, transform, device, **kw)
     m = pred.shape[1] if pred.size else len(getattr(dataset, "markers", ()))
     full = np.full((len(dataset), m), np.nan, np.float32)
@@ -207,3 +245,21 @@ def predict_distributed(model: nn.Module, dataset: Dataset, transform: Callable[
     if not (seen == 1).all():
         raise RuntimeError(f"distributed prediction covered {int((seen == 1).sum())}/{len(dataset)} samples once")
     return full
+
+
+def _predict_distributed_dense(model: nn.Module, dataset: Dataset, transform: Callable[[torch.Tensor], torch.Tensor],
+                               device: torch.device, mine: list[int], **kw: Any) -> tuple[np.ndarray, np.ndarray]:
+    pred, dense = predict(model, dataset, mine, transform, device, dense=True, **kw)
+    g = int(model.dense_grid)
+    m = pred.shape[1] if pred.size else len(getattr(dataset, "markers", ()))
+    full = np.full((len(dataset), m), np.nan, np.float32)
+    full_dense = np.full((len(dataset), m, g, g), np.nan, np.float32)
+    seen = np.zeros(len(dataset), np.int64)
+    for idx, p, d in all_gather_objects((np.asarray(mine, np.int64), pred, dense)):
+        if len(idx):
+            full[idx] = p
+            full_dense[idx] = d
+        seen[idx] += 1
+    if not (seen == 1).all():
+        raise RuntimeError(f"distributed prediction covered {int((seen == 1).sum())}/{len(dataset)} samples once")
+    return full, full_dense

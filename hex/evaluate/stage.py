@@ -47,6 +47,17 @@ each normalisation came from, the slides done each way, ``inexact_labels``). The
 the cohort's slide ids name other slides, even where they equal training ids (``slide_000`` in both); a
 ``--data`` whose label folder is the one the run was trained on (its ``config.json``) is not another cohort and
 stops.
+
+Dense models (issue 19; a checkpoint whose ``model_args`` has ``dense_grid`` G > 0) are also scored at the cell
+scale (:mod:`hex.evaluate.dense`), from the same prediction pass: ``dense_pearson.csv``
+(``marker,r_dense,r_baseline,r_patch``: per-marker Pearson r pooled over every valid cell of the test slides),
+``dense_summary.json``, ``dense_scatter.png`` and ``dense_side_by_side.png``. The dense labels are
+``DATA/markers_dense/{slide}.h5`` (stage 03 with ``--dense-grid G``), or ``--dense-labels DIR`` (e.g. labels made
+with ``--registration-model affine``); a test slide without them, or labels of another grid, stop with one line.
+``--dense-baseline OUT_B`` scores a patch-level model's stage-06 map (``OUT_B/virtual_codex/{slide}.npy``, made at
+``--stride 56``) upsampled bilinearly to the cell centres; without it ``r_baseline`` is empty. ``--no-dense``
+scores the patch head only. Patch-only models and external cohorts (whose dense labels would be in the cohort's own
+normalisation) are scored as before; their done-records do not change.
 """
 
 from __future__ import annotations
@@ -74,6 +85,7 @@ from hex.data.datasets import (
 )
 from hex.data.splits import check_split_slides
 from hex.data.transforms import BatchTransform
+from hex.evaluate import dense as dense_mod
 from hex.evaluate.external import labels_in_run_units, training_labels_dir
 from hex.evaluate.predict import predict_distributed, resolve_amp, wants_channels_last
 from hex.evaluate.reports import write_reports
@@ -172,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score slides the model was trained on (default: an error; summary.json lists them)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo results done with other settings (default: an error; the same settings: skipped)")
+    g = p.add_argument_group("dense models (dense_grid > 0)")
+    g.add_argument("--dense-labels", type=Path, metavar="DIR",
+                   help="dense label folder with {slide}.h5 (default DATA/markers_dense, stage 03 --dense-grid); "
+                        "e.g. labels made with --registration-model affine")
+    g.add_argument("--dense-baseline", type=Path, metavar="OUT_B",
+                   help="OUT root of a patch-level run's stage-06 maps (virtual_codex/{slide}.npy/.json, made at "
+                        "--stride 56): the baseline upsampled to the dense grid (default: none, r_baseline empty)")
+    g.add_argument("--no-dense", action="store_true",
+                   help="score only the patch head of a dense model (no dense_pearson.csv)")
     add_checkpoint_args(p, "best.safetensors (default OUT/runs/RUN/best.safetensors)")
     return p
 
@@ -199,6 +220,9 @@ class EvalConfig:
     external_cohort: str | None = None
     allow_train_slides: bool = False
     overwrite: bool = False
+    dense_labels: Path | None = None
+    dense_baseline: Path | None = None
+    no_dense: bool = False
     checkpoint: Path | None = None
     backbone: str | None = None
     weights: str | None = None
@@ -233,6 +257,16 @@ def make_config(args: argparse.Namespace) -> EvalConfig:
                          ("--patches-dir", cfg.patches_dir)):
         require(folder is None or folder.is_dir(), f"{flag} {folder}: folder not found")
     check_backbone_kw(cfg.backbone_kw)
+    for flag, folder in (("--dense-labels", cfg.dense_labels), ("--dense-baseline", cfg.dense_baseline)):
+        require(folder is None or folder.is_dir(), f"{flag} {folder}: folder not found")
+        require(folder is None or not cfg.no_dense, f"{flag} and --no-dense contradict each other: give one")
+        require(folder is None or cfg.external_cohort is None,
+                f"{flag}: dense evaluation is not done for --external-cohort (its dense labels are in the cohort's "
+                "normalisation); drop one of them")
+    if cfg.dense_baseline is not None:
+        vc = art.VIRTUAL_CODEX.dir(cfg.dense_baseline)
+        require(vc.is_dir(), f"--dense-baseline {cfg.dense_baseline}: no {vc} (run stage 06 with the patch-level "
+                             "run at --stride 56 and --out OUT_B)")
     if cfg.external_cohort is not None:
         name = cfg.external_cohort
         require(bool(name) and name not in (".", "..") and "/" not in name and os.sep not in name,
@@ -299,14 +333,46 @@ def check_external(name: str, mdir: Path, ckpt: Path, slides: Sequence[str], tra
                  "another cohort, not checked", len(shared), name, ", ".join(shared[:3]))
 
 
-def _outputs(test_dir: Path, plots: bool, _key: str = "") -> list[Path]:
+def _outputs(test_dir: Path, plots: bool, _key: str = "", dense: bool = False) -> list[Path]:
     names = ["patch_predictions.csv", "marker_pearson.csv", "slide_pearson.csv", "summary.json"]
-    return [test_dir / n for n in names + (["marker_pearson_bar.png", "scatter_grid.png"] if plots else [])]
+    out = [test_dir / n for n in names + (["marker_pearson_bar.png", "scatter_grid.png"] if plots else [])]
+    return out + (dense_mod.dense_outputs(test_dir, plots) if dense else [])
+
+
+@dataclass(frozen=True)
+class DensePlan:
+    """Dense evaluation of a run: the model's grid G, the dense label folder, the baseline OUT root (or None)."""
+
+    grid: int
+    labels: Path
+    baseline: Path | None
+
+
+def plan_dense(cfg: EvalConfig, ckpt: Path, slides: Sequence[str], data: Path) -> DensePlan | None:
+    """Whether the run is scored at the cell scale too (a checkpoint with ``dense_grid`` > 0, not ``--no-dense``,
+    not an external cohort), with its inputs checked (one line naming a missing or mismatched file)."""
+    if cfg.no_dense:
+        return None
+    grid = dense_mod.checkpoint_dense_grid(ckpt)
+    if grid <= 0:
+        if cfg.dense_labels is not None or cfg.dense_baseline is not None:
+            flag = "--dense-labels" if cfg.dense_labels is not None else "--dense-baseline"
+            raise PipelineError(f"{flag}: the checkpoint {ckpt} has no dense head (dense_grid 0); score a run "
+                                "trained with --dense-grid, or drop the flag")
+        return None
+    if cfg.external_cohort:
+        log.info("dense evaluation is not done for external cohorts (their dense labels are in the cohort's own "
+                 "normalisation): patch head only")
+        return None
+    labels = cfg.dense_labels or art.DENSE_LABELS.dir(data)
+    dense_mod.check_dense_inputs(slides, labels, grid, ckpt, cfg.dense_baseline)
+    return DensePlan(grid, labels, cfg.dense_baseline)
 
 
 def _done_spec(cfg: EvalConfig, test_dir: Path, ckpt: Path, slides: list[str], mdir: Path,
-               pdir: Path) -> done_mod.DoneSpec:
-    """What makes the results: settings and inputs (see the module docstring)."""
+               pdir: Path, dense: DensePlan | None = None) -> done_mod.DoneSpec:
+    """What makes the results: settings and inputs (see the module docstring); a dense plan adds its grid and
+    baseline to the settings, its label and baseline folders to the inputs and its files to the outputs."""
     def _abs(p: Path | None) -> str | None:
         return str(Path(p).resolve()) if p is not None else None
 
@@ -317,8 +383,13 @@ def _done_spec(cfg: EvalConfig, test_dir: Path, ckpt: Path, slides: list[str], m
     if cfg.external_cohort:  # only then: results of the other path keep their done-records
         settings["external_cohort"] = cfg.external_cohort
     inputs = {"checkpoint": _abs(ckpt), "labels": _abs(mdir), "patches": _abs(pdir)}
+    if dense is not None:  # only then: patch-only results keep their done-records
+        settings["dense"] = {"grid": dense.grid, "baseline": _abs(dense.baseline)}
+        inputs["dense_labels"] = _abs(dense.labels)
+        if dense.baseline is not None:
+            inputs["dense_baseline"] = _abs(art.VIRTUAL_CODEX.dir(dense.baseline))
     return done_mod.DoneSpec(test_dir, settings, art.HEX_TEST.schema, inputs=lambda _s: inputs,
-                             outputs=functools.partial(_outputs, test_dir, not cfg.no_plots))
+                             outputs=functools.partial(_outputs, test_dir, not cfg.no_plots, dense=dense is not None))
 
 
 _KEY = "evaluation"  # the done-record: TEST_DIR/done/evaluation.json
@@ -350,7 +421,8 @@ def evaluate_run(cfg: EvalConfig, ctx: DistContext) -> int:
         seen: list[str] = []
     else:
         seen = check_train_slides(slides, trained, cfg.allow_train_slides)
-    spec = _done_spec(cfg, test_dir, ckpt, slides, mdir, pdir)
+    dense = plan_dense(cfg, ckpt, slides, data)
+    spec = _done_spec(cfg, test_dir, ckpt, slides, mdir, pdir, dense)
     state = done_mod.check(spec, _KEY)
     if not cfg.overwrite and state.state == "done":
         log.info("hex.test: 0 done, 1 skipped (already done with these settings: %s; pass --overwrite to redo)",
@@ -363,6 +435,9 @@ def evaluate_run(cfg: EvalConfig, ctx: DistContext) -> int:
         log.info("hex.test: %s", state.reason)
     stamps = {k: done_mod.file_stamp(v) for k, v in spec.inputs(_KEY).items()}
     model, meta = load_trained(ckpt, backbone=cfg.backbone, weights=cfg.weights, backbone_kw=cfg.backbone_kw)
+    if dense is not None and int(getattr(model, "dense_grid", 0) or 0) != dense.grid:
+        raise PipelineError(f"checkpoint {ckpt} records dense_grid {dense.grid} but its model has "
+                            f"{getattr(model, 'dense_grid', 0)}; a damaged best.json? pass --no-dense")
     model.to(ctx.device)
     channels_last = wants_channels_last(model, ctx.device)
     if channels_last:
@@ -377,6 +452,8 @@ def evaluate_run(cfg: EvalConfig, ctx: DistContext) -> int:
         check_normalization(meta, ds.normalization, cols, cfg.allow_normalization_mismatch)
         units = {"mode": "as labelled", "cohort_normalization": str(mdir / art.NORMALIZATION.name)}
     ds.markers = [meta["markers"][k] for k in outputs]  # report under the model's names
+    if dense is not None:
+        dense_mod.check_dense_rows(ds, dense.labels, cols, dense.grid)
     tf = BatchTransform(int(meta["input_size"]), meta["mean"], meta["std"], train=False,
                         interpolation=meta.get("interpolation") or "bilinear")
     amp = resolve_amp(cfg.amp, ctx.device)
@@ -384,9 +461,15 @@ def evaluate_run(cfg: EvalConfig, ctx: DistContext) -> int:
         log.info("model %s (epoch %s) on %d patches of %d slides (%s), %d rank(s)", ckpt, meta.get("epoch"), len(ds),
                  len(slides), source, ctx.world_size)
         done_mod.clear(spec, _KEY)
-        remove_outputs(_outputs(test_dir, True))  # no earlier file survives a redo (e.g. plots of another run)
+        # no earlier file survives a redo (e.g. plots of another run, dense files of a dense evaluation)
+        remove_outputs(_outputs(test_dir, True, dense=True))
     pred = predict_distributed(model, ds, tf, ctx.device, ctx.rank, ctx.world_size, batch_size=cfg.batch_size,
-                               workers=cfg.workers, amp=amp, progress=ctx.is_main, channels_last=channels_last)
+                               workers=cfg.workers, amp=amp, progress=ctx.is_main, channels_last=channels_last,
+                               dense=dense is not None)
+    dense_pred = None
+    if dense is not None:
+        pred, dense_pred = pred
+        dense_pred = dense_pred[:, outputs]
     pred = pred[:, outputs]
     if ctx.is_main:
         info = {"split": str(cfg.split) if cfg.split is not None and not cfg.slides else None,
@@ -398,15 +481,40 @@ def evaluate_run(cfg: EvalConfig, ctx: DistContext) -> int:
                                "slides": slides, "checkpoint_sha256": meta["checkpoint_sha256"],
                                "checkpoint_kind": meta["checkpoint_kind"], "markers": ds.markers},
                     name="test_config.json")
+        if dense is not None:
+            info["dense"] = _dense_reports(test_dir, ds, pred, dense_pred, dense, cols, visible, not cfg.no_plots)
         s = write_reports(test_dir, ds, pred, visible, plots=not cfg.no_plots, info=info)
         done_mod.write_record(spec, _KEY, stamps)
         msg = f"mean Pearson r {s['mean_pearson']:.4f} (median {s['median_pearson']:.4f})"
         if visible is not None:
             msg += (f"; visible {s['mean_pearson_visible']:.4f}, invisible {s['mean_pearson_invisible']:.4f}")
+        if dense is not None:
+            d = s["dense"]
+            msg += (f"; dense {dense.grid}x{dense.grid}: r_dense {_fmt(d['mean_r_dense'])}, r_baseline "
+                    f"{_fmt(d['mean_r_baseline'])}")
         log.info("hex.test: 1 done: %s over %d patches of %d slides (%s) -> %s", msg, len(ds), len(slides), source,
                  test_dir)
     barrier()
     return 0
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _dense_reports(test_dir: Path, ds: Any, pred: Any, dense_pred: Any, dense: DensePlan, cols: Sequence[str],
+                   visible: Sequence[str] | None, plots: bool) -> dict[str, Any]:
+    """Read the dense labels (and the baseline), write the dense files; returns what ``summary.json`` keeps of
+    them (means, files)."""
+    targets = dense_mod.read_targets(ds, dense.labels, cols, dense.grid)
+    baseline, strides = (dense_mod.baseline_for(ds, dense.baseline, ds.markers, dense.grid, targets.cell_px_level0)
+                         if dense.baseline is not None else (None, {}))
+    info = {"dense_labels": str(dense.labels), "dense_label_files": targets.paths,
+            "baseline": str(dense.baseline) if dense.baseline is not None else None,
+            "baseline_stride_level0": strides or None}
+    d = dense_mod.write_dense_reports(test_dir, ds, pred, dense_pred, targets, baseline, visible, plots, info)
+    keep = [k for k in d if k.startswith("mean_r_")] + ["grid", "cell_um", "registration", "n_cells"]
+    return {k: d[k] for k in keep} | {"baseline": info["baseline"], "table": str(test_dir / dense_mod.CSV_NAME)}
 
 
 STAGE = Stage("hex.test", build_parser, make_config, run=evaluate_run, distributed=True, prepare=prepare,

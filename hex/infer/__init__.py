@@ -6,5 +6,7 @@
 - :mod:`.tiles`: a slide's tiles read region by region by DataLoader workers (also stage 07's reader);
 - :mod:`.predictions`: one slide's prediction file ``hex_pred/{slide}.h5``: its grid, predicting, writing, reading;
 - :mod:`.maps`: tile predictions -> one slide's maps, their done-records, and ``python -m hex.virtual_codex``;
-- :mod:`.map_formats`: the map files (pyramidal OME-TIFF, QuPath GeoJSON, preview PNG).
+- :mod:`.map_formats`: the map files (pyramidal OME-TIFF, QuPath GeoJSON, preview PNG);
+- :mod:`.dense_maps`: with ``--dense``, the cell-scale map (blended overlapping tiles, written band by band) and its
+  reader.
 """

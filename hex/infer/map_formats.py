@@ -6,6 +6,9 @@ one stride step s of the slide's level 0) and writes one file atomically (temp f
 - OME-TIFF: one Image, axes CYX, float32, M channels named with the markers in the OME-XML, tiled and
   zlib-compressed, lower resolutions (2x area means) in SubIFDs, ``PhysicalSizeX/Y`` = s x mpp in µm. QuPath
   (Bio-Formats) and napari (tifffile) then scale it onto the H&E without manual settings.
+  The writer also takes a :class:`PlaneSource` (bands of rows per level and channel) instead of an array, so a map
+  larger than memory (the dense map of :mod:`hex.infer.dense_maps`) is written tile by tile, with an optional
+  second OME Image "tissue mask".
 - GeoJSON: a FeatureCollection with one Polygon per tile in level-0 px, ``properties.objectType = "detection"``
   and ``properties.measurements = {marker: value}`` (QuPath >= 0.4 conventions, read by *File > Import objects*;
   the feature ``id`` is a UUID, which QuPath keeps as the object's id). Features follow the rows of the
@@ -21,8 +24,9 @@ import math
 import os
 import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -62,42 +66,82 @@ def pyramid_shapes(shape: tuple[int, int], min_side: int = 256) -> list[tuple[in
     return shapes
 
 
-def write_ome_pyramid(path: str | os.PathLike, image: np.ndarray, channel_names: Sequence[str],
+class PlaneSource(Protocol):
+    """Bands of rows of one channel of one pyramid level, so a writer never needs the whole image in memory.
+
+    ``shape`` is level 0's (H, W, C); level l has :func:`pyramid_shapes`' l-th (H, W) (each level the 2x2 area mean
+    of the one before, :func:`downsample2`). ``band(level, channel, y0, y1)`` returns rows [y0, y1) of that plane,
+    (y1 - y0, W_level) float32."""
+
+    shape: tuple[int, int, int]
+
+    def band(self, level: int, channel: int, y0: int, y1: int) -> np.ndarray: ...
+
+
+class ArraySource:
+    """A :class:`PlaneSource` over an (H, W, C) array in memory (the channel's plane is downsampled on demand; the
+    last (channel, level) plane is cached)."""
+
+    def __init__(self, image: np.ndarray):
+        self.image = image
+        self.shape = tuple(int(v) for v in image.shape)
+        self._key: tuple[int, int] | None = None
+        self._plane: np.ndarray | None = None
+
+    def band(self, level: int, channel: int, y0: int, y1: int) -> np.ndarray:
+        if self._key != (level, channel):
+            plane = np.ascontiguousarray(self.image[:, :, channel], dtype=np.float32)
+            for _ in range(level):
+                plane = downsample2(plane)
+            self._key, self._plane = (level, channel), plane
+        return self._plane[y0:y1]  # type: ignore[index]
+
+
+def write_ome_pyramid(path: str | os.PathLike, image: np.ndarray | PlaneSource, channel_names: Sequence[str],
                       pixel_size_um: float, *, name: str | None = None, description: str | None = None,
-                      tile: int = 256, compression: str = "zlib") -> list[tuple[int, int]]:
+                      tile: int = 256, compression: str = "zlib",
+                      mask: Callable[[int, int], np.ndarray] | None = None) -> list[tuple[int, int]]:
     """Write ``image`` (H, W, C) as a pyramidal float32 OME-TIFF with axes CYX.
 
     Args:
         path: the ``.ome.tif`` file (written atomically).
-        image: (H, W, C) array, rows = y; written channel by channel (no full (C, H, W) copy is made).
+        image: (H, W, C) array, rows = y, written channel by channel (no full (C, H, W) copy is made); or a
+            :class:`PlaneSource` giving bands of rows of each level (memory then stays one band of ``tile`` rows).
         channel_names: C names, stored as OME ``Channel/@Name``.
         pixel_size_um: level-0 pixel side in µm (``PhysicalSizeX/Y``, also the TIFF resolution tags).
         name: OME ``Image/@Name``; description: OME ``Image/Description``.
         tile: TIFF tile side (multiple of 16); levels halve until the longest side is <= ``tile``.
         compression: a tifffile compression name (zlib: readable by Bio-Formats/QuPath and every tifffile).
+        mask: ``(y0, y1) -> (y1 - y0, W) uint8`` rows of a level-0 tissue mask, written as a second OME Image
+            "tissue mask" (YX uint8, 255 = tissue; ``series[1]`` in tifffile); None = no mask image.
 
     Returns the (H, W) of every level (level 0 first).
     """
     import tifffile
 
-    h, w, c = image.shape
+    src: PlaneSource = image if not isinstance(image, np.ndarray) else ArraySource(image)
+    h, w, c = src.shape
     if len(channel_names) != c:
         raise ValueError(f"{c} channels but {len(channel_names)} names")
     if not pixel_size_um > 0:
         raise ValueError(f"pixel size must be > 0 µm, got {pixel_size_um}")
     shapes = pyramid_shapes((h, w), min_side=tile)
     res = 1e4 / pixel_size_um  # pixels per cm
-    opts = dict(photometric="minisblack", tile=(tile, tile), compression=compression, dtype=np.float32,
-                resolutionunit="CENTIMETER")
+    opts = dict(photometric="minisblack", tile=(tile, tile), compression=compression, resolutionunit="CENTIMETER")
 
     def tiles(level: int) -> Iterator[np.ndarray]:
+        hl, wl = shapes[level]
         for ci in range(c):
-            plane = np.ascontiguousarray(image[:, :, ci], dtype=np.float32)
-            for _ in range(level):
-                plane = downsample2(plane)
-            for y in range(0, plane.shape[0], tile):
-                for x in range(0, plane.shape[1], tile):
-                    yield plane[y:y + tile, x:x + tile]
+            for y in range(0, hl, tile):
+                band = np.asarray(src.band(level, ci, y, min(y + tile, hl)), dtype=np.float32)
+                for x in range(0, wl, tile):
+                    yield band[:, x:x + tile]
+
+    def mask_tiles() -> Iterator[np.ndarray]:
+        for y in range(0, h, tile):
+            band = np.asarray(mask(y, min(y + tile, h)), dtype=np.uint8)  # type: ignore[misc]
+            for x in range(0, w, tile):
+                yield band[:, x:x + tile]
 
     metadata = {"axes": "CYX", "Channel": {"Name": [str(n) for n in channel_names]},
                 "PhysicalSizeX": float(pixel_size_um), "PhysicalSizeXUnit": "µm",
@@ -107,12 +151,17 @@ def write_ome_pyramid(path: str | os.PathLike, image: np.ndarray, channel_names:
     if description:
         metadata["Description"] = description
     with atomic_path(path, suffix=".ome.tif") as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
-        tif.write(tiles(0), shape=(c, *shapes[0]), subifds=len(shapes) - 1, resolution=(res, res),
-                  metadata=metadata, **opts)
+        tif.write(tiles(0), shape=(c, *shapes[0]), dtype=np.float32, subifds=len(shapes) - 1,
+                  resolution=(res, res), metadata=metadata, **opts)
         for lev in range(1, len(shapes)):
             f = 2**lev
-            tif.write(tiles(lev), shape=(c, *shapes[lev]), subfiletype=1, resolution=(res / f, res / f),
-                      metadata=None, **opts)
+            tif.write(tiles(lev), shape=(c, *shapes[lev]), dtype=np.float32, subfiletype=1,
+                      resolution=(res / f, res / f), metadata=None, **opts)
+        if mask is not None:
+            tif.write(mask_tiles(), shape=(h, w), dtype=np.uint8, resolution=(res, res),
+                      metadata={"axes": "YX", "Name": "tissue mask", "PhysicalSizeX": float(pixel_size_um),
+                                "PhysicalSizeXUnit": "µm", "PhysicalSizeY": float(pixel_size_um),
+                                "PhysicalSizeYUnit": "µm"}, **opts)
     return shapes
 
 

@@ -23,7 +23,9 @@ Outputs per slide, in ``OUT/virtual_codex/`` (written atomically; ``{slide}.json
   PhysicalSizeX/Y = s * mpp µm), see :mod:`hex.infer.map_formats`.
 - ``{slide}_preview.png``: H&E thumbnail beside selected markers. ``{slide}.geojson``: tile polygons in level-0 px
   with the M predictions as QuPath detection measurements.
-- ``{slide}.json``: markers, s, P, mpp, pixel size, map shape, tile count, source file and checkpoint.
+- ``{slide}.json``: markers, s, P, mpp, pixel size, map shape, tile count, source file and checkpoint; under ``dense``
+  the description of the dense map when stage 06 made one (``--dense``, :mod:`hex.infer.dense_maps`), kept when the
+  patch maps are redone.
 
 The H&E of a slide (canvas size, preview thumbnail): with ``--cohort`` the cohort's slide of that id
 (:func:`pipeline.cohort.resolve_slides`: ``pairs.csv`` when present, else ``he/``; ids are the names as written),
@@ -53,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hex.infer.dense_maps import dense_description, dense_paths
 from hex.infer.map_formats import (
     DEFAULT_PREVIEW_MARKERS,
     choose_preview_markers,
@@ -317,6 +320,9 @@ def write_slide_maps(pred_path: Path, out_dir: Path, he_path: Path | None = None
            "n_tiles": n, "tissue_pixels": int(mask.sum()), "slide_size_level0": list(size) if size else None,
            "source": str(pred_path.resolve()), "he_path": str(he_path) if he_path else None,
            "checkpoint": pred.checkpoint, "formats": made, "paths": {f: [str(p) for p in paths[f]] for f in made}}
+    dense = dense_description(dense_paths(out_dir, sid)["ome"])  # a dense map of stage 06 --dense stays described
+    if dense is not None:
+        rec["dense"] = dense
     write_json(paths["record"][0], rec)
     files = [p for f in made for p in paths[f]] + paths["record"]
     done_mod.write_record(dataclasses.replace(spec, outputs=lambda _s: files), sid, stamps)

@@ -9,6 +9,8 @@ Commands (run from the repository root)::
     # the original release's heads-only checkpoint.pth on MUSK (output names: hex/markers_original.csv)
     python -m hex.infer_wsi --he /data/slides --out OUT --checkpoint checkpoint.pth --backbone musk \\
         --weights musk/model.safetensors
+    # and the dense (cell-scale, 7 µm) virtual CODEX of a model trained with --dense-grid 16: tiles every 112 px
+    python -m hex.infer_wsi --cohort COHORT --out OUT --run-name RUN --dense
     # GPUs: slides are shared among ranks; job arrays add --shard i/n (sorted slide list, every n-th from i)
     torchrun --standalone --nproc-per-node 8 -m hex.infer_wsi --cohort COHORT --out OUT --run-name RUN
 
@@ -26,15 +28,23 @@ percentiles). Attributes: ``markers``, ``patch_size`` (px), ``patch_size_level0`
 ``read_size_at_level``, ``checkpoint``, ``checkpoint_sha256``, ``normalization`` (JSON; "null" when unknown),
 ``grid_source``, ``slide_id``, ``he_path``, ``schema_version``. Also ``hex_pred/config.json`` and ``run.log``.
 
+Dense (``--dense``, a checkpoint with a dense head): after a slide's prediction file, a second pass over tiles every
+``--dense-stride`` px (default half the tile; a multiple of the dense cell, tile / G px) blended into the cell-scale
+map ``virtual_codex/{slide}_dense.ome.tif`` + ``{slide}_dense_preview.png``, described under ``dense`` in
+``virtual_codex/{slide}.json`` (:mod:`hex.infer.dense_maps`). The prediction file and the patch maps stay as without it.
+
 Slides: :func:`pipeline.cohort.resolve_slides` (``COHORT/pairs.csv`` when present, else ``COHORT/he/``, or
 ``--he``); a slide's id is its file name as written (a link keeps its own name), like every other stage.
 
 Done-records (:mod:`pipeline.done`): ``hex_pred/done/{slide}.json`` holds the settings that change the file
 (``patch_size``, ``stride``, ``target_mpp``, ``min_tissue``, ``thumb_size``, ``mpp``, ``raw_units``,
-``normalization``, and the backbone flags of an original checkpoint) and the input files (``he``, ``checkpoint``,
-``grid``, with size and mtime). A rerun skips slides done with these; redoes a slide whose input changed (the model
-was trained on, the grid redone), saying so; and, when any slide was done with other settings or another
-checkpoint file, stops before any work: "done with other settings: <diff>; pass --overwrite" (exit 2).
+``normalization``, and the backbone flags of an original checkpoint; with ``--dense`` also ``dense``,
+``dense_stride``, ``dense_window`` and ``dense_preview_markers``, and the dense files as outputs) and the input
+files (``he``, ``checkpoint``, ``grid``, with size and mtime). A rerun skips slides done with these; redoes a slide
+whose input changed (the model was trained on, the grid redone), saying so; and, when any slide was done with other
+settings or another checkpoint file, stops before any work: "done with other settings: <diff>; pass --overwrite"
+(exit 2). A slide done without ``--dense`` is redone with it (its dense files are missing); one done with it, rerun
+without it, is "done with other settings" (and ``--overwrite`` then removes its dense files, which would be stale).
 ``--overwrite`` redoes every slide (and its maps). The virtual CODEX maps follow the same rule
 (``virtual_codex/done/``, :mod:`hex.infer.maps`). Batch size, workers, region size and autocast are not
 settings (they do not change what is predicted beyond float rounding).
@@ -63,6 +73,17 @@ import numpy as np
 import torch
 
 from hex.evaluate.predict import resolve_amp, wants_channels_last
+from hex.infer.dense_maps import (
+    WINDOW,
+    WINDOW_FLOOR,
+    DenseConfig,
+    attach_dense_record,
+    dense_outputs,
+    dense_patch_size,
+    dense_slide,
+    dense_stride,
+    model_grid,
+)
 from hex.infer.map_formats import choose_preview_markers
 from hex.infer.maps import FORMATS as MAP_FORMATS
 from hex.infer.maps import map_conflicts, write_slide_maps
@@ -75,7 +96,7 @@ from pipeline.cli import Stage, config_from_args, require
 from pipeline.cohort import resolve_slides, select_slides
 from pipeline.dist import DistContext, broadcast_object, is_dist
 from pipeline.errors import PipelineError
-from pipeline.io import config_dict, ensure_writable, save_config
+from pipeline.io import config_dict, ensure_writable, remove_outputs, save_config
 from pipeline.runner import StageReport, parse_shard, run_slides, shard_file_name
 
 log = logging.getLogger("hex.infer_wsi")
@@ -127,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--map-formats", nargs="+", choices=MAP_FORMATS, default=list(MAP_FORMATS),
                    help="virtual CODEX outputs to write (default: all): npy = map + mask (stage 07 reads it), "
                         "ome = pyramidal OME-TIFF, preview = PNG (~2 s a slide on CPU), geojson = QuPath detections")
+    d = p.add_argument_group("dense (cell-scale) virtual CODEX")
+    d.add_argument("--dense", action="store_true",
+                   help="also the dense map virtual_codex/{slide}_dense.ome.tif (one pixel per cell of the model's "
+                        "G x G grid: 7 µm at 224 px / 16) + _dense_preview.png; needs a checkpoint trained with "
+                        "--dense-grid")
+    d.add_argument("--dense-stride", type=int, default=None,
+                   help="dense tiles every this many px at --target-mpp (default half the tile: 112 for 224 px); a "
+                        "multiple of the dense cell (tile / G px, 14 for 224 / 16)")
     return p
 
 
@@ -164,6 +193,8 @@ class InferWSIConfig:
     no_maps: bool = False
     preview_markers: list[str] | None = None
     map_formats: list[str] = field(default_factory=lambda: list(MAP_FORMATS))
+    dense: bool = False
+    dense_stride: int | None = None
     he_resolved: dict[str, str] = field(default_factory=dict)
     slides_resolved: list[str] = field(default_factory=list)
 
@@ -180,17 +211,32 @@ class InferWSIConfig:
                            thumb_size=self.thumb_size, mpp=self.mpp, region_px=self.region_px,
                            batch_size=self.batch_size, workers=self.workers, raw_units=self.raw_units)
 
+    def dense_settings(self) -> DenseConfig | None:
+        """The dense pass's settings (:func:`hex.infer.dense_maps.dense_slide`), None without ``--dense``."""
+        if not self.dense:
+            return None
+        return DenseConfig(out_dir=art.VIRTUAL_CODEX.dir(self.out),
+                           grid_dir=self.patches or art.PATCH_GRID.dir(self.out), patch_size=self.patch_size,
+                           stride=self.dense_stride, target_mpp=self.target_mpp,
+                           min_tissue=self.min_tissue, thumb_size=self.thumb_size, mpp=self.mpp,
+                           region_px=self.region_px, batch_size=self.batch_size, workers=self.workers,
+                           preview_markers=self.preview_markers)
+
 
 def make_config(args: argparse.Namespace) -> InferWSIConfig:
     """Before any process group or output folder: flag values, the slides and the checkpoint exist; one line naming
     the flag or file."""
     for flag, v, lo in (("--patch-size", args.patch_size, 1), ("--stride", args.stride, 1),
                         ("--thumb-size", args.thumb_size, 16), ("--region-px", args.region_px, 1),
-                        ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+                        ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                        ("--dense-stride", args.dense_stride, 1)):
         require(v is None or v >= lo, f"{flag} {v}: must be >= {lo}")
     require(args.target_mpp > 0 and (args.mpp is None or args.mpp > 0),
             f"--target-mpp {args.target_mpp} / --mpp {args.mpp}: µm per pixel must be > 0")
     require(0 <= args.min_tissue <= 1, f"--min-tissue {args.min_tissue}: a tissue fraction in [0, 1]")
+    require(args.dense_stride is None or args.dense, "--dense-stride is the step of the dense pass: add --dense")
+    require(not (args.dense and args.no_maps), "--dense writes a map (virtual_codex/{slide}_dense.ome.tif): drop "
+                                               "--no-maps")
     parse_shard(args.shard)
     require(args.normalization is None or args.normalization.is_file(),
             f"--normalization {args.normalization}: file not found")
@@ -244,8 +290,8 @@ def _inputs(slide: str, he: dict[str, str], checkpoint: str, grid_dir: str,
     return out
 
 
-def _outputs(slide: str, out: str) -> list[str]:
-    return [str(art.PREDICTIONS.path(out, slide))]
+def _outputs(slide: str, out: str, dense: bool = False) -> list[str]:
+    return [str(art.PREDICTIONS.path(out, slide))] + ([str(p) for p in dense_outputs(out, slide)] if dense else [])
 
 
 def done_spec(cfg: InferWSIConfig, grid: InferConfig) -> done_mod.DoneSpec:
@@ -254,21 +300,32 @@ def done_spec(cfg: InferWSIConfig, grid: InferConfig) -> done_mod.DoneSpec:
                 "min_tissue": grid.min_tissue, "thumb_size": grid.thumb_size, "mpp": grid.mpp,
                 "raw_units": grid.raw_units, "backbone": cfg.backbone, "weights": cfg.weights,
                 "backbone_kw": cfg.backbone_kw}
+    if cfg.dense:  # only with --dense: the records of slides done without it stay as they were
+        settings |= {"dense": True, "dense_stride": cfg.dense_stride, "dense_window": [WINDOW, WINDOW_FLOOR],
+                     "dense_preview_markers": cfg.preview_markers}
     norm = _abs(cfg.normalization) if cfg.normalization and grid.raw_units else None
     return done_mod.DoneSpec(grid.pred_dir, settings, art.PREDICTIONS.schema,
                              inputs=functools.partial(_inputs, he={s: _abs(p) for s, p in cfg.he_resolved.items()},
                                                       checkpoint=_abs(cfg.checkpoint_path),
                                                       grid_dir=_abs(grid.grid_dir), normalization=norm),
-                             outputs=functools.partial(_outputs, out=str(cfg.out)))
+                             outputs=functools.partial(_outputs, out=str(cfg.out), dense=cfg.dense))
 
 
-def _predict(slide_id: str, he_paths: dict[str, str], run: dict[str, Any]) -> dict[str, Any]:
-    """One slide for :func:`pipeline.runner.run_slides`: every failure becomes one line (a PipelineError)."""
+def _predict(slide_id: str, he_paths: dict[str, str], run: dict[str, Any], out: str | None = None,
+             dense: DenseConfig | None = None) -> dict[str, Any]:
+    """One slide for :func:`pipeline.runner.run_slides`: the prediction file, and with ``dense`` the dense map
+    (without it, dense files of an earlier run, now stale, are removed); every failure becomes one line (a
+    PipelineError)."""
     import openslide
 
     he_path = Path(he_paths[slide_id])
     try:
         res = infer_slide(slide_id, he_path, **run)
+        if dense is not None:
+            res["dense"] = dense_slide(slide_id, he_path, run["model"], run["meta"], dense, run["device"], run["amp"],
+                                       progress=run["progress"])
+        elif out is not None:
+            remove_outputs(dense_outputs(out, slide_id))
     except PipelineError:
         raise
     except (openslide.OpenSlideError, OSError) as e:
@@ -361,6 +418,13 @@ def infer(cfg: InferWSIConfig, ctx: DistContext) -> int:
         denormalize(np.zeros((0, len(meta["markers"])), np.float32), meta["markers"], normalization)
     if cfg.preview_markers and not cfg.no_maps:
         choose_preview_markers(meta["markers"], cfg.preview_markers)
+    if cfg.dense:
+        grid_g = model_grid(model)
+        if not grid_g:
+            raise PipelineError(f"--dense: the checkpoint {cfg.checkpoint_path} has no dense head (dense_grid 0); "
+                                "train with --dense-grid 16 (DENSE=1 bash scripts/04_train_hex.sh) or drop --dense")
+        dense_cfg = cfg.dense_settings()
+        dense_stride(dense_patch_size(slides[0], dense_cfg), grid_g, cfg.dense_stride)  # a bad flag before any work
     model.to(ctx.device)
     if wants_channels_last(model, ctx.device):
         model.to(memory_format=torch.channels_last)
@@ -374,19 +438,25 @@ def infer(cfg: InferWSIConfig, ctx: DistContext) -> int:
                  ctx.world_size, meta["checkpoint"], meta["checkpoint_kind"], ctx.device)
     run = {"model": model, "meta": meta, "cfg": grid, "device": ctx.device,
            "amp": resolve_amp(cfg.amp, ctx.device), "normalization": normalization, "progress": ctx.is_main}
-    pred = run_slides(mine, functools.partial(_predict, he_paths=he_paths, run=run), done=spec,
+    pred = run_slides(mine, functools.partial(_predict, he_paths=he_paths, run=run, out=str(cfg.out),
+                                              dense=cfg.dense_settings()), done=spec,
                       overwrite=cfg.overwrite, desc=art.PREDICTIONS.folder)
     warnings = {s: r["warning"] for s, r in pred.results.items() if r.get("warning")}
     maps_made, maps_failed = [], {}
     if not cfg.no_maps:
         maps_made, maps_failed = _write_maps([*pred.done, *pred.skipped], cfg)
+    if cfg.dense:  # the dense description in {slide}.json (also when the patch maps were done earlier)
+        for sid in [*pred.done, *pred.skipped]:
+            if sid not in maps_failed:
+                attach_dense_record(art.VIRTUAL_CODEX.dir(cfg.out), sid)
     report = slide_outcomes(pred, maps_made, maps_failed)
     parts = _gather((report.done, report.skipped, report.failed, warnings))
     total = StageReport(done=sorted(s for p in parts for s in p[0]), skipped=sorted(s for p in parts for s in p[1]),
                         failed={k: v for p in parts for k, v in sorted(p[2].items())})
     warned = sorted(k for p in parts for k in p[3] if k not in total.failed)
     made = (f"predictions in {grid.pred_dir} (--no-maps)" if cfg.no_maps else
-            f"predictions in {grid.pred_dir}, maps in {art.VIRTUAL_CODEX.dir(cfg.out)}")
+            f"predictions in {grid.pred_dir}, maps{' (and dense maps)' if cfg.dense else ''} in "
+            f"{art.VIRTUAL_CODEX.dir(cfg.out)}")
     extra = made + (f"; {len(warned)} with warnings ({', '.join(warned)}; see above)" if warned else "")
     if ctx.is_main:
         return total.finish(STAGE.name, extra)

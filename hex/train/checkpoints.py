@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # flags that define what a run trains: resuming with any of them changed is an error
 RUN_KEYS = ("backbone", "backbone_kw", "weights", "init", "unfreeze_last", "input_size", "split", "markers", "loss",
-            "fds")
+            "fds", "dense_grid", "dense_weight")
 # flags whose change on resume is only warned about (the optimiser/scheduler state comes from the checkpoint)
 SOFT_KEYS = ("lr", "gamma", "lr_floor", "batch_size", "global_batch_size", "lds", "weight_decay", "seed", "dropout")
 _EPOCH_RE = re.compile(r"epoch_(\d+)\.pt")
@@ -88,6 +88,10 @@ def run_identity(config: Mapping[str, Any], markers: Sequence[str]) -> dict[str,
     for k in ("weights", "init", "split"):
         ident[k] = _norm_path(ident[k])
     ident["backbone_kw"] = dict(ident["backbone_kw"] or {})
+    # runs from before the dense head have neither key: a patch-level run (dense_grid 0, no dense weight)
+    ident["dense_grid"] = int(ident["dense_grid"] or 0)
+    ident["dense_weight"] = float(1.0 if ident["dense_weight"] is None else ident["dense_weight"]) \
+        if ident["dense_grid"] else None
     ident["markers"] = sorted(markers)
     return plain(ident)
 
@@ -169,12 +173,17 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> list[Path]:
 
 def training_state(model: HEX, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
                    criterion: nn.Module, epoch: int, rngs: list[Any], best: dict[str, Any], world_size: int,
-                   config: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The dict :func:`save_checkpoint` writes after ``epoch`` epochs (everything that rebuilds the run)."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "loss": criterion.state_dict(), "epoch": epoch, "rng": rngs,
-            "best": dict(best), "backbone_frozen": model.backbone_frozen, "world_size": world_size,
-            "config": plain(dict(config)), **plain(dict(meta))}
+                   config: Mapping[str, Any], meta: Mapping[str, Any],
+                   dense_criterion: nn.Module | None = None) -> dict[str, Any]:
+    """The dict :func:`save_checkpoint` writes after ``epoch`` epochs (everything that rebuilds the run); a dense
+    run also stores its dense loss's parameters under ``dense_loss``."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "loss": criterion.state_dict(), "epoch": epoch, "rng": rngs,
+             "best": dict(best), "backbone_frozen": model.backbone_frozen, "world_size": world_size,
+             "config": plain(dict(config)), **plain(dict(meta))}
+    if dense_criterion is not None:
+        state["dense_loss"] = dense_criterion.state_dict()
+    return state
 
 
 def save_best(run_dir: Path, model: HEX, meta: dict[str, Any]) -> None:

@@ -78,7 +78,18 @@ class TrainConfig:
     device: str = "auto"
     find_unused_parameters: bool = False
     max_steps_per_epoch: int | None = None
+    # dense head (0 = off)
+    dense_grid: int = 0
+    dense_weight: float = 1.0
+    dense_dir: Path | None = None
     recipe_info: dict[str, Any] | None = None
+
+    @property
+    def dense_labels_dir(self) -> Path | None:
+        """Folder of the dense labels (``--dense-dir``, default ``DATA/markers_dense``); None without a dense head."""
+        if not self.dense_grid:
+            return None
+        return self.dense_dir if self.dense_dir is not None else art.DENSE_LABELS.dir(self.data)
 
     @property
     def run_dir(self) -> Path:
@@ -132,6 +143,9 @@ def check_values(cfg: TrainConfig) -> None:
         raise PipelineError(f"--lr {cfg.lr:g} / --gamma {cfg.gamma:g}: both must be > 0")
     if not 0 <= cfg.lr_floor <= 1 or not 0 <= cfg.dropout < 1:
         raise PipelineError(f"--lr-floor {cfg.lr_floor:g} must be in [0, 1] and --dropout {cfg.dropout:g} in [0, 1)")
+    if cfg.dense_grid < 0 or not cfg.dense_weight >= 0:
+        raise PipelineError(f"--dense-grid {cfg.dense_grid} must be >= 0 (0 = no dense head) and --dense-weight "
+                            f"{cfg.dense_weight:g} >= 0")
 
 
 def make_config(args: argparse.Namespace) -> TrainConfig:
@@ -145,9 +159,14 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
     if not cfg.data.is_dir():
         raise PipelineError(f"--data {cfg.data}: folder not found (the output root of stages 01-03, with "
                             "he_patches/ and markers/)")
-    for flag, folder in (("--markers-dir", cfg.markers_dir), ("--patches-dir", cfg.patches_dir)):
+    for flag, folder in (("--markers-dir", cfg.markers_dir), ("--patches-dir", cfg.patches_dir),
+                         ("--dense-dir", cfg.dense_dir)):
         if folder is not None and not folder.is_dir():
             raise PipelineError(f"{flag} {folder}: folder not found")
+    if cfg.dense_grid and cfg.dense_dir is None and not art.DENSE_LABELS.dir(cfg.data).is_dir():
+        raise PipelineError(f"--dense-grid {cfg.dense_grid}: no dense labels in {art.DENSE_LABELS.dir(cfg.data)}; "
+                            f"run stage 03 with --dense-grid {cfg.dense_grid} (DENSE=1 bash scripts/03_quantify.sh) "
+                            "or pass --dense-dir")
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
         raise PipelineError(f"--resume {cfg.resume}: no such checkpoint (a checkpoints/epoch_{{k}}.pt file, or "
                             "'auto')")

@@ -38,25 +38,48 @@ class TrainStep(nn.Module):
 
     ``forward(x (B,3,S,S), labels (B,M), epoch, weight (B,M)|None) -> (loss scalar, pred (B,M), feat (B,128))``;
     the loss runs in float32 outside autocast.
+
+    With ``dense_criterion`` (a dense HEX): ``forward(..., dense=(B,M,G,G))`` runs ``model.forward_dense`` and
+    returns ``(loss, pred, feat, parts)``, loss = patch loss + ``dense_weight`` x dense loss, the dense loss the mean
+    of ``dense_criterion`` over the cells' finite labels (NaN = no CODEX, masked out; LDS weights are for the patch
+    loss only), ``parts`` = detached (patch loss, dense loss) (2,).
     """
 
-    def __init__(self, model: HEX, criterion: nn.Module):
+    def __init__(self, model: HEX, criterion: nn.Module, dense_criterion: nn.Module | None = None,
+                 dense_weight: float = 1.0):
         super().__init__()
         self.model = model
         self.criterion = criterion
+        self.dense_criterion = dense_criterion
+        self.dense_weight = float(dense_weight)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, epoch: int,
-                weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pred, feat = self.model(x, labels, epoch)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, epoch: int, weight: torch.Tensor | None = None,
+                dense: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        if self.dense_criterion is None:
+            pred, feat = self.model(x, labels, epoch)
+            with torch.autocast(x.device.type, enabled=False):
+                loss = self.criterion(pred.float(), labels.float(), weight)
+            return loss, pred, feat
+        if dense is None:
+            raise ValueError("a dense train step needs the dense labels (B,M,G,G)")
+        pred, feat, dpred = self.model.forward_dense(x, labels, epoch)
         with torch.autocast(x.device.type, enabled=False):
-            loss = self.criterion(pred.float(), labels.float(), weight)
-        return loss, pred, feat
+            patch = self.criterion(pred.float(), labels.float(), weight)
+            m = dpred.shape[1]
+            cells = self.dense_criterion.masked(dpred.float().permute(0, 2, 3, 1).reshape(-1, m),
+                                                dense.float().permute(0, 2, 3, 1).reshape(-1, m))  # (B*G*G, M)
+            loss = patch + self.dense_weight * cells
+        return loss, pred, feat, torch.stack([patch.detach(), cells.detach()])
 
 
-def make_optimizer(model: HEX, criterion: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """Adam over the trainable backbone part, the heads and the loss parameters (same lr; empty groups skipped)."""
+def make_optimizer(model: HEX, criterion: nn.Module, lr: float, weight_decay: float = 0.0,
+                   dense_criterion: nn.Module | None = None) -> torch.optim.Optimizer:
+    """Adam over the trainable backbone part, the heads (the dense head too) and the loss parameters (the dense
+    loss's after the patch loss's; same lr; empty groups skipped)."""
     groups = model.trainable_groups()
     groups["loss"] = [p for p in criterion.parameters() if p.requires_grad]
+    if dense_criterion is not None:
+        groups["loss"] += [p for p in dense_criterion.parameters() if p.requires_grad]
     param_groups = [{"params": ps, "name": name} for name, ps in groups.items() if ps]
     return torch.optim.Adam(param_groups, lr=lr, weight_decay=weight_decay)
 
@@ -115,20 +138,28 @@ def train_one_epoch(ddp: nn.Module, step: TrainStep, optimizer: torch.optim.Opti
                     amp: torch.dtype | None, device: torch.device, collect_fds: bool, max_steps: int | None,
                     is_main: bool) -> dict[str, Any]:
     """One pass over this rank's shard. Returns the mean loss over ranks, sample count (all ranks), seconds spent
-    waiting for data and, with ``collect_fds``, this rank's head features (N,128) and labels (N,M) for FDS."""
+    waiting for data and, with ``collect_fds``, this rank's head features (N,128) and labels (N,M) for FDS. Batches
+    with dense labels (a 4th element, (B,M,G,G)) get the same augmentation as their images, and the result also
+    holds ``loss_patch`` and ``loss_dense`` (means over ranks)."""
     step.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    parts_sum = torch.zeros(2, device=device, dtype=torch.float64)
     n_batches, n_samples, wait = 0, 0, 0.0
     feats, labs = [], []
     optimizer.zero_grad(set_to_none=True)
     n_micro = len(loader) if max_steps is None else min(len(loader), max_steps * accum)
     bar = tqdm(total=n_micro, desc=f"epoch {epoch + 1}", disable=not is_main, leave=False, unit="batch")
     t = time.time()
-    for i, (img, y, idx) in enumerate(loader):
+    for i, batch in enumerate(loader):
         if i >= n_micro:
             break
         wait += time.time() - t
-        x = tf(img.to(device, non_blocking=True))
+        img, y, idx = batch[:3]
+        extra: dict[str, torch.Tensor] = {}
+        if len(batch) > 3:  # dense labels: the same flips/rotation as the images
+            x, extra["dense"] = tf(img.to(device, non_blocking=True), batch[3].to(device, non_blocking=True))
+        else:
+            x = tf(img.to(device, non_blocking=True))
         y = y.to(device, non_blocking=True)
         w = lds_w[idx].to(device, non_blocking=True) if lds_w is not None else None
         group_start = i - i % accum
@@ -137,8 +168,11 @@ def train_one_epoch(ddp: nn.Module, step: TrainStep, optimizer: torch.optim.Opti
         sync = ddp.no_sync() if isinstance(ddp, DDP) and not boundary else contextlib.nullcontext()
         with sync:
             with autocast(device, amp):
-                loss, _, feat = ddp(x, y, epoch, w)
+                res = ddp(x, y, epoch, w, **extra)
+            loss, feat = res[0], res[2]
             scaler.scale(loss / group_size).backward()
+        if len(res) > 3:
+            parts_sum += res[3].double()
         if boundary:
             scaler.step(optimizer)
             scaler.update()
@@ -154,8 +188,13 @@ def train_one_epoch(ddp: nn.Module, step: TrainStep, optimizer: torch.optim.Opti
         bar.update(1)
         t = time.time()
     bar.close()
-    tot = all_reduce_sum(torch.tensor([loss_sum.item(), n_batches, n_samples], dtype=torch.float64, device=device))
+    vals = [loss_sum.item(), n_batches, n_samples]
+    if getattr(step, "dense_criterion", None) is not None:  # the same on every rank: one all-reduce shape
+        vals += parts_sum.tolist()
+    tot = all_reduce_sum(torch.tensor(vals, dtype=torch.float64, device=device))
     out: dict[str, Any] = {"loss": float(tot[0] / max(tot[1], 1)), "samples": int(tot[2]), "data_wait": wait}
+    if len(tot) > 3:
+        out["loss_patch"], out["loss_dense"] = float(tot[3] / max(tot[1], 1)), float(tot[4] / max(tot[1], 1))
     if collect_fds:
         m = step.model.num_markers
         out["fds_feats"] = torch.cat(feats) if feats else torch.zeros(0, 128, device=device)

@@ -38,6 +38,15 @@ and ``test/`` (after every check passed, before the first epoch). ``--overwrite 
 ``--overwrite`` with a ``--resume`` path is refused. Before the first epoch the run folder, ``checkpoints/`` and
 ``tb/`` are checked writable (one line naming the folder).
 
+Dense head (``--dense-grid G``): a second head on the backbone's spatial tokens (tiny: the stride-16 map; DINOv2:
+the 16x16 patch tokens; MUSK: the 24x24 patch tokens; timm: the feature map) predicts the 40 markers on a G x G
+grid of cells inside each patch, trained jointly with the patch head on the dense labels of stage 03
+(``DATA/markers_dense/{slide}.h5``, made with the same ``--dense-grid``): loss = patch loss + ``--dense-weight`` x
+dense loss (same ``--loss`` family, its own instance: per-marker alpha/scale for ``adaptive``; cells without CODEX
+(NaN) masked out). Flips, rot90 and ``--rotation`` move the dense labels with their image. Model selection
+(``best.*``) stays on the validation patch-level Pearson r. ``--init`` with a patch-level model fine-tunes it into a
+dense one (the dense head starts from its initialisation). TensorBoard: ``train/loss_patch``, ``train/loss_dense``.
+
 Global batch: each optimiser step sees ``batch_size x world_size x grad_accum`` patches; ``--global-batch-size``
 sets the accumulation (it must divide). The learning rate is not rescaled.
 
@@ -178,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--find-unused-parameters", action="store_true", help="DDP option for backbones with "
                    "trainable parameters outside the forward path")
     g.add_argument("--max-steps-per-epoch", type=int, help="cap optimiser steps per epoch (smoke tests)")
+    g = p.add_argument_group("dense head (cell-scale markers; see above)")
+    g.add_argument("--dense-grid", type=int, default=0, metavar="G",
+                   help="add a dense head predicting every marker on a G x G grid of cells per patch (16: 14 px = "
+                        "7 um cells at 20x), trained on stage 03's dense labels (made with --dense-grid G); 0 = off")
+    g.add_argument("--dense-weight", type=float, default=1.0, metavar="W",
+                   help="loss = patch loss + W x dense loss (the --loss family per cell and marker, NaN cells "
+                        "masked out)")
+    g.add_argument("--dense-dir", type=Path, help="dense label folder (default DATA/markers_dense)")
     return p
 
 
@@ -225,6 +242,7 @@ def train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, inputs: dict[str, A
     train_ds, val_ds, ck = inputs["train"], inputs["val"], inputs["ck"]
     model, criterion, optimizer, scheduler, scaler, amp = (state[k] for k in ("model", "criterion", "optimizer",
                                                                               "scheduler", "scaler", "amp"))
+    dense_criterion = state.get("dense_criterion")
     start_epoch, best, m = state["start_epoch"], state["best"], len(train_ds.markers)
     accum = cfg.global_batch_size // (cfg.batch_size * world) if cfg.global_batch_size else 1
     lds_w = None
@@ -248,6 +266,10 @@ def train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, inputs: dict[str, A
         n_tr = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("%d train patches (%d slides), %d val patches (%d slides), %d markers", len(train_ds),
                  len(inputs["split"]["train"]), len(val_ds), len(inputs["split"]["val"]), m)
+        if model.dense_grid:
+            log.info("dense head: %dx%d cells per patch from %d-channel tokens, labels %s, loss = patch + %g x dense "
+                     "(model selection: validation patch-level r)", model.dense_grid, model.dense_grid,
+                     model.visual.token_dim, cfg.dense_labels_dir, cfg.dense_weight)
         log.info("backbone %s (%s recipe): %.2fM params, %.2fM trainable; input %d px; %d rank(s) on %s; amp %s; "
                  "lr %g (x%g per epoch, floor %g); global batch %d = %d x %d ranks x %d accumulation",
                  model.model_args["backbone_name"], cfg.recipe_info["recipe"],
@@ -271,7 +293,7 @@ def train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, inputs: dict[str, A
             log.warning("checkpoint RNG states are from %d ranks, now %d: reseeding", len(ck.get("rng", [])), world)
         seed_everything(cfg.seed + 1000 * rank + start_epoch)
 
-    step = TrainStep(model, criterion)
+    step = TrainStep(model, criterion, dense_criterion, cfg.dense_weight)
     ddp = wrap_ddp(step, ctx, cfg.find_unused_parameters)
     meta = {"markers": train_ds.markers, "normalization": train_ds.normalization, "model_args": model.model_args,
             "input_size": input_size, "interpolation": interpolation, "mean": list(model.mean),
@@ -305,6 +327,11 @@ def train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, inputs: dict[str, A
             writer.add_scalar("train/samples_per_s", tr["samples"] / train_time, epoch + 1)
             for k, v in loss_stats(criterion).items():
                 writer.add_scalar(f"train/loss_{k}", v, epoch + 1)
+            if "loss_dense" in tr:
+                writer.add_scalar("train/loss_patch", tr["loss_patch"], epoch + 1)
+                writer.add_scalar("train/loss_dense", tr["loss_dense"], epoch + 1)
+                for k, v in loss_stats(dense_criterion).items():
+                    writer.add_scalar(f"train/loss_dense_{k}", v, epoch + 1)
         last = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.eval_every == 0 or last:
             score = validate(model, val_ds, val_tf, ctx, cfg, amp, epoch, writer, tr, train_time)
@@ -316,14 +343,14 @@ def train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, inputs: dict[str, A
                                                "val_mean_mse": score["mse"], "val_collapsed": score["collapsed"],
                                                "val_pearson": dict(zip(val_ds.markers, map(float, score["r"])))})
         elif is_main:
-            log.info("epoch %d/%d: train loss %.4f (%.0f samples/s)", epoch + 1, cfg.epochs, tr["loss"],
-                     tr["samples"] / train_time)
+            log.info("epoch %d/%d: train loss %.4f%s (%.0f samples/s)", epoch + 1, cfg.epochs, tr["loss"],
+                     _dense_text(tr, cfg.dense_weight), tr["samples"] / train_time)
         if (epoch + 1) % cfg.save_every == 0 or last:
             rngs = all_gather_objects(rng_state())
             if is_main:
                 save_checkpoint(run_dir / "checkpoints" / f"epoch_{epoch + 1}.pt",
                                 training_state(model, optimizer, scheduler, scaler, criterion, epoch + 1, rngs, best,
-                                               world, config, meta))
+                                               world, config, meta, dense_criterion))
                 prune_checkpoints(run_dir / "checkpoints", cfg.keep_last)
         barrier()
     if writer is not None:
@@ -352,11 +379,18 @@ def validate(model: HEX, val_ds: Any, val_tf: BatchTransform, ctx: DistContext, 
             tag = re.sub(r"[^A-Za-z0-9_.\-]", "_", name)  # TensorBoard tags: no spaces or slashes
             writer.add_scalar(f"val_pearson/{tag}", float(rv), epoch + 1)
             writer.add_scalar(f"val_mse/{tag}", float(ev), epoch + 1)
-        log.info("epoch %d/%d: train loss %.4f (%.0f samples/s, data wait %.0f%%), val mean r %.4f, mse %.5f%s",
-                 epoch + 1, cfg.epochs, tr["loss"], tr["samples"] / train_time,
+        log.info("epoch %d/%d: train loss %.4f%s (%.0f samples/s, data wait %.0f%%), val mean r %.4f, mse %.5f%s",
+                 epoch + 1, cfg.epochs, tr["loss"], _dense_text(tr, cfg.dense_weight), tr["samples"] / train_time,
                  100 * tr["data_wait"] / max(train_time, 1e-9), score, float(np.nanmean(e)),
                  f" ({collapsed} markers collapsed to a constant prediction, counted as r = 0)" if collapsed else "")
     return {"score": score, "r": r, "mse": float(np.nanmean(e)), "collapsed": collapsed}
+
+
+def _dense_text(tr: dict[str, Any], weight: float) -> str:
+    """`` (patch 0.1234 + 1 x dense 0.2345)`` for a dense run's epoch result, else ``""``."""
+    if "loss_dense" not in tr:
+        return ""
+    return f" (patch {tr['loss_patch']:.4f} + {weight:g} x dense {tr['loss_dense']:.4f})"
 
 
 STAGE = Stage("hex.train", build_parser, make_config, run=run, distributed=True, prepare=prepare_run_dir,

@@ -132,7 +132,9 @@ def load_inputs(cfg: TrainConfig, run_dir: Path, is_main: bool) -> dict[str, Any
     elif cfg.resume == "auto" and is_main:
         log.info("--resume auto: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
     markers = ck["markers"] if ck is not None else None
-    train_ds = build_dataset(cfg.data, split["train"], markers, cfg.markers_dir, cfg.patches_dir)
+    # dense labels for training only: validation (model selection) scores the patch head
+    train_ds = build_dataset(cfg.data, split["train"], markers, cfg.markers_dir, cfg.patches_dir,
+                             dense_dir=cfg.dense_labels_dir, dense_grid=cfg.dense_grid or None)
     val_ds = build_dataset(cfg.data, split["val"], train_ds.markers, cfg.markers_dir, cfg.patches_dir)
     return {"split": split, "ck": ck, "resume_path": resume_path, "train": train_ds, "val": val_ds,
             "replace": replace}
@@ -140,7 +142,8 @@ def load_inputs(cfg: TrainConfig, run_dir: Path, is_main: bool) -> dict[str, Any
 
 def build_state(cfg: TrainConfig, ck: dict[str, Any] | None, num_markers: int, run_dir: Path,
                 device: torch.device) -> dict[str, Any]:
-    """Model, loss, optimiser, scheduler, scaler, start epoch and best score: fresh, or restored from ``ck``."""
+    """Model, loss (and the dense loss of a dense run, else None), optimiser, scheduler, scaler, start epoch and
+    best score: fresh, or restored from ``ck``."""
     seed_everything(cfg.seed)
     if ck is not None:
         model = build_from_args(ck["model_args"], weights=None, with_fds=True)
@@ -151,13 +154,17 @@ def build_state(cfg: TrainConfig, ck: dict[str, Any] | None, num_markers: int, r
             load_hex_checkpoint(model, cfg.init, load_fds=False)  # fresh FDS statistics for a new run
     model.to(device)
     criterion = build_loss(cfg.loss, num_markers).to(device)
-    optimizer = make_optimizer(model, criterion, cfg.lr, cfg.weight_decay)
+    # the dense loss: same family, its own instance (adaptive: its own alpha/scale per marker)
+    dense_criterion = build_loss(cfg.loss, num_markers).to(device) if model.dense_grid else None
+    optimizer = make_optimizer(model, criterion, cfg.lr, cfg.weight_decay, dense_criterion)
     scheduler = make_scheduler(optimizer, cfg.gamma, cfg.lr_floor)
     amp = resolve_amp(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     start_epoch, best = 0, {"pearson": -math.inf, "epoch": -1}
     if ck is not None:
         criterion.load_state_dict(ck["loss"])
+        if dense_criterion is not None:
+            dense_criterion.load_state_dict(ck["dense_loss"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
@@ -169,8 +176,8 @@ def build_state(cfg: TrainConfig, ck: dict[str, Any] | None, num_markers: int, r
                 best = {"pearson": float(saved["val_mean_pearson"]), "epoch": int(saved.get("epoch", -1))}
         if ck.get("backbone_frozen"):
             model.freeze_backbone()
-    return {"model": model, "criterion": criterion, "optimizer": optimizer, "scheduler": scheduler, "amp": amp,
-            "scaler": scaler, "start_epoch": start_epoch, "best": best}
+    return {"model": model, "criterion": criterion, "dense_criterion": dense_criterion, "optimizer": optimizer,
+            "scheduler": scheduler, "amp": amp, "scaler": scaler, "start_epoch": start_epoch, "best": best}
 
 
 def build_model(cfg: TrainConfig, num_markers: int) -> HEX:
@@ -178,7 +185,8 @@ def build_model(cfg: TrainConfig, num_markers: int) -> HEX:
     ``img_size`` (a builder with neither keeps its size and the images are resized to ``--input-size``)."""
     fds = {"bucket_num": cfg.fds_buckets, "start_smooth": cfg.fds_start_smooth} if cfg.fds else None
     kw = dict(cfg.backbone_kw)
-    common = {"weights": cfg.weights, "unfreeze_last": cfg.unfreeze_last, "fds": fds, "head_dropout": cfg.dropout}
+    common = {"weights": cfg.weights, "unfreeze_last": cfg.unfreeze_last, "fds": fds, "head_dropout": cfg.dropout,
+              "dense_grid": cfg.dense_grid}
     try:
         if not {"img_size", "input_size"} & set(kw) and cfg.input_size != backbones.get_spec(cfg.backbone).input_size:
             for key in ("input_size", "img_size"):

@@ -134,7 +134,8 @@ class QuantResult:
 
 def quantify_patches(codex: CodexImage, channels: list[int], coords: np.ndarray, size: int,
                      affine: np.ndarray | CodexToHE, region_px: int = 1024, threads: int = 1,
-                     desc: str | None = None, nodata_px: int = 0) -> QuantResult:
+                     desc: str | None = None, nodata_px: int = 0,
+                     zero_areas: ZeroAreas | None = None) -> QuantResult:
     """Mean of each of ``channels`` over the CODEX pixels inside every patch (see the module docstring).
 
     Args:
@@ -146,6 +147,8 @@ def quantify_patches(codex: CodexImage, channels: list[int], coords: np.ndarray,
         threads: regions decoded and accumulated in parallel (results are added in region order, so the
             output does not depend on ``threads``).
         nodata_px: smallest all-zero square (CODEX px) of the zero-area test; 0 = no test.
+        zero_areas: the image's :class:`ZeroAreas` made once by the caller (several calls on one image: the dense
+            labels' batches of cells); None: made here from ``nodata_px``.
     """
     mapping = as_map(affine)
     coords = np.asarray(coords, np.int64).reshape(-1, 2)
@@ -153,7 +156,8 @@ def quantify_patches(codex: CodexImage, channels: list[int], coords: np.ndarray,
     w, h = codex.dimensions
     lookup = PatchLookup(coords, size)
     coverage = patch_coverage(coords, size, mapping, (w, h))
-    zero_areas = ZeroAreas(codex, channels, nodata_px) if nodata_px > 0 else None
+    if zero_areas is None and nodata_px > 0:
+        zero_areas = ZeroAreas(codex, channels, nodata_px)
     try:
         reader: TiledRegionReader | ZarrRegionReader = TiledRegionReader(codex.path, channels, codex.shape)
     except Exception as e:  # noqa: BLE001 - any layout the direct reader does not handle goes through zarr

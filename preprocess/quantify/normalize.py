@@ -15,6 +15,10 @@ relabelling``) -- so labels made with another ``--fit-split`` or other percentil
 this run cannot vouch for are removed: those of slides whose raw means are stale, and, when the percentiles
 changed, those of cohort slides outside this run's ``--slides``. Raw means made with different pass-1 settings
 (shards run with other flags) are not pooled: the step stops and names the difference.
+
+Dense labels: when pass 1 made raw cell means (its settings hold ``dense_grid``), each label file gets its dense
+twin ``markers_dense/{slide}.h5`` (:mod:`preprocess.quantify.dense`) with the same record and rows, rewritten only
+when its content changes; without them, dense label files of the slides normalised are removed.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ from pipeline.done import diff_settings
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_text, remove_outputs, write_json
 from pipeline.tables import read_split
+from preprocess.quantify.dense import dense_label_path, write_dense_labels
 from preprocess.quantify.raw import (
     SLIDE_SETTINGS,
     label_csv_path,
     load_raw,
     raw_csv_path,
+    raw_dense_path,
     raw_dir,
     raw_meta_path,
     read_record,
@@ -107,7 +113,7 @@ def fresh_slides(out: str | os.PathLike, slides: list[str], drop_stale_labels: b
         if rec is not None:
             ok.append(s)
             continue
-        if drop_stale_labels and remove_outputs([label_csv_path(out, s)]):
+        if drop_stale_labels and remove_outputs([label_csv_path(out, s), dense_label_path(out, s)]):
             log.warning("%s: removed its marker labels %s (%s)", s, label_csv_path(out, s), why)
         else:
             log.info("%s: not normalised (%s)", s, why)
@@ -142,6 +148,8 @@ class Normalisation:
     slides: list[str]
     written: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    dense_grid: int = 0
+    dense_written: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
@@ -149,7 +157,9 @@ class Normalisation:
                else f"fitted on {len(self.norm['fit_slides'])} slides, {self.norm['n_patches']} patches")
         return (f"{len(self.slides)} slides normalised (P{self.norm['percentiles'][0]:g}..P"
                 f"{self.norm['percentiles'][1]:g} {how}), {len(self.written)} label files written, "
-                f"{len(self.slides) - len(self.written)} unchanged")
+                f"{len(self.slides) - len(self.written)} unchanged"
+                + (f"; dense {self.dense_grid}x{self.dense_grid}: {len(self.dense_written)} files written, "
+                   f"{len(self.slides) - len(self.dense_written)} unchanged" if self.dense_grid else ""))
 
 
 def _write_if_changed(path: Path, text: str) -> bool:
@@ -165,11 +175,15 @@ def _write_if_changed(path: Path, text: str) -> bool:
 def normalize_cohort(out: str | os.PathLike, slides: list[str], markers: list[str], min_coverage: float,
                      low_pct: float, high_pct: float, legacy_columns: bool, fixed: dict | None = None,
                      fit_slides: list[str] | None = None, settings: dict | None = None,
-                     others: list[str] | None = None) -> Normalisation:
+                     others: list[str] | None = None, dense_grid: int = 0) -> Normalisation:
     """Percentiles over ``fit_slides`` (default: all of ``slides``; unless ``fixed``), then
     ``markers/{slide}.csv`` for each of ``slides``; writes ``markers/normalization.json`` (with ``settings``).
 
     ``others``: cohort slides outside ``slides``; their label files are removed when the percentiles changed.
+    ``dense_grid`` > 0 (pass 1 made raw cell means, ``markers/raw/{slide}_dense.h5``): also
+    ``markers_dense/{slide}.h5`` for the rows of each label file, with the same normalisation
+    (:func:`preprocess.quantify.dense.write_dense_labels`); 0: dense labels of ``slides`` are removed (made with
+    percentiles this run cannot vouch for).
     """
     out = Path(out)
     fit = list(slides) if fit_slides is None else list(fit_slides)
@@ -192,10 +206,10 @@ def normalize_cohort(out: str | os.PathLike, slides: list[str], markers: list[st
     if prev is not None and prev.get("settings") and prev["settings"] != norm["settings"]:
         log.info("normalisation settings changed since the last run: %s; relabelling",
                  ", ".join(diff_settings(prev["settings"], norm["settings"])))
-    result = Normalisation(norm, list(slides))
+    result = Normalisation(norm, list(slides), dense_grid=int(dense_grid))
     if prev is not None and (prev.get("values") != norm["values"] or prev.get("markers") != norm["markers"]):
         for s in others or []:
-            if s not in slides and remove_outputs([label_csv_path(out, s)]):
+            if s not in slides and remove_outputs([label_csv_path(out, s), dense_label_path(out, s)]):
                 result.removed.append(s)
         if result.removed:
             log.warning("removed the labels of %s: made with the earlier percentiles, not relabelled by this run "
@@ -213,6 +227,14 @@ def normalize_cohort(out: str | os.PathLike, slides: list[str], markers: list[st
         if _write_if_changed(label_csv_path(out, s), outdf.to_csv(index=False, float_format="%.7g")):
             result.written.append(s)
         log.debug("%s: %d of its patches have coverage >= %.2f", s, len(df), min_coverage)
+        if dense_grid:
+            if write_dense_labels(dense_label_path(out, s), raw_dense_path(out, s), df["index"].to_numpy(),
+                                  df[["x", "y"]].to_numpy(), markers,
+                                  lambda raw: apply_normalization(raw, norm)):
+                result.dense_written.append(s)
+        elif remove_outputs([dense_label_path(out, s)]):
+            log.warning("%s: removed its dense labels %s (pass 1 made no cell means this time: quantify with "
+                        "--dense-grid G to make them)", s, dense_label_path(out, s))
     return result
 
 
@@ -326,10 +348,12 @@ def run_normalization(cfg: NormSettings, out: Path, candidates: list[str], marke
         "low_pct": cfg.low_pct, "high_pct": cfg.high_pct, "min_coverage": cfg.min_coverage}
     settings |= {"legacy_columns": bool(cfg.legacy_columns), "pass1": pass1}
     res = normalize_cohort(out, slides, markers, cfg.min_coverage, cfg.low_pct, cfg.high_pct,
-                           cfg.legacy_columns, plan.fixed, plan.fit, settings, others)
+                           cfg.legacy_columns, plan.fixed, plan.fit, settings, others,
+                           dense_grid=int(pass1.get("dense_grid", 0) or 0))
     flagged = [s for s in slides if (_read_json(raw_meta_path(out, s)) or {}).get("registration_status") == "flagged"]
     if flagged:
         log.warning("the labels of %s come from flagged registrations (quantified with --allow-flagged)",
                     ", ".join(flagged))
-    log.info("normalisation: %s into %s", res.summary, art.LABELS.dir(out))
+    log.info("normalisation: %s into %s%s", res.summary, art.LABELS.dir(out),
+             f" and {art.DENSE_LABELS.dir(out)}" if res.dense_grid else "")
     return res

@@ -1,10 +1,11 @@
 """Raw per-patch marker means (pass 1 output): ``markers/raw/{slide}.csv``, its sidecar ``{slide}.json`` and the
 slide's done-record ``markers/done/{slide}.json``.
 
-The CSV is ``slide,index,x,y,coverage,n_codex_px,<markers>`` for every grid patch. The sidecar holds the resolved
-channels as (marker, channel index, OME name) triples and the registration's status. The done-record
-(:mod:`pipeline.done`, written by the stage runner) names what they were made from: the settings that change the
-values, and the input files (``codex``, ``grid``, ``registration``, ``field``, ``panel``) with their size and
+The CSV is ``slide,index,x,y,coverage,n_codex_px,<markers>`` for every grid patch; with ``--dense-grid`` the cell
+means of the patches with CODEX pixels are in ``{slide}_dense.h5`` (:mod:`preprocess.quantify.dense`). The sidecar
+holds the resolved channels as (marker, channel index, OME name) triples and the registration's status. The
+done-record (:mod:`pipeline.done`, written by the stage runner) names what they were made from: the settings that
+change the values, and the input files (``codex``, ``grid``, ``registration``, ``field``, ``panel``) with their size and
 mtime. Raw means are *fresh* when both files and the record exist and every input file still has the size and
 mtime it had then (no clock comparison, so clock skew on shared filesystems does not matter): only fresh raw means
 are skipped in pass 1 and pooled / labelled by the normalisation, so a slide whose registration was redone (or
@@ -47,6 +48,12 @@ def raw_meta_path(out: str | os.PathLike, slide_id: str) -> Path:
     return raw_dir(out) / f"{slide_id}.json"
 
 
+def raw_dense_path(out: str | os.PathLike, slide_id: str) -> Path:
+    """``OUT/markers/raw/{slide}_dense.h5``: pass 1's raw (un-normalised) cell means with ``--dense-grid``
+    (:mod:`preprocess.quantify.dense`)."""
+    return raw_dir(out) / f"{slide_id}_dense.h5"
+
+
 def label_csv_path(out: str | os.PathLike, slide_id: str) -> Path:
     return art.LABELS.path(out, slide_id)
 
@@ -78,6 +85,8 @@ def read_record(out: str | os.PathLike, slide_id: str) -> tuple[dict[str, Any] |
             return None, f"its raw means were made by another version (schema {rec.get('schema')}); rerun pass 1"
         for _, path, gone in changed_inputs(rec["inputs"])[:1]:
             return None, f"its input {path} is gone" if gone else f"{path} changed since {csv} was written"
+        if int(rec.get("settings", {}).get("dense_grid", 0) or 0) > 0 and not raw_dense_path(out, slide_id).exists():
+            return None, f"no raw dense means ({raw_dense_path(out, slide_id)}); rerun pass 1"
     except FileNotFoundError:
         return None, f"its raw means have no done-record ({rec_path}): made by an older version; rerun pass 1"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

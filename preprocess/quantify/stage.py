@@ -7,6 +7,7 @@
     python -m preprocess.normalize --cohort C --out O --fit-split C/splits/splits_0.csv
     python -m preprocess.quantify --cohort test_cohort --out out_test \\
         --normalization outputs/markers/normalization.json        # apply a training cohort's percentiles
+    python -m preprocess.quantify --cohort sample_cohort --out outputs --dense-grid 16   # + 7 µm cell labels
 
 Inputs (paths relative to ``--out`` unless given): ``patches/{slide}.h5`` (stage 01), ``registration/{slide}.json``
 (stage 02: ``affine_codex_to_he`` maps CODEX level-0 pixel (x, y, 1) to H&E level-0 pixel coordinates, and its
@@ -44,6 +45,13 @@ Two passes:
    on every run with the settings given now (a label file is rewritten when its content changes; the log names
    the settings that changed), so labels of another ``--fit-split`` or other percentiles are never kept.
 
+Dense labels (``--dense-grid G``, default 0 = none; :mod:`preprocess.quantify.dense`): pass 1 also writes the raw
+mean of every marker in each of the G x G cells of side P / G px of every patch with CODEX pixels
+(``markers/raw/{slide}_dense.h5``; same map, same no-data test; a cell with no CODEX pixel or mostly without
+data is NaN), and pass 2 normalises them with the patch labels' record into ``markers_dense/{slide}.h5`` for
+exactly the rows of ``markers/{slide}.csv``. ``--registration-model affine`` maps the CODEX through the affine only
+(no displacement field), for the patch labels and the dense ones.
+
 Exit code: 0; 1 when a slide failed (the others are labelled) or the normalisation failed; 2 before any work for
 bad flags, missing inputs (pairing table, panel, split or normalization file, the patches / registration
 folders), an unwritable output folder, or slides done with other settings.
@@ -59,11 +67,14 @@ Pass 1 is keyed by a done-record per slide (``markers/done/{slide}.json``, :mod:
   file, stamped as missing when it has none) and ``panel`` (the marker panel CSV). A changed input file (stage 01
   or 02 redone, the panel fixed) redoes the slide, and the log says which file.
 - settings (:func:`done_settings`): ``channels_by``, ``codex_mpp``, ``nodata_um`` -- what changes the values of a
-  slide. Not recorded: the panel's content (it is the ``panel`` input: editing it redoes the slides, it does not
-  stop them), ``--allow-flagged`` / ``--panel-wins`` / ``--num-markers`` (they decide whether a slide may be
-  quantified, not its values; the sidecar records a flagged registration, and the normalisation warns about the
-  labels made through one), ``--mpp`` (a check only), ``--region-px`` / ``--threads`` / ``--workers`` (how the
-  work is cut, not what it computes).
+  slide -- and, only when not the default, ``dense_grid`` and ``registration_model``. A slide done without cell
+  means is redone when ``--dense-grid`` asks for them (they are one of its outputs then); one done with them stops a
+  run without ``--dense-grid`` (other settings: ``--overwrite``, which also removes its dense labels). Not recorded:
+  the panel's content (it is the ``panel`` input: editing it redoes the slides, it does not stop them),
+  ``--allow-flagged`` / ``--panel-wins`` / ``--num-markers`` (they decide whether a slide may be quantified, not its
+  values; the sidecar records a flagged registration, and the normalisation warns about the labels made through
+  one), ``--mpp`` (a check only), ``--region-px`` / ``--threads`` / ``--workers`` (how the work is cut, not what it
+  computes).
 - A rerun with other settings or other input paths stops before any work and before ``config.json`` is written:
   ``... done with other settings: <diff>; pass --overwrite`` (exit 2).
 
@@ -97,8 +108,9 @@ from pipeline.runner import StageReport, default_threads, shard_slides
 from preprocess.panel import resolve_channel_map
 from preprocess.patch import add_common_args, read_grid, read_tissue_fraction
 from preprocess.pixel_sizes import PixelSizes, add_pixel_sizes_arg, resolve_pixel_sizes
-from preprocess.quantify.accumulate import quantify_patches
-from preprocess.quantify.geometry import load_registration
+from preprocess.quantify.accumulate import ZeroAreas, quantify_patches
+from preprocess.quantify.dense import cell_side, dense_label_path, write_raw_dense
+from preprocess.quantify.geometry import CodexToHE, load_registration
 from preprocess.quantify.normalize import (
     NormPlan,
     NormSettings,
@@ -112,6 +124,7 @@ from preprocess.quantify.raw import (
     input_entry,
     label_csv_path,
     raw_csv_path,
+    raw_dense_path,
     raw_meta_path,
     write_raw_meta,
 )
@@ -140,6 +153,8 @@ class QuantConfig:
     threads: int = 1
     panel_wins: bool = False
     nodata_um: float = 40.0  # smallest all-zero square (µm) of the no-data test; 0 = no test
+    dense_grid: int = 0  # G x G cell means per patch (markers/raw/{slide}_dense.h5); 0 = none
+    registration_model: str = "field"  # "field": affine + displacement field; "affine": the affine only
 
 
 def quantify_slide(slide_id: str, codex_path: str | os.PathLike | None, cfg: QuantConfig) -> dict:
@@ -148,11 +163,15 @@ def quantify_slide(slide_id: str, codex_path: str | os.PathLike | None, cfg: Qua
 
     grid_path = Path(cfg.patches_dir) / f"{slide_id}.h5"
     coords, attrs = read_grid(grid_path)
+    size = int(attrs["patch_size_level0"])
+    if cfg.dense_grid:
+        cell_side(size, cfg.dense_grid, f" of {grid_path}")
     reg_path = Path(cfg.registration_dir) / f"{slide_id}.json"
     inputs = {"grid": input_entry(grid_path), "registration": input_entry(reg_path) if reg_path.exists() else None}
     mapping, rec = load_registration(reg_path, cfg.allow_flagged)
+    if cfg.registration_model == "affine":
+        mapping = CodexToHE(mapping.affine)
     field_file = reg_path.parent / rec["displacement"]["file"] if rec.get("displacement") else None
-    size = int(attrs["patch_size_level0"])
     if codex_path is None or not str(codex_path).strip() or Path(codex_path).is_dir():
         raise PipelineError(f"slide {slide_id} has no CODEX image (an empty codex_image in pairs.csv, or no "
                             f"COHORT/codex/{slide_id}.*); add it, or list the pair in pairs.csv")
@@ -172,13 +191,20 @@ def quantify_slide(slide_id: str, codex_path: str | os.PathLike | None, cfg: Qua
                             "µm/px); check the registration or --codex-mpp/--mpp", slide_id, scale, expected,
                             codex.mpp, float(he_mpp))
         cell = int(round(cfg.nodata_um / codex.mpp)) if cfg.nodata_um > 0 else 0
-        res = quantify_patches(codex, [i for _, i, _ in channel_map], coords, size, mapping, cfg.region_px,
-                               cfg.threads, desc=f"{slide_id} regions", nodata_px=cell)
-    nodata = missing_data_fraction(res.zero_fraction, read_tissue_fraction(grid_path, len(coords)))
-    res.coverage = res.coverage * (1.0 - nodata)
-    if not np.any(res.coverage > 0):
-        raise PipelineError(f"no patch of {slide_id} overlaps CODEX data of {codex_path} through the registration "
-                            f"in {reg_path}; check the registration")
+        channels = [i for _, i, _ in channel_map]
+        zero_areas = ZeroAreas(codex, channels, cell) if cfg.dense_grid and cell > 0 else None
+        res = quantify_patches(codex, channels, coords, size, mapping, cfg.region_px, cfg.threads,
+                               desc=f"{slide_id} regions", nodata_px=cell, zero_areas=zero_areas)
+        nodata = missing_data_fraction(res.zero_fraction, read_tissue_fraction(grid_path, len(coords)))
+        res.coverage = res.coverage * (1.0 - nodata)
+        if not np.any(res.coverage > 0):
+            raise PipelineError(f"no patch of {slide_id} overlaps CODEX data of {codex_path} through the "
+                                f"registration in {reg_path}; check the registration")
+        if cfg.dense_grid:
+            write_raw_dense(raw_dense_path(cfg.out, slide_id), codex, channels, list(cfg.markers), coords,
+                            np.flatnonzero(res.counts > 0), size, cfg.dense_grid, mapping,
+                            nodata if cell > 0 else None, he_mpp, cfg.region_px, cfg.threads, cell, zero_areas,
+                            desc=f"{slide_id} cells")
     df = pd.DataFrame(res.means, columns=list(cfg.markers))
     df.insert(0, "n_codex_px", res.counts)
     df.insert(0, "coverage", res.coverage)
@@ -192,13 +218,15 @@ def quantify_slide(slide_id: str, codex_path: str | os.PathLike | None, cfg: Qua
         "schema_version": RAW_SCHEMA, "slide": slide_id, "inputs": inputs,
         "channels": [[m, int(i), n] for m, i, n in channel_map],
         "channels_units": "[marker, 0-based channel index in the CODEX file, OME channel name (null: none)]",
-        "through_displacement_field": field_file is not None, "nodata_px": cell,
+        "through_displacement_field": field_file is not None and cfg.registration_model == "field",
+        "nodata_px": cell,
         "registration_status": rec.get("status"),
         "patches_missing_data": int(np.sum(nodata > 0.01)),
-    })
-    log.info("%s: %d patches, %d with coverage > 0, median coverage %.3f%s", slide_id, len(coords),
+    } | ({"dense_grid": cfg.dense_grid, "dense_cell_px_level0": size // cfg.dense_grid} if cfg.dense_grid else {}))
+    log.info("%s: %d patches, %d with coverage > 0, median coverage %.3f%s%s", slide_id, len(coords),
              int((res.coverage > 0).sum()), float(np.median(res.coverage)),
-             ", through the displacement field" if field_file else "")
+             ", through the displacement field" if mapping.field is not None else "",
+             f", cell means on a {cfg.dense_grid} x {cfg.dense_grid} grid" if cfg.dense_grid else "")
     return {"patches": len(coords), "covered": int((res.coverage > 0).sum())}
 
 
@@ -216,13 +244,17 @@ def _work(slide_id: str, pairs: dict[str, tuple[Path, Path | None]], cfg: QuantC
 
 
 def outputs(slide_id: str, out: Path) -> list[Path]:
-    """What stage 03 writes for one slide (raw means, sidecar, labels): removed before a slide is redone."""
-    return [raw_csv_path(out, slide_id), raw_meta_path(out, slide_id), label_csv_path(out, slide_id)]
+    """What stage 03 writes for one slide (raw means, sidecar, labels, and the dense ones): removed before a slide is
+    redone."""
+    return [raw_csv_path(out, slide_id), raw_meta_path(out, slide_id), label_csv_path(out, slide_id),
+            raw_dense_path(out, slide_id), dense_label_path(out, slide_id)]
 
 
-def done_outputs(slide_id: str, out: Path) -> list[Path]:
-    """What must exist for pass 1 of a slide to count as done (the raw means and their sidecar)."""
-    return [raw_csv_path(out, slide_id), raw_meta_path(out, slide_id)]
+def done_outputs(slide_id: str, out: Path, dense: bool = False) -> list[Path]:
+    """What must exist for pass 1 of a slide to count as done (the raw means and their sidecar; with ``dense``, the
+    raw cell means too: a slide done without them is redone when they are asked for)."""
+    return [raw_csv_path(out, slide_id), raw_meta_path(out, slide_id)] + (
+        [raw_dense_path(out, slide_id)] if dense else [])
 
 
 def field_path(reg_path: Path) -> Path:
@@ -248,8 +280,11 @@ def done_inputs(slide_id: str, pairs: Mapping[str, tuple[Path, Path | None]], pa
 
 
 def done_settings(cfg: QuantConfig, channels_by: str) -> dict[str, Any]:
-    """The settings that change a slide's raw means (see the module docstring)."""
-    return {"channels_by": channels_by, "codex_mpp": cfg.codex_mpp, "nodata_um": float(cfg.nodata_um)}
+    """The settings that change a slide's raw means (see the module docstring); ``dense_grid`` and
+    ``registration_model`` only when not the default (records of runs without them stay as they were)."""
+    return {"channels_by": channels_by, "codex_mpp": cfg.codex_mpp, "nodata_um": float(cfg.nodata_um)} | (
+        {"dense_grid": int(cfg.dense_grid)} if cfg.dense_grid else {}) | (
+        {"registration_model": cfg.registration_model} if cfg.registration_model != "field" else {})
 
 
 def codex_mpp_setting(slide_id: str, sizes: PixelSizes) -> dict[str, float | None]:
@@ -266,7 +301,7 @@ def done_spec(cfg: QuantConfig, tables: Tables, channels_by: str, sizes: PixelSi
         folder=art.LABELS.dir(cfg.out), settings=done_settings(cfg, channels_by), schema=art.LABELS.schema,
         inputs=functools.partial(done_inputs, pairs=tables.pairs, patches_dir=cfg.patches_dir,
                                  registration_dir=cfg.registration_dir, panel_path=tables.panel_path),
-        outputs=functools.partial(done_outputs, out=cfg.out),
+        outputs=functools.partial(done_outputs, out=cfg.out, dense=cfg.dense_grid > 0),
         slide_settings=functools.partial(codex_mpp_setting, sizes=sizes))
 
 
@@ -294,6 +329,8 @@ class QuantifyConfig(NormSettings):
     pixel_sizes: Path | None = None
     allow_flagged: bool = False
     nodata_um: float = 40.0
+    dense_grid: int = 0
+    registration_model: str = "field"
     no_normalize: bool = False
     region_px: int = 1024
     threads: int = 0
@@ -308,6 +345,7 @@ def make_config(args: argparse.Namespace) -> QuantifyConfig:
     for name, v in (("--codex-mpp", args.codex_mpp), ("--mpp", args.mpp)):
         require(v is None or v > 0, f"{name} must be positive (got {v})")
     require(args.nodata_um >= 0, f"--nodata-um must be >= 0 (0 = no test; got {args.nodata_um})")
+    require(args.dense_grid >= 0, f"--dense-grid must be >= 0 (0 = no dense labels; got {args.dense_grid})")
     return config_from_args(QuantifyConfig, args)
 
 
@@ -333,6 +371,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "square of this side (µm) are zero area; a patch's zero area beyond its glass (1 - its "
                         "stage-01 tissue fraction) is missing data (zero fill: missing tiles, outside the stitched "
                         "ROI) and lowers its coverage (0 = no test; default 40)")
+    p.add_argument("--dense-grid", type=int, default=0, metavar="G",
+                   help="also write dense (cell-scale) labels OUT/markers_dense/{slide}.h5: the mean of every marker "
+                        "on a G x G grid of cells inside each labelled patch, normalised like the patch labels; G "
+                        "must divide the patch side (16: cells of 14 px = 7 µm for 224 px patches at 20x, 28 px = 7 "
+                        "µm at 40x; default 0 = none)")
+    p.add_argument("--registration-model", choices=["field", "affine"], default="field",
+                   help="map the CODEX through the registration's affine and its displacement field (field, default) "
+                        "or the affine only (affine: ignores the field, for patch and dense labels; e.g. to show "
+                        "what the field adds at cell scale)")
     p.add_argument("--no-normalize", action="store_true",
                    help="pass 1 only (implied by --shard: run `python -m preprocess.normalize` after all shards)")
     p.add_argument("--region-px", type=int, default=1024, help="side of the decoded CODEX regions, px (default 1024)")
@@ -365,6 +412,21 @@ def _finish(report: StageReport, cfg: QuantifyConfig, tables: Tables, plan: Norm
     return max(rc, 1) if failed_norm else rc
 
 
+def check_dense_grid(slides: list[str], patches_dir: Path, grid: int) -> None:
+    """``--dense-grid`` must divide the patch side of every slide's grid file (checked before any work; a grid
+    file that is missing or unreadable is the slide's own failure later)."""
+    import h5py
+
+    for s in slides:
+        path = Path(patches_dir) / f"{s}.h5"
+        try:
+            with h5py.File(path, "r") as f:
+                size = int(f.attrs["patch_size_level0"])
+        except (OSError, KeyError, TypeError, ValueError):
+            continue
+        cell_side(size, grid, f" of {path}")
+
+
 def plan(cfg: QuantifyConfig) -> SlideJob:
     """The slides, panel and normalisation plan of this run, and what makes a slide's pass 1 done."""
     tables, selected, norm_plan = resolve_inputs(cfg, cfg.cohort, cfg.pairs, cfg.panel, cfg.num_markers, cfg.slides)
@@ -376,12 +438,15 @@ def plan(cfg: QuantifyConfig) -> SlideJob:
                           panel=tuple(tables.panel) if cfg.channels_by == "index" else None,
                           panel_path=str(tables.panel_path), codex_mpp=cfg.codex_mpp, he_mpp=cfg.mpp,
                           allow_flagged=cfg.allow_flagged, region_px=cfg.region_px, threads=threads,
-                          panel_wins=cfg.panel_wins, nodata_um=cfg.nodata_um)
+                          panel_wins=cfg.panel_wins, nodata_um=cfg.nodata_um, dense_grid=cfg.dense_grid,
+                          registration_model=cfg.registration_model)
     for what, folder, stage, flag in (
             ("patch grid folder", job_cfg.patches_dir, "preprocess.patch (stage 01)", "--patches"),
             ("registration folder", job_cfg.registration_dir, "preprocess.register (stage 02)", "--registration")):
         if not Path(folder).is_dir():
             raise PipelineError(f"{what} not found: {folder}; run {stage} first, or give {flag}")
+    if cfg.dense_grid:
+        check_dense_grid(slides, job_cfg.patches_dir, cfg.dense_grid)
     sizes = resolve_pixel_sizes(cfg.pixel_sizes, cfg.cohort, tables.ids, he_mpp=cfg.mpp, codex_mpp=cfg.codex_mpp)
     spec = done_spec(job_cfg, tables, cfg.channels_by, sizes)
     return SlideJob(art.LABELS.dir(cfg.out), slides, functools.partial(_work, pairs=tables.pairs, cfg=job_cfg,

@@ -10,7 +10,9 @@ on the CPU:
    registrations), stage 03 with ``REGISTRATION_MODEL=affine`` (labels made without the displacement field);
 2. stage 04 twice with the same data and budget: a patch-level run (``patch``) and a dense run (``dense``);
 3. stage 06 of the patch run at ``--stride 56`` (28 µm map pixels) on the test slides: the upsampled baseline;
-4. stage 05 of both; the dense run against the field labels (with the baseline) and against the affine-only labels.
+4. stage 05 of both; the dense run against the field labels (with the baseline) and against the affine-only labels;
+5. stage 06 of the dense run (``DENSE=1``) on the test slides: the seam measure of ``bench.bench_dense_infer`` on each
+   blended dense map.
 
 Prints one table: mean r over the H&E-visible markers of the dense grid (dense model, upsampled baseline), the
 patch-level r of both models, the dense r against affine-only labels, and the acceptance checks of issue 19.
@@ -102,6 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     _run({**test, "RUN": "dense", "DENSE_LABELS": str(art.DENSE_LABELS.dir(out_aff)),
           "EXTRA": f"{gt} --test-dir {aff_dir}"}, "bash", "scripts/05_test_hex.sh")
 
+    # the dense run's whole-slide maps on the test slides: seams where overlapping tiles are blended
+    _run({**base, "RUN": "dense", "WORKERS": "0", "GPUS": "0", "DENSE": "1",
+          "EXTRA": f"--map-formats npy --slides {' '.join(val)}"}, "bash", "scripts/06_infer_wsi.sh")
+    from bench.bench_dense_infer import seam_ratio
+    from hex.infer.dense_maps import dense_record
+
+    seams = {}
+    for s in val:
+        rec = dense_record(out, s)
+        step = int(round(float(rec["stride_level0"]) / float(rec["cell_px_level0"])))
+        seams[s] = seam_ratio(art.VIRTUAL_CODEX.dir(out) / rec["file"], step)["ratio"]
+
     visible = _visible(cohort)
     dense = _dense_means(art.HEX_TEST.dir(out, run="dense"), visible)
     affine = _dense_means(aff_dir, visible)
@@ -111,16 +125,18 @@ def main(argv: list[str] | None = None) -> int:
             ("dense r at 7 µm, patch model's stride-56 map upsampled", dense["r_baseline"]),
             ("dense r at 7 µm, dense model vs affine-only labels", affine["r_dense"]),
             ("patch r, patch model", patch_r), ("patch r, dense model", dense_patch_r)]
+    rows.append(("seams: border / inside step of the blended dense map, worst slide", max(seams.values())))
     print(f"\nvisible markers ({len(visible)}), val slides {val}")
     for name, v in rows:
         print(f"  {name:58s} {v:.3f}")
     checks = {"dense - baseline >= 0.1": dense["r_dense"] - dense["r_baseline"] >= 0.1,
               "dense patch r >= patch model's - 0.02": dense_patch_r >= patch_r - 0.02,
-              "affine-only labels give a lower dense r": affine["r_dense"] < dense["r_dense"]}
+              "affine-only labels give a lower dense r": affine["r_dense"] < dense["r_dense"],
+              "seams <= 1.2 on every test slide": max(seams.values()) <= 1.2}
     for k, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {k}")
     summary = {"dense": dense, "affine": affine, "patch_r": patch_r, "dense_patch_r": dense_patch_r,
-               "checks": checks, "val": val}
+               "seams": seams, "checks": checks, "val": val}
     (out / "validate_dense.json").write_text(json.dumps(summary, indent=2))
     return 0 if all(checks.values()) else 1
 

@@ -43,12 +43,16 @@ FDS_DEFAULTS: dict[str, Any] = {"bucket_num": 50, "start_update": 0, "start_smoo
                                 "ks": 9, "sigma": 2, "momentum": 0.9}
 
 
+AREA_SAMPLES = 4  # samples per cell side of the dense head's area resize
+
+
 class DenseHead(nn.Module):
     """Spatial tokens (B,C,h,w) -> dense prediction (B,M,G,G) float32.
 
     ``reduce`` 1x1 conv C->128, GroupNorm(8), GELU; ``refine`` 3x3 conv 128->128, GELU (at the token resolution);
-    bilinear resize to G x G (antialiased when shrinking, e.g. MUSK's 24x24 -> 16x16) and ``out`` 1x1 conv 128->M,
-    both in float32 (also under autocast). GroupNorm, not BatchNorm: per-sample statistics, so training on R ranks with
+    resize to G x G by area (bilinear to 4G x 4G, then the mean of each 4 x 4 block: each cell averages the feature
+    surface over its square; e.g. tiny's 14x14 or MUSK's 24x24 tokens -> 16x16) and ``out`` 1x1 conv 128->M, both in
+    float32 (also under autocast). GroupNorm, not BatchNorm: per-sample statistics, so training on R ranks with
     batch b equals one rank with batch R b.
     """
 
@@ -66,8 +70,12 @@ class DenseHead(nn.Module):
         with torch.autocast(f.device.type, enabled=False):
             f = f.float()
             if tuple(f.shape[-2:]) != (g, g):
-                shrink = f.shape[-2] > g or f.shape[-1] > g
-                f = F.interpolate(f, size=(g, g), mode="bilinear", align_corners=False, antialias=shrink)
+                # a cell's feature = the mean of the bilinear feature surface over the cell's square (4 x 4
+                # samples), not its value at the cell centre: with a token grid that does not divide the cell grid
+                # (tiny: 14 tokens for 16 cells) point samples make cell-to-cell steps vary periodically across
+                # the patch (1.3x at its centre), which shows as seams once overlapping tiles are blended
+                f = F.avg_pool2d(F.interpolate(f, size=(AREA_SAMPLES * g, AREA_SAMPLES * g), mode="bilinear",
+                                               align_corners=False), AREA_SAMPLES)
             return self.out(f)  # (B,M,G,G)
 
 

@@ -100,7 +100,7 @@ def _fill(template: str, values: dict[str, Any], key: str) -> str:
 
 PATCH_GRID = Artifact("patch_grid", "patches", "{slide}.h5", "01 patch", 1,
                       "coords (N,2) level-0 top-left; attrs patch_size, patch_level, patch_size_level0, mpp",
-                      extra=("{slide}_tissue.png",), column="patch")
+                      extra=("{slide}_tissue.png", "{slide}_qc.png", "{slide}_qc.csv"), column="patch")
 REGISTRATION = Artifact("registration", "registration", "{slide}.json", "02 register", 1,
                         "affine CODEX->H&E (level-0 px), block shifts, QC before/after, status ok or flagged",
                         extra=("{slide}_qc.png", "{slide}_displacement.npy"))
@@ -111,7 +111,8 @@ NORMALIZATION = Artifact("normalization", "markers", "normalization.json", "03 q
                          records=False)
 DENSE_LABELS = Artifact("dense_labels", "markers_dense", "{slide}.h5", "03 quantify", 1,
                         "values (N,40,G,G) float16 normalised like the labels (NaN = no CODEX), index (N,), coords "
-                        "(N,2); attrs markers, grid, cell_px_level0, cell_um, registration (--dense-grid)")
+                        "(N,2); attrs markers, grid, cell_px_level0, cell_um, registration (--dense-grid)",
+                        records=False, column="")  # optional output of stage 03, done-records in markers/done/
 PATCH_STORE = Artifact("patch_store", "he_patches", "{slide}.h5", "03 quantify", 1,
                        "imgs (N,H,W,3) uint8 one patch per chunk, coords (N,2)")
 HEX_RUN = Artifact("hex_run", "runs/{run}", "best.safetensors", "04 train HEX", 1,

@@ -13,9 +13,13 @@ the id is the file name as written up to its first dot (a link keeps its own nam
   (outputs are named after the link). Every slide opens with OpenSlide, is not empty, has a level-0 µm/px (else a
   warning: the stages need ``--mpp``) and an ASCII name (warning otherwise). Whatever makes the stages' resolver
   stop is an error too.
-- ``codex/`` (or the CODEX of ``pairs.csv``): every CODEX opens, has a pixel size (``PhysicalSizeX/Y``) and its OME
-  channel names agree with ``marker_panel.csv`` (case and punctuation ignored); the panel maps one marker per
-  channel and lists the markers stage 03 needs (its own check, 40 by default: a 39-row panel is an error).
+- ``codex/`` (or the CODEX of ``pairs.csv``): every CODEX opens (OME-TIFF, QPTIFF of either dialect, MCMICRO's
+  ``registration/{sample}.ome.tif`` + ``markers.csv``: :mod:`preprocess.codex_formats`; other formats get a note
+  with the format, where the names come from and the DAPI channel), has a pixel size (``PhysicalSizeX/Y``, a
+  QPTIFF's ``PixelSizeMicrons``; tags that disagree with it: a warning), has channel names or a panel (an error
+  otherwise), and its channel names agree with ``marker_panel.csv`` (case and punctuation ignored); the panel maps
+  one marker per channel and lists the markers stage 03 needs (its own check, 40 by default: a 39-row panel is an
+  error).
 - ``clinical.csv`` and ``splits/splits_*.csv``: every rule of :mod:`pipeline.tables`, the ones the stages raise
   (one reader, one split parser, one leakage check): columns and values (censorship and response 0/1, survival
   months >= 0, one row per slide, one outcome per patient), split columns of the cohort's slides, no slide or
@@ -41,6 +45,7 @@ from pipeline.cli import Stage
 from pipeline.cohort import CODEX_EXTENSIONS, HE_EXTENSIONS, read_pairs_table, resolve_slides, slide_id_from_path
 from pipeline.errors import PipelineError
 from pipeline.tables import COHORT_ROW, ERROR, INFO, WARNING, Finding, check_cohort_tables
+from preprocess.codex_formats import find_dapi, no_names_message
 from preprocess.panel import read_marker_panel, resolve_channel_map
 from preprocess.pixel_sizes import TABLE_NAME as PIXEL_TABLE
 from preprocess.pixel_sizes import read_pixel_sizes
@@ -263,15 +268,37 @@ def _check_codex(sid: str, path: Path, panel: list[tuple[int, str]] | None, pane
     else:
         mpp[sid] = f"{mpp.get(sid, 'he -')}, codex {codex.mpp:.3g}" + (" (table)" if given is not None else "")
     with codex:
+        _codex_notes(sid, codex, panel, panel_path, c)
         if panel is None:
             return
         if not codex.channel_names:
-            c.add(sid, "panel", WARNING, f"{path} has no OME channel names; the panel {panel_path} cannot be checked "
-                                         "against it")
+            c.add(sid, "panel", WARNING, f"{path} has no channel names ({codex.format}); the panel {panel_path} "
+                                         "cannot be checked against it")
         try:
             resolve_channel_map(codex, [m for _, m in panel], panel, panel_path)
         except PipelineError as e:
             c.add(sid, "panel", ERROR, str(e))
+
+
+def _codex_notes(sid: str, codex: CodexImage, panel: list[tuple[int, str]] | None, panel_path: Path,
+                 c: _Collector) -> None:
+    """What the stages see of a CODEX file in another format than OME-TIFF (QPTIFF, MCMICRO): the format, where its
+    names come from and its DAPI channel (a note); a QPTIFF whose TIFF tags and XML disagree on the pixel size (a
+    warning: the XML is used); a file without names and no panel (an error: stage 03 needs one)."""
+    if codex.mpp_warning:
+        c.add(sid, "mpp", WARNING, codex.mpp_warning)
+    if codex.channel_names is None and panel is None:
+        c.add(sid, "codex", ERROR, no_names_message(codex))
+        return
+    if codex.format == "ome-tiff":
+        return
+    dapi = find_dapi(codex.channel_names)
+    names = codex.channel_names
+    if dapi is None:
+        dapi, names = find_dapi(codex.band_names), codex.band_names
+    where = f"DAPI = channel {dapi} ({names[dapi]})" if dapi is not None else "no DAPI by name"
+    c.add(sid, "codex", INFO, f"{codex.format}, {codex.num_channels} channels, {codex.mpp:.4g} µm/px, names from "
+                              f"{codex.names_source}, {where}", short=f"{codex.format}, {where}")
 
 
 def check_panel_channels(panel: list[tuple[int, str]], panel_path: Path, c: _Collector) -> bool:

@@ -17,21 +17,18 @@ import re
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from preprocess.codex_formats import DAPI_NAMES, find_dapi, is_dapi_name, no_names_message
 from preprocess.slide_io import CodexImage
 
 log = logging.getLogger(__name__)
 
-DAPI_NAMES = ("dapi", "hoechst", "hoechst33342", "nuclei", "dna")
+__all__ = ["DAPI_NAMES", "find_dapi", "is_dapi_name", "norm_name", "read_marker_panel", "resolve_channel_map",
+           "resolve_channels", "find_dapi_channel"]
 
 
 def norm_name(s: str) -> str:
     """A name compared case- and punctuation-insensitively (``Pan-Cytokeratin`` = ``pancytokeratin``)."""
     return re.sub(r"[^a-z0-9]", "", s.lower())
-
-
-def is_dapi_name(name: str) -> bool:
-    """Whether a channel name denotes a nuclear stain (DAPI, Hoechst, ...; a suffix as in ``DAPI-01`` allowed)."""
-    return name.strip().lower().replace(" ", "").split("-")[0] in DAPI_NAMES
 
 
 def read_marker_panel(path: str | os.PathLike) -> list[tuple[int, str]]:
@@ -55,18 +52,19 @@ def read_marker_panel(path: str | os.PathLike) -> list[tuple[int, str]]:
 
 def _check_names(codex: CodexImage, mapping: list[tuple[str, int, str | None]], panel_path, panel_wins: bool,
                  same=None) -> None:
-    """Stop (or warn with ``panel_wins``) when panel markers and OME channel names disagree."""
-    same = same or (lambda m, n: norm_name(m) == norm_name(n))
+    """Stop (or warn with ``panel_wins``) when panel markers and the file's channel names disagree (two names of a
+    nuclear stain agree: the panel's DAPI is a QPTIFF's DAPI-01)."""
+    same = same or (lambda m, n: norm_name(m) == norm_name(n) or (is_dapi_name(m) and is_dapi_name(n)))
     differ = [(m, i, n) for m, i, n in mapping if n is not None and not same(m, n)]
     if not differ:
         return
     listed = ", ".join(f"{m!r} -> channel {i} named {n!r}" for m, i, n in differ[:8])
     more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
     if panel_wins:
-        log.warning("%s: the panel %s and the OME channel names disagree (panel wins): %s%s", codex.path,
+        log.warning("%s: the panel %s and the channel names disagree (panel wins): %s%s", codex.path,
                     panel_path, listed, more)
         return
-    raise PipelineError(f"marker panel {panel_path} and the OME channel names of {codex.path} disagree: {listed}"
+    raise PipelineError(f"marker panel {panel_path} and the channel names of {codex.path} disagree: {listed}"
                         f"{more}; fix the panel's channel indices, or pass --panel-wins to use the panel as it is")
 
 
@@ -95,9 +93,7 @@ def resolve_channel_map(codex: CodexImage, markers: list[str], panel: list[tuple
         _check_names(codex, mapping, panel_path, panel_wins)
         return mapping
     if not names:
-        raise PipelineError(
-            f"CODEX image {codex.path} has no channel names in its OME-XML; give a marker panel CSV (channel,marker)"
-        )
+        raise PipelineError(no_names_message(codex))
     by_name = {norm_name(n): i for i, n in enumerate(names)}
     unknown = [m for m in markers if norm_name(m) not in by_name]
     if unknown:
@@ -116,7 +112,8 @@ def resolve_channels(codex: CodexImage, markers: list[str], panel: list[tuple[in
 
 def find_dapi_channel(codex: CodexImage, panel_path: str | os.PathLike | None,
                       panel_wins: bool = False) -> tuple[int, str, str | None]:
-    """DAPI channel: from the marker panel, else the OME channel names, else 0. Returns (index, source, OME name).
+    """DAPI channel: from the marker panel, else the channel names (OME-XML, QPTIFF biomarkers or fluorophores,
+    markers.csv; :func:`~preprocess.codex_formats.find_dapi`), else 0. Returns (index, source, channel name).
 
     A panel row for DAPI whose OME channel is named something else stops (unless ``panel_wins``), as in
     :func:`resolve_channel_map`.
@@ -132,8 +129,9 @@ def find_dapi_channel(codex: CodexImage, panel_path: str | os.PathLike | None,
                 _check_names(codex, [(name, idx, ome)], panel_path, panel_wins,
                              same=lambda m, n: is_dapi_name(n) or norm_name(m) == norm_name(n))
                 return idx, f"marker panel {panel_path}", ome
-    if names:
-        for i, name in enumerate(names):
-            if is_dapi_name(name):
-                return i, "OME channel names", name
+    for listed, what in ((names, f"channel names ({getattr(codex, 'names_source', 'OME-XML')})"),
+                         (getattr(codex, "band_names", None), "QPTIFF fluorophore names")):
+        i = find_dapi(listed)
+        if i is not None:
+            return i, what, listed[i]
     return 0, "default (channel 0; pass --dapi-channel to choose)", names[0] if names else None

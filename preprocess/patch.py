@@ -11,6 +11,10 @@ Writes, per slide (paths relative to ``--out``):
                                 (px read at ``patch_level`` before resizing to ``patch_size``), ``level_downsample``,
                                 ``mpp`` (target µm/px, 0.5), ``level0_mpp``, ``schema_version``.
     patches/{slide}_tissue.png  QC thumbnail: tissue contour (green) and kept patches (blue).
+    patches/{slide}_qc.png      artefact QC: the thumbnail with each excluded cause coloured (ink magenta, fold orange,
+                                bubble cyan, blur yellow), kept patches (blue).
+    patches/{slide}_qc.csv      cause,fraction_of_tissue: the share of the tissue mask each cause excluded (+ total).
+    patches/qc_summary.csv      slide,ink,fold,bubble,blur,total,patches: the slides' QC tables in one (end of run).
     patches/done/{slide}.json   done-record: the settings, the H&E file (size, mtime) and the schema that made the
                                 slide (``{slide}.failed.json``: why it failed); see :mod:`pipeline.done`.
     patches/config.json, patches/run.log
@@ -25,8 +29,14 @@ slide's ``mpp`` setting in its done-record.
 
 Geometry: patch_size_level0 = round(patch_size * target_mpp / level0_mpp) (0.25 µm/px -> 448); the grid starts at
 level-0 pixel (0, 0) with step patch_size_level0 and holds only patches fully inside the slide; a patch is kept
-when the fraction of its area covered by the tissue mask is >= ``--min-tissue``. The level to read is the
-coarsest whose downsample does not exceed patch_size_level0 / patch_size.
+when the fraction of its area covered by the tissue mask, less the excluded artefacts, is >= ``--min-tissue`` and
+at most ``--max-artefact`` of it is excluded artefact. The level to read is the coarsest whose downsample does not
+exceed patch_size_level0 / patch_size.
+
+Artefacts (:func:`preprocess.tissue.slide_artefacts`, measures relative to the slide's own tissue on a QC image at
+``--qc-mpp``): pen ink (OD colour outside the H&E cone), folds and dark debris (OD above 2x the tissue median), air
+bubbles (thin dark grey rings, filled, and grey tissue), out-of-focus regions (high-frequency share of the detail
+energy under 0.6 x the tissue median). ``--no-ink``, ``--no-folds``, ``--no-bubbles``, ``--no-blur`` switch each off.
 """
 
 from __future__ import annotations
@@ -47,11 +57,19 @@ from pipeline.cohort import resolve_slides, select_slides
 from pipeline.done import DoneSpec
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
-from pipeline.runner import StageReport, shard_slides
+from pipeline.runner import StageReport, shard_file_name, shard_slides
 from preprocess.pixel_sizes import PixelSizes, add_pixel_sizes_arg, resolve_pixel_sizes
 from preprocess.pyramid import MPP_TOLERANCE, choose_level, same_mpp
 from preprocess.slide_io import HESlide
-from preprocess.tissue import TissueParams, grid_tissue_mask, patch_tissue_fraction
+from preprocess.tissue import (
+    ARTEFACT_CAUSES,
+    QC_COLOURS,
+    ArtefactParams,
+    TissueParams,
+    grid_tissue_mask,
+    patch_tissue_fraction,
+    slide_artefacts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +213,12 @@ class PatchConfig:
     close_um: float = TissueParams.close_um
     min_area_um2: float = TissueParams.min_area_um2
     max_hole_um2: float = TissueParams.max_hole_um2
+    no_ink: bool = False
+    no_folds: bool = False
+    no_bubbles: bool = False
+    no_blur: bool = False
+    qc_mpp: float = ArtefactParams.qc_mpp
+    max_artefact: float = ArtefactParams.max_artefact
     cohort: Path | None = None
     he: list[Path] | None = None
     slides: list[str] | None = None
@@ -211,6 +235,23 @@ class PatchConfig:
                             median_um=self.median_um, close_um=self.close_um, min_area_um2=self.min_area_um2,
                             max_hole_um2=self.max_hole_um2)
 
+    @property
+    def artefacts(self) -> ArtefactParams:
+        """The artefact exclusion (:class:`preprocess.tissue.ArtefactParams`)."""
+        return ArtefactParams(ink=not self.no_ink, folds=not self.no_folds, bubbles=not self.no_bubbles,
+                              blur=not self.no_blur, qc_mpp=self.qc_mpp, max_artefact=self.max_artefact)
+
+
+def check_fits_one_patch(slide: HESlide, geom: GridGeometry) -> None:
+    """Raise :class:`PipelineError` (one line naming the file) when the slide is smaller than one patch."""
+    w0, h0 = slide.dimensions
+    if min(w0, h0) < geom.patch_size_level0:
+        raise PipelineError(
+            f"slide {slide.path} is {w0} x {h0} px at level 0 ({slide.mpp:g} µm/px), smaller than one "
+            f"{geom.patch_size} px patch at {geom.target_mpp:g} µm/px ({geom.patch_size_level0} level-0 px); check "
+            "its µm/px (--mpp, --pixel-sizes) or leave it out"
+        )
+
 
 def patch_slide(slide_id: str, he_path: str | os.PathLike, cfg: PatchConfig) -> dict:
     """Segment tissue, build the grid and write ``patches/{slide}.h5`` + ``patches/{slide}_tissue.png``.
@@ -223,6 +264,7 @@ def patch_slide(slide_id: str, he_path: str | os.PathLike, cfg: PatchConfig) -> 
 
     with HESlide(he_path, mpp=cfg.mpp) as slide:
         geom = grid_geometry(slide, cfg.patch_size, cfg.target_mpp)
+        check_fits_one_patch(slide, geom)
         thumb, ds = slide.thumbnail(cfg.thumb_size)
         mask, thr = grid_tissue_mask(thumb, slide.mpp * ds, cfg.tissue)
         if not mask.any():
@@ -232,17 +274,25 @@ def patch_slide(slide_id: str, he_path: str | os.PathLike, cfg: PatchConfig) -> 
             )
         w0, h0 = slide.dimensions
         grid = full_grid(w0, h0, geom.patch_size_level0)
-        frac = patch_tissue_fraction(mask, ds, grid, geom.patch_size_level0)
-        keep = frac >= cfg.min_tissue
+        causes = slide_artefacts(slide, thumb, ds, mask, cfg.artefacts)
+        excluded = np.zeros_like(mask)
+        for m in causes.values():
+            excluded |= m
+        frac = patch_tissue_fraction(mask & ~excluded, ds, grid, geom.patch_size_level0)
+        keep = (frac >= cfg.min_tissue) & (
+            patch_tissue_fraction(excluded, ds, grid, geom.patch_size_level0) <= cfg.max_artefact)
         coords, frac = grid[keep], frac[keep].astype(np.float32)
         if len(coords) == 0:
             raise PipelineError(
                 f"{slide.path}: tissue found ({mask.mean():.1%} of the thumbnail) but no {geom.patch_size_level0} "
-                f"px patch has a tissue fraction >= --min-tissue {cfg.min_tissue}; lower --min-tissue"
+                f"px patch has a tissue fraction >= --min-tissue {cfg.min_tissue}"
+                + (f" once artefacts ({excluded.mean():.1%}) are excluded; lower --min-tissue, raise --max-artefact "
+                   "or switch a cause off (--no-ink, --no-folds, --no-bubbles, --no-blur; see the QC figure)"
+                   if excluded.any() else "; lower --min-tissue")
             )
         attrs = geom.attrs() | {"min_tissue": cfg.min_tissue, "tissue_threshold": thr, "slide_id": slide_id,
                                 "he_path": str(slide.path), "level_dimensions": np.asarray(slide.level_dimensions)}
-        grid_file, qc_file = art.PATCH_GRID.files(cfg.out, slide_id)
+        grid_file, qc_file, art_png, art_csv = art.PATCH_GRID.files(cfg.out, slide_id)
         with atomic_path(grid_file) as tmp, h5py.File(tmp, "w") as f:
             dset = f.create_dataset("coords", data=coords.astype(np.int64))
             f.create_dataset("tissue_fraction", data=frac)
@@ -253,10 +303,73 @@ def patch_slide(slide_id: str, he_path: str | os.PathLike, cfg: PatchConfig) -> 
         with atomic_path(qc_file) as tmp:
             if not cv2.imwrite(str(tmp), qc):
                 raise OSError(f"could not write {tmp}")
+        fractions = write_qc(art_png, art_csv, thumb, mask, causes, coords, ds, geom.patch_size_level0)
     log.info("%s: %d patches (%d px at level %d, level-0 %d px), tissue threshold %.3f", slide_id, len(coords),
              geom.read_size_at_level, geom.patch_level, geom.patch_size_level0, thr)
     return {"patches": int(len(coords)), "tissue_threshold": thr, "patch_size_level0": geom.patch_size_level0,
-            "patch_level": geom.patch_level}
+            "patch_level": geom.patch_level, "excluded": fractions}
+
+
+def write_qc(png: Path, csv_path: Path, thumb: np.ndarray, mask: np.ndarray, causes: dict[str, np.ndarray],
+             coords: np.ndarray, ds: float, ps0: int) -> dict[str, float]:
+    """Write the artefact QC figure and table of one slide; returns ``{cause: fraction_of_tissue, "total": ...}``.
+
+    ``causes``: thumbnail-grid bool masks (:func:`preprocess.tissue.slide_artefacts`); a fraction is the cause's
+    area inside the tissue mask over the tissue mask's area.
+    """
+    import cv2
+
+    n = max(int(mask.sum()), 1)
+    fr = {c: float((causes[c] & mask).sum()) / n for c in ARTEFACT_CAUSES}
+    total = np.zeros_like(mask)
+    for c in ARTEFACT_CAUSES:
+        total |= causes[c]
+    fr["total"] = float((total & mask).sum()) / n
+    img = thumb[..., :3].astype(np.float32).copy()
+    for c in ARTEFACT_CAUSES:
+        m = causes[c]
+        img[m] = 0.45 * img[m] + 0.55 * np.asarray(QC_COLOURS[c], np.float32)
+    bgr = np.ascontiguousarray(img.round().astype(np.uint8)[..., ::-1])
+    for x, y in coords:
+        p0 = (int(round(x / ds)), int(round(y / ds)))
+        p1 = (int(round((x + ps0) / ds)) - 1, int(round((y + ps0) / ds)) - 1)
+        cv2.rectangle(bgr, p0, p1, (200, 80, 0), 1)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(bgr, contours, -1, (0, 200, 0), 1)
+    with atomic_path(png) as tmp:
+        if not cv2.imwrite(str(tmp), bgr):
+            raise OSError(f"could not write {tmp}")
+    with atomic_path(csv_path) as tmp:
+        Path(tmp).write_text("cause,fraction_of_tissue\n" + "".join(f"{c},{v:.6f}\n" for c, v in fr.items()))
+    return fr
+
+
+def write_qc_summary(out_dir: Path, slides: list[str], path: Path) -> int:
+    """``patches/qc_summary.csv``: one row per slide with a QC table (slide,ink,fold,bubble,blur,total,patches);
+    returns the number of rows."""
+    import csv
+
+    import h5py
+
+    rows: list[list[str]] = []
+    for s in sorted(slides):
+        table = out_dir / f"{s}_qc.csv"
+        if not table.exists():
+            continue
+        with open(table, newline="") as f:
+            fr = {r["cause"]: r["fraction_of_tissue"] for r in csv.DictReader(f)}
+        n = ""
+        grid = art.PATCH_GRID.path(out_dir.parent, s)
+        if grid.exists():
+            with h5py.File(grid, "r") as h:
+                n = str(len(h["coords"]))
+        rows.append([s, *(fr.get(c, "") for c in (*ARTEFACT_CAUSES, "total")), n])
+    text = ",".join(["slide", *ARTEFACT_CAUSES, "total", "patches"]) + "\n" + "".join(
+        ",".join(r) + "\n" for r in rows)
+    if not (path.exists() and path.read_text() == text):  # a rerun that changes nothing leaves the file alone
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(text)
+    return len(rows)
 
 
 def _work(slide_id: str, he_paths: dict[str, Path], cfg: PatchConfig, sizes: PixelSizes) -> dict:
@@ -283,7 +396,8 @@ def done_spec(cfg: PatchConfig, he_paths: dict[str, Path], sizes: PixelSizes | N
     the slide's own ``mpp`` (``--mpp`` or its row of the pixel-size table)."""
     sizes = sizes if sizes is not None else PixelSizes(he_default=cfg.mpp)
     settings = {"patch_size": cfg.patch_size, "target_mpp": cfg.target_mpp, "min_tissue": cfg.min_tissue,
-                "mpp": cfg.mpp, "thumb_size": cfg.thumb_size, **cfg.tissue.to_dict()}
+                "mpp": cfg.mpp, "thumb_size": cfg.thumb_size, **cfg.tissue.to_dict(),
+                "artefacts": cfg.artefacts.to_dict()}
     return DoneSpec(folder=art.PATCH_GRID.dir(cfg.out), settings=settings, schema=art.PATCH_GRID.schema,
                     inputs=functools.partial(he_input, he_paths=he_paths),
                     outputs=functools.partial(outputs, out=Path(cfg.out)),
@@ -318,6 +432,9 @@ def make_config(args: argparse.Namespace) -> PatchConfig:
         v = getattr(args, flag)
         require(v >= 0, f"--{flag.replace('_', '-')} {v}: must be >= 0")
     require(args.workers >= 1, f"--workers {args.workers}: must be >= 1")
+    require(args.qc_mpp > 0, f"--qc-mpp {args.qc_mpp}: must be > 0 µm/px")
+    require(0 <= args.max_artefact <= 1, f"--max-artefact {args.max_artefact}: must be in [0, 1] (a fraction of the "
+                                         "patch area)")
     return config_from_args(PatchConfig, args)
 
 
@@ -362,12 +479,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"remove tissue fragments smaller than this, µm² (default {d.min_area_um2:g})")
     t.add_argument("--max-hole-um2", type=float, default=d.max_hole_um2,
                    help=f"fill holes smaller than this, µm² (default {d.max_hole_um2:g})")
+    a = p.add_argument_group("artefacts (excluded from the tissue; measured relative to the slide's own tissue)")
+    da = ArtefactParams()
+    a.add_argument("--no-ink", action="store_true", help="keep pen/ink marks (default: excluded by colour)")
+    a.add_argument("--no-folds", action="store_true",
+                   help="keep tissue folds and dark debris (default: excluded by darkness, OD > 2x the tissue median)")
+    a.add_argument("--no-bubbles", action="store_true",
+                   help="keep air bubbles (default: excluded by their thin dark rings and grey inside)")
+    a.add_argument("--no-blur", action="store_true",
+                   help="keep out-of-focus regions (default: excluded by a focus measure)")
+    a.add_argument("--qc-mpp", type=float, default=da.qc_mpp,
+                   help=f"µm/px of the image the artefact measures use (default {da.qc_mpp:g}; read from the "
+                        "nearest pyramid level in tiles; never finer than the thumbnail)")
+    a.add_argument("--max-artefact", type=float, default=da.max_artefact,
+                   help=f"drop a patch when more than this fraction of its area is an excluded artefact, in [0, 1] "
+                        f"(default {da.max_artefact:g})")
     return p
 
 
 def _summary(report: StageReport, out_dir: Path) -> str:
     n = sum(r["patches"] for r in report.results.values())
     return f"{n} patches written for {len(report.done)} slides into {out_dir}"
+
+
+def _finish(report: StageReport, out_dir: Path, slides: list[str], shard: str | None) -> int:
+    """The cohort QC table (``qc_summary.csv``, this run's slides), then the last line."""
+    path = out_dir / shard_file_name(shard, "qc_summary", ".csv")
+    write_qc_summary(out_dir, slides, path)
+    return report.finish("patch grid", f"{_summary(report, out_dir)}; artefact QC in {path}")
 
 
 def plan(cfg: PatchConfig) -> SlideJob:
@@ -377,7 +516,8 @@ def plan(cfg: PatchConfig) -> SlideJob:
     out_dir = art.PATCH_GRID.dir(cfg.out)
     return SlideJob(out_dir, slides, functools.partial(_work, he_paths=he_paths, cfg=cfg, sizes=sizes),
                     done=done_spec(cfg, he_paths, sizes), config=cfg, overwrite=cfg.overwrite, workers=cfg.workers,
-                    fail_fast=cfg.fail_fast, shard=cfg.shard, summary=functools.partial(_summary, out_dir=out_dir),
+                    fail_fast=cfg.fail_fast, shard=cfg.shard,
+                    finish=functools.partial(_finish, out_dir=out_dir, slides=slides, shard=cfg.shard),
                     extra_config={"pixel_sizes_resolved": sizes.path})
 
 

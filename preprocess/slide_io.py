@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import xml.etree.ElementTree as ET
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import PipelineError
+from preprocess.codex_formats import describe_codex, ome_channels_and_mpp
 from preprocess.pyramid import MPP_TOLERANCE, choose_level, same_mpp
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,11 @@ _UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "μm": 1.0, "micron": 1.0, "nm": 1e-3, "pm
 
 # ----------------------------------------------------------------------------------------------------------------
 # H&E
+
+
+class SlideReadError(PipelineError):
+    """A slide that opens but whose pixels cannot be decoded (a corrupt or truncated tile): one line naming the file,
+    the pyramid level and the region; the stage fails that slide and goes on with the others."""
 
 
 class HESlide:
@@ -53,6 +59,12 @@ class HESlide:
                 "convert it to a pyramidal TIFF/SVS or check the file is complete"
             ) from e
         self.mpp = float(mpp) if mpp else self._mpp_from_properties()
+        # the geometry is kept here: after a read error OpenSlide refuses every further call on the handle
+        self._dimensions = tuple(int(v) for v in self._osr.dimensions)
+        self._level_dimensions = tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions)
+        self._level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+        self._retired: list = []  # handles left in OpenSlide's error state, closed by close()
+        self._swap = threading.Lock()
 
     def _mpp_from_properties(self) -> float:
         """Level-0 µm/px from the slide properties; both axes are read and must agree within 1%."""
@@ -86,19 +98,19 @@ class HESlide:
     @property
     def dimensions(self) -> tuple[int, int]:
         """Level-0 (width, height) in pixels."""
-        return self._osr.dimensions
+        return self._dimensions
 
     @property
     def level_count(self) -> int:
-        return self._osr.level_count
+        return len(self._level_dimensions)
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
-        return tuple(float(d) for d in self._osr.level_downsamples)
+        return self._level_downsamples
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._osr.level_dimensions
+        return self._level_dimensions
 
     def best_level_for_downsample(self, downsample: float) -> int:
         """The level whose downsample is closest to, and not above, ``downsample`` (1% tolerance)."""
@@ -112,15 +124,47 @@ class HESlide:
     def read_region(self, x: int, y: int, level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB region (h, w, 3) uint8 at ``level`` whose top-left is level-0 pixel (x, y); size = (w, h) at level.
 
-        Transparent (outside-slide) pixels become white.
+        Transparent (outside-slide) pixels become white. A tile that cannot be decoded raises
+        :class:`SlideReadError`, one line naming the file, the level and this region (x, y, w, h). OpenSlide leaves a
+        handle unusable after an error (and a read in another thread fails with it), so a failed read is tried again
+        on a handle of its own: the region is named only when that fails too, and when it succeeds that handle
+        replaces the spoilt one (later reads of other regions go on).
         """
-        img = self._osr.read_region((int(x), int(y)), int(level), (int(size[0]), int(size[1])))
+        import openslide
+
+        x, y, level, w, h = int(x), int(y), int(level), int(size[0]), int(size[1])
+        osr = self._osr
+        try:
+            img = osr.read_region((x, y), level, (w, h))
+        except openslide.OpenSlideError:
+            try:
+                own = openslide.OpenSlide(str(self.path))
+            except Exception as e:  # noqa: BLE001 - the file changed or vanished under us: name it with this region
+                raise self._read_error(x, y, level, w, h, e) from None
+            try:
+                img = own.read_region((x, y), level, (w, h))
+            except openslide.OpenSlideError as e:
+                own.close()
+                raise self._read_error(x, y, level, w, h, e) from None
+            with self._swap:  # another thread may have replaced the spoilt handle already: then keep ours aside
+                if self._osr is osr:
+                    self._retired.append(osr)
+                    self._osr = own
+                else:
+                    self._retired.append(own)
         arr = np.asarray(img)
         rgb, alpha = arr[..., :3], arr[..., 3:4]
         if alpha.min() < 255:
             a = alpha.astype(np.float32) / 255.0
             rgb = (rgb.astype(np.float32) * a + 255.0 * (1 - a)).round().astype(np.uint8)
         return np.ascontiguousarray(rgb)
+
+    def _read_error(self, x: int, y: int, level: int, w: int, h: int, e: BaseException) -> SlideReadError:
+        why = " ".join(str(e).split()) or "unknown error"
+        return SlideReadError(
+            f"cannot read {self.path} at level {level}, region x={x} y={y} w={w} h={h} (x, y level-0 px; w, h px at "
+            f"level {level}): {type(e).__name__}: {why}; the file is truncated or corrupt (a tile that cannot be "
+            "decoded): copy it again or re-export it from the scanner, or leave the slide out")
 
     def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
         """A whole-slide RGB thumbnail (h, w, 3) uint8 read from the smallest sufficient level.
@@ -143,7 +187,9 @@ class HESlide:
         return img, float(ds)
 
     def close(self) -> None:
-        self._osr.close()
+        for osr in (*self._retired, self._osr):
+            osr.close()
+        self._retired = []
 
     def __enter__(self) -> HESlide:
         return self
@@ -156,44 +202,7 @@ class HESlide:
 # CODEX
 
 
-def _ome_channels_and_mpp(ome_xml: str | None, path: Path,
-                          need_size: bool = True) -> tuple[list[str] | None, float | None]:
-    """Channel names and level-0 µm/px of an OME-XML; both pixel axes are read, their units must be known, and
-    they must agree within 1% (else :class:`PipelineError` naming ``path``; with ``need_size`` False the size is
-    not checked and None is returned for it)."""
-    if not ome_xml:
-        return None, None
-    try:
-        root = ET.fromstring(ome_xml)
-    except ET.ParseError:
-        return None, None
-    ns = {"ome": root.tag.split("}")[0].strip("{")} if root.tag.startswith("{") else {}
-    q = (lambda t: f"ome:{t}") if ns else (lambda t: t)
-    image = root.find(q("Image"), ns)
-    if image is None:
-        return None, None
-    pixels = image.find(q("Pixels"), ns)
-    if pixels is None:
-        return None, None
-    names = [c.get("Name") or c.get("ID") or "" for c in pixels.findall(q("Channel"), ns)]
-    if not need_size:
-        return (names or None), None
-    sizes = []
-    for ax in ("X", "Y"):
-        v = pixels.get(f"PhysicalSize{ax}")
-        if not v:
-            sizes.append(None)
-            continue
-        unit = pixels.get(f"PhysicalSize{ax}Unit", "µm")  # the OME schema's default unit
-        if unit not in _UNIT_TO_UM:
-            raise PipelineError(f"CODEX image {path}: PhysicalSize{ax}Unit {unit!r} is not a length unit this "
-                                f"pipeline knows ({', '.join(_UNIT_TO_UM)}); pass --codex-mpp (µm/px)")
-        sizes.append(float(v) * _UNIT_TO_UM[unit])
-    mx, my = sizes
-    if mx and my and not same_mpp(mx, my, MPP_TOLERANCE):
-        raise PipelineError(f"CODEX image {path} has non-square pixels ({mx:g} x {my:g} µm); resample it, or pass "
-                            "--codex-mpp if the metadata is wrong")
-    return (names or None), (mx or my)
+_ome_channels_and_mpp = ome_channels_and_mpp  # moved to preprocess.codex_formats (kept for old imports)
 
 
 class _AddChannelAxis:
@@ -212,14 +221,22 @@ class _AddChannelAxis:
 
 
 class CodexImage:
-    """A multi-channel CODEX image (pyramidal OME-TIFF; also .qptiff where tifffile reads it), axes (C, Y, X).
+    """A multi-channel CODEX image, axes (C, Y, X): OME-TIFF, QPTIFF (Fusion or Vectra/Polaris) or MCMICRO's
+    ``registration/{sample}.ome.tif`` + ``markers.csv`` (:mod:`preprocess.codex_formats`). Only the full-resolution
+    image and its reduced levels are read (no thumbnail, macro or label).
 
     Args:
         path: the image file.
-        mpp: level-0 µm/px; overrides the OME ``PhysicalSizeX`` (required when the file has none).
+        mpp: level-0 µm/px; overrides the file's pixel size (required when the file has none).
+        markers_csv: MCMICRO marker names (default: ``markers.csv`` next to the image or one folder up).
+
+    Attributes: ``channel_names`` (None: the file names none), ``band_names`` (a QPTIFF's fluorophores, else None),
+    ``mpp``, ``format`` ("ome-tiff", "qptiff-fusion", "qptiff-vectra", "mcmicro", "tiff"), ``names_source``,
+    ``mpp_warning`` (a QPTIFF whose TIFF tags and XML disagree, else None), ``shape`` (C, H, W) of level 0.
     """
 
-    def __init__(self, path: str | os.PathLike, mpp: float | None = None):
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None,
+                 markers_csv: str | os.PathLike | None = None):
         import tifffile
         import zarr
 
@@ -228,23 +245,32 @@ class CodexImage:
             raise PipelineError(f"CODEX image not found: {self.path}")
         try:
             self._tif = tifffile.TiffFile(str(self.path))
-            series = self._tif.series[0]
+            self._tif.series  # noqa: B018 (parses the file: a broken one fails here)
         except Exception as e:
             raise PipelineError(f"tifffile cannot read the CODEX image {self.path} ({type(e).__name__}: {e})") from e
-        self._series = series
-        axes = series.axes.upper()
-        if axes not in ("CYX", "YX", "QYX", "IYX"):
-            raise PipelineError(f"CODEX image {self.path} has axes {series.axes}; expected CYX (channels first)")
         try:
-            names, ome_mpp = _ome_channels_and_mpp(self._tif.ome_metadata, self.path, need_size=not mpp)
+            meta = describe_codex(self._tif, self.path, mpp, markers_csv)
         except PipelineError:
             self._tif.close()
             raise
-        self.channel_names = names
-        self.mpp = float(mpp) if mpp else ome_mpp
+        except Exception as e:
+            self._tif.close()
+            raise PipelineError(f"cannot read the layout of the CODEX image {self.path} ({type(e).__name__}: "
+                                f"{e}); convert it to OME-TIFF (python -m preprocess.convert_codex)") from e
+        series = self._series = meta.series
+        axes = series.axes.upper()
+        if axes not in ("CYX", "YX", "QYX", "IYX"):
+            self._tif.close()
+            raise PipelineError(f"CODEX image {self.path} has axes {series.axes}; expected CYX (channels first)")
+        self.channel_names, self.band_names = meta.channel_names, meta.band_names
+        self.format, self.names_source, self.mpp_warning = meta.format, meta.names_source, meta.mpp_warning
+        self.mpp = float(mpp) if mpp else meta.mpp
         if not self.mpp:
+            self._tif.close()
+            where = ("<ScanResolution><PixelSizeMicrons> in its XML nor TIFF resolution tags"
+                     if self.format.startswith("qptiff") else "PhysicalSizeX in its OME-XML")
             raise PipelineError(
-                f"the CODEX image {self.path} has no PhysicalSizeX in its OME-XML; pass --codex-mpp (µm/px), or "
+                f"the CODEX image {self.path} has no {where}; pass --codex-mpp (µm/px), or "
                 "give this slide's codex_mpp in a pixel-size table (--pixel-sizes)"
             )
         store = series.aszarr()
@@ -254,9 +280,18 @@ class CodexImage:
             self._levels = [_AddChannelAxis(lv) for lv in self._levels]
         c, h, w = self._levels[0].shape
         self.shape = (int(c), int(h), int(w))
+        names = self.channel_names
         if names is not None and len(names) != c:
+            if self.format == "mcmicro":
+                self._tif.close()
+                raise PipelineError(f"{self.names_source} lists {len(names)} markers but the CODEX image {self.path} "
+                                    f"has {c} channels; one marker_name row per channel, in channel order")
             log.warning("%s: OME-XML names %d channels, the image has %d", self.path, len(names), c)
             self.channel_names = None
+
+    def level0_pages(self) -> list:
+        """The tifffile pages of level 0, one per channel (for readers that decode tiles directly)."""
+        return list(self._series.levels[0].pages)
 
     @property
     def num_channels(self) -> int:

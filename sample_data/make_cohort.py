@@ -12,6 +12,8 @@ smooth non-rigid displacement (``--warp-um``, sample_data/warp.py). Layout of ``
 
     he/{slide}.tif            Aperio-style tiled JPEG pyramid (OpenSlide: all levels, openslide.mpp-x = --he-mpp)
     codex/{slide}.ome.tif     pyramidal OME-TIFF, uint16, CYX, 40 named channels, PhysicalSizeX/Y = 0.377 µm
+                              (--codex-format: codex/{slide}.qptiff, or MCMICRO's codex/{slide}/registration/
+                              {slide}.ome.tif + codex/{slide}/markers.csv; pairs.csv points at it)
     pairs.csv                 he_slide,codex_image (paths relative to --out)
     marker_panel.csv          channel,marker
     clinical.csv              case_id,slide_id,survival_months,censorship,response,age,stage
@@ -49,12 +51,12 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from . import outcomes, render, tissue
+from . import artefacts, outcomes, render, tissue
 from .cell_truth import COLUMN_NOTES, COMPARTMENTS, write_cell_truth
 from .panel import MARKERS, PANEL_CSV
 from .preview import write_preview
 from .warp import MIN_CORR_UM, displaced, make_warp
-from .writers import write_aperio_tiff, write_ome_pyramid
+from .writers import CODEX_FORMATS, codex_rel_path, write_aperio_tiff, write_codex
 
 log = logging.getLogger("sample_data.make_cohort")
 
@@ -62,6 +64,7 @@ HE_MPP = 0.5
 CODEX_MPP = 0.377
 RISK_MASK_DOWNSAMPLE = 32
 CELL_TRUTH_DIR = "truth/cells"
+ARTEFACT_DIR = "truth/artefacts"
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,15 @@ class SlideJob:
     codex: bool = True
     warp_corr_um: float = MIN_CORR_UM
     nodata_frac: float = 0.0  # side of a zero-filled square in the CODEX, as a fraction of its side (0: none)
+    codex_format: str = "ome"  # writers.CODEX_FORMATS: the same CODEX pixels as OME-TIFF, QPTIFF or MCMICRO
+    stain_profile: str = "default"  # render.STAIN_PROFILES
+    stain_variation: str = "moderate"  # render.STAIN_VARIATIONS, drawn from sub-stream 4
+    artefacts: bool = False  # sample_data/artefacts.py, drawn from sub-stream 5
 
 
 def _rng(job: SlideJob, stream: int | None = None) -> np.random.Generator:
-    """The slide's random stream (layout, cells, placement), or its sub-stream 1 (H&E), 2 (CODEX), 3 (warp)."""
+    """The slide's random stream (layout, cells, placement), or its sub-stream 1 (H&E), 2 (CODEX), 3 (warp),
+    4 (stain variation), 5 (artefacts)."""
     key = job.spawn_key if stream is None else (*job.spawn_key, stream)
     return np.random.default_rng(np.random.SeedSequence(job.entropy, spawn_key=key))
 
@@ -155,9 +163,17 @@ def generate_slide(job: SlideJob) -> dict:
     timing = {"cells": time.perf_counter() - t0}
     if job.images:
         ras = render.rasterise(cells, layout, he)
-        rgb = render.render_he(_rng(job, 1), cells, layout, he, ras)
+        stain = render.draw_stain(_rng(job, 4), job.stain_profile, job.stain_variation)
+        rgb = render.render_he(_rng(job, 1), cells, layout, he, ras, stain)
         del ras
-        write_aperio_tiff(out / "he" / f"{job.slide_id}.tif", rgb, job.he_mpp, app_mag=int(round(10 / job.he_mpp)))
+        if job.artefacts:
+            art_mask, art_ds, art_causes = artefacts.add_artefacts(_rng(job, 5), rgb, layout, he)
+            art_rel = f"{ARTEFACT_DIR}/{job.slide_id}.png"
+            cv2.imwrite(str(out / art_rel), art_mask)
+            art_truth = {"mask": art_rel, "downsample": art_ds, "causes": art_causes,
+                         "codes": dict(artefacts.CODES)}
+        write_aperio_tiff(out / "he" / f"{job.slide_id}.tif", rgb, job.he_mpp, app_mag=int(round(10 / job.he_mpp)),
+                          quality=stain.jpeg_quality)
         del rgb
         timing["he"] = time.perf_counter() - t0 - sum(timing.values())
     if job.images and job.codex:
@@ -166,8 +182,8 @@ def generate_slide(job: SlideJob) -> dict:
         chans = render.codex_channels(_rng(job, 2), c_cells, c_layout, cx, ras)
         if box is not None:
             chans = _zero_box(chans, box)
-        write_ome_pyramid(out / "codex" / f"{job.slide_id}.ome.tif", chans, MARKERS, cx.shape, CODEX_MPP,
-                          uid_seed=f"{job.entropy}/{job.slide_id}")
+        write_codex(job.codex_format, out, job.slide_id, chans, MARKERS, cx.shape, CODEX_MPP,
+                    uid_seed=f"{job.entropy}/{job.slide_id}")
         timing["codex"] = time.perf_counter() - t0 - sum(timing.values())
     timing["cpu"] = time.process_time() - c0
     log.debug("%s: %d cells, %s", job.slide_id, len(cells), {k: round(v, 2) for k, v in timing.items()})
@@ -187,6 +203,10 @@ def generate_slide(job: SlideJob) -> dict:
     }
     if box is not None:
         truth["nodata_box_codex_px"] = box
+    if job.images:
+        truth["stain"] = {"profile": job.stain_profile, "variation": job.stain_variation} | stain.to_dict()
+    if job.images and job.artefacts:
+        truth["artefacts"] = art_truth
     return {"slide_id": job.slide_id, "case_id": job.patient.case_id, "n_cells": len(cells),
             "features": outcomes.slide_features(cells, layout), "ground_truth": truth, "timing": timing}
 
@@ -265,6 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--nodata-slides", type=int, default=0,
                     help="the first N slides get a zero-filled square in their CODEX (missing tiles)")
     ap.add_argument("--nodata-frac", type=float, default=0.3, help="side of that square / the CODEX side")
+    ap.add_argument("--stain-profile", default="default", choices=sorted(render.STAIN_PROFILES),
+                    help="the cohort's base H&E stain (haematoxylin/eosin OD vectors and amounts, background white): "
+                         "default, or a hospital-like shift (pale, dark, purple)")
+    ap.add_argument("--stain-variation", default="moderate", choices=list(render.STAIN_VARIATIONS),
+                    help="per-slide random variation around the profile (H and E vectors and amounts, background "
+                         "white balance, JPEG quality 80-95 moderate / 60-95 strong; none: the profile exactly, "
+                         "JPEG quality 90), from its own random stream: nothing else in a slide changes")
+    ap.add_argument("--artefacts", action="store_true",
+                    help="paint pen/ink strokes, tissue folds, air bubbles, out-of-focus regions and debris onto the "
+                         "H&E (each slide a random subset, from its own random stream: without the flag the same "
+                         f"seed gives the clean twin); label masks in {ARTEFACT_DIR}/{{slide}}.png (0 none, 1 ink, "
+                         "2 fold, 3 bubble, 4 blur, 5 debris; downsample in ground_truth.json)")
+    ap.add_argument("--codex-format", choices=CODEX_FORMATS, default="ome",
+                    help="file format of the CODEX images (same pixels in each): ome = codex/{slide}.ome.tif; "
+                         "qptiff-fusion / qptiff-vectra = codex/{slide}.qptiff (Akoya PhenoCycler-Fusion / Vectra "
+                         "Polaris layout, names in each page's XML; vectra's TIFF resolution tags disagree with its "
+                         "XML by 5%%); mcmicro = codex/{slide}/registration/{slide}.ome.tif + markers.csv")
     ap.add_argument("--censoring", type=float, default=0.3, help="target fraction of censored patients")
     ap.add_argument("--workers", type=int, default=2, help="processes (slides in parallel)")
     ap.add_argument("--tables-only", action="store_true",
@@ -287,7 +324,11 @@ def cohort_jobs(args: argparse.Namespace, n_pat: int
                      codex_coverage=args.codex_coverage, images=not args.tables_only, he_mpp=args.he_mpp,
                      warp_um=args.warp_um, warp_corr_um=1000.0 * args.warp_corr_mm,
                      codex=not getattr(args, "no_codex", False),  # older cohorts' params lack it
-                     nodata_frac=args.nodata_frac if i < args.nodata_slides else 0.0) for i in range(args.slides)]
+                     nodata_frac=args.nodata_frac if i < args.nodata_slides else 0.0,
+                     codex_format=getattr(args, "codex_format", "ome"),
+                     stain_profile=getattr(args, "stain_profile", "default"),  # older cohorts' params lack them
+                     stain_variation=getattr(args, "stain_variation", "none"),
+                     artefacts=getattr(args, "artefacts", False)) for i in range(args.slides)]
     return patients, jobs, rng_out, rng_split
 
 
@@ -304,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warp_um < 0 or args.he_mpp <= 0 or not 0 < args.nodata_frac < 1:
         raise SystemExit("--warp-um must be >= 0, --he-mpp > 0 and 0 < --nodata-frac < 1")
     for sub in ("he", "splits", "risk_masks", CELL_TRUTH_DIR) + (("warps",) if args.warp_um > 0 else ()) + \
-            (() if args.no_codex else ("codex",)):
+            (() if args.no_codex else ("codex",)) + ((ARTEFACT_DIR,) if args.artefacts else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -342,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         wr = csv.writer(f, lineterminator="\n")
         wr.writerow(["he_slide", "codex_image"])
         for r in results:
-            wr.writerow([f"he/{r['slide_id']}.tif", "" if args.no_codex else f"codex/{r['slide_id']}.ome.tif"])
+            wr.writerow([f"he/{r['slide_id']}.tif",
+                         "" if args.no_codex else codex_rel_path(args.codex_format, r["slide_id"])])
     shutil.copyfile(PANEL_CSV, out / "marker_panel.csv")
     folds = outcomes.patient_folds(rng_split, [p.case_id for p in patients])
     outcomes.write_splits(out / "splits", {r["slide_id"]: r["case_id"] for r in results}, folds)
@@ -369,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                    if k not in ("out", "workers", "log_level")},
     }
     if not args.tables_only and not args.no_codex:
-        write_preview(out, results[0]["slide_id"], args.he_mpp)
+        write_preview(out, results[0]["slide_id"], args.he_mpp,
+                      codex_rel=codex_rel_path(args.codex_format, results[0]["slide_id"]))
     # last and atomic: ground_truth.json is what marks a finished cohort (scripts/demo.sh reuses one that has it)
     tmp = out / ".ground_truth.json.tmp"
     tmp.write_text(json.dumps(gt, indent=1) + "\n")

@@ -10,9 +10,10 @@ from .panel import MARKERS
 
 
 def write_preview(out: Path, slide_id: str, he_mpp: float,
-                   markers: tuple[str, ...] = ("Pan-Cytokeratin", "CD8", "CD68")) -> None:
+                   markers: tuple[str, ...] = ("Pan-Cytokeratin", "CD8", "CD68"), codex_rel: str | None = None) -> None:
     """Write ``out/preview.png``: the H&E thumbnail, DAPI and ``markers`` of ``slide_id``, read back from its files
-    (``out/he/{slide}.tif``, ``out/codex/{slide}.ome.tif``)."""
+    (``out/he/{slide}.tif``, ``out/{codex_rel}``, default ``codex/{slide}.ome.tif``; any format whose first tifffile
+    series is the CODEX image: OME-TIFF, QPTIFF)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +26,7 @@ def write_preview(out: Path, slide_id: str, he_mpp: float,
     lvl = max(lvl, 0)
     thumb = np.asarray(slide.read_region((0, 0), lvl, slide.level_dimensions[lvl]).convert("RGB"))
     slide.close()
-    with tifffile.TiffFile(out / "codex" / f"{slide_id}.ome.tif") as tf:
+    with tifffile.TiffFile(out / (codex_rel or f"codex/{slide_id}.ome.tif")) as tf:
         levels = tf.series[0].levels
         lev = next((lv for lv in reversed(levels) if max(lv.shape[1:]) >= 400), levels[0])
         idx = [MARKERS.index(m) for m in ("DAPI", *markers)]

@@ -29,6 +29,92 @@ RBC_STAIN = np.array([0.22, 1.35, 1.15], np.float32)
 _STRIP = 96  # rows per strip
 
 
+@dataclass(frozen=True)
+class StainProfile:
+    """A hospital's base H&E stain: OD (R, G, B) per unit of haematoxylin and eosin, the amounts that scale them,
+    the scanner's white (background gain per channel, 1 = 255) and its JPEG quality."""
+
+    h_od: tuple[float, float, float]
+    e_od: tuple[float, float, float]
+    h_amount: float = 1.0
+    e_amount: float = 1.0
+    white: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    jpeg_quality: int = 90
+
+
+# ``default`` is the stain every cohort had before profiles existed; the others are hospital-like shifts
+STAIN_PROFILES: dict[str, StainProfile] = {
+    "default": StainProfile(h_od=(0.80, 1.00, 0.42), e_od=(0.12, 0.85, 0.42)),
+    "pale": StainProfile(h_od=(0.80, 1.00, 0.42), e_od=(0.12, 0.85, 0.42), h_amount=0.6, e_amount=0.55,
+                         white=(0.99, 0.99, 0.98)),
+    "dark": StainProfile(h_od=(0.80, 1.00, 0.42), e_od=(0.15, 0.90, 0.45), h_amount=1.45, e_amount=1.35,
+                         white=(0.97, 0.96, 0.94)),
+    "purple": StainProfile(h_od=(0.95, 1.00, 0.28), e_od=(0.32, 0.95, 0.30), h_amount=1.1, e_amount=1.1,
+                           white=(0.97, 0.96, 1.0)),
+}
+
+
+@dataclass(frozen=True)
+class StainVariation:
+    """Per-slide random variation around a profile: amount factors drawn from 1 ± ``amount`` (H) and 1 ±
+    ``1.25 x amount`` (E), Gaussian noise of sd ``vector_sd`` on each OD entry, a per-channel white gain in
+    [1 - ``white``, 1], and a JPEG quality drawn from ``jpeg`` (inclusive range)."""
+
+    amount: float
+    vector_sd: float
+    white: float
+    jpeg: tuple[int, int]
+
+
+# moderate: the within-site variation of one hospital (the amount/vector jitter every cohort had, plus white balance
+# and JPEG quality); strong: several sites pooled
+STAIN_VARIATIONS: dict[str, StainVariation | None] = {
+    "none": None,
+    "moderate": StainVariation(amount=0.12, vector_sd=0.03, white=0.04, jpeg=(80, 95)),
+    "strong": StainVariation(amount=0.3, vector_sd=0.08, white=0.10, jpeg=(60, 95)),
+}
+
+
+@dataclass(frozen=True)
+class Stain:
+    """The stain one slide is rendered with: ``h_od``, ``e_od`` float32 (3,) OD per unit stain (amounts folded in),
+    ``white`` float32 (3,) background gain per channel, ``jpeg_quality`` of its pyramid."""
+
+    h_od: np.ndarray
+    e_od: np.ndarray
+    white: np.ndarray
+    jpeg_quality: int
+
+    def to_dict(self) -> dict:
+        """JSON-able record (ground_truth.json ``slides[s]["stain"]``)."""
+        return {"h_od": [round(float(v), 6) for v in self.h_od], "e_od": [round(float(v), 6) for v in self.e_od],
+                "white": [round(float(v), 6) for v in self.white], "jpeg_quality": int(self.jpeg_quality)}
+
+
+def draw_stain(rng: np.random.Generator | None, profile: str = "default", variation: str = "none") -> Stain:
+    """The slide's stain: ``profile`` (a name of :data:`STAIN_PROFILES`) varied by ``variation`` (a name of
+    :data:`STAIN_VARIATIONS`) with draws from ``rng`` (the slide's own stain stream; unused for "none")."""
+    if profile not in STAIN_PROFILES:
+        raise ValueError(f"unknown stain profile {profile!r}; one of {sorted(STAIN_PROFILES)}")
+    if variation not in STAIN_VARIATIONS:
+        raise ValueError(f"unknown stain variation {variation!r}; one of {sorted(STAIN_VARIATIONS)}")
+    p, v = STAIN_PROFILES[profile], STAIN_VARIATIONS[variation]
+    hv = np.array(p.h_od, np.float32) * p.h_amount
+    ev = np.array(p.e_od, np.float32) * p.e_amount
+    white = np.array(p.white, np.float32)
+    quality = p.jpeg_quality
+    if v is not None:
+        if rng is None:
+            raise ValueError(f"stain variation {variation!r} needs a random stream")
+        hv = hv * rng.uniform(1 - v.amount, 1 + v.amount) + rng.normal(0, v.vector_sd, 3).astype(np.float32)
+        ev = ev * rng.uniform(1 - 1.25 * v.amount, 1 + 1.25 * v.amount) \
+            + rng.normal(0, 0.67 * v.vector_sd, 3).astype(np.float32)
+        white = white * rng.uniform(1 - v.white, 1.0, 3).astype(np.float32)
+        quality = int(rng.integers(v.jpeg[0], v.jpeg[1] + 1))
+    return Stain(h_od=np.maximum(hv, 0.02).astype(np.float32), e_od=np.maximum(ev, 0.02).astype(np.float32),
+                 white=np.clip(white, 0.5, 1.0).astype(np.float32), jpeg_quality=int(quality))
+
+
 @dataclass
 class Frame:
     """An image grid: ``shape`` (H, W) pixels, ``px_to_um`` 3x3 affine (pixel centre -> world µm), ``mpp`` µm/px."""
@@ -268,11 +354,14 @@ def _fibres(rng: np.random.Generator, layout: Layout, frame: Frame) -> np.ndarra
     return np.clip(0.5 + 0.3 * out, 0.0, 1.0)
 
 
-def render_he(rng: np.random.Generator, cells: Cells, layout: Layout, frame: Frame, raster: Raster) -> np.ndarray:
+def render_he(rng: np.random.Generator, cells: Cells, layout: Layout, frame: Frame, raster: Raster,
+              stain: Stain | None = None) -> np.ndarray:
     """Render the H&E image of ``frame``: uint8 (H, W, 3) RGB, white background.
 
     Beer-Lambert mix of haematoxylin (nuclei, basophilic cytoplasm), eosin (stroma fibres, cytoplasm) and an RBC
-    stain, with per-slide stain jitter, chromatin / cytoplasm / fibre texture, optical blur and sensor noise.
+    stain, with the slide's ``stain`` (:func:`draw_stain`; default: the ``default`` profile without variation),
+    chromatin / cytoplasm / fibre texture, optical blur and sensor noise. ``rng`` draws the textures only, so the
+    same ``rng`` with another stain gives the same tissue in other colours.
     """
     h, w = frame.shape
     n = len(cells)
@@ -290,8 +379,8 @@ def render_he(rng: np.random.Generator, cells: Cells, layout: Layout, frame: Fra
     if (cells.type == RBC).any():
         is_rbc = tab[:, 5][raster.cell] > 0
         rbc_centre = cv2.GaussianBlur(is_rbc.astype(np.float32), (0, 0), 1.2 / frame.mpp)
-    hv = HAEMATOXYLIN * rng.uniform(0.88, 1.12) + rng.normal(0, 0.03, 3).astype(np.float32)
-    ev = EOSIN * rng.uniform(0.85, 1.15) + rng.normal(0, 0.02, 3).astype(np.float32)
+    stain = stain if stain is not None else draw_stain(None)
+    hv, ev, white = stain.h_od, stain.e_od, 255.0 * stain.white
     out = np.empty((h, w, 3), np.uint8)
     for r0 in range(0, h, _STRIP):
         s = slice(r0, min(h, r0 + _STRIP))
@@ -322,7 +411,7 @@ def render_he(rng: np.random.Generator, cells: Cells, layout: Layout, frame: Fra
         noise = (sensor[s].astype(np.float32) - 127.5) * (3.0 / 73.9)
         for ch in range(3):
             od = c_h * hv[ch] + c_e * ev[ch] + c_r * RBC_STAIN[ch] + haze
-            out[s, :, ch] = np.clip(255.0 * np.exp(-od) + noise, 0, 255).astype(np.uint8)
+            out[s, :, ch] = np.clip(white[ch] * np.exp(-od) + noise, 0, 255).astype(np.uint8)
     return cv2.GaussianBlur(out, (0, 0), 0.3 / frame.mpp)  # optical blur, sigma 0.3 µm
 
 

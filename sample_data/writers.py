@@ -8,6 +8,8 @@
   (deterministic UUID, no timestamps), streamed channel by channel from an iterable or a (C, H, W) array.
 - :func:`write_ome_tiles`: the OME-TIFF container of :func:`write_ome_pyramid` filled from tiles the caller yields
   per level (arrays, or bytes already encoded with ``compression``: fast synthetic data for benchmarks).
+- :func:`write_qptiff` / :func:`write_mcmicro` / :func:`write_codex`: the same CODEX pixels as Akoya QPTIFF (Fusion
+  or Vectra/Polaris dialect) or in MCMICRO's layout (``registration/{sample}.ome.tif`` + ``markers.csv``).
 
 All write to ``path + ".tmp"`` and ``os.replace`` it, so a crash never leaves a half-written file at ``path``.
 """
@@ -18,7 +20,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape, quoteattr
 
 import cv2
 import numpy as np
@@ -193,3 +195,186 @@ def write_ome_pyramid(path: str | os.PathLike, channels: np.ndarray | Iterable[n
     write_ome_tiles(path, lambda lev: tiles(channels if lev == 0 else drain(lev - 1), lev), shapes, names, mpp,
                     uid_seed, tile, compression, compression_level)
     return shapes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CODEX in the formats users bring: QPTIFF (Akoya PhenoCycler-Fusion, Vectra/Polaris) and MCMICRO
+
+
+CODEX_FORMATS = ("ome", "qptiff-fusion", "qptiff-vectra", "mcmicro")
+"""``make_cohort --codex-format`` choices: where :func:`write_codex` puts the CODEX of one slide."""
+
+QPI_SOFTWARE = "PerkinElmer-QPI"
+_FUSION_FLUORS = ("Cy3", "Cy5", "AF750")
+_OPALS = ("Opal 480", "Opal 520", "Opal 570", "Opal 620", "Opal 690", "Opal 780")
+
+
+def codex_rel_path(fmt: str, slide_id: str) -> str:
+    """Path of a slide's CODEX image, relative to the cohort folder, in format ``fmt`` (:data:`CODEX_FORMATS`)."""
+    if fmt == "ome":
+        return f"codex/{slide_id}.ome.tif"
+    if fmt.startswith("qptiff"):
+        return f"codex/{slide_id}.qptiff"
+    if fmt == "mcmicro":
+        return f"codex/{slide_id}/registration/{slide_id}.ome.tif"
+    raise ValueError(f"unknown CODEX format {fmt!r}; one of {CODEX_FORMATS}")
+
+
+def qpi_description(image_type: str, dialect: str, slide_id: str, name: str | None = None,
+                    biomarker: str | None = None, mpp: float | None = None,
+                    bands: Sequence[str] | None = None) -> str:
+    """A page's ``PerkinElmer-QPI-ImageDescription`` XML (``ImageType`` FullResolution, ReducedResolution,
+    Thumbnail, Overview or Label). ``dialect`` "fusion": ``<Biomarker>`` = the stain, ``<Name>`` = its
+    fluorophore, the pixel size in the ScanProfile's ``ScanResolution``; "vectra": ``<Name>`` = the band,
+    ``<Biomarker>`` = the stain, and the ScanProfile lists the ``<ScanBands>`` (``bands``). ``mpp`` µm/px;
+    None leaves ``PixelSizeMicrons`` out; a ``name`` / ``biomarker`` of None leaves that element out. Like real
+    files, the declaration says utf-16 while the text is UTF-8."""
+    def el(tag: str, text: object | None) -> str:
+        return "" if text is None else f"<{tag}>{escape(str(text))}</{tag}>"
+
+    res = f"<ScanResolution>{el('PixelSizeMicrons', f'{mpp:g}' if mpp else None)}</ScanResolution>"
+    if dialect == "vectra":
+        scan_bands = "".join(f"<ScanBands-i><Bands><Bands-i>{el('Name', b)}</Bands-i></Bands></ScanBands-i>"
+                             for b in (bands or ()))
+        profile = f"<ScanProfile><root>{res}<ScanBands>{scan_bands}</ScanBands></root></ScanProfile>"
+        software = "Vectra Polaris 1.0.13"
+    elif dialect == "fusion":
+        profile = f"<ScanProfile><ExperimentV4>{res}<CycleCount>14</CycleCount></ExperimentV4></ScanProfile>"
+        software = "PhenoImager Fusion 1.0.8"
+    else:
+        raise ValueError(f"unknown QPTIFF dialect {dialect!r}")
+    return ('<?xml version="1.0" encoding="utf-16"?>\r\n<PerkinElmer-QPI-ImageDescription>'
+            f"<DescriptionVersion>4</DescriptionVersion>{el('AcquisitionSoftware', software)}"
+            f"{el('ImageType', image_type)}{el('SlideID', slide_id)}<Barcode></Barcode>"
+            f"<ComputerName>synthetic</ComputerName><IsUnmixedComponent>False</IsUnmixedComponent>"
+            f"{el('Name', name)}{el('Biomarker', biomarker)}<Objective>20x</Objective>{profile}"
+            "</PerkinElmer-QPI-ImageDescription>")
+
+
+def _qpi_names(dialect: str, names: Sequence[str], biomarkers: bool = True) -> list[tuple[str, str | None]]:
+    """(page ``<Name>``, ``<Biomarker>``) per channel of a QPTIFF of ``names`` (``biomarkers`` False: no
+    ``<Biomarker>`` at all, only the fluorophores)."""
+    out = []
+    for i, n in enumerate(names):
+        dapi = n.lower().startswith("dapi")
+        if dialect == "fusion":  # PhenoCycler cycles: the nuclear stain of cycle 1, then 3 reporters per cycle
+            name, bm = ("DAPI", "DAPI-01") if dapi else (_FUSION_FLUORS[(i - 1) % 3], n)
+        else:
+            name, bm = ("DAPI", n) if dapi else (_OPALS[(i - 1) % len(_OPALS)], n)
+        out.append((name, bm if biomarkers else None))
+    return out
+
+
+def _rgb_thumb(img: np.ndarray, max_side: int) -> np.ndarray:
+    """A uint8 RGB (h, w, 3) thumbnail of a uint16 channel (percentile-stretched, blue-white)."""
+    f = max(1, int(np.ceil(max(img.shape) / max_side)))
+    small = downsample_mean(img, f).astype(np.float32)
+    hi = float(np.percentile(small, 99.5)) or 1.0
+    g = np.clip(small / hi * 255, 0, 255).astype(np.uint8)
+    return np.stack([g // 2, g // 2, g], axis=-1)
+
+
+def write_qptiff(path: str | os.PathLike, channels: Iterable[np.ndarray], names: Sequence[str],
+                 shape: tuple[int, int], mpp: float | None, dialect: str = "fusion", slide_id: str = "",
+                 tag_mpp: float | None = None, tile: int = 512, min_side: int = 1000, levels: int | None = None,
+                 compression: str = "zstd", biomarkers: bool = True) -> list[tuple[int, int]]:
+    """Stream uint16 channel images (each ``shape`` (H, W), in ``names`` order) into a QPTIFF of the Akoya layout.
+
+    Pages, in order (as Bio-Formats' VectraReader and tifffile's QPI series expect): one tiled page per channel at
+    full resolution (ImageType FullResolution, NewSubfileType 0), an RGB thumbnail, then each reduced level
+    (downsample 2, 4, ... area mean, as :func:`write_ome_pyramid`, NewSubfileType 1) as one page per channel, then
+    an RGB overview (macro) and a label image. Every page carries its ``PerkinElmer-QPI-ImageDescription``
+    (:func:`qpi_description`; ``biomarkers`` False leaves every ``<Biomarker>`` out: a file that names only its
+    fluorophores) and Software
+    ``PerkinElmer-QPI``. The TIFF resolution tags say ``tag_mpp`` µm/px (default ``mpp``; a different value makes a
+    file whose tags disagree with its XML). Returns the (H, W) of every level.
+    """
+    path, tmp = _tmp_path(path)
+    h, w = shape
+    shapes = _level_shapes((h, w), 2, min_side, 2, levels)
+    pages = _qpi_names(dialect, names, biomarkers)
+    bands = [p[0] for p in pages]
+    tag = tag_mpp or mpp
+    res = (1e4 / tag, 1e4 / tag) if tag else (1.0, 1.0)
+    opts = dict(photometric="minisblack", tile=(tile, tile), compression=compression, metadata=None,
+                software=QPI_SOFTWARE, resolutionunit="CENTIMETER" if tag else "NONE")
+    rgb_opts = dict(photometric="rgb", compression=compression, metadata=None, software=QPI_SOFTWARE,
+                    resolutionunit=opts["resolutionunit"])
+    lower: list[list[np.ndarray]] = [[] for _ in range(len(shapes) - 1)]
+
+    def desc(kind: str, c: int | None = None) -> str:
+        name, bm = pages[c] if c is not None else (None, None)
+        return qpi_description(kind, dialect, slide_id, name, bm, mpp, bands)
+
+    with tifffile.TiffWriter(tmp, bigtiff=True, byteorder="<") as tif:
+        n = 0
+        for c, img in enumerate(channels):
+            if img.shape != (h, w) or img.dtype != np.uint16:
+                raise ValueError(f"channel {c}: expected uint16 {shape}, got {img.dtype} {img.shape}")
+            if len(shapes) > 1:
+                lower[0].append(downsample_mean(img, 2))
+            tif.write(img, description=desc("FullResolution", c), subfiletype=0, resolution=res, **opts)
+            n += 1
+        if n != len(names):
+            raise ValueError(f"got {n} channels for {len(names)} names")
+        if len(shapes) == 1:
+            raise ValueError("a QPTIFF needs at least one reduced level (levels >= 2)")
+        for lev in range(1, len(shapes)):
+            f = 2**lev
+            for c in range(n):
+                img = lower[lev - 1].pop(0)
+                if lev < len(shapes) - 1:
+                    lower[lev].append(downsample_mean(img, 2))
+                if lev == 1 and c == 0:  # the thumbnail sits between the full resolution and the reduced levels
+                    tif.write(_rgb_thumb(img, 256), description=desc("Thumbnail"), subfiletype=1, **rgb_opts)
+                if c == 0:
+                    smallest = img
+                tif.write(img, description=desc("ReducedResolution", c), subfiletype=1,
+                          resolution=(res[0] / f, res[1] / f), **opts)
+        overview = np.full((160, 480, 3), 235, np.uint8)
+        small = _rgb_thumb(smallest, 80)[:80, :120]
+        overview[40:40 + small.shape[0], 180:180 + small.shape[1]] = small
+        tif.write(overview, description=desc("Overview"), subfiletype=0, **rgb_opts)
+        label = np.full((120, 120, 3), 250, np.uint8)
+        label[50:70, 10:110] = 20
+        tif.write(label, description=desc("Label"), subfiletype=0, **rgb_opts)
+    os.replace(tmp, path)
+    return shapes
+
+
+def write_mcmicro(sample_dir: str | os.PathLike, slide_id: str, channels: Iterable[np.ndarray],
+                  names: Sequence[str], shape: tuple[int, int], mpp: float | None, uid_seed: str | None = None,
+                  **kw) -> list[tuple[int, int]]:
+    """MCMICRO's layout of one sample: ``sample_dir/registration/{slide_id}.ome.tif`` (as ASHLAR writes it: channel
+    names ``Channel 0``, ``Channel 1``, ...) and ``sample_dir/markers.csv`` (``channel_number,cycle_number,
+    marker_name``, one row per channel in channel order). ``kw`` go to :func:`write_ome_pyramid`."""
+    sample_dir = Path(sample_dir)
+    (sample_dir / "registration").mkdir(parents=True, exist_ok=True)
+    generic = [f"Channel {i}" for i in range(len(names))]
+    shapes = write_ome_pyramid(sample_dir / "registration" / f"{slide_id}.ome.tif", channels, generic, shape, mpp,
+                               uid_seed=uid_seed, **kw)
+    rows = ["channel_number,cycle_number,marker_name"]
+    rows += [f"{i + 1},{i // 4 + 1},{n}" for i, n in enumerate(names)]
+    path, tmp = _tmp_path(sample_dir / "markers.csv")
+    tmp.write_text("\n".join(rows) + "\n")
+    os.replace(tmp, path)
+    return shapes
+
+
+def write_codex(fmt: str, cohort: str | os.PathLike, slide_id: str, channels: Iterable[np.ndarray],
+                names: Sequence[str], shape: tuple[int, int], mpp: float, uid_seed: str | None = None,
+                **kw) -> Path:
+    """Write one slide's CODEX into ``cohort`` at :func:`codex_rel_path` in format ``fmt`` (:data:`CODEX_FORMATS`):
+    the same pixels at every level whatever the format. "qptiff-vectra" files carry resolution tags 5% off their
+    XML pixel size (readers must take the XML and warn). Returns the image path."""
+    path = Path(cohort) / codex_rel_path(fmt, slide_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "ome":
+        write_ome_pyramid(path, channels, names, shape, mpp, uid_seed=uid_seed, **kw)
+    elif fmt == "mcmicro":
+        write_mcmicro(path.parent.parent, slide_id, channels, names, shape, mpp, uid_seed=uid_seed, **kw)
+    else:
+        dialect = fmt.split("-", 1)[1]
+        write_qptiff(path, channels, names, shape, mpp, dialect, slide_id,
+                     tag_mpp=mpp * 1.05 if dialect == "vectra" and mpp else None, **kw)
+    return path

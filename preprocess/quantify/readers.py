@@ -8,16 +8,17 @@ import threading
 
 import numpy as np
 
+from preprocess.codex_formats import full_resolution_pages
 from preprocess.slide_io import CodexImage
 
 
 class TiledRegionReader:
     """Reads (C, h, w) regions of level 0 of a tiled multi-page TIFF by decoding its tiles directly.
 
-    One page per channel (OME-TIFF CYX); each tile is read with ``os.pread`` and decoded by tifffile's own
-    decoder (imagecodecs releases the GIL), so several threads can read regions at once. ``read`` returns a view
-    into a tile-aligned buffer. Raises ValueError at construction when the file does not have that layout
-    (callers fall back to :meth:`CodexImage.read_region`).
+    One page per channel (OME-TIFF CYX; a QPTIFF's full-resolution pages); each tile is read with ``os.pread`` and
+    decoded by tifffile's own decoder (imagecodecs releases the GIL), so several threads can read regions at once.
+    ``read`` returns a view into a tile-aligned buffer. Raises ValueError at construction when the file does not
+    have that layout (callers fall back to :meth:`CodexImage.read_region`).
     """
 
     def __init__(self, path: str | os.PathLike, channels: list[int], shape: tuple[int, int, int]):
@@ -26,8 +27,7 @@ class TiledRegionReader:
         self.path = str(path)
         self._tif = tifffile.TiffFile(self.path)
         try:
-            series = self._tif.series[0]
-            pages = list(series.levels[0].pages)
+            pages = full_resolution_pages(self._tif)  # QPTIFF: its full-resolution pages, not the thumbnail
             c, h, w = shape
             if len(pages) != c:
                 raise ValueError(f"{len(pages)} pages for {c} channels")

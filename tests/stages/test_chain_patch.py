@@ -229,7 +229,9 @@ def test_done_spec_settings_cover_every_output_flag(tmp_path: Path) -> None:
     cfg = patch.PatchConfig(out=tmp_path)
     spec = patch.done_spec(cfg, {})
     assert set(spec.settings) == {"patch_size", "target_mpp", "min_tissue", "mpp", "thumb_size", "sat_threshold",
-                                  "min_saturation", "median_um", "close_um", "min_area_um2", "max_hole_um2"}
+                                  "min_saturation", "median_um", "close_um", "min_area_um2", "max_hole_um2",
+                                  "artefacts"}
+    assert set(spec.settings["artefacts"]) >= {"ink", "folds", "bubbles", "blur", "qc_mpp", "max_artefact"}
     store = patch_store.done_spec(patch_store.StoreConfig(out=tmp_path, patches_dir=tmp_path / "patches"), {})
     assert set(store.settings) == {"compression", "compression_level", "jpeg_quality", "png", "mpp"}
     assert isinstance(spec.inputs, functools.partial) and isinstance(store.inputs, functools.partial)

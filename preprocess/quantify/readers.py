@@ -9,7 +9,14 @@ import threading
 import numpy as np
 
 from preprocess.codex_formats import full_resolution_pages
-from preprocess.slide_io import CodexImage
+from preprocess.slide_io import CodexImage, SlideReadError
+
+
+def codex_read_error(path: str | os.PathLike, x0: int, y0: int, x1: int, y1: int, e: Exception) -> SlideReadError:
+    """One line naming the CODEX file, level 0 and the region whose tiles could not be decoded."""
+    return SlideReadError(f"cannot read the CODEX image {path} at level 0, region x={x0} y={y0} w={x1 - x0} "
+                          f"h={y1 - y0} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the file "
+                          "is truncated or corrupt: copy it again or re-export it, or leave the slide out")
 
 
 class TiledRegionReader:
@@ -65,7 +72,10 @@ class TiledRegionReader:
                     i = ty * self._ntx + tx
                     if cnts[i] == 0:
                         continue
-                    seg, _, _ = self._decode(os.pread(self._fd, int(cnts[i]), int(offs[i])), i, **kw)
+                    try:
+                        seg, _, _ = self._decode(os.pread(self._fd, int(cnts[i]), int(offs[i])), i, **kw)
+                    except Exception as e:  # noqa: BLE001 - any codec error of a damaged tile: one line
+                        raise codex_read_error(self.path, x0, y0, x1, y1, e) from e
                     seg = seg.reshape(seg.shape[-3], seg.shape[-2])
                     yy, xx = (ty - ty0) * tl, (tx - tx0) * tw
                     buf[c, yy : yy + seg.shape[0], xx : xx + seg.shape[1]] = seg[:tl, :tw]
@@ -86,7 +96,12 @@ class ZarrRegionReader:
 
     def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         with self._lock:
-            return self._codex.read_region(x0, y0, x1, y1, 0, channels=self._channels)
+            try:
+                return self._codex.read_region(x0, y0, x1, y1, 0, channels=self._channels)
+            except SlideReadError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any codec error of a damaged tile: one line
+                raise codex_read_error(self._codex.path, x0, y0, x1, y1, e) from e
 
     def close(self) -> None:
         pass

@@ -30,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 
+from hex.data.stain import check_record
 from hex.model import HEX, build_from_args, load_hex_checkpoint, normalize_hex_keys, read_checkpoint_state
 from hex.train.checkpoints import read_checkpoint
 from pipeline.errors import PipelineError
@@ -84,8 +85,9 @@ def load_trained(checkpoint: str | os.PathLike, backbone: str | None = None, wei
     ``backbone``/``weights``/``backbone_kw`` describe the backbone of an original checkpoint (ignored, with a
     warning, for ours, which carry their own). Metadata keys: ``markers``, ``normalization``, ``model_args``,
     ``input_size``, ``interpolation``, ``mean``, ``std``, ``epoch``, ``checkpoint``, ``checkpoint_sha256``,
-    ``checkpoint_kind``, and the training split ``split``, ``train_slides``, ``val_slides`` (None when unknown: the
-    original release, or runs from before they were recorded).
+    ``checkpoint_kind``, the training split ``split``, ``train_slides``, ``val_slides`` (None when unknown: the
+    original release, or runs from before they were recorded) and ``stain_norm`` (the run's fitted stain
+    normalisation, :mod:`hex.data.stain`; None when it had none).
     """
     path = Path(checkpoint)
     if not path.is_file():
@@ -141,7 +143,7 @@ def training_split(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def _our_meta(path: Path, kind: str, ck: dict[str, Any] | None) -> dict[str, Any]:
     keys = ("markers", "normalization", "model_args", "input_size", "interpolation", "mean", "std", "epoch",
-            "split", "train_slides", "val_slides")
+            "split", "train_slides", "val_slides", "stain_norm")
     if kind == "safetensors":
         meta_path = path.with_suffix(".json")
         if meta_path.is_file():
@@ -156,6 +158,7 @@ def _our_meta(path: Path, kind: str, ck: dict[str, Any] | None) -> dict[str, Any
     missing = [k for k in ("markers", "model_args", "input_size", "mean", "std") if meta.get(k) is None]
     if missing:
         raise PipelineError(f"{path}: model description lacks {missing}; not a hex.train checkpoint?")
+    check_record(meta.get("stain_norm"), f"{path}: stain_norm")
     return {k: meta.get(k) for k in keys}
 
 
@@ -184,7 +187,8 @@ def _load_original(path: Path, backbone: str, weights: str | os.PathLike | None,
              "from the checkpoint" if report["backbone"] == "loaded" else "from --weights", backbone)
     meta = {"markers": names, "normalization": None, "model_args": model.model_args,
             "input_size": model.input_size, "interpolation": "bilinear", "mean": list(model.mean),
-            "std": list(model.std), "epoch": None, "split": None, "train_slides": None, "val_slides": None}
+            "std": list(model.std), "epoch": None, "split": None, "train_slides": None, "val_slides": None,
+            "stain_norm": None}
     return model, meta
 
 

@@ -49,8 +49,9 @@ _CONTAINER_KEYS = ("state_dict", "model", "module")
 class TrainRecipe:
     """Defaults of the ``hex.train`` flags a user leaves unset: Adam ``lr`` (all trainable groups), ExponentialLR
     factor ``gamma`` per epoch, ``lr_floor`` (the lr never decays below ``lr_floor x lr``; 0 = plain exponential
-    decay), trainable trailing blocks ``unfreeze_last`` (-1 = all), per-process ``batch_size`` and ``lds``
-    (label-distribution-smoothing loss weights)."""
+    decay), trainable trailing blocks ``unfreeze_last`` (-1 = all), per-process ``batch_size``, ``lds``
+    (label-distribution-smoothing loss weights) and ``stain_aug`` (HED stain augmentation strength, 0 = off; see
+    :func:`hex.data.transforms.hed_jitter_maps`)."""
 
     lr: float
     gamma: float = 0.95
@@ -58,6 +59,7 @@ class TrainRecipe:
     unfreeze_last: int = 4
     batch_size: int = 48
     lds: bool = False
+    stain_aug: float = 0.0
 
 
 # the original HEX training code on a pretrained MUSK: last 4 blocks, lr 1e-5 decayed by 0.95 per epoch, batch 48

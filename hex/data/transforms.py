@@ -1,22 +1,67 @@
 """Batch transforms of uint8 H&E patches, run on the training device: augmentation, resize, normalisation.
 
 Images stay uint8 through the DataLoader (4x less copying and pinning than float). :class:`BatchTransform` then
-runs batched: flips + rot90 (on uint8), an optional continuous rotation (the original code's
-``RandomRotation(90)``), float conversion, colour jitter at the smaller of source/target resolution, resize to the
-backbone input size, normalisation with the backbone mean/std.
+runs batched: an optional stain normalisation to a fitted target (:mod:`hex.data.stain`, the same in training and
+inference), flips + rot90 (on uint8), an optional continuous rotation (the original code's ``RandomRotation(90)``),
+float conversion, an optional HED stain augmentation and colour jitter at the smaller of source/target resolution,
+resize to the backbone input size, normalisation with the backbone mean/std.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
 _RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.5959, -0.2746, -0.3213), (0.2115, -0.5227, 0.3112))
+# Ruifrok & Johnston (2001) stain OD vectors (R, G, B), rows haematoxylin, eosin, DAB: skimage.color.rgb_from_hed
+RGB_FROM_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
+HED_SHIFT_PER_STRENGTH = 0.25  # stain augmentation: shift half-width (OD) per unit of strength
+_LOG_ADJUST = math.log(1e-6)  # skimage's scale: stains = ln(rgb) / ln(1e-6), rgb in [1e-6, 1]
+
+
+def _hed_matrices(device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rgb_from_hed, hed_from_rgb)`` (3,3) float32: rows of the first are the stains' OD vectors."""
+    r = torch.tensor(RGB_FROM_HED, dtype=torch.float64)
+    return r.float().to(device), torch.linalg.inv(r).float().to(device)
+
+
+def rgb_to_hed(x: torch.Tensor) -> torch.Tensor:
+    """Colour deconvolution of float RGB images (B,3,H,W) in [0,255] into haematoxylin, eosin and DAB amounts
+    (B,3,H,W), in the units of ``skimage.color.rgb2hed`` (optical density ln(1/rgb) / ln(1e6)) but without its
+    clamp at 0, so that :func:`hed_to_rgb` inverts it exactly."""
+    _, hed_from_rgb = _hed_matrices(x.device)
+    od = torch.log(torch.clamp(x / 255.0, min=1e-6)) / _LOG_ADJUST
+    return torch.einsum("bchw,cd->bdhw", od, hed_from_rgb)
+
+
+def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hed`: stain amounts (B,3,H,W) -> float RGB (B,3,H,W) in [0,255] (clamped)."""
+    rgb_from_hed, _ = _hed_matrices(hed.device)
+    od = torch.einsum("bdhw,dc->bchw", hed, rgb_from_hed)
+    return torch.clamp(255.0 * torch.exp(od * _LOG_ADJUST), 0.0, 255.0)
+
+
+def hed_jitter_maps(n: int, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample HED stain perturbations as affine maps of optical density (Tellez et al. 2018): for each sample
+    and stain channel (H, E, DAB) a scale ``alpha ~ U[1-s, 1+s]`` and a shift ``beta ~ U[-b, b]``, ``b =``
+    :data:`HED_SHIFT_PER_STRENGTH` ``x s`` (in :func:`rgb_to_hed` units x ln(1e6), i.e. natural-log optical
+    density: b = 0.05 lets the background lose or gain up to ~3-5 % of its light per stain) act on the stain
+    amounts; composed with the deconvolution this is ``od -> A od + c`` with A (n,3,3), c (n,3,1) on the CPU (draws
+    from the CPU torch RNG: alpha first, then beta). ``s = 0.4`` covers stain amounts 0.6-1.4x the training ones.
+    """
+    alpha = 1 - strength + 2 * strength * torch.rand(n, 3)
+    beta = (torch.rand(n, 3) * 2 - 1) * (HED_SHIFT_PER_STRENGTH * strength)
+    rgb_from_hed, hed_from_rgb = _hed_matrices()
+    # row-vector convention of skimage: hed = od @ H, od' = (alpha * hed + beta') @ R; as column vectors:
+    a = rgb_from_hed.T @ (alpha.unsqueeze(-1) * hed_from_rgb.T)  # R^T diag(alpha) H^T
+    c = (beta @ rgb_from_hed).unsqueeze(-1) / -_LOG_ADJUST  # beta in natural-log OD -> skimage units
+    return a, c
 
 
 def colour_jitter_matrices(n: int, amounts: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,8 +102,13 @@ class BatchTransform:
     the smaller of the source and target resolutions (resizing is linear, so the order does not matter). Unlike
     torchvision's ColorJitter the four factors compose in a fixed order without intermediate clamping, and hue
     rotates the YIQ chroma plane instead of shifting HSV hue (identical to first order; <= 3.6 degrees here).
+    With ``stain_aug = s > 0`` (training) each sample's haematoxylin, eosin and DAB amounts are first scaled and
+    shifted in optical density (:func:`hed_jitter_maps`; drawn after the rotation angles, before the jitter).
     Random numbers come from the CPU torch RNG: results do not depend on the device, and a restored RNG state
-    replays them.
+    replays them; with ``stain_aug = 0`` the draws are those of a transform without it.
+
+    ``stain_norm``: a fitted stain normalisation (:func:`hex.data.stain.fit_stain_norm`, as recorded in a run's
+    ``best.json``) applied to every uint8 patch first, in training and in inference alike (deterministic).
     """
 
     input_size: int
@@ -69,6 +119,31 @@ class BatchTransform:
     flips: bool = True
     interpolation: str = "bilinear"
     rotation: float = 0.0
+    stain_aug: float = 0.0
+    stain_norm: dict | None = None
+    _normalizer: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def _stain_normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 batch -> the same batch with its stains normalised to the recorded target (``stain_norm``)."""
+        if self._normalizer is None:
+            from hex.data.stain import StainNormalizer
+
+            self._normalizer = StainNormalizer(self.stain_norm)
+        return self._normalizer(x)
+
+    def _hed(self, x: torch.Tensor) -> torch.Tensor:
+        """HED stain augmentation (:func:`hed_jitter_maps`, strength ``stain_aug``) of a float batch in [0,255]."""
+        n, dev = x.shape[0], x.device
+        a, c = hed_jitter_maps(n, self.stain_aug)
+        od = torch.log(torch.clamp(x.reshape(n, 3, -1) / 255.0, min=1e-6)) / _LOG_ADJUST
+        od = torch.baddbmm(c.to(dev), a.to(dev), od)
+        return torch.clamp(255.0 * torch.exp(od * _LOG_ADJUST), 0.0, 255.0).view_as(x)
+
+    def _colour(self, x: torch.Tensor, colour: bool) -> torch.Tensor:
+        """HED augmentation (training, ``stain_aug > 0``), then jitter and normalisation (:meth:`_affine`)."""
+        if self.train and self.stain_aug > 0:
+            x = self._hed(x)
+        return self._affine(x, colour)
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] == (self.input_size, self.input_size):
@@ -122,6 +197,8 @@ class BatchTransform:
             raise ValueError(f"expected a float (B,M,G,G) dense batch for {x.shape[0]} images, got {dense.dtype} "
                              f"{tuple(dense.shape)}")
         colour = self.train and any(self.jitter)
+        if self.stain_norm:
+            x = self._stain_normalise(x)
         if self.train and self.flips and x.shape[-1] == x.shape[-2]:
             x, dense = self._geometry(x, dense)
         x = x.float()
@@ -131,9 +208,9 @@ class BatchTransform:
             if dense is not None:
                 dense = rotate_dense(dense, angles)
         if x.shape[-1] < self.input_size:  # upsampling: colour at the (smaller) source resolution
-            x = self._resize(self._affine(x, colour))
+            x = self._resize(self._colour(x, colour))
         else:
-            x = self._affine(self._resize(x), colour)
+            x = self._colour(self._resize(x), colour)
         return x if dense is None else (x, dense)
 
 

@@ -455,7 +455,7 @@ def evaluate_run(cfg: EvalConfig, ctx: DistContext) -> int:
     if dense is not None:
         dense_mod.check_dense_rows(ds, dense.labels, cols, dense.grid)
     tf = BatchTransform(int(meta["input_size"]), meta["mean"], meta["std"], train=False,
-                        interpolation=meta.get("interpolation") or "bilinear")
+                        interpolation=meta.get("interpolation") or "bilinear", stain_norm=meta.get("stain_norm"))
     amp = resolve_amp(cfg.amp, ctx.device)
     if ctx.is_main:
         log.info("model %s (epoch %s) on %d patches of %d slides (%s), %d rank(s)", ckpt, meta.get("epoch"), len(ds),

@@ -534,7 +534,8 @@ def dense_slide(slide_id: str, he_path: Path, model: torch.nn.Module, meta: dict
             t_model = time.perf_counter()
             if n:
                 tf = BatchTransform(int(meta["input_size"]), meta["mean"], meta["std"], train=False,
-                                    interpolation=meta.get("interpolation") or "bilinear")
+                                    interpolation=meta.get("interpolation") or "bilinear",
+                                    stain_norm=meta.get("stain_norm"))
                 loader = make_tile_loader(tiles, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
                 from tqdm import tqdm
 

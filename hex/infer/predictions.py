@@ -131,7 +131,7 @@ def infer_slide(slide_id: str, he_path: Path, model: torch.nn.Module, meta: dict
                           "file (0 tiles); check the slide is not blank or lower --min-tissue")
     else:
         tf = BatchTransform(int(meta["input_size"]), meta["mean"], meta["std"], train=False,
-                            interpolation=meta.get("interpolation") or "bilinear")
+                            interpolation=meta.get("interpolation") or "bilinear", stain_norm=meta.get("stain_norm"))
         loader = make_tile_loader(tiles, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
         pred = run_loop(loader, prediction_fn(model), tf, device, amp, n=tiles.num_tiles, dim=len(markers),
                         channels_last=wants_channels_last(model, device), progress=progress, desc=slide_id,

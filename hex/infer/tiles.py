@@ -25,6 +25,10 @@ Public API (stable; ``mica`` feature extraction uses it too)::
   each worker may be smaller); a worker holds one region and one batch in memory, never a whole level. Batches
   arrive in no particular order: place results by ``idx``.
 * The slide is opened lazily once per process (OpenSlide handles are not shared across ``fork``).
+* A :class:`pipeline.errors.PipelineError` raised while reading (a corrupt tile:
+  :class:`preprocess.slide_io.SlideReadError`, one line naming the file, level and region) reaches the loop that
+  iterates the loader as that same one-line error, also from DataLoader workers (whose own exceptions would carry
+  the worker's traceback in their message).
 * :func:`tissue_tiles` computes a grid with stage 01's own functions (``grid_geometry``, ``grid_tissue_mask``,
   ``patch_tissue_fraction``) at any stride: tiles of ``patch_size`` px at ``target_mpp`` µm/px (level-0 side
   P = round(patch_size * target_mpp / mpp)), top-left x, y = 0, s, 2s, ... (s = round(stride * P / patch_size)
@@ -162,6 +166,14 @@ class TileRegions(Dataset):
         return state
 
 
+class _WorkerError:
+    """A :class:`PipelineError` raised in a DataLoader worker, sent to the main process as an item (an exception
+    raised in a worker reaches it with the worker's traceback pasted into its message)."""
+
+    def __init__(self, error: PipelineError):
+        self.error = error
+
+
 class TileBatches(IterableDataset):
     """Batches of ``batch_size`` tiles of a :class:`TileRegions`; each DataLoader worker reads its own regions.
 
@@ -187,7 +199,13 @@ class TileBatches(IterableDataset):
         n = 0
         try:
             for r in range(wid, len(ds), nw):
-                pixels, idx, off = ds.read_region(r)
+                try:
+                    pixels, idx, off = ds.read_region(r)
+                except PipelineError as e:
+                    if info is None:
+                        raise
+                    yield _WorkerError(e)  # raised again, as it was, by TileLoader in the main process
+                    return
                 for i, o in zip(idx, off):
                     buf[n] = ds.cut(pixels, o).transpose(2, 0, 1)
                     ibuf[n] = i
@@ -202,17 +220,36 @@ class TileBatches(IterableDataset):
                 ds.close()
 
 
+class TileLoader:
+    """Iterates a :class:`TileBatches` DataLoader (``.loader``); a :class:`PipelineError` of a worker is raised here
+    as it was raised there (one line, e.g. :class:`preprocess.slide_io.SlideReadError` for a corrupt tile)."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for item in self.loader:
+            if isinstance(item, _WorkerError):
+                raise item.error
+            yield item
+
+
 def make_tile_loader(ds: TileRegions, batch_size: int, workers: int = 0, pin_memory: bool = False,
-                     prefetch_factor: int = 2) -> DataLoader:
-    """DataLoader over ``ds`` yielding (imgs uint8 (B, 3, S, S), idx int64 (B,)) batches (see :class:`TileBatches`).
+                     prefetch_factor: int = 2) -> TileLoader:
+    """A DataLoader over ``ds`` yielding (imgs uint8 (B, 3, S, S), idx int64 (B,)) batches (see
+    :class:`TileBatches`), wrapped in a :class:`TileLoader` that raises a worker's :class:`PipelineError` as it was.
 
     ``workers`` processes read regions in parallel (capped at the number of regions; 0 = read in this process);
     ``pin_memory`` pins each batch for ``non_blocking`` copies to CUDA.
     """
     workers = max(0, min(int(workers), len(ds)))
     kw = {"prefetch_factor": prefetch_factor} if workers > 0 else {}
-    return DataLoader(TileBatches(ds, batch_size), batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=False, generator=torch.Generator().manual_seed(0), **kw)
+    return TileLoader(DataLoader(TileBatches(ds, batch_size), batch_size=None, num_workers=workers,
+                                 pin_memory=pin_memory, persistent_workers=False,
+                                 generator=torch.Generator().manual_seed(0), **kw))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 
 # flags that define what a run trains: resuming with any of them changed is an error
 RUN_KEYS = ("backbone", "backbone_kw", "weights", "init", "unfreeze_last", "input_size", "split", "markers", "loss",
-            "fds", "dense_grid", "dense_weight")
+            "fds", "dense_grid", "dense_weight", "stain_norm", "stain_target")
 # flags whose change on resume is only warned about (the optimiser/scheduler state comes from the checkpoint)
-SOFT_KEYS = ("lr", "gamma", "lr_floor", "batch_size", "global_batch_size", "lds", "weight_decay", "seed", "dropout")
+SOFT_KEYS = ("lr", "gamma", "lr_floor", "batch_size", "global_batch_size", "lds", "weight_decay", "seed", "dropout",
+             "stain_aug")
 _EPOCH_RE = re.compile(r"epoch_(\d+)\.pt")
 
 
@@ -85,8 +86,12 @@ def run_identity(config: Mapping[str, Any], markers: Sequence[str]) -> dict[str,
     checkpoint's ``config``) and its markers (as a sorted list: the order comes from the checkpoint); paths are made
     absolute so that the same file compares equal."""
     ident = {k: config.get(k) for k in RUN_KEYS if k != "markers"}
-    for k in ("weights", "init", "split"):
+    for k in ("weights", "init", "split", "stain_target"):
         ident[k] = _norm_path(ident[k])
+    # runs from before stain normalisation have neither key: none
+    ident["stain_norm"] = ident["stain_norm"] or "none"
+    if ident["stain_norm"] == "none":
+        ident["stain_target"] = None
     ident["backbone_kw"] = dict(ident["backbone_kw"] or {})
     # runs from before the dense head have neither key: a patch-level run (dense_grid 0, no dense weight)
     ident["dense_grid"] = int(ident["dense_grid"] or 0)

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from hex import backbones
+from hex.data.stain import fit_stain_norm
 from pipeline import artifacts as art
 from pipeline.cli import config_from_args
 from pipeline.errors import PipelineError
 
-RECIPE_FLAGS = ("lr", "gamma", "lr_floor", "unfreeze_last", "batch_size", "lds")
+RECIPE_FLAGS = ("lr", "gamma", "lr_floor", "unfreeze_last", "batch_size", "lds", "stain_aug")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,7 +25,9 @@ class TrainConfig:
     """One field per flag of ``python -m hex.train`` (same names; see its ``--help`` for units and defaults).
 
     After :func:`make_config` the recipe flags (:data:`RECIPE_FLAGS`) and ``input_size`` are set and
-    ``recipe_info`` says where their values came from (``{"recipe", "values", "warning"}``, saved in config.json).
+    ``recipe_info`` says where their values came from (``{"recipe", "values", "warning"}``, saved in config.json),
+    and ``stain_fit`` holds the stain normalisation fitted on ``stain_target`` (:func:`hex.data.stain.fit_stain_norm`;
+    None with ``--stain-norm none``).
     """
 
     # data
@@ -59,6 +62,9 @@ class TrainConfig:
     no_flips: bool = False
     rotation: float = 0.0
     interpolation: str = "bilinear"
+    stain_aug: float | None = None
+    stain_norm: str = "none"
+    stain_target: Path | None = None
     # optimisation (None: the backbone's recipe)
     epochs: int = 120
     batch_size: int | None = None
@@ -83,6 +89,7 @@ class TrainConfig:
     dense_weight: float = 1.0
     dense_dir: Path | None = None
     recipe_info: dict[str, Any] | None = None
+    stain_fit: dict[str, Any] | None = None
 
     @property
     def dense_labels_dir(self) -> Path | None:
@@ -97,8 +104,10 @@ class TrainConfig:
         return art.HEX_RUN.dir(self.out, run=self.run)
 
     def flags(self) -> dict[str, Any]:
-        """The resolved flags (every field but ``recipe_info``): ``config.json`` and the checkpoints' ``config``."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "recipe_info"}
+        """The resolved flags (every field but ``recipe_info`` and ``stain_fit``): ``config.json`` and the
+        checkpoints' ``config``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("recipe_info", "stain_fit")}
 
 
 def resolve_recipe(cfg: TrainConfig) -> TrainConfig:
@@ -143,6 +152,8 @@ def check_values(cfg: TrainConfig) -> None:
         raise PipelineError(f"--lr {cfg.lr:g} / --gamma {cfg.gamma:g}: both must be > 0")
     if not 0 <= cfg.lr_floor <= 1 or not 0 <= cfg.dropout < 1:
         raise PipelineError(f"--lr-floor {cfg.lr_floor:g} must be in [0, 1] and --dropout {cfg.dropout:g} in [0, 1)")
+    if not 0 <= cfg.stain_aug < 1:
+        raise PipelineError(f"--stain-aug {cfg.stain_aug:g}: must be in [0, 1) (0 = off; 0.05-0.2 typical)")
     if cfg.dense_grid < 0 or not cfg.dense_weight >= 0:
         raise PipelineError(f"--dense-grid {cfg.dense_grid} must be >= 0 (0 = no dense head) and --dense-weight "
                             f"{cfg.dense_weight:g} >= 0")
@@ -181,6 +192,10 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
     if cfg.global_batch_size and cfg.global_batch_size % (cfg.batch_size * world):
         raise PipelineError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of batch size x world "
                             f"size = {cfg.batch_size} x {world}")
+    if cfg.stain_norm == "none" and cfg.stain_target is not None:
+        raise PipelineError(f"--stain-target {cfg.stain_target} is given without --stain-norm: add --stain-norm "
+                            "macenko (or reinhard), or drop --stain-target")
     kw = cfg.backbone_kw or {}
-    return dataclasses.replace(cfg, input_size=int(cfg.input_size or kw.get("img_size") or kw.get("input_size")
-                                                   or backbones.get_spec(cfg.backbone).input_size))
+    size = int(cfg.input_size or kw.get("img_size") or kw.get("input_size")
+               or backbones.get_spec(cfg.backbone).input_size)
+    return dataclasses.replace(cfg, input_size=size, stain_fit=fit_stain_norm(cfg.stain_norm, cfg.stain_target))

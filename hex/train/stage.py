@@ -47,6 +47,15 @@ dense loss (same ``--loss`` family, its own instance: per-marker alpha/scale for
 (``best.*``) stays on the validation patch-level Pearson r. ``--init`` with a patch-level model fine-tunes it into a
 dense one (the dense head starts from its initialisation). TensorBoard: ``train/loss_patch``, ``train/loss_dense``.
 
+Stain robustness: ``--stain-aug S`` perturbs each training patch's haematoxylin, eosin and DAB amounts (colour
+deconvolution with the Ruifrok-Johnston matrix; scale U[1-S, 1+S], shift U[-S/4, S/4] optical density; Tellez et al.
+2018) before the colour jitter; the default comes from the backbone's recipe (``tiny``: see
+``hex/backbones/tiny.py``). ``--stain-norm macenko|reinhard --stain-target PNG`` fits a stain normalisation
+(torchstain) on the target image once and normalises every patch to it, in training and validation; the fitted
+parameters are recorded in ``config.json`` (``stain_norm_fit``), ``best.json`` and the checkpoints (``stain_norm``),
+and ``hex.test``, ``hex.infer_wsi`` and ``mica.extract_features --encoder hex:RUN`` apply the recorded
+normalisation themselves (no flag to repeat).
+
 Global batch: each optimiser step sees ``batch_size x world_size x grad_accum`` patches; ``--global-batch-size``
 sets the accumulation (it must divide). The learning rate is not rescaled.
 
@@ -79,6 +88,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from hex import backbones
+from hex.data.stain import METHODS
 from hex.data.transforms import BatchTransform
 from hex.evaluate.metrics import mse as mse_per_marker
 from hex.evaluate.predict import predict_distributed
@@ -165,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "the 8 flip/rot90 symmetries)")
     g.add_argument("--interpolation", choices=("bilinear", "bicubic"), default="bilinear",
                    help="resize to the input size (original HEX code: bilinear; MUSK pre-training: bicubic)")
+    g = p.add_argument_group("stain robustness (see above)")
+    g.add_argument("--stain-aug", type=float, metavar="S",
+                   help="HED stain augmentation strength: per patch and stain (H, E, DAB) amounts scaled by U[1-S, "
+                        "1+S] and shifted by U[-S/4, S/4] optical density; 0 = off (default: the backbone's recipe)")
+    g.add_argument("--stain-norm", choices=METHODS, default="none",
+                   help="normalise every patch's stains to --stain-target (Macenko or Reinhard, torchstain); recorded "
+                        "in the run and applied the same way by hex.test, hex.infer_wsi and mica.extract_features")
+    g.add_argument("--stain-target", type=Path, metavar="PNG",
+                   help="target image for --stain-norm: an RGB H&E tissue region (e.g. 1024 x 1024 px at 0.5 µm/px)")
     g = p.add_argument_group("optimisation (unset: the backbone's recipe, see above)")
     g.add_argument("--epochs", type=int, default=120)
     g.add_argument("--batch-size", type=int, help="patches per step per process (paper 48)")
@@ -258,9 +277,12 @@ def train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, inputs: dict[str, A
         generator=torch.Generator().manual_seed(cfg.seed))  # own RNG: loader never touches the global one
     input_size = int(ck["input_size"]) if ck is not None else cfg.input_size
     interpolation = ck.get("interpolation", "bilinear") if ck is not None else cfg.interpolation
+    stain = stain_record(cfg, ck, is_main)
     train_tf = BatchTransform(input_size, model.mean, model.std, train=True, jitter=tuple(cfg.color_jitter),
-                              flips=not cfg.no_flips, interpolation=interpolation, rotation=cfg.rotation)
-    val_tf = BatchTransform(input_size, model.mean, model.std, train=False, interpolation=interpolation)
+                              flips=not cfg.no_flips, interpolation=interpolation, rotation=cfg.rotation,
+                              stain_aug=cfg.stain_aug, stain_norm=stain)
+    val_tf = BatchTransform(input_size, model.mean, model.std, train=False, interpolation=interpolation,
+                            stain_norm=stain)
     config = cfg.flags()
     if is_main:
         n_tr = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -278,7 +300,8 @@ def train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, inputs: dict[str, A
         saved = {**config, "world_size": world, "grad_accum": accum, "global_batch": cfg.batch_size * world * accum,
                "input_size": input_size, "markers": train_ds.markers, "model_args": model.model_args,
                "resumed_from": inputs["resume_path"], "n_train": len(train_ds), "n_val": len(val_ds),
-               "recipe": cfg.recipe_info, "warnings": [w for w in [cfg.recipe_info["warning"]] if w]}
+               "recipe": cfg.recipe_info, "warnings": [w for w in [cfg.recipe_info["warning"]] if w],
+               "stain_norm_fit": stain}
         save_config(run_dir, saved, name="config.json" if ck is None else f"config_resume_epoch{start_epoch}.json")
     writer = None
     if is_main:
@@ -297,7 +320,7 @@ def train(cfg: TrainConfig, ctx: DistContext, run_dir: Path, inputs: dict[str, A
     ddp = wrap_ddp(step, ctx, cfg.find_unused_parameters)
     meta = {"markers": train_ds.markers, "normalization": train_ds.normalization, "model_args": model.model_args,
             "input_size": input_size, "interpolation": interpolation, "mean": list(model.mean),
-            "std": list(model.std), "split": str(Path(cfg.split).resolve()),
+            "std": list(model.std), "stain_norm": stain, "split": str(Path(cfg.split).resolve()),
             "train_slides": list(inputs["split"]["train"]), "val_slides": list(inputs["split"]["val"])}
     for epoch in range(start_epoch, cfg.epochs):
         if epoch >= cfg.freeze_backbone_epoch and not model.backbone_frozen:
@@ -384,6 +407,22 @@ def validate(model: HEX, val_ds: Any, val_tf: BatchTransform, ctx: DistContext, 
                  100 * tr["data_wait"] / max(train_time, 1e-9), score, float(np.nanmean(e)),
                  f" ({collapsed} markers collapsed to a constant prediction, counted as r = 0)" if collapsed else "")
     return {"score": score, "r": r, "mse": float(np.nanmean(e)), "collapsed": collapsed}
+
+
+def stain_record(cfg: TrainConfig, ck: dict[str, Any] | None, log_it: bool) -> dict[str, Any] | None:
+    """The stain normalisation of the run: a resumed run keeps its checkpoint's fitted record (``--stain-norm`` and
+    ``--stain-target`` match it, :data:`hex.train.checkpoints.RUN_KEYS`), a fresh one uses ``cfg.stain_fit``."""
+    rec = cfg.stain_fit
+    if ck is not None and ck.get("stain_norm") is not None:
+        old = ck["stain_norm"]
+        if log_it and rec is not None and old.get("target_sha256") != rec.get("target_sha256"):
+            log.warning("--stain-target %s changed since the checkpoint was written: the run keeps the checkpoint's "
+                        "fitted %s normalisation", cfg.stain_target, old.get("method"))
+        rec = old
+    if log_it and rec is not None:
+        log.info("stain normalisation: %s to %s (recorded in best.json; applied by hex.test, hex.infer_wsi and "
+                 "mica.extract_features)", rec["method"], rec["target"])
+    return rec
 
 
 def _dense_text(tr: dict[str, Any], weight: float) -> str:

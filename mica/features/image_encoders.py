@@ -38,13 +38,15 @@ class ImageEncoder:
     interpolation: str = "bicubic"
     weights: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    stain_norm: dict[str, Any] | None = None  # a HEX run's recorded stain normalisation (hex.data.stain)
 
     def transform(self):
         """uint8 (B, 3, H, W) -> normalised (B, 3, S, S) (:class:`hex.data.transforms.BatchTransform`, no
-        augmentation)."""
+        augmentation; a ``hex:RUN`` encoder's stain normalisation first, as in its training)."""
         from hex.data.transforms import BatchTransform
 
-        return BatchTransform(self.input_size, self.mean, self.std, train=False, interpolation=self.interpolation)
+        return BatchTransform(self.input_size, self.mean, self.std, train=False, interpolation=self.interpolation,
+                              stain_norm=self.stain_norm)
 
 
 def load_encoder(name: str, out: Path | None = None, weights: str | None = None, interpolation: str | None = None,
@@ -72,7 +74,7 @@ def load_encoder(name: str, out: Path | None = None, weights: str | None = None,
         return ImageEncoder(name, visual, int(visual.embed_dim), int(meta["input_size"]), tuple(meta["mean"]),
                             tuple(meta["std"]), interpolation or meta.get("interpolation") or "bilinear",
                             str(ckpt), {"checkpoint_sha256": meta.get("checkpoint_sha256", ""),
-                                                "hex_epoch": meta.get("epoch")})
+                                                "hex_epoch": meta.get("epoch")}, meta.get("stain_norm"))
     try:
         spec = backbones.get_spec(name)
         with torch.random.fork_rng(devices=[]):  # random init: the same in every process and run

@@ -100,25 +100,9 @@ def sample_map(vmap: VirtualMap, xy_px: np.ndarray) -> tuple[np.ndarray, np.ndar
 
         vals = sample_dense_map(vmap.dense, xy_px)
         return vals, ~np.isnan(vals).all(axis=1)
-    xy = np.asarray(xy_px, np.float64).reshape(-1, 2)
-    h, w, m = vmap.values.shape
-    u = xy[:, 0] / vmap.stride_level0 - 0.5
-    v = xy[:, 1] / vmap.stride_level0 - 0.5
-    c0, r0 = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
-    fu, fv = u - c0, v - r0
-    acc = np.zeros((len(xy), m), np.float64)
-    wsum = np.zeros(len(xy), np.float64)
-    for dr, dc, wt in ((0, 0, (1 - fv) * (1 - fu)), (0, 1, (1 - fv) * fu), (1, 0, fv * (1 - fu)), (1, 1, fv * fu)):
-        r, c = r0 + dr, c0 + dc
-        ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
-        rr, cc = np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)
-        wk = np.where(ok & vmap.mask[rr, cc], wt, 0.0)
-        acc += wk[:, None] * vmap.values[rr, cc]
-        wsum += wk
-    inside = wsum > 1e-9
-    out = np.full((len(xy), m), np.nan, np.float32)
-    out[inside] = (acc[inside] / wsum[inside, None]).astype(np.float32)
-    return out, inside
+    from hex.infer.map_sampling import sample_map as sample_values
+
+    return sample_values(vmap.values, vmap.mask, vmap.stride_level0, xy_px)
 
 
 @dataclass

@@ -38,6 +38,7 @@ import pandas as pd
 
 from hex.data.datasets import PatchDataset
 from hex.evaluate.metrics import pearson
+from hex.infer.map_sampling import sample_map
 from pipeline import artifacts as art
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, write_json
@@ -211,35 +212,6 @@ def cell_centres(coords: np.ndarray, grid: int, cell_px: float) -> np.ndarray:
     out[..., 0] = xy[..., 0] + off[None, None, :]
     out[..., 1] = xy[..., 1] + off[None, :, None]
     return out
-
-
-def sample_map(values: np.ndarray, mask: np.ndarray, stride_level0: float,
-               xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Map values at level-0 points ``xy`` (K, 2) (pixel centres at integers): bilinear between the centres
-    ``(q + 1/2) s - 1/2`` of the four surrounding map pixels, each weighted by the tissue ``mask``.
-
-    Returns (K, M) float32 (NaN where none of the four neighbours is tissue or inside the map) and (K,) bool.
-    """
-    xy = np.asarray(xy, np.float64).reshape(-1, 2)
-    h, w, m = values.shape
-    s = float(stride_level0)
-    u = (xy[:, 0] + 0.5) / s - 0.5
-    v = (xy[:, 1] + 0.5) / s - 0.5
-    c0, r0 = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
-    fu, fv = u - c0, v - r0
-    acc = np.zeros((len(xy), m), np.float64)
-    wsum = np.zeros(len(xy), np.float64)
-    for dr, dc, wt in ((0, 0, (1 - fv) * (1 - fu)), (0, 1, (1 - fv) * fu), (1, 0, fv * (1 - fu)), (1, 1, fv * fu)):
-        r, c = r0 + dr, c0 + dc
-        ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
-        rr, cc = np.clip(r, 0, h - 1), np.clip(c, 0, w - 1)
-        wk = np.where(ok & mask[rr, cc], wt, 0.0)
-        acc += wk[:, None] * values[rr, cc]
-        wsum += wk
-    inside = wsum > 1e-9
-    out = np.full((len(xy), m), np.nan, np.float32)
-    out[inside] = (acc[inside] / wsum[inside, None]).astype(np.float32)
-    return out, inside
 
 
 def baseline_at_cells(bmap: BaselineMap, coords: np.ndarray, grid: int, cell_px: float,

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hex.infer.map_formats import choose_preview_markers, downsample2, pyramid_shapes, write_ome_pyramid
+from hex.infer.map_sampling import sample_map
 from pipeline import artifacts as art
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, write_json
@@ -702,7 +703,6 @@ def sample_dense_map(dmap: DenseMap, xy_level0: np.ndarray, block: int = 256) ->
     c = float(dmap.cell_px_level0)
     u, v = (xy[:, 0] + 0.5) / c - 0.5, (xy[:, 1] + 0.5) / c - 0.5
     c0, r0 = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
-    fu, fv = u - c0, v - r0
     near = (r0 >= -1) & (r0 < h) & (c0 >= -1) & (c0 < w)
     key = np.clip(r0, 0, h - 1) // block * (w // block + 1) + np.clip(c0, 0, w - 1) // block
     for k in np.unique(key[near]):
@@ -710,17 +710,6 @@ def sample_dense_map(dmap: DenseMap, xy_level0: np.ndarray, block: int = 256) ->
         ya, xa = max(0, int(r0[sel].min())), max(0, int(c0[sel].min()))
         yb, xb = min(h, int(r0[sel].max()) + 2), min(w, int(c0[sel].max()) + 2)
         win = np.asarray(dmap.values[ya:yb, xa:xb], np.float32)
-        mwin = dmap.mask[ya:yb, xa:xb]
-        acc = np.zeros((len(sel), m), np.float64)
-        wsum = np.zeros(len(sel), np.float64)
-        for dr, dc in ((0, 0), (0, 1), (1, 0), (1, 1)):
-            r, q = r0[sel] + dr, c0[sel] + dc
-            wt = (fv[sel] if dr else 1 - fv[sel]) * (fu[sel] if dc else 1 - fu[sel])
-            ok = (r >= ya) & (r < yb) & (q >= xa) & (q < xb)
-            rr, qq = np.clip(r - ya, 0, yb - ya - 1), np.clip(q - xa, 0, xb - xa - 1)
-            wk = np.where(ok & mwin[rr, qq], wt, 0.0)
-            acc += wk[:, None] * win[rr, qq]
-            wsum += wk
-        good = wsum > 1e-9
-        out[sel[good]] = (acc[good] / wsum[good, None]).astype(np.float32)
+        vals, good = sample_map(win, dmap.mask[ya:yb, xa:xb], c, xy[sel], origin=(ya, xa))
+        out[sel[good]] = vals[good]
     return out

@@ -24,8 +24,9 @@ def _vmap() -> VirtualMap:
 
 def test_sample_map_is_bilinear_between_pixel_centres() -> None:
     vm = _vmap()
-    # pixel (r, c) is centred at level-0 ((c + 0.5) 100, (r + 0.5) 100)
-    xy = np.array([[50.0, 50.0], [150.0, 250.0], [100.0, 100.0], [125.0, 175.0]])
+    # pixel (r, c) is centred at level-0 ((c + 0.5) 100 - 0.5, (r + 0.5) 100 - 0.5) (level-0 pixel centres at
+    # integers, as the stage-06 map's coverage rule)
+    xy = np.array([[50.0, 50.0], [150.0, 250.0], [100.0, 100.0], [125.0, 175.0]]) - 0.5
     vals, inside = sample_map(vm, xy)
     assert inside.all()
     np.testing.assert_allclose(vals[:3, 0], [0.0, 9.0, 2.5], atol=1e-5)

@@ -6,8 +6,8 @@
 
 Three measures, printed as one table (issue 19, deliverable 5 and its acceptance):
 
-1. Throughput, one process, same slide, same tiles (tiles every ``--dense-stride`` = 112 px, the dense pass's grid):
-   patch-level = :func:`hex.infer.predictions.infer_slide` with ``--stride 112`` (``model.forward``, the h5 write);
+1. Throughput, one process, same slide, same tiles (tiles every ``--dense-stride`` = 56 px, the dense pass's grid):
+   patch-level = :func:`hex.infer.predictions.infer_slide` with ``--stride 56`` (``model.forward``, the h5 write);
    dense = :func:`hex.infer.dense_maps.dense_slide` (``model.forward_dense``, blending, OME-TIFF and preview). Tiles/s
    of each over the whole call, and of the dense model loop alone (read + forward + blend); ratio dense / patch.
    The model: a random-init tiny HEX with the dense head (G = 16), 224 px input.
@@ -15,7 +15,7 @@ Three measures, printed as one table (issue 19, deliverable 5 and its acceptance
    in a fresh subprocess per slide, ``ru_maxrss`` at exit, for slide A and for slide B with 4x its area;
    ratio B / A (acceptance < 1.5); also B's dense map as one float32 array (what a full-slide buffer would add).
 3. Seams: on the blended level-0 map, the mean |step| between neighbouring pixels across tile borders (pairs that
-   straddle a tile-lattice line, every stride/c = 8 cells) over the mean |step| between neighbours inside tiles,
+   straddle a tile-lattice line, every stride/c = 4 cells) over the mean |step| between neighbours inside tiles,
    both directions, all markers, tissue pixels only (not at the tissue edge). Acceptance <= 1.2. Measured for the
    random-init tiny dense model (whose tiles disagree where they overlap), the same model blended with a flat (box)
    window instead of the Hann bump (to show the measure sees seams), and a stand-in whose dense output is each
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     sb = write_bench_slide(work / "he_b" / "b.tif", 4 * tiles_a, seed=0)
     rec["side_a_px"], rec["side_b_px"] = sa["side_px"], sb["side_px"]
     model = tiny_dense(device)
-    stride = TILE // 2
+    stride = dm.dense_stride(TILE, GRID, None)  # the stage's default (a quarter of the tile)
     he = work / "he_a" / "a.tif"
     # 1. throughput: same tiles, one process
     pcfg = InferConfig(pred_dir=work / "pred", grid_dir=work / "none", patch_size=TILE, stride=stride,
@@ -197,9 +197,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     finally:
         dm.blend_window = orig  # type: ignore[assignment]
     rec["seam_tiny_box"] = seam_ratio(work / "vc_box" / "a_dense.ome.tif", step)
-    dm.dense_slide("a", he, model, meta, dm.DenseConfig(**{**dcfg.__dict__, "out_dir": work / "vc_56", "stride": 56}),
-                   device, None)
-    rec["seam_tiny_56"] = seam_ratio(work / "vc_56" / "a_dense.ome.tif", 56 // (TILE // GRID))
+    dm.dense_slide("a", he, model, meta, dm.DenseConfig(**{**dcfg.__dict__, "out_dir": work / "vc_112",
+                                                              "stride": TILE // 2}), device, None)
+    rec["seam_tiny_112"] = seam_ratio(work / "vc_112" / "a_dense.ome.tif", TILE // 2 // (TILE // GRID))
     dark = DarkCells()
     dm.dense_slide("a", he, dark, meta_of(dark, "darkness stand-in"),
                    dm.DenseConfig(**{**dcfg.__dict__, "out_dir": work / "vc_dark"}), device, None)
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def print_table(r: dict[str, Any]) -> None:
     ok = lambda b: "ok" if b else "FAIL"  # noqa: E731
     print(f"\ndense inference bench ({r['device']}; tiny HEX + dense head G={GRID}, random init; tiles of {TILE} px "
-          f"every {TILE // 2} px)")
+          f"every {dm.dense_stride(TILE, GRID, None)} px)")
     print(f"slide A {r['side_a_px']} px a side ({r['tiles']} tiles on the dense grid), map {r['map_shape']}; "
           f"slide B {r['side_b_px']} px (4x area)")
     rows = [
@@ -233,7 +233,7 @@ def print_table(r: dict[str, Any]) -> None:
         ("band rows held (map rows, of the map's)", f"{r['max_band_rows']} of {r['map_shape'][0]}", ""),
     ]
     for key, label in (("seam_tiny", "tiny dense HEX, Hann window"), ("seam_tiny_box", "tiny dense HEX, box window"),
-                       ("seam_tiny_56", "tiny dense HEX, Hann, --dense-stride 56"),
+                       ("seam_tiny_112", f"tiny dense HEX, Hann, --dense-stride {TILE // 2}"),
                        ("seam_standin", "darkness stand-in, Hann window")):
         s = r[key]
         verdict = f"<= 1.2 {ok(s['ratio'] <= 1.2)}" if key != "seam_tiny_box" else "(reference: no window)"

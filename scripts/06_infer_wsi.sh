@@ -13,7 +13,7 @@ BACKBONE=${BACKBONE:-}                   # original checkpoint.pth only (default
 WEIGHTS=${WEIGHTS:-}                     # original heads-only checkpoint.pth: backbone weights file
 STRIDE=${STRIDE:-}                       # tile step in px at 0.5 µm/px; empty = patch size (stage-01 grid), e.g. 56
 DENSE=${DENSE:-0}                        # 1 = also the dense (7 µm, cell-scale) map: needs a model trained with DENSE=1
-DENSE_STRIDE=${DENSE_STRIDE:-}           # DENSE=1: dense tile step in px at 0.5 µm/px; empty = half the tile (112)
+DENSE_STRIDE=${DENSE_STRIDE:-}           # DENSE=1: dense tile step in px at 0.5 µm/px; empty = a quarter of the tile (56)
 GPUS=${GPUS:-0}                          # processes per node (torchrun); 0 = one CPU process
 NNODES=${NNODES:-1}                      # nodes (GPUS>0); several: give TORCHRUN_ARGS
 WORKERS=${WORKERS:-4}                    # DataLoader workers reading regions, per process

@@ -9,7 +9,7 @@ Commands (run from the repository root)::
     # the original release's heads-only checkpoint.pth on MUSK (output names: hex/markers_original.csv)
     python -m hex.infer_wsi --he /data/slides --out OUT --checkpoint checkpoint.pth --backbone musk \\
         --weights musk/model.safetensors
-    # and the dense (cell-scale, 7 µm) virtual CODEX of a model trained with --dense-grid 16: tiles every 112 px
+    # and the dense (cell-scale, 7 µm) virtual CODEX of a model trained with --dense-grid 16: tiles every 56 px
     python -m hex.infer_wsi --cohort COHORT --out OUT --run-name RUN --dense
     # GPUs: slides are shared among ranks; job arrays add --shard i/n (sorted slide list, every n-th from i)
     torchrun --standalone --nproc-per-node 8 -m hex.infer_wsi --cohort COHORT --out OUT --run-name RUN
@@ -29,8 +29,8 @@ percentiles). Attributes: ``markers``, ``patch_size`` (px), ``patch_size_level0`
 ``grid_source``, ``slide_id``, ``he_path``, ``schema_version``. Also ``hex_pred/config.json`` and ``run.log``.
 
 Dense (``--dense``, a checkpoint with a dense head): after a slide's prediction file, a second pass over tiles every
-``--dense-stride`` px (default half the tile; a multiple of the dense cell, tile / G px) blended into the cell-scale
-map ``virtual_codex/{slide}_dense.ome.tif`` + ``{slide}_dense_preview.png``, described under ``dense`` in
+``--dense-stride`` px (default a quarter of the tile; a multiple of the dense cell, tile / G px) blended into the
+cell-scale map ``virtual_codex/{slide}_dense.ome.tif`` + ``{slide}_dense_preview.png``, described under ``dense`` in
 ``virtual_codex/{slide}.json`` (:mod:`hex.infer.dense_maps`). The prediction file and the patch maps stay as without it.
 
 Slides: :func:`pipeline.cohort.resolve_slides` (``COHORT/pairs.csv`` when present, else ``COHORT/he/``, or
@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "G x G grid: 7 µm at 224 px / 16) + _dense_preview.png; needs a checkpoint trained with "
                         "--dense-grid")
     d.add_argument("--dense-stride", type=int, default=None,
-                   help="dense tiles every this many px at --target-mpp (default half the tile: 112 for 224 px); a "
+                   help="dense tiles every this many px at --target-mpp (default a quarter of the tile: 56 for 224 px; "
+                        "at half the tile, 112, the tile lattice shows in the steps between cells); a "
                         "multiple of the dense cell (tile / G px, 14 for 224 / 16)")
     return p
 

@@ -85,7 +85,7 @@ def test_dark_rectangle_lands_within_one_dense_pixel_and_the_file_reads_back(den
     he, out, desc = dense_out
     c = PS // GRID
     path = out / "virtual_codex" / "s_dense.ome.tif"
-    assert desc["cell_px_level0"] == c and desc["stride_level0"] == PS // 2 and desc["shape"] == [129, 143, 40]
+    assert desc["cell_px_level0"] == c and desc["stride_level0"] == PS // 4 and desc["shape"] == [129, 143, 40]
     with tifffile.TiffFile(path) as t:
         img = t.series[0].levels[0].asarray()
         mask = t.series[1].asarray() > 0
@@ -157,7 +157,7 @@ def test_stage_dense_keeps_the_patch_outputs_and_follows_the_done_rules(tmp_path
                           np.load(tmp_path / "dense" / "virtual_codex" / "s.npy"))
     assert not list((tmp_path / "plain" / "virtual_codex").glob("*dense*"))
     rec = json.loads((tmp_path / "dense" / "virtual_codex" / "s.json").read_text())
-    assert rec["dense"]["grid"] == GRID and rec["dense"]["stride"] == PS // 2 and rec["dense"]["n_tiles"] > 0
+    assert rec["dense"]["grid"] == GRID and rec["dense"]["stride"] == PS // 4 and rec["dense"]["n_tiles"] > 0
     assert (tmp_path / "dense" / "virtual_codex" / "s_dense_preview.png").is_file()
     dmap = dm.read_dense_map(tmp_path / "dense", "s")
     assert np.isfinite(np.asarray(dmap.values)).all() and np.asarray(dmap.values)[dmap.mask].std() > 0
@@ -168,5 +168,5 @@ def test_stage_dense_keeps_the_patch_outputs_and_follows_the_done_rules(tmp_path
     assert "0 done, 1 skipped" in caplog.records[-1].getMessage()
     assert infer_wsi.main([*common, "--out", str(tmp_path / "dense")]) == 2  # done with other settings
     # a slide done without --dense is redone with it
-    assert infer_wsi.main([*common, "--out", str(tmp_path / "plain"), "--dense", "--dense-stride", "28"]) == 0
-    assert json.loads((tmp_path / "plain" / "virtual_codex" / "s.json").read_text())["dense"]["stride"] == 28
+    assert infer_wsi.main([*common, "--out", str(tmp_path / "plain"), "--dense", "--dense-stride", "56"]) == 0
+    assert json.loads((tmp_path / "plain" / "virtual_codex" / "s.json").read_text())["dense"]["stride"] == 56

@@ -218,3 +218,19 @@ def test_dataset_joins_dense_labels_by_index(tmp_path: Path) -> None:
     art.DENSE_LABELS.path(tmp_path, info["slides"][1]).unlink()
     with pytest.raises(PipelineError, match="slide_001.h5.*--dense-grid"):
         build_dataset(tmp_path, info["slides"], dense_dir=art.DENSE_LABELS.dir(tmp_path))
+
+
+def test_dense_head_area_resize_is_the_mean_over_each_cell_of_the_bilinear_surface() -> None:
+    """The separable resize equals bilinear upsampling to 4G then 4 x 4 block means (tiny's 14 and MUSK's 24
+    tokens to 16 cells), and a constant feature map stays constant."""
+    import torch.nn.functional as F
+
+    from hex.model import AREA_SAMPLES, area_resize_matrix
+
+    for n in (14, 24, 16):
+        f = torch.randn(2, 8, n, n)
+        ref = F.avg_pool2d(F.interpolate(f, size=(AREA_SAMPLES * 16,) * 2, mode="bilinear", align_corners=False),
+                           AREA_SAMPLES)
+        r = area_resize_matrix(n, 16)
+        torch.testing.assert_close(torch.einsum("gh,bchw,kw->bcgk", r, f, r), ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(r.sum(1), torch.ones(16))

@@ -20,6 +20,7 @@ import pytest
 import tifffile
 import torch
 
+from bench.bench_dense_infer import DarkCells
 from hex.infer import dense_maps as dm
 from hex.infer import stage as infer_wsi
 from hex.model import HEX
@@ -30,19 +31,7 @@ from tests.fixtures import save_run
 
 PS, GRID, MPP = 112, 16, 0.5  # tile 112 px = 56 µm, cell 7 px = 3.5 µm
 X0, X1, Y0, Y1 = 403, 611, 298, 530  # the dark rectangle, level-0 px [X0, X1) x [Y0, Y1), off the 7 px lattice
-
-
-class DarkCells(torch.nn.Module):
-    """A stand-in dense HEX: every marker of cell (i, j) is that cell's darkness 1 - mean(x) (inputs in [0, 1])."""
-
-    dense_grid = GRID
-
-    def forward_dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, _, s, _ = x.shape
-        dark = 1.0 - x.mean(dim=1)
-        cells = dark.reshape(b, GRID, s // GRID, GRID, s // GRID).mean(dim=(2, 4))
-        dense = cells[:, None].expand(-1, 40, -1, -1).contiguous()
-        return dense.mean(dim=(2, 3)), dense.mean(dim=(2, 3)), dense
+# DarkCells: a stand-in dense HEX, every marker of cell (i, j) = that cell's darkness 1 - mean(x) (inputs in [0, 1])
 
 
 def _slide(path: Path) -> None:

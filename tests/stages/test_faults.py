@@ -10,9 +10,9 @@ tiny slide. Slow: the patch store, stage 06 (DataLoader workers) and stage 07 on
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import h5py
@@ -99,7 +99,8 @@ def test_corrupt_tile_raises_one_line_naming_the_region(sources: Path) -> None:
         with pytest.raises(SlideReadError, match="region x=260 y=500 w=4 h=4 "):
             s.read_region(260, 500, 0, (4, 4))
         assert s.dimensions == (W, H) and s.level_count == 2 and s.level_downsamples == (1.0, 4.0)
-    copy = pickle.loads(pickle.dumps(e.value))  # crosses process pools as it is
+    # crosses process pools as it is (the pools' own serialiser)
+    copy = ForkingPickler.loads(ForkingPickler.dumps(e.value))
     assert type(copy) is SlideReadError and str(copy) == msg
 
 

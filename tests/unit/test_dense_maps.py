@@ -129,9 +129,10 @@ def test_row_regions_one_tile_row_each_bounded_width_row_major() -> None:
         assert xy[r, 0].max() + 112 - xy[r, 0].min() <= 400
 
 
-def test_dense_stride_default_half_tile_and_multiples_of_the_cell() -> None:
-    assert dm.dense_stride(224, 16, None) == 112
-    assert dm.dense_stride(224, 16, 56) == 56
+def test_dense_stride_default_quarter_tile_and_multiples_of_the_cell() -> None:
+    assert dm.dense_stride(224, 16, None) == 56  # a quarter of the tile (40x: 448 px tiles -> 112)
+    assert dm.dense_stride(448, 16, None) == 112
+    assert dm.dense_stride(224, 16, 112) == 112
     with pytest.raises(PipelineError, match="--dense-stride 50"):
         dm.dense_stride(224, 16, 50)
     with pytest.raises(PipelineError, match="--dense-stride 448"):

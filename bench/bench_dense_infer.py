@@ -168,8 +168,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     pcfg = InferConfig(pred_dir=work / "pred", grid_dir=work / "none", patch_size=TILE, stride=stride,
                        batch_size=args.batch_size, workers=args.workers)
     (work / "pred").mkdir()
-    dcfg = dm.DenseConfig(out_dir=work / "vc_tiny", patch_size=TILE, stride=stride, batch_size=args.batch_size,
-                          workers=args.workers)
+    dcfg = dm.DenseConfig(out_dir=work / "vc_tiny", patch=pcfg, stride=stride)  # the patch pass's tile settings
     meta = meta_of(model, "random-init tiny dense HEX")
     (work / "he_w").mkdir()
     write_bench_slide(work / "he_w" / "w.tif", 4, seed=1)  # warm-up (imports, allocator), untimed

@@ -110,23 +110,31 @@ def load_trained(checkpoint: str | os.PathLike, backbone: str | None = None, wei
     return model, meta
 
 
+def checkpoint_description(path: str | os.PathLike) -> tuple[dict[str, Any] | None, Path] | None:
+    """A checkpoint of ours' description without building the model: (``best.json`` beside a ``.safetensors``, else
+    its header; or an epoch checkpoint's top level) and the file it came from; None for the original release, a
+    file that is not ours or one that cannot be read."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            side = path.with_suffix(".json")
+            return (json.loads(side.read_text()), side) if side.is_file() else (_safetensors_meta(path), path)
+        kind, ck = read_kind(path)
+        return (ck, path) if kind == "hex_train" else None
+    except (OSError, ValueError, PipelineError):
+        return None
+
+
 def training_split(path: str | os.PathLike) -> dict[str, Any] | None:
     """What a checkpoint of ours was trained on, without building the model: ``{"split", "train_slides",
     "val_slides", "source"}`` from ``best.json`` (or the safetensors header) / the epoch checkpoint, else from the
     split file named in its run folder's ``config.json`` (runs from before the slides were recorded); None when
     unknown (the original release, a file without a description)."""
     path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            side = path.with_suffix(".json")
-            meta, src = (json.loads(side.read_text()), side) if side.is_file() else (_safetensors_meta(path), path)
-        else:
-            kind, ck = read_kind(path)
-            if kind != "hex_train":
-                return None
-            meta, src = ck, path
-    except (OSError, ValueError, PipelineError):
+    found = checkpoint_description(path)
+    if found is None:
         return None
+    meta, src = found
     if isinstance(meta, dict) and meta.get("train_slides") is not None:
         return {"split": meta.get("split"), "train_slides": [str(s) for s in meta["train_slides"]],
                 "val_slides": [str(s) for s in meta.get("val_slides") or []], "source": str(src)}

@@ -5,7 +5,7 @@ Geometry (issue 19's contract; level-0 px, pixel centres at integers): cell (i, 
 and side P = G c is centred at ``(x + (j + 1/2) c - 1/2, y + (i + 1/2) c - 1/2)``. A stage-06 map pixel (r, q)
 covers level-0 px [q s, (q + 1) s) (:mod:`hex.infer.maps`), so its centre is at ``(q + 1/2) s - 1/2``: a point X
 sits at map coordinate ``u = (X + 1/2) / s - 1/2``. The baseline at a cell is the bilinear interpolation between
-the four map pixel centres around it, weighted by the tissue mask (as ``spatial.markers.sample_map``: no value
+the four map pixel centres around it, weighted by the tissue mask (:func:`hex.infer.map_sampling.sample_map`: no value
 leaks in from the zeros outside tissue); NaN where none of the four is tissue.
 
 Scores (per marker, pooled over every valid cell of every test slide):
@@ -64,19 +64,10 @@ def dense_outputs(test_dir: Path, plots: bool) -> list[Path]:
 def checkpoint_dense_grid(path: str | os.PathLike) -> int:
     """G of a checkpoint's ``model_args["dense_grid"]`` without building the model (0: patch-only, the original
     release, or a file that does not say)."""
-    from hex.trained_model import _safetensors_meta, read_kind
+    from hex.trained_model import checkpoint_description
 
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            side = path.with_suffix(".json")
-            meta = json.loads(side.read_text()) if side.is_file() else _safetensors_meta(path)
-        else:
-            kind, meta = read_kind(path)
-            if kind != "hex_train":
-                return 0
-    except (OSError, ValueError, PipelineError):
-        return 0
+    found = checkpoint_description(path)
+    meta = found[0] if found is not None else None
     args = (meta or {}).get("model_args") or {}
     return int(args.get("dense_grid") or 0)
 

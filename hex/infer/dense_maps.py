@@ -64,6 +64,8 @@ from pipeline.io import atomic_path, write_json
 if TYPE_CHECKING:
     import torch
 
+    from hex.infer.predictions import InferConfig
+
 log = logging.getLogger("hex.infer_wsi")
 
 WINDOW = "hann"  # w(i) = f + (1 - f) sin^2(pi (i + 1/2) / G), separable
@@ -449,32 +451,25 @@ def write_dense_preview(path: Path, levels: DenseLevels, mask: RawMask, markers:
 
 @dataclass(frozen=True)
 class DenseConfig:
-    """Settings of the dense pass: ``stride`` px at the target mpp (None = a quarter of the tile), the grid's
-    ``patch_size`` (None = the stage-01 grid's, else 224) and the tissue/reading settings of the patch pass."""
+    """Settings of the dense pass: the output folder, ``patch`` = the patch pass's grid, tissue, reading and batch
+    settings (:class:`hex.infer.predictions.InferConfig`, the same flags), ``stride`` px at the target mpp of the
+    dense tiles (None = a quarter of the tile) and the preview's markers."""
 
     out_dir: Path
-    grid_dir: Path | None = None
-    patch_size: int | None = None
+    patch: InferConfig
     stride: int | None = None
-    target_mpp: float = 0.5
-    min_tissue: float = 0.5
-    thumb_size: int = 2048
-    mpp: float | None = None
-    region_px: int = 2048
-    batch_size: int = 128
-    workers: int = 4
     preview_markers: list[str] | None = None
 
 
 def dense_patch_size(slide_id: str, cfg: DenseConfig) -> int:
     """The tile side (px at the target mpp) of the dense pass of a slide: ``--patch-size``, else its stage-01
     grid's, else 224 (as the patch pass)."""
-    if cfg.patch_size:
-        return int(cfg.patch_size)
-    if cfg.grid_dir is not None and (Path(cfg.grid_dir) / f"{slide_id}.h5").is_file():
+    if cfg.patch.patch_size:
+        return int(cfg.patch.patch_size)
+    if cfg.patch.grid_dir is not None and (Path(cfg.patch.grid_dir) / f"{slide_id}.h5").is_file():
         from preprocess.patch import read_grid
 
-        return int(read_grid(Path(cfg.grid_dir) / f"{slide_id}.h5")[1]["patch_size"])
+        return int(read_grid(Path(cfg.patch.grid_dir) / f"{slide_id}.h5")[1]["patch_size"])
     return 224
 
 
@@ -507,11 +502,12 @@ def dense_slide(slide_id: str, he_path: Path, model: torch.nn.Module, meta: dict
     markers = list(meta["markers"])
     size = dense_patch_size(slide_id, cfg)
     stride = dense_stride(size, grid, cfg.stride)
-    tiles, _frac, info = tissue_tiles(he_path, size, stride, cfg.target_mpp, cfg.min_tissue, cfg.thumb_size,
-                                      cfg.mpp, cfg.region_px)
+    pc = cfg.patch
+    tiles, _frac, info = tissue_tiles(he_path, size, stride, pc.target_mpp, pc.min_tissue, pc.thumb_size, pc.mpp,
+                                      pc.region_px)
     p0, s0 = tiles.patch_size_level0, int(info["stride_level0"])
     if p0 % grid or s0 % (p0 // grid):
-        raise PipelineError(f"{he_path}: tiles of {p0} level-0 px ({size} px at {cfg.target_mpp} µm/px, slide "
+        raise PipelineError(f"{he_path}: tiles of {p0} level-0 px ({size} px at {cfg.patch.target_mpp} µm/px, slide "
                             f"{tiles.mpp:g} µm/px) do not split into the model's {grid} x {grid} cells with a stride "
                             f"of {s0} level-0 px on the cell lattice; give --mpp or a --target-mpp matching a "
                             "pyramid level of the slide")
@@ -519,14 +515,14 @@ def dense_slide(slide_id: str, he_path: Path, model: torch.nn.Module, meta: dict
     mpp = float(tiles.mpp)
     w0, h0 = tiles.dimensions
     hh, ww = map_shape(w0, h0, c)
-    tiles.regions = row_regions(tiles.coords, p0, int(round(cfg.region_px * tiles.downsample)))
+    tiles.regions = row_regions(tiles.coords, p0, int(round(cfg.patch.region_px * tiles.downsample)))
     cells = tiles.coords[:, ::-1] // c  # (row, col) of each tile's top-left cell
     paths = dense_paths(cfg.out_dir, slide_id)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     n = tiles.num_tiles
     if n == 0:
         log.warning("%s: no tissue tile for the dense pass (--min-tissue %s); the dense map is all zero", slide_id,
-                    cfg.min_tissue)
+                    cfg.patch.min_tissue)
     with tempfile.TemporaryDirectory(dir=cfg.out_dir, prefix=f".{slide_id}_dense_") as scratch:
         planes = RawPlanes(Path(scratch) / "level0.f32", len(markers), hh, ww)
         mask = RawMask(Path(scratch) / "mask.u8", hh, ww)
@@ -538,7 +534,7 @@ def dense_slide(slide_id: str, he_path: Path, model: torch.nn.Module, meta: dict
                 tf = BatchTransform(int(meta["input_size"]), meta["mean"], meta["std"], train=False,
                                     interpolation=meta.get("interpolation") or "bilinear",
                                     stain_norm=meta.get("stain_norm"))
-                loader = make_tile_loader(tiles, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
+                loader = make_tile_loader(tiles, pc.batch_size, pc.workers, pin_memory=device.type == "cuda")
                 from tqdm import tqdm
 
                 model.eval()

@@ -216,12 +216,8 @@ class InferWSIConfig:
         """The dense pass's settings (:func:`hex.infer.dense_maps.dense_slide`), None without ``--dense``."""
         if not self.dense:
             return None
-        return DenseConfig(out_dir=art.VIRTUAL_CODEX.dir(self.out),
-                           grid_dir=self.patches or art.PATCH_GRID.dir(self.out), patch_size=self.patch_size,
-                           stride=self.dense_stride, target_mpp=self.target_mpp,
-                           min_tissue=self.min_tissue, thumb_size=self.thumb_size, mpp=self.mpp,
-                           region_px=self.region_px, batch_size=self.batch_size, workers=self.workers,
-                           preview_markers=self.preview_markers)
+        return DenseConfig(out_dir=art.VIRTUAL_CODEX.dir(self.out), patch=self.slide_settings(),
+                           stride=self.dense_stride, preview_markers=self.preview_markers)
 
 
 def make_config(args: argparse.Namespace) -> InferWSIConfig:

@@ -23,6 +23,7 @@ import torch
 from bench.bench_dense_infer import DarkCells
 from hex.infer import dense_maps as dm
 from hex.infer import stage as infer_wsi
+from hex.infer.predictions import InferConfig
 from hex.model import HEX
 from hex.trained_model import original_markers
 from pipeline.io import write_json
@@ -52,7 +53,9 @@ def dense_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
     vc = out / "virtual_codex"
     meta = {"markers": original_markers(), "input_size": PS, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0),
             "checkpoint": "dark cells"}
-    cfg = dm.DenseConfig(out_dir=vc, patch_size=PS, workers=0, batch_size=16, min_tissue=0.5)
+    patch = InferConfig(pred_dir=out / "hex_pred", grid_dir=out / "patches", patch_size=PS, workers=0, batch_size=16,
+                        min_tissue=0.5)
+    cfg = dm.DenseConfig(out_dir=vc, patch=patch)
     desc = dm.dense_slide("s", he, DarkCells(), meta, cfg, torch.device("cpu"))
     write_json(vc / "s.json", {"slide": "s"})
     assert dm.attach_dense_record(vc, "s")

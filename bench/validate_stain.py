@@ -8,8 +8,8 @@
    the default moderate per-slide variation), each through stages 01-03 (``OUT_P``; percentiles fitted on the train
    column of ``splits_0.csv``; an OUT_P with labels is kept as it is).
 2. Tiny HEX runs on the training cohort, same budget: ``none`` (``--stain-aug 0``), ``aug`` (``--stain-aug S``),
-   ``macenko`` and ``reinhard`` (``--stain-norm M --stain-target T``, T a 4 x 4 mosaic of training patches of the
-   first training slide), and ``aug_macenko`` (both).
+   ``macenko`` and ``reinhard`` (``--stain-norm M --stain-target T``, T the first training slide's patch store: a
+   4 x 4 mosaic of its patches), and ``aug_macenko`` (both).
 3. Each run scored with stage 05 on the validation slides of the training cohort (in-distribution r) and, as an
    independent cohort (``EXTERNAL``), on the same validation slides rendered with each shifted profile (shifted r).
 
@@ -29,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from pipeline import artifacts as art
@@ -48,22 +47,6 @@ def _run(env: dict[str, str], *cmd: str) -> None:
 def _visible_mean(path: Path) -> float:
     t = pd.read_csv(path).set_index("marker")
     return float(t.loc["mean_visible", "pearson"])
-
-
-def _make_target(out: Path, slide: str, dest: Path) -> Path:
-    """A 4 x 4 mosaic (896 x 896 px) of evenly spaced stored patches of ``slide``: the stain target."""
-    import h5py
-    from PIL import Image
-
-    if dest.is_file():
-        return dest
-    with h5py.File(art.PATCH_STORE.dir(out) / f"{slide}.h5", "r") as f:
-        imgs = f["imgs"]
-        idx = np.linspace(0, len(imgs) - 1, 16).round().astype(int)
-        tiles = [imgs[int(i)] for i in idx]
-    rows = [np.concatenate(tiles[r * 4:(r + 1) * 4], axis=1) for r in range(4)]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(dest)
-    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     split = train_c / "splits" / "splits_0.csv"
     sp = pd.read_csv(split)
     val = sp["val"].dropna().astype(str).tolist()
-    target = _make_target(train_o, str(sp["train"].dropna().iloc[0]), work / "stain_target.png")
+    # the first training slide's patch store: hex.train fits on a 4 x 4 mosaic of its patches
+    target = art.PATCH_STORE.dir(train_o) / f"{sp['train'].dropna().iloc[0]}.h5"
     flags = {"none": "--stain-aug 0", "aug": f"--stain-aug {a.stain_aug}",
              "macenko": f"--stain-aug 0 --stain-norm macenko --stain-target {target}",
              "reinhard": f"--stain-aug 0 --stain-norm reinhard --stain-target {target}",

@@ -18,6 +18,8 @@ COMPARE_MODES=${COMPARE_MODES:-path}     # MICA modes trained beside coattn for 
 IG_LIMIT=${IG_LIMIT:-4}                  # integrated gradients of the first N validation patients per fold (0 = all)
 WORKERS=${WORKERS:-2}
 HEX_EXTRA=${HEX_EXTRA:---save-every 10}  # flags for hex.train in stage 04 (its EXTRA), e.g. "--save-every 5 --lr 3e-4"
+STAIN_NORM=${STAIN_NORM:-macenko}        # HEX's stain normalisation (none, macenko, reinhard): the sample slides vary in
+                                         # stain from slide to slide, as a hospital's do; target: the first training slide
 set -euo pipefail
 case $DEMO_OUT in /*) ;; *) DEMO_OUT="$PWD/$DEMO_OUT" ;; esac  # relative to where you run it (as the stage scripts)
 source "$(dirname "${BASH_SOURCE[0]}")/_setup_env.sh"
@@ -49,7 +51,12 @@ run_stage "02 register" bash scripts/02_register.sh
 # normalisation percentiles fitted on the training slides of fold 0 (the split HEX trains on): no validation leak
 FIT_SPLIT="$COHORT/splits/splits_0.csv" run_stage "03 quantify" bash scripts/03_quantify.sh
 # tiny CNN from scratch with the backbone's default recipe (no pretrained weights: every block trainable, lr 1e-3,
-# batch 32, LDS re-weighting), the paper's loss (adaptive robust) and FDS
+# batch 32, LDS re-weighting), the paper's loss (adaptive robust) and FDS; stains normalised (Macenko) to the first
+# training slide's patches, and the run re-applies it in stages 05-07 on both cohorts
+if [ "$STAIN_NORM" != none ]; then
+  first_train=$(awk -F, 'NR == 2 {print $1}' "$COHORT/splits/splits_0.csv")
+  HEX_EXTRA="$HEX_EXTRA --stain-norm $STAIN_NORM --stain-target $DEMO_OUT/he_patches/$first_train.h5"
+fi
 RUN=demo_tiny BACKBONE=tiny EPOCHS=$HEX_EPOCHS WORKERS=1 GPUS=0 EXTRA="$HEX_EXTRA" \
   run_stage "04 train HEX (tiny)" bash scripts/04_train_hex.sh
 RUN=demo_tiny WORKERS=0 GPUS=0 EXTRA="--visible-markers $COHORT/ground_truth.json" \

@@ -108,7 +108,9 @@ class BatchTransform:
     replays them; with ``stain_aug = 0`` the draws are those of a transform without it.
 
     ``stain_norm``: a fitted stain normalisation (:func:`hex.data.stain.fit_stain_norm`, as recorded in a run's
-    ``best.json``) applied to every uint8 patch first, in training and in inference alike (deterministic).
+    ``best.json``) applied to every uint8 patch first, in training and in inference alike (deterministic);
+    ``stain_cache_mb`` > 0 memoises the normalised patches (:class:`hex.data.stain.StainNormalizer`; for training,
+    which revisits every patch each epoch).
     """
 
     input_size: int
@@ -121,6 +123,7 @@ class BatchTransform:
     rotation: float = 0.0
     stain_aug: float = 0.0
     stain_norm: dict | None = None
+    stain_cache_mb: float = 0.0
     _normalizer: Any = field(default=None, init=False, repr=False, compare=False)
 
     def _stain_normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +131,7 @@ class BatchTransform:
         if self._normalizer is None:
             from hex.data.stain import StainNormalizer
 
-            self._normalizer = StainNormalizer(self.stain_norm)
+            self._normalizer = StainNormalizer(self.stain_norm, cache_mb=self.stain_cache_mb)
         return self._normalizer(x)
 
     def _hed(self, x: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,7 @@ class TrainConfig:
     stain_aug: float | None = None
     stain_norm: str = "none"
     stain_target: Path | None = None
+    stain_cache_mb: float = 2048.0
     # optimisation (None: the backbone's recipe)
     epochs: int = 120
     batch_size: int | None = None
@@ -139,7 +140,8 @@ def resolve_recipe(cfg: TrainConfig) -> TrainConfig:
 _MINIMA = {"epochs": (1, "epochs"), "batch_size": (1, "patches per step"), "save_every": (1, "epochs"),
            "eval_every": (1, "epochs"), "workers": (0, "DataLoader workers"), "keep_last": (0, "checkpoints"),
            "freeze_backbone_epoch": (0, "an epoch"), "fds_buckets": (1, "buckets"),
-           "max_steps_per_epoch": (1, "optimiser steps"), "global_batch_size": (1, "patches")}
+           "max_steps_per_epoch": (1, "optimiser steps"), "global_batch_size": (1, "patches"),
+           "stain_cache_mb": (0, "MiB")}
 
 
 def check_values(cfg: TrainConfig) -> None:

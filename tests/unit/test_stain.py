@@ -139,6 +139,38 @@ def test_normalisation_moves_a_stain_shifted_patch_toward_the_target(method: str
     assert torch.equal(norm(blank), blank)  # background: left as it is
 
 
+def test_cache_returns_what_the_normaliser_computes_and_stays_within_its_size() -> None:
+    rec = {"method": "macenko", "params": {"HERef": [[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]],
+                                           "maxCRef": [1.9, 1.0], "Io": 240.0, "alpha": 1.0, "beta": 0.1}}
+    plain, cached = StainNormalizer(rec), StainNormalizer(rec, cache_mb=3 * 3 * 96 * 96 / 2**20)  # room for 3
+    x = torch.stack([he_patch(20 + i, 96, h_amt=0.7 + 0.1 * i) for i in range(4)])
+    want = plain(x)
+    assert torch.equal(cached(x), want) and (cached.hits, cached.misses) == (0, 4)
+    assert torch.equal(cached(x[1:]), want[1:]) and (cached.hits, cached.misses) == (3, 4)  # the last 3 were kept
+    assert cached._cached_bytes <= cached.cache_bytes and len(cached._cache) == 3
+    assert torch.equal(cached(x[:1]), want[:1]) and cached.misses == 5  # patch 0 was evicted (least recent)
+    flipped = x[:1].flip(-1)  # another content is another key
+    assert torch.equal(cached(flipped), plain(flipped)) and cached.misses == 6
+
+
+def test_a_patch_store_is_a_target(tmp_path: Path) -> None:
+    import h5py
+
+    patches = torch.stack([he_patch(30 + i, 64) for i in range(20)]).permute(0, 2, 3, 1).numpy()
+    with h5py.File(tmp_path / "slide_a.h5", "w") as f:
+        f["imgs"] = patches
+    rec = fit_stain_norm("macenko", tmp_path / "slide_a.h5")
+    idx = np.linspace(0, 19, 16).round().astype(int)
+    mosaic = np.concatenate([np.concatenate(list(patches[idx[r * 4:(r + 1) * 4]]), axis=1) for r in range(4)])
+    png = tmp_path / "mosaic.png"
+    Image.fromarray(mosaic).save(png)
+    assert rec["params"] == fit_stain_norm("macenko", png)["params"]
+    with h5py.File(tmp_path / "empty.h5", "w") as f:
+        f["imgs"] = np.zeros((0, 64, 64, 3), np.uint8)
+    with pytest.raises(PipelineError, match="holds no patches"):
+        fit_stain_norm("macenko", tmp_path / "empty.h5")
+
+
 def test_bad_targets_and_records_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="--stain-target .*file not found"):
         fit_stain_norm("macenko", tmp_path / "missing.png")

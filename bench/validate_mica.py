@@ -1,11 +1,12 @@
 """Validation driver for MICA as a clinical study (not CI): an internal cohort and an independent one, every stage
 as a user runs them, and the outcome reports of both.
 
-    python -m bench.validate_mica                  # 200 + 100 patients of 0.8 mm, ~1.5 h on 2 CPU cores
+    python -m bench.validate_mica                  # 200 + 100 patients of 0.8 mm, ~4 h on 2 CPU cores
     python -m bench.validate_mica --cohort /data/val_cohort --out /data/val_out --patients 300 --workers 8
 
 Internal cohort (``--patients``, ``--seed``, 20x): ``sample_data.make_cohort``, then the numbered scripts with CPU
-settings: 01 patch, 02 register, 03 quantify, 04 HEX (``tiny``, from scratch on fold 0's training slides), 05 test,
+settings: 01 patch, 02 register, 03 quantify, 04 HEX (``tiny``, from scratch on fold 0's training slides, 40
+epochs, stains normalised with Macenko to the first training slide's patches: ``--stain-norm``), 05 test,
 06 whole-slide inference over the stage-01 grid, 07 feature bags (H&E: the HEX run's backbone ``hex:RUN``; CODEX:
 ``stats`` descriptors of the virtual CODEX), 08 MICA in the three modes for survival and response (5 folds), 09
 test: path and codex first, then coattn with their rows, the clinical model (age, stage), coattn+clinical and the

@@ -125,10 +125,8 @@ def internal(args: argparse.Namespace, cohort: Path, out: Path, log: Path, times
     for s in ("01_patch.sh", "02_register.sh", "03_quantify.sh"):
         if int(s[:2]) >= args.start_at:
             times[s] = run_script(s, base, log)
-    extra = HEX_FLAGS
-    if args.stain_norm != "none":  # target: the first training slide of fold 0 (the split HEX trains on)
-        first = pd.read_csv(cohort / "splits" / "splits_0.csv")["train"].dropna().astype(str).iloc[0]
-        extra += f" --stain-norm {args.stain_norm} --stain-target {art.PATCH_STORE.dir(out) / f'{first}.h5'}"
+    # target: hex.train's default, the first training slide of fold 0 (the split HEX trains on)
+    extra = HEX_FLAGS + ("" if args.stain_norm == "none" else f" --stain-norm {args.stain_norm}")
     hex_env = {**base, "RUN": HEX_RUN, "BACKBONE": "tiny", "EPOCHS": str(args.hex_epochs), "GPUS": "0",
                "WORKERS": "1", "EXTRA": extra}
     times["04_train_hex.sh"] = run_script("04_train_hex.sh", hex_env, log)

@@ -8,8 +8,8 @@
    the default moderate per-slide variation), each through stages 01-03 (``OUT_P``; percentiles fitted on the train
    column of ``splits_0.csv``; an OUT_P with labels is kept as it is).
 2. Tiny HEX runs on the training cohort, same budget: ``none`` (``--stain-aug 0``), ``aug`` (``--stain-aug S``),
-   ``macenko`` and ``reinhard`` (``--stain-norm M --stain-target T``, T the first training slide's patch store: a
-   4 x 4 mosaic of its patches), and ``aug_macenko`` (both).
+   ``macenko`` and ``reinhard`` (``--stain-norm M``, target: hex.train's default, the first training slide's patch
+   store, a 4 x 4 mosaic of its patches), and ``aug_macenko`` (both).
 3. Each run scored with stage 05 on the validation slides of the training cohort (in-distribution r) and, as an
    independent cohort (``EXTERNAL``), on the same validation slides rendered with each shifted profile (shifted r).
 
@@ -86,12 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     split = train_c / "splits" / "splits_0.csv"
     sp = pd.read_csv(split)
     val = sp["val"].dropna().astype(str).tolist()
-    # the first training slide's patch store: hex.train fits on a 4 x 4 mosaic of its patches
-    target = art.PATCH_STORE.dir(train_o) / f"{sp['train'].dropna().iloc[0]}.h5"
+    # target: hex.train's default, the first training slide's patch store (a 4 x 4 mosaic of its patches)
     flags = {"none": "--stain-aug 0", "aug": f"--stain-aug {a.stain_aug}",
-             "macenko": f"--stain-aug 0 --stain-norm macenko --stain-target {target}",
-             "reinhard": f"--stain-aug 0 --stain-norm reinhard --stain-target {target}",
-             "aug_macenko": f"--stain-aug {a.stain_aug} --stain-norm macenko --stain-target {target}"}
+             "macenko": "--stain-aug 0 --stain-norm macenko", "reinhard": "--stain-aug 0 --stain-norm reinhard",
+             "aug_macenko": f"--stain-aug {a.stain_aug} --stain-norm macenko"}
     gt = f"--visible-markers {train_c / 'ground_truth.json'}"
     results: dict[str, dict[str, float]] = {}
     timing: dict[str, float] = {}

@@ -52,11 +52,8 @@ run_stage "02 register" bash scripts/02_register.sh
 FIT_SPLIT="$COHORT/splits/splits_0.csv" run_stage "03 quantify" bash scripts/03_quantify.sh
 # tiny CNN from scratch with the backbone's default recipe (no pretrained weights: every block trainable, lr 1e-3,
 # batch 32, LDS re-weighting), the paper's loss (adaptive robust) and FDS; stains normalised (Macenko) to the first
-# training slide's patches, and the run re-applies it in stages 05-07 on both cohorts
-if [ "$STAIN_NORM" != none ]; then
-  first_train=$(awk -F, 'NR == 2 {print $1}' "$COHORT/splits/splits_0.csv")
-  HEX_EXTRA="$HEX_EXTRA --stain-norm $STAIN_NORM --stain-target $DEMO_OUT/he_patches/$first_train.h5"
-fi
+# training slide's patches (hex.train's default target), and the run re-applies it in stages 05-07 on both cohorts
+[ "$STAIN_NORM" = none ] || HEX_EXTRA="$HEX_EXTRA --stain-norm $STAIN_NORM"
 RUN=demo_tiny BACKBONE=tiny EPOCHS=$HEX_EPOCHS WORKERS=1 GPUS=0 EXTRA="$HEX_EXTRA" \
   run_stage "04 train HEX (tiny)" bash scripts/04_train_hex.sh
 RUN=demo_tiny WORKERS=0 GPUS=0 EXTRA="--visible-markers $COHORT/ground_truth.json" \

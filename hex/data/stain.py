@@ -151,7 +151,7 @@ class StainNormalizer:
 
         check_record(record)
         self.cache_bytes = int(cache_mb * 2**20)
-        self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._cached_bytes = 0
         self.hits = self.misses = 0
         self.method = str(record["method"])
@@ -198,7 +198,7 @@ class StainNormalizer:
         if self.cache_bytes <= 0:
             return self.normalise_image(img)
         arr = img.contiguous().numpy()
-        key = hashlib.blake2b(arr.tobytes(), digest_size=16, person=str(arr.shape).encode()[:16]).digest()
+        key = (arr.shape, hashlib.blake2b(arr.tobytes(), digest_size=16).digest())
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)

@@ -200,4 +200,18 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
     kw = cfg.backbone_kw or {}
     size = int(cfg.input_size or kw.get("img_size") or kw.get("input_size")
                or backbones.get_spec(cfg.backbone).input_size)
-    return dataclasses.replace(cfg, input_size=size, stain_fit=fit_stain_norm(cfg.stain_norm, cfg.stain_target))
+    return dataclasses.replace(cfg, input_size=size,
+                               stain_fit=fit_stain_norm(cfg.stain_norm, stain_target_path(cfg)))
+
+
+def stain_target_path(cfg: TrainConfig) -> Path | None:
+    """``--stain-target``, or with ``--stain-norm`` and no target the patch store of the split's first training slide
+    (``he_patches/{slide}.h5``: its 4 x 4 patch mosaic is the target); None without ``--stain-norm``."""
+    if cfg.stain_norm == "none" or cfg.stain_target is not None:
+        return cfg.stain_target
+    from pipeline.tables import read_split
+
+    train = read_split(cfg.split, "train")
+    if not train:
+        raise PipelineError(f"--split {cfg.split}: no training slides to take the --stain-target from; pass one")
+    return (cfg.patches_dir or art.PATCH_STORE.dir(cfg.data)) / f"{train[0]}.h5"

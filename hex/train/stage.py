@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stain-target", type=Path, metavar="PNG",
                    help="target for --stain-norm: an RGB H&E tissue region (e.g. 1024 x 1024 px at 0.5 µm/px), or a "
                         "well-stained training slide's patch store OUT/he_patches/{slide}.h5 (a 4 x 4 mosaic of its "
-                        "patches is the target)")
+                        "patches is the target; default: the split's first training slide's)")
     g.add_argument("--stain-cache-mb", type=float, default=2048, metavar="MIB",
                    help="with --stain-norm: keep up to this many MiB of normalised patches in memory per process "
                         "(training and validation each; a 224-px patch is 147 KiB), so each patch is normalised once, "
@@ -423,7 +423,7 @@ def stain_record(cfg: TrainConfig, ck: dict[str, Any] | None, log_it: bool) -> d
         old = ck["stain_norm"]
         if log_it and rec is not None and old.get("target_sha256") != rec.get("target_sha256"):
             log.warning("--stain-target %s changed since the checkpoint was written: the run keeps the checkpoint's "
-                        "fitted %s normalisation", cfg.stain_target, old.get("method"))
+                        "fitted %s normalisation", rec["target"], old.get("method"))
         rec = old
     if log_it and rec is not None:
         log.info("stain normalisation: %s to %s (recorded in best.json; applied by hex.test, hex.infer_wsi and "

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -169,6 +170,19 @@ def test_a_patch_store_is_a_target(tmp_path: Path) -> None:
         f["imgs"] = np.zeros((0, 64, 64, 3), np.uint8)
     with pytest.raises(PipelineError, match="holds no patches"):
         fit_stain_norm("macenko", tmp_path / "empty.h5")
+
+
+def test_the_default_target_is_the_first_training_slides_patch_store(tmp_path: Path) -> None:
+    from hex.train.config import TrainConfig, stain_target_path
+
+    split = tmp_path / "splits_0.csv"
+    split.write_text("train,val\nslide_b,slide_a\nslide_c,\n")
+    cfg = TrainConfig(data=tmp_path, split=split, out=tmp_path, stain_norm="macenko")
+    assert stain_target_path(cfg) == tmp_path / "he_patches" / "slide_b.h5"
+    assert stain_target_path(dataclasses.replace(cfg, patches_dir=tmp_path / "p")) == tmp_path / "p" / "slide_b.h5"
+    given = tmp_path / "t.png"
+    assert stain_target_path(dataclasses.replace(cfg, stain_target=given)) == given
+    assert stain_target_path(dataclasses.replace(cfg, stain_norm="none")) is None
 
 
 def test_bad_targets_and_records_are_one_line(tmp_path: Path) -> None:
